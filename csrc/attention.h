@@ -1,0 +1,74 @@
+// minigpt attention: the parameter struct shared by host code and kernels.
+//
+// Kernels never see at::Tensor (FlashAttention's Flash_fwd_params): host code fills this plain
+// struct with pointers, int64 sizes and element strides, so the CPU kernels and the CUDA .cu files
+// compile without torch headers. Layout of every tensor is (batch, head, time, head_dim) with the
+// last dimension contiguous; any other strides are allowed.
+//
+// Algorithm: FlashAttention-2 (Dao 2023, "FlashAttention-2: Faster Attention with Better
+// Parallelism and Work Partitioning", Alg. 1 forward and Alg. 2 backward).
+#pragma once
+
+#include <cstdint>
+
+namespace minigpt {
+
+// Element strides of one 4-d (B, H, T, D) tensor; the D stride is 1.
+struct Strides4 {
+  int64_t b = 0;
+  int64_t h = 0;
+  int64_t t = 0;
+};
+
+enum class DType : int { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
+
+struct AttentionParams {
+  // Sizes. q: (B, Hq, Tq, D); k, v: (B, Hkv, Tk, D); Hq % Hkv == 0.
+  int64_t B = 0, Hq = 0, Hkv = 0, Tq = 0, Tk = 0, D = 0;
+
+  DType dtype = DType::Float32;  // dtype of q, k, v, out, dout, dq, dk, dv
+  float scale = 1.0f;            // softmax scale, usually 1/sqrt(D)
+  bool causal = true;            // query i sees keys j <= i + (Tk - Tq) (bottom-right aligned)
+
+  // Forward inputs.
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  Strides4 q_stride, k_stride, v_stride;
+
+  // Forward outputs (also backward inputs). lse: (B, Hq, Tq) float32, contiguous.
+  void* out = nullptr;
+  Strides4 out_stride;
+  float* lse = nullptr;
+
+  // Backward only. dq has q's shape, dk and dv have k's shape.
+  const void* dout = nullptr;
+  Strides4 dout_stride;
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  Strides4 dq_stride, dk_stride, dv_stride;
+
+  // Backward scratch supplied by the host (may be null where a kernel does not need it):
+  // delta = rowsum(dout * out), (B, Hq, Tq) float32 contiguous; dq_accum, float32 of q's shape,
+  // contiguous, zero-filled, for kernels that accumulate dq across key tiles.
+  float* delta = nullptr;
+  float* dq_accum = nullptr;
+  bool deterministic = false;    // CUDA: no atomics in the dq reduction
+
+  // Offset between query row i and the last key it may see: keys j <= i + causal_offset().
+  int64_t causal_offset() const { return Tk - Tq; }
+  int64_t group_size() const { return Hq / Hkv; }  // query heads per kv head (GQA)
+};
+
+// CPU kernels (csrc/attention_cpu.cpp). They read p.dtype (Float32 or Float64 on CPU).
+void attention_forward_cpu(const AttentionParams& p);
+void attention_backward_cpu(const AttentionParams& p);
+
+// CUDA kernels (csrc/cuda/*.cu): launched on `stream` (a cudaStream_t passed as void* so this
+// header needs no CUDA headers). They return a non-zero error code on a failed launch or an
+// unsupported head dim; the host glue turns that into a TORCH_CHECK.
+int attention_forward_cuda(const AttentionParams& p, void* stream);
+int attention_backward_cuda(const AttentionParams& p, void* stream);
+
+}  // namespace minigpt
