@@ -1,0 +1,26 @@
+"""minigpt: a compact GPT whose attention runs on its own compiled kernels.
+
+Public API:
+
+    from minigpt import GPT, GPTConfig, attention
+    out = attention(q, k, v, causal=True)          # (B, Hq, Tq, D)
+    model = GPT(GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128))
+"""
+
+from .attention import BACKENDS, attention, attention_backends
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .data import DataError, load_corpus
+from .model import GPT, GPTConfig, KVCache
+from .sampling import TextStream, sample_next
+from .tokenizer import CharTokenizer, GPT2Tokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention", "attention_backends", "BACKENDS",
+    "GPT", "GPTConfig", "KVCache",
+    "sample_next", "TextStream",
+    "CharTokenizer", "GPT2Tokenizer",
+    "load_corpus", "DataError",
+    "save_checkpoint", "load_checkpoint", "CheckpointError",
+]

@@ -1,0 +1,134 @@
+"""Loading the compiled attention kernels (``minigpt._C``).
+
+Order of attempts, on first use:
+
+1. ``minigpt._C``, built by ``pip install --no-build-isolation -e .`` (setup.py).
+2. A just-in-time build of csrc/ with ``torch.utils.cpp_extension.load`` into
+   ``$MINIGPT_CACHE_DIR/torch_extensions`` (default ``~/.cache/minigpt``), when the sources are
+   present (a source checkout) and ``MINIGPT_NO_JIT`` is not set. A lock file left by a killed
+   build is detected and removed, so it never hangs a later run.
+3. Nothing: ``unavailable_reason()`` says why, and ``minigpt.attention`` falls back to "sdpa".
+
+Loading the module runs its ``TORCH_LIBRARY(minigpt, ...)`` registration, which defines
+``torch.ops.minigpt.attention_forward`` and ``attention_backward``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib
+import os
+import threading
+from pathlib import Path
+from typing import Optional
+
+BUILD_HINT = ("Build it with `pip install --no-build-isolation -e .` from a source checkout "
+              "(needs a C++ compiler and ninja), or unset MINIGPT_NO_JIT to let minigpt build it "
+              "on first use.")
+
+_ROOT = Path(__file__).resolve().parent.parent
+CSRC = _ROOT / "csrc"
+
+# Flags shared with setup.py: at::parallel_for needs OpenMP to run on more than one thread.
+CXX_FLAGS = ["-O3", "-fopenmp", "-std=c++17"]
+LD_FLAGS = ["-fopenmp"]
+NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr"]
+
+_lock = threading.Lock()
+_module = None
+_reason: Optional[str] = None
+_tried = False
+
+
+def cache_dir() -> Path:
+    """minigpt's cache directory: $MINIGPT_CACHE_DIR, default ~/.cache/minigpt."""
+    return Path(os.environ.get("MINIGPT_CACHE_DIR") or Path.home() / ".cache" / "minigpt")
+
+
+def sources(with_cuda: bool) -> list:
+    """The extension's source files, found by glob (never listed by hand)."""
+    files = sorted(str(p) for p in CSRC.glob("*.cpp"))
+    if with_cuda:
+        files += sorted(str(p) for p in (CSRC / "cuda").glob("*.cpp"))
+        files += sorted(str(p) for p in (CSRC / "cuda").glob("*.cu"))
+    return files
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """Hold an flock on build_dir while building. The kernel drops an flock when its process
+    dies, so unlike torch's own lock file it cannot go stale; torch's file, if left by a killed
+    build, is removed while we hold ours (nobody else can be building then)."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "minigpt.flock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            stale = build_dir / "lock"
+            if stale.exists():
+                stale.unlink()
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _jit_build():
+    import torch
+    from torch.utils import cpp_extension
+
+    with_cuda = (torch.cuda.is_available() and torch.version.cuda is not None
+                 and cpp_extension.CUDA_HOME is not None and (CSRC / "cuda").is_dir())
+    srcs = sources(with_cuda)
+    cflags = list(CXX_FLAGS)
+    if with_cuda:
+        cflags.append("-DMINIGPT_WITH_CUDA")
+    build_dir = cache_dir() / "torch_extensions" / (
+        f"minigpt_C_torch{torch.__version__.replace('+', '_')}" + ("_cuda" if with_cuda else ""))
+    with _build_lock(build_dir):
+        return cpp_extension.load(
+            name="minigpt_C", sources=srcs, extra_cflags=cflags, extra_ldflags=LD_FLAGS,
+            extra_cuda_cflags=NVCC_FLAGS + (["-DMINIGPT_WITH_CUDA"] if with_cuda else []),
+            extra_include_paths=[str(CSRC)], build_directory=str(build_dir), verbose=False)
+
+
+def _load():
+    global _module, _reason, _tried
+    _tried = True
+    errors = []
+    try:
+        _module = importlib.import_module("minigpt._C")
+        return
+    except ImportError as e:
+        errors.append(f"minigpt._C is not built ({e})")
+    if os.environ.get("MINIGPT_NO_JIT"):
+        errors.append("the just-in-time build is disabled by MINIGPT_NO_JIT")
+    elif not (CSRC / "bindings.cpp").is_file():
+        errors.append(f"no C++ sources to build from at {CSRC}")
+    else:
+        try:
+            _module = _jit_build()
+            return
+        except Exception as e:  # a compiler error, missing ninja, ...: report, don't crash
+            msg = str(e).strip().splitlines()
+            errors.append(f"the just-in-time build failed: {msg[-1] if msg else type(e).__name__}")
+    _reason = "; ".join(errors)
+
+
+def module():
+    """The loaded extension module, or None (see unavailable_reason())."""
+    with _lock:
+        if not _tried:
+            _load()
+    return _module
+
+
+def unavailable_reason() -> Optional[str]:
+    """None if the compiled kernels are loaded, else a one-line reason."""
+    module()
+    return _reason
+
+
+def build_info() -> dict:
+    """The compiled module's build information (compiler, OpenMP, vector ISA, CUDA archs)."""
+    mod = module()
+    return dict(mod.build_info()) if mod is not None else {}

@@ -1,0 +1,70 @@
+"""Checkpoints: written atomically, read without unpickling arbitrary objects.
+
+A checkpoint is a dict of tensors, numbers, strings, lists and dicts saved with torch.save. It is
+written to a temporary file in the same directory, flushed and fsynced, then renamed over the
+target (os.replace is atomic on POSIX), and the directory is fsynced: a crash or Ctrl-C at any
+moment leaves either the previous checkpoint or the new one, never a torn file. It is read with
+torch.load(weights_only=True), which refuses pickled code.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(Exception):
+    """A checkpoint file is missing, truncated, corrupted or not a minigpt checkpoint."""
+
+
+REQUIRED_KEYS = ("model", "model_config", "tokenizer")
+
+
+def save_checkpoint(state: dict, path) -> None:
+    """Atomically write state to path (see the module docstring)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Read a checkpoint written by save_checkpoint.
+
+    Raises:
+        CheckpointError: with a one-line message naming the file, if it does not exist, is a
+            directory, cannot be unpickled safely (truncated, corrupted, foreign), or lacks the
+            keys of a minigpt checkpoint.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path}: is a directory, expected a file "
+                              f"(e.g. {path / 'ckpt.pt'})")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"checkpoint {path}: cannot be read (truncated, corrupted or not "
+                              f"a minigpt checkpoint): {first}") from None
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
+        raise CheckpointError(f"checkpoint {path}: not a minigpt checkpoint (expected a dict "
+                              f"with keys {', '.join(REQUIRED_KEYS)})")
+    return state

@@ -1,0 +1,231 @@
+"""Corpora: download with a sha256 check, local text files, and cached token memmaps.
+
+The corpus "shakespeare" is tiny Shakespeare (Karpathy's char-rnn repository, 1,115,394 bytes).
+It is downloaded once into ``$MINIGPT_CACHE_DIR/data`` (default ``~/.cache/minigpt``), checked
+against its sha256 and written atomically. Offline, ``python -m minigpt.data --import-file PATH``
+puts a copy you already have into the cache (after the same check), or train on any UTF-8 text
+file with ``--data PATH``.
+
+Tokens are stored as uint16 memmaps, split 90/10 into train/val, and cached under a key made of
+the corpus's sha256 and the tokenizer, so a second run does not tokenize again.
+
+Usage: python -m minigpt.data [--import-file PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ._ext import cache_dir
+from .tokenizer import CharTokenizer, GPT2Tokenizer
+
+SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+                   "tinyshakespeare/input.txt")
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+TRAIN_FRACTION = 0.9
+
+
+class DataError(Exception):
+    """A corpus cannot be had or used; the message says why and what to do instead."""
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write data to path via a temporary file and a rename: readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def shakespeare_path() -> Path:
+    return cache_dir() / "data" / "tinyshakespeare.txt"
+
+
+def import_shakespeare(src) -> Path:
+    """Copy a local tiny Shakespeare file into the cache after checking its sha256."""
+    data = Path(src).read_bytes()
+    if _sha256(data) != SHAKESPEARE_SHA256:
+        raise DataError(f"{src} is not tiny Shakespeare: its sha256 is {_sha256(data)}, "
+                        f"expected {SHAKESPEARE_SHA256}")
+    dst = shakespeare_path()
+    atomic_write_bytes(dst, data)
+    return dst
+
+
+def download_shakespeare(timeout: float = 30.0) -> Path:
+    """Path to the cached tiny Shakespeare, downloading it first if needed.
+
+    Raises:
+        DataError: offline with no cached copy, or the download's sha256 does not match.
+    """
+    dst = shakespeare_path()
+    if dst.is_file() and _sha256(dst.read_bytes()) == SHAKESPEARE_SHA256:
+        return dst
+    try:
+        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=timeout) as resp:
+            data = resp.read()
+    except (urllib.error.URLError, OSError) as e:
+        raise DataError(
+            f"Could not download the tiny Shakespeare corpus from {SHAKESPEARE_URL} "
+            f"({getattr(e, 'reason', e)}), and there is no cached copy at {dst}. Either connect "
+            f"to the internet and run again, put a copy you have into the cache with "
+            f"`python -m minigpt.data --import-file PATH`, or train on any UTF-8 text file with "
+            f"`python train.py --data PATH`.") from None
+    if _sha256(data) != SHAKESPEARE_SHA256:
+        raise DataError(f"the download from {SHAKESPEARE_URL} has sha256 {_sha256(data)}, "
+                        f"expected {SHAKESPEARE_SHA256}; not using it")
+    atomic_write_bytes(dst, data)
+    return dst
+
+
+def read_text(path) -> tuple:
+    """(text, sha256) of a UTF-8 text file, or DataError naming the file and the problem."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"--data {path}: no such file")
+    if path.is_dir():
+        raise DataError(f"--data {path}: is a directory; give a UTF-8 text file")
+    raw = path.read_bytes()
+    if not raw:
+        raise DataError(f"--data {path}: the file is empty")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"--data {path}: not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at "
+                        f"offset {e.start})") from None
+    return text, _sha256(raw)
+
+
+@dataclass
+class Corpus:
+    """A tokenized corpus: train and val token arrays (uint16 memmaps) and its tokenizer."""
+
+    train: np.ndarray
+    val: np.ndarray
+    tokenizer: object
+    source: str
+
+    def split(self, name: str) -> np.ndarray:
+        if name not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {name!r}")
+        return self.train if name == "train" else self.val
+
+
+def load_corpus(data: Optional[str] = None, tokenizer: str = "char") -> Corpus:
+    """Tokenize (or load the cached tokens of) a corpus.
+
+    Args:
+        data: path to a UTF-8 text file, or None for tiny Shakespeare (downloaded and cached).
+        tokenizer: "char" (vocabulary built from the whole text) or "gpt2" (tiktoken BPE).
+
+    Raises:
+        DataError: unusable file (missing, directory, empty, not UTF-8), offline without a
+            cached corpus, a vocabulary too large for uint16, or a split too short to hold a
+            single token.
+    """
+    if tokenizer not in ("char", "gpt2"):
+        raise ValueError(f"tokenizer must be 'char' or 'gpt2', got {tokenizer!r}")
+    path = download_shakespeare() if data is None else Path(data)
+    text, digest = read_text(path)
+    tok = CharTokenizer.from_text(text) if tokenizer == "char" else GPT2Tokenizer()
+    if tok.vocab_size > 65536:
+        raise DataError(f"--data {path}: the {tokenizer} vocabulary has {tok.vocab_size} "
+                        f"tokens, more than the 65536 a uint16 token file can hold")
+    key_dir = cache_dir() / "tokens" / f"{digest[:16]}-{tokenizer}"
+    meta_path = key_dir / "meta.json"
+    if not meta_path.is_file():
+        ids = np.array(tok.encode(text), dtype=np.uint16)
+        n_train = int(len(ids) * TRAIN_FRACTION)
+        if n_train < 1 or len(ids) - n_train < 1:
+            raise DataError(f"--data {path}: only {len(ids)} tokens; too short for a "
+                            f"train/val split")
+        atomic_write_bytes(key_dir / "train.bin", ids[:n_train].tobytes())
+        atomic_write_bytes(key_dir / "val.bin", ids[n_train:].tobytes())
+        # meta.json last: its presence marks a complete cache entry.
+        atomic_write_bytes(meta_path, json.dumps({"source": str(path), "sha256": digest,
+                                                  "tokenizer": tok.state_dict()}).encode())
+    train = np.memmap(key_dir / "train.bin", dtype=np.uint16, mode="r")
+    val = np.memmap(key_dir / "val.bin", dtype=np.uint16, mode="r")
+    return Corpus(train=train, val=val, tokenizer=tok, source=str(path))
+
+
+class BatchSampler:
+    """Random (B, block_size) windows of a token array, reproducible from a seed.
+
+    Every rank of a distributed run draws the same global batch (B * world_size windows) from
+    the same generator and keeps its own slice, so N ranks see exactly the data one process would
+    see with the global batch. The generator state is saved in checkpoints for exact resume.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        if len(tokens) < block_size + 1:
+            raise DataError(f"the split has {len(tokens)} tokens, fewer than block_size + 1 = "
+                            f"{block_size + 1}; use a longer text or a smaller --block-size")
+        self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self, device="cpu"):
+        """(x, y) int64 tensors of shape (batch_size, block_size); y is x shifted by one."""
+        hi = len(self.tokens) - self.block_size
+        starts = torch.randint(hi, (self.batch_size * self.world_size,), generator=self.generator)
+        starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
+        window = np.stack([self.tokens[s:s + self.block_size + 1] for s in starts])
+        xy = torch.from_numpy(window.astype(np.int64))
+        x, y = xy[:, :-1], xy[:, 1:]
+        if torch.device(device).type == "cuda":
+            return (x.pin_memory().to(device, non_blocking=True),
+                    y.pin_memory().to(device, non_blocking=True))
+        return x.to(device), y.to(device)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minigpt.data",
+                                     description="Fetch tiny Shakespeare into minigpt's cache.")
+    parser.add_argument("--import-file", metavar="PATH",
+                        help="copy this local tiny Shakespeare file into the cache (sha256 "
+                             "checked) instead of downloading it")
+    args = parser.parse_args(argv)
+    try:
+        path = (import_shakespeare(args.import_file) if args.import_file
+                else download_shakespeare())
+    except (DataError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,376 @@
+"""A decoder-only GPT with rotary position embeddings, grouped-query attention and a KV cache.
+
+References:
+- GPT-2: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"
+  (pre-norm blocks, weight tying, residual-projection init scaled by 1/sqrt(2 * n_layer)).
+- RoPE: Su et al. 2021, "RoFormer: Enhanced Transformer with Rotary Position Embedding", eq. 34.
+- GQA: Ainslie et al. 2023, "GQA: Training Generalized Multi-Query Transformer Models".
+- nanoGPT (Karpathy), whose model.py this file follows in layout and module names.
+
+Attention goes through minigpt.attention (our compiled kernels, or a PyTorch fallback).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention, causal_mask
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 65          # number of token ids (65 for tiny Shakespeare by character)
+    block_size: int = 256         # longest context the model is trained on, in tokens
+    n_layer: int = 6              # transformer blocks
+    n_head: int = 6               # query heads per attention layer
+    n_kv_head: Optional[int] = None  # key/value heads (GQA); None means n_head (plain MHA)
+    n_embd: int = 384             # residual stream width C; head_dim = n_embd // n_head
+    dropout: float = 0.0          # dropout on embeddings and residual branches (not on attention
+                                  # probabilities: the fused kernels never form them)
+    bias: bool = False            # biases in Linear and LayerNorm layers
+    rope_theta: float = 10000.0   # RoPE base: frequencies theta^(-2i/head_dim)
+    attn_backend: Optional[str] = None  # minigpt.attention backend; None picks the best
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head "
+                             f"({self.n_head})")
+        if (self.n_embd // self.n_head) % 2 != 0:
+            raise ValueError(f"GPTConfig: head_dim = n_embd / n_head = "
+                             f"{self.n_embd // self.n_head} must be even for RoPE")
+        if self.n_head % self.n_kv_head != 0:
+            raise ValueError(f"GPTConfig.n_head ({self.n_head}) must be a multiple of n_kv_head "
+                             f"({self.n_kv_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"GPTConfig.rope_theta must be positive, got {self.rope_theta!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (Su et al. 2021, eq. 34): rotate each pair (x[2i], x[2i+1]) of a query/key by the
+    angle pos * theta^(-2i/head_dim). Then q_m . k_n depends on positions only through m - n.
+
+    Angles are computed in float64 from integer positions on each call, so positions past
+    block_size (a sliding KV cache) stay exact and no table has to be sized in advance.
+    """
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # (head_dim/2,)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, H, head_dim); pos: (T,) int64 absolute positions. Returns x rotated."""
+        angles = pos.to(torch.float64)[:, None] * self.inv_freq[None, :]  # (T, hd/2)
+        cos = angles.cos().to(x.dtype)[None, :, None, :]  # (1, T, 1, hd/2)
+        sin = angles.sin().to(x.dtype)[None, :, None, :]
+        x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, T, H, hd/2) each
+        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B,T,H,hd/2,2)
+        return out.flatten(-2)  # (B, T, H, hd)
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding.
+
+    Holds (B, n_kv_head, block_size, head_dim) per layer. ``length`` tokens are filled; ``start``
+    is the absolute position of the first cached token. When full, the oldest token is dropped
+    (a sliding window of block_size tokens): with RoPE, attention scores depend only on relative
+    positions, so this equals recomputing on the last block_size tokens.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int):
+        self.shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
+        # Allocated on first use, in the dtype the keys arrive in (autocast may make it bf16).
+        self.k: list = [None] * config.n_layer
+        self.v: list = [None] * config.n_layer
+        self.block_size = config.block_size
+        self.length = 0
+        self.start = 0
+
+    def make_room(self, T: int) -> None:
+        """Drop the oldest entries so that T new tokens fit (called once per forward)."""
+        if T > self.block_size:
+            raise ValueError(f"KVCache: cannot add {T} tokens at once to a cache of block_size "
+                             f"{self.block_size}")
+        drop = max(0, self.length + T - self.block_size)
+        if drop:
+            keep = self.length - drop
+            for buf in self.k + self.v:
+                if buf is not None:
+                    buf[:, :, :keep] = buf[:, :, drop:self.length].clone()
+            self.length, self.start = keep, self.start + drop
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Append k, v (B, Hkv, T, hd) of one layer; return that layer's cached (B, Hkv, Tk, hd)."""
+        T = k.shape[2]
+        if self.k[layer] is None:
+            self.k[layer] = k.new_empty(self.shape)
+            self.v[layer] = v.new_empty(self.shape)
+        self.k[layer][:, :, self.length:self.length + T] = k
+        self.v[layer][:, :, self.length:self.length + T] = v
+        end = self.length + T
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, T: int) -> None:
+        self.length += T
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        # q, k, v projections in one matmul: n_head query heads, n_kv_head key and value heads
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) *
+                                config.head_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.backend = config.attn_backend
+
+    def forward(self, x, pos, kv_cache: Optional[KVCache] = None, layer: int = 0,
+                return_probs: bool = False):
+        B, T, C = x.size()  # batch, time, channels (n_embd)
+        nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split([nh * hd, nkv * hd, nkv * hd], dim=2)
+        q = self.rotary(q.view(B, T, nh, hd), pos).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.rotary(k.view(B, T, nkv, hd), pos).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, nkv, Tk, hd), Tk = cached + T
+        probs = None
+        if return_probs:
+            y, probs = attention_probs(q, k, v)
+        else:
+            y = attention(q, k, v, causal=True, backend=self.backend)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble all head outputs side by side
+        y = self.resid_dropout(self.c_proj(y))
+        return (y, probs) if return_probs else y
+
+
+def attention_probs(q, k, v):
+    """The "naive" path that also returns the probabilities softmax(QK^T/sqrt(hd)) with the
+    causal mask, (B, nh, Tq, Tk): used to look at attention, never for training."""
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, nh, Tq, Tk)
+    att = att.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    att = torch.softmax(att, dim=-1)
+    return att @ v, att
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, pos, kv_cache=None, layer=0, return_probs=False):
+        a = self.attn(self.ln_1(x), pos, kv_cache, layer, return_probs)
+        a, probs = a if return_probs else (a, None)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return (x, probs) if return_probs else x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying (Press & Wolf 2017): the output projection is the token embedding.
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the stream's variance
+        # does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        """Number of parameters (the tied embedding counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def _check_idx(self, idx, kv_cache):
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
+            raise ValueError(f"GPT: idx must be a (B, T) int64 tensor, got "
+                             f"{getattr(idx, 'dtype', type(idx))} of shape "
+                             f"{tuple(getattr(idx, 'shape', ()))}")
+        T = idx.shape[1]
+        if T == 0 or T > self.config.block_size:
+            raise ValueError(f"GPT: sequence length T={T} must be in [1, block_size="
+                             f"{self.config.block_size}]")
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                kv_cache: Optional[KVCache] = None):
+        """Logits for every position, and the mean cross-entropy loss if targets are given.
+
+        Args:
+            idx: (B, T) int64 token ids, 1 <= T <= block_size.
+            targets: (B, T) int64 next-token ids, or None. Ids of -1 are ignored in the loss.
+            kv_cache: a KVCache for incremental decoding (see generate); idx holds only the new
+                tokens, which attend to the cached ones.
+
+        Returns:
+            (logits, loss): logits (B, T, vocab_size) float; loss a scalar tensor or None.
+
+        Raises:
+            ValueError: idx is not a (B, T) int64 tensor with 1 <= T <= block_size.
+        """
+        self._check_idx(idx, kv_cache)
+        B, T = idx.size()
+        x = self._embed(idx, kv_cache)
+        pos = self._positions(T, kv_cache, idx.device)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, pos, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+    def _embed(self, idx, kv_cache):
+        if kv_cache is not None:
+            kv_cache.make_room(idx.shape[1])
+        return self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)
+
+    @staticmethod
+    def _positions(T, kv_cache, device):
+        start = 0 if kv_cache is None else kv_cache.start + kv_cache.length
+        return torch.arange(start, start + T, dtype=torch.long, device=device)  # (T,)
+
+    @torch.no_grad()
+    def attention_maps(self, idx: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities of every layer and head for one sequence.
+
+        Computed with the explicit softmax(QK^T / sqrt(head_dim)) path (the fused kernels never
+        store probabilities), by the same weights as forward().
+
+        Args:
+            idx: (T,) or (1, T) int64 token ids, T <= block_size.
+
+        Returns:
+            (n_layer, n_head, T, T) float32 probabilities: row i (a query) sums to 1 over the
+            keys j <= i; entries above the diagonal are 0.
+        """
+        if idx.dim() == 1:
+            idx = idx[None]
+        self._check_idx(idx, None)
+        if idx.shape[0] != 1:
+            raise ValueError(f"attention_maps: idx must hold one sequence, got shape "
+                             f"{tuple(idx.shape)}")
+        x = self._embed(idx, None)
+        pos = self._positions(idx.shape[1], None, idx.device)
+        maps = []
+        for block in self.transformer.h:
+            x, probs = block(x, pos, return_probs=True)
+            maps.append(probs[0].float())  # (n_head, T, T)
+        return torch.stack(maps)  # (n_layer, n_head, T, T)
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas,
+                             device_type: str) -> torch.optim.AdamW:
+        """AdamW (Loshchilov & Hutter 2019) with weight decay on matrices (every >= 2-d
+        parameter: Linear weights and the embedding) and none on biases and norm gains."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
+                                 **({"fused": True} if fused else {}))
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 generator: Optional[torch.Generator] = None, use_cache: bool = True,
+                 callback=None) -> torch.Tensor:
+        """Sample max_new_tokens tokens after the prompt idx (B, T), autoregressively.
+
+        With use_cache (default) each step feeds only the newest token and attends to a KVCache;
+        past block_size tokens the context slides (the oldest token is dropped), exactly as
+        recomputing on the last block_size tokens. Sampling: see minigpt.sampling.sample_next
+        (temperature 0 is greedy). callback(step, next_tokens) is called after each new token.
+
+        Returns:
+            (B, T + max_new_tokens) int64 token ids.
+        """
+        from .sampling import sample_next
+
+        if max_new_tokens < 0:
+            raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+        bs = self.config.block_size
+        cache = None
+        if use_cache:
+            cache = KVCache(self.config, idx.shape[0])
+        feed = idx[:, -bs:]
+        for step in range(max_new_tokens):
+            if cache is None:
+                feed = idx[:, -bs:]
+            logits, _ = self(feed, kv_cache=cache)
+            nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+            idx = torch.cat((idx, nxt), dim=1)
+            feed = nxt
+            if callback is not None:
+                callback(step, nxt)
+        return idx
