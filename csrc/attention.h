@@ -70,5 +70,7 @@ void attention_backward_cpu(const AttentionParams& p);
 // unsupported head dim; the host glue turns that into a TORCH_CHECK.
 int attention_forward_cuda(const AttentionParams& p, void* stream);
 int attention_backward_cuda(const AttentionParams& p, void* stream);
+// Text for a non-zero code returned by the two functions above (static storage, never null).
+const char* attention_cuda_error_string(int code);
 
 }  // namespace minigpt
