@@ -76,8 +76,8 @@ class RotaryEmbedding(nn.Module):
     """RoPE (Su et al. 2021, eq. 34): rotate each pair (x[2i], x[2i+1]) of a query/key by the
     angle pos * theta^(-2i/head_dim). Then q_m . k_n depends on positions only through m - n.
 
-    Angles are computed in float64 from integer positions on each call, so positions past
-    block_size (a sliding KV cache) stay exact and no table has to be sized in advance.
+    Angles are computed in float64 from integer positions on each call (cheap: T x head_dim/2),
+    so no table has to be sized or moved between devices in advance.
     """
 
     def __init__(self, head_dim: int, theta: float):
@@ -98,33 +98,27 @@ class RotaryEmbedding(nn.Module):
 class KVCache:
     """Keys and values of every layer for incremental decoding.
 
-    Holds (B, n_kv_head, block_size, head_dim) per layer. ``length`` tokens are filled; ``start``
-    is the absolute position of the first cached token. When full, the oldest token is dropped
-    (a sliding window of block_size tokens): with RoPE, attention scores depend only on relative
-    positions, so this equals recomputing on the last block_size tokens.
+    Holds up to block_size tokens, (B, n_kv_head, block_size, head_dim) per layer, allocated on
+    first use in the dtype the keys arrive in (autocast may make it bf16). ``length`` tokens are
+    filled. A forward with the cache feeds only the new tokens; they attend to the cached ones
+    with the bottom-right causal mask (Tq new queries against Tk = length + Tq keys).
     """
 
     def __init__(self, config: GPTConfig, batch_size: int):
         self.shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
-        # Allocated on first use, in the dtype the keys arrive in (autocast may make it bf16).
         self.k: list = [None] * config.n_layer
         self.v: list = [None] * config.n_layer
         self.block_size = config.block_size
         self.length = 0
-        self.start = 0
 
-    def make_room(self, T: int) -> None:
-        """Drop the oldest entries so that T new tokens fit (called once per forward)."""
-        if T > self.block_size:
-            raise ValueError(f"KVCache: cannot add {T} tokens at once to a cache of block_size "
-                             f"{self.block_size}")
-        drop = max(0, self.length + T - self.block_size)
-        if drop:
-            keep = self.length - drop
-            for buf in self.k + self.v:
-                if buf is not None:
-                    buf[:, :, :keep] = buf[:, :, drop:self.length].clone()
-            self.length, self.start = keep, self.start + drop
+    def reset(self) -> None:
+        self.length = 0
+
+    def check_room(self, T: int) -> None:
+        if self.length + T > self.block_size:
+            raise ValueError(f"KVCache: {self.length} cached + {T} new tokens exceed block_size "
+                             f"{self.block_size}; reset() the cache and feed the last block_size "
+                             f"tokens")
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Append k, v (B, Hkv, T, hd) of one layer; return that layer's cached (B, Hkv, Tk, hd)."""
@@ -291,12 +285,12 @@ class GPT(nn.Module):
 
     def _embed(self, idx, kv_cache):
         if kv_cache is not None:
-            kv_cache.make_room(idx.shape[1])
+            kv_cache.check_room(idx.shape[1])
         return self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)
 
     @staticmethod
     def _positions(T, kv_cache, device):
-        start = 0 if kv_cache is None else kv_cache.start + kv_cache.length
+        start = 0 if kv_cache is None else kv_cache.length
         return torch.arange(start, start + T, dtype=torch.long, device=device)  # (T,)
 
     @torch.no_grad()
@@ -347,9 +341,11 @@ class GPT(nn.Module):
                  callback=None) -> torch.Tensor:
         """Sample max_new_tokens tokens after the prompt idx (B, T), autoregressively.
 
-        With use_cache (default) each step feeds only the newest token and attends to a KVCache;
-        past block_size tokens the context slides (the oldest token is dropped), exactly as
-        recomputing on the last block_size tokens. Sampling: see minigpt.sampling.sample_next
+        The model conditions on the last block_size tokens (nanoGPT's crop). With use_cache
+        (default) each step feeds only the newest token and attends to a KVCache, until the
+        context fills block_size; from then on every token's context changes at each step, so
+        each step recomputes the last block_size tokens (the cache is refilled), which keeps the
+        logits equal to a full recompute. Sampling: see minigpt.sampling.sample_next
         (temperature 0 is greedy). callback(step, next_tokens) is called after each new token.
 
         Returns:
@@ -365,8 +361,10 @@ class GPT(nn.Module):
             cache = KVCache(self.config, idx.shape[0])
         feed = idx[:, -bs:]
         for step in range(max_new_tokens):
-            if cache is None:
+            if cache is None or cache.length + feed.shape[1] > bs:
                 feed = idx[:, -bs:]
+                if cache is not None:
+                    cache.reset()
             logits, _ = self(feed, kv_cache=cache)
             nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
             idx = torch.cat((idx, nxt), dim=1)

@@ -1,0 +1,53 @@
+"""The float64 reference and the correctness rule of DESIGN.md, shared by the tests."""
+
+import math
+
+import torch
+
+
+def reference_attention(q, k, v, causal=True, scale=None):
+    """softmax(scale * QK^T + mask) V in float64, written independently of minigpt."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    k = k.repeat_interleave(Hq // Hkv, dim=1)
+    v = v.repeat_interleave(Hq // Hkv, dim=1)
+    s = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+    if causal:
+        i = torch.arange(Tq)[:, None]
+        j = torch.arange(Tk)[None, :]
+        s = s.masked_fill(j > i + (Tk - Tq), float("-inf"))
+    return torch.einsum("bhij,bhjd->bhid", torch.softmax(s, dim=-1), v)
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def check_rule(name, fast, naive, ref, dtype):
+    """fast's error vs ref must be <= 2x naive's error (same dtype) + 1e-6 for float32."""
+    slack = 1e-6 if dtype == torch.float32 else 1e-12 if dtype == torch.float64 else 0.0
+    e_fast, e_naive = max_err(fast, ref), max_err(naive, ref)
+    assert e_fast <= 2 * e_naive + slack, (
+        f"{name}: error {e_fast:.3e} > 2 x naive error {e_naive:.3e} + {slack}")
+
+
+def rand_qkv(B, Hq, Hkv, Tq, Tk, D, dtype=torch.float32, layout="contiguous", seed=0,
+             requires_grad=True):
+    """Fresh random q, k, v in one of three layouts: contiguous (B, H, T, D), the model's
+    (B, T, H, D).transpose(1, 2) view, or a slice of a larger tensor (non-trivial strides)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(H, T):
+        if layout == "contiguous":
+            t = torch.randn(B, H, T, D, generator=g, dtype=dtype)
+        elif layout == "transposed":
+            t = torch.randn(B, T, H, D, generator=g, dtype=dtype).transpose(1, 2)
+        elif layout == "sliced":
+            t = torch.randn(B, H + 1, T + 3, D + 5, generator=g, dtype=dtype)[:, 1:, 2:T + 2, :D]
+        else:
+            raise ValueError(layout)
+        return t.detach().requires_grad_(requires_grad)
+
+    return make(Hq, Tq), make(Hkv, Tk), make(Hkv, Tk)

@@ -1,0 +1,170 @@
+"""The model: shapes, RoPE, KV-cache decoding, learning, config errors."""
+
+import pytest
+import torch
+
+from minigpt.model import GPT, GPTConfig, KVCache, RotaryEmbedding
+
+
+def tiny(**kw):
+    cfg = dict(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_embd=32, attn_backend="naive")
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+def test_shapes_and_loss():
+    model = tiny()
+    idx = torch.randint(50, (3, 16))
+    logits, loss = model(idx)
+    assert logits.shape == (3, 16, 50) and loss is None
+    logits, loss = model(idx, torch.randint(50, (3, 16)))
+    assert loss.dim() == 0
+    # An untrained model predicts close to uniform: loss near ln(vocab_size) on random targets.
+    assert abs(loss.item() - torch.log(torch.tensor(50.0)).item()) < 0.3
+
+
+def test_weight_tying_and_param_count():
+    model = tiny()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.num_params() == sum(p.numel() for p in model.parameters())
+
+
+def test_gqa_projection_sizes():
+    model = tiny(n_head=4, n_kv_head=2)
+    hd = 32 // 4
+    assert model.transformer.h[0].attn.c_attn.out_features == (4 + 2 * 2) * hd
+    logits, _ = model(torch.randint(50, (2, 10)))
+    assert logits.shape == (2, 10, 50)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    rope = RotaryEmbedding(16, 10000.0)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 1, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 1, 1, 16, generator=g, dtype=torch.float64)
+
+    def score(m, n):
+        qm = rope(q, torch.tensor([m]))
+        kn = rope(k, torch.tensor([n]))
+        return (qm * kn).sum().item()
+
+    for m, n, shift in [(5, 2, 7), (0, 0, 100), (40, 3, 1000)]:
+        assert score(m, n) == pytest.approx(score(m + shift, n + shift), abs=1e-10)
+    assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-6)  # but it does depend on m - n
+    # A rotation: norms are preserved.
+    assert rope(q, torch.tensor([9])).norm().item() == pytest.approx(q.norm().item(), rel=1e-12)
+
+
+def test_model_is_position_aware():
+    model = tiny()
+    idx = torch.tensor([[1, 2, 3, 4]])
+    swapped = torch.tensor([[2, 1, 3, 4]])
+    la, _ = model(idx)
+    lb, _ = model(swapped)
+    assert not torch.allclose(la[0, -1], lb[0, -1])
+
+
+def test_causality_future_tokens_do_not_change_past_logits():
+    model = tiny()
+    idx = torch.randint(50, (1, 12))
+    idx2 = idx.clone()
+    idx2[0, 8:] = (idx2[0, 8:] + 1) % 50
+    la, _ = model(idx)
+    lb, _ = model(idx2)
+    torch.testing.assert_close(la[:, :8], lb[:, :8])
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_kv_cache_logits_equal_full_recompute(n_kv_head):
+    model = tiny(n_kv_head=n_kv_head).double()
+    idx = torch.randint(50, (2, 16))
+    cache = KVCache(model.config, batch_size=2)
+    prompt = 5
+    logits, _ = model(idx[:, :prompt], kv_cache=cache)
+    torch.testing.assert_close(logits, model(idx[:, :prompt])[0], atol=1e-12, rtol=0)
+    for t in range(prompt, idx.shape[1]):
+        step_logits, _ = model(idx[:, t:t + 1], kv_cache=cache)
+        full_logits, _ = model(idx[:, :t + 1])
+        torch.testing.assert_close(step_logits[:, -1], full_logits[:, -1], atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="exceed block_size"):
+        model(idx[:, :1], kv_cache=cache)
+
+
+def test_generate_with_and_without_cache_agree():
+    model = tiny().double()
+    prompt = torch.randint(50, (2, 4))
+    # 29 tokens > block_size 16: past it, the context is the last block_size tokens.
+    a = model.generate(prompt, 25, temperature=0.0, use_cache=True)
+    b = model.generate(prompt, 25, temperature=0.0, use_cache=False)
+    assert a.shape == (2, 29)
+    assert torch.equal(a, b)
+
+
+def test_generate_same_seed_same_tokens():
+    model = tiny()
+    prompt = torch.randint(50, (1, 3))
+    runs = [model.generate(prompt, 20, temperature=1.0, top_k=10,
+                           generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    other = model.generate(prompt, 20, temperature=1.0, top_k=10,
+                           generator=torch.Generator().manual_seed(8))
+    assert not torch.equal(runs[0], other)
+
+
+def test_overfits_a_tiny_batch():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=32,
+                          attn_backend="sdpa"))
+    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), "cpu")
+    x = torch.randint(20, (4, 16))
+    y = torch.randint(20, (4, 16))
+    first = None
+    for _ in range(150):
+        _, loss = model(x, y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 2.5 and loss.item() < 0.1
+
+
+def test_backends_give_the_same_model_output():
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=30, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+    naive = GPT(GPTConfig(**cfg, attn_backend="naive")).double()
+    sdpa = GPT(GPTConfig(**cfg, attn_backend="sdpa")).double()
+    sdpa.load_state_dict(naive.state_dict())
+    idx = torch.randint(30, (2, 16))
+    torch.testing.assert_close(naive(idx, idx)[1], sdpa(idx, idx)[1], atol=1e-12, rtol=0)
+
+
+def test_weight_decay_groups():
+    model = tiny(bias=True)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["params"]
+
+
+@pytest.mark.parametrize("kw, pattern", [
+    (dict(n_embd=30, n_head=4), "divisible"),
+    (dict(n_embd=36, n_head=4), "even"),
+    (dict(n_head=4, n_kv_head=3), "multiple"),
+    (dict(block_size=0), "block_size"),
+    (dict(dropout=1.0), "dropout"),
+])
+def test_config_errors(kw, pattern):
+    base = dict(vocab_size=10, block_size=8, n_layer=1, n_head=4, n_embd=32)
+    base.update(kw)
+    with pytest.raises(ValueError, match=pattern):
+        GPTConfig(**base)
+
+
+def test_forward_input_errors():
+    model = tiny()
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.randint(50, (1, 17)))
+    with pytest.raises(ValueError, match="int64"):
+        model(torch.rand(1, 4))
