@@ -1,0 +1,201 @@
+// minigpt attention: the CUDA registration of minigpt::attention_forward / attention_backward
+// (schemas in csrc/bindings.cpp). Checks every argument once, here at the boundary (STYLE.md #6),
+// allocates outputs and scratch, fills the plain AttentionParams struct and launches the kernels of
+// attention_fwd.cu / attention_bwd.cu under a device guard on the current stream (STYLE.md #7).
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>  // at::cuda::getCurrentCUDAStream, without cuBLAS/cuSPARSE headers
+#include <torch/library.h>
+
+#include <cstdint>
+#include <tuple>
+
+#include "../attention.h"
+
+namespace minigpt {
+namespace {
+
+bool supported_head_dim(int64_t d) { return d == 32 || d == 64 || d == 96 || d == 128; }
+
+// Every (B, H, T, D) argument: 4-d, CUDA, bf16/fp16/fp32 like q, on q's device, unit D stride.
+void check_bhtd(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-d (B, H, T, D), got shape ", t.sizes());
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor for this kernel, got device ",
+              t.device(), " with shape ", t.sizes());
+  const at::ScalarType st = t.scalar_type();
+  TORCH_CHECK(st == at::kBFloat16 || st == at::kHalf || st == at::kFloat, op, ": ", name,
+              " must be bfloat16, float16 or float32 on CUDA, got ", st, " with shape ", t.sizes());
+  TORCH_CHECK(st == q.scalar_type(), op, ": ", name, " has dtype ", st, " but q has ",
+              q.scalar_type(), " (shape ", t.sizes(), ")");
+  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " is on ", t.device(), " but q is on ",
+              q.device(), " (shape ", t.sizes(), ")");
+  TORCH_CHECK(t.stride(3) == 1, op, ": ", name,
+              " must have a contiguous last dimension, got shape ", t.sizes(), " and strides ",
+              t.strides());
+}
+
+void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+               bool causal) {
+  check_bhtd(op, "q", q, q);
+  check_bhtd(op, "k", k, q);
+  check_bhtd(op, "v", v, q);
+  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got k ", k.sizes(),
+              " and v ", v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), op,
+              ": k must match q in batch and head dim, got q ", q.sizes(), " and k ", k.sizes());
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op,
+              ": q's heads must be a multiple of k's heads (grouped-query attention), got q ",
+              q.sizes(), " and k ", k.sizes());
+  TORCH_CHECK(!causal || q.size(2) <= k.size(2), op,
+              ": causal attention needs Tq <= Tk (queries aligned to the last keys), got q ",
+              q.sizes(), " and k ", k.sizes());
+  TORCH_CHECK(supported_head_dim(q.size(3)), op,
+              ": the CUDA kernels support head dims 32, 64, 96 and 128, got q ", q.sizes());
+}
+
+// The bf16/fp16 kernels copy 16-byte row chunks: rows must start on 16 bytes. A view that breaks
+// this (an odd slice offset or stride) is copied once rather than rejected.
+at::Tensor rows_16b_aligned(const at::Tensor& t) {
+  if (t.scalar_type() == at::kFloat) return t;  // the fp32 kernels load element by element
+  const int64_t elems = 16 / static_cast<int64_t>(t.element_size());
+  auto ok = [elems](const at::Tensor& x) {
+    if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) return false;
+    for (int d = 0; d < 3; ++d)
+      if (x.size(d) > 1 && x.stride(d) % elems != 0) return false;
+    return true;
+  };
+  if (t.numel() == 0 || ok(t)) return t;
+  // A fresh allocation from the caching allocator is aligned; contiguous() alone may keep an
+  // unaligned storage offset.
+  return t.clone(at::MemoryFormat::Contiguous);
+}
+
+Strides4 strides_of(const at::Tensor& t) { return Strides4{t.stride(0), t.stride(1), t.stride(2)}; }
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kBFloat16: return DType::BFloat16;
+    case at::kHalf: return DType::Float16;
+    default: return DType::Float32;  // check_bhtd admits nothing else
+  }
+}
+
+AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            bool causal, double scale) {
+  AttentionParams p;
+  p.B = q.size(0);
+  p.Hq = q.size(1);
+  p.Tq = q.size(2);
+  p.D = q.size(3);
+  p.Hkv = k.size(1);
+  p.Tk = k.size(2);
+  p.dtype = dtype_of(q);
+  p.scale = static_cast<float>(scale);
+  p.causal = causal;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_stride = strides_of(q);
+  p.k_stride = strides_of(k);
+  p.v_stride = strides_of(v);
+  return p;
+}
+
+void check_code(const char* op, int code, const at::Tensor& q, const at::Tensor& k) {
+  TORCH_CHECK(code == 0, op, " (CUDA) failed for q ", q.sizes(), ", k ", k.sizes(), " (",
+              q.scalar_type(), "): ", attention_cuda_error_string(code), " [code ", code, "]");
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cuda_op(const at::Tensor& q_in,
+                                                             const at::Tensor& k_in,
+                                                             const at::Tensor& v_in, bool causal,
+                                                             double scale) {
+  const char* op = "minigpt::attention_forward";
+  check_qkv(op, q_in, k_in, v_in, causal);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = rows_16b_aligned(q_in);
+  const at::Tensor k = rows_16b_aligned(k_in);
+  const at::Tensor v = rows_16b_aligned(v_in);
+
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  AttentionParams p = make_params(q, k, v, causal, scale);
+  p.out = out.data_ptr();
+  p.out_stride = strides_of(out);
+  p.lse = lse.data_ptr<float>();
+  const int code = attention_forward_cuda(p, at::cuda::getCurrentCUDAStream().stream());
+  check_code(op, code, q, k);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda_op(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in, bool causal,
+    double scale) {
+  const char* op = "minigpt::attention_backward";
+  check_qkv(op, q_in, k_in, v_in, causal);
+  TORCH_CHECK(dout_in.dim() == 4, op, ": dout must be 4-d (B, H, T, D), got shape ",
+              dout_in.sizes());
+  // Gradients handed over by autograd can be expanded (stride 0) or otherwise odd; one copy here
+  // is cheaper than a kernel path for them.
+  const at::Tensor dout_c = dout_in.stride(3) == 1 ? dout_in : dout_in.contiguous();
+  check_bhtd(op, "dout", dout_c, q_in);
+  check_bhtd(op, "out", out_in, q_in);
+  TORCH_CHECK(dout_c.sizes() == q_in.sizes(), op, ": dout must have q's shape ", q_in.sizes(),
+              ", got ", dout_c.sizes());
+  TORCH_CHECK(out_in.sizes() == q_in.sizes(), op, ": out must have q's shape ", q_in.sizes(),
+              ", got ", out_in.sizes());
+  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == q_in.size(0) &&
+                  lse_in.size(1) == q_in.size(1) && lse_in.size(2) == q_in.size(2),
+              op, ": lse must have shape (B, Hq, Tq) = ",
+              at::IntArrayRef({q_in.size(0), q_in.size(1), q_in.size(2)}), ", got ",
+              lse_in.sizes());
+  TORCH_CHECK(lse_in.is_cuda() && lse_in.device() == q_in.device() &&
+                  lse_in.scalar_type() == at::kFloat,
+              op, ": lse must be a float32 CUDA tensor on q's device, got ", lse_in.scalar_type(),
+              " on ", lse_in.device(), " with shape ", lse_in.sizes());
+
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = rows_16b_aligned(q_in);
+  const at::Tensor k = rows_16b_aligned(k_in);
+  const at::Tensor v = rows_16b_aligned(v_in);
+  const at::Tensor dout = rows_16b_aligned(dout_c);
+  const at::Tensor lse = lse_in.contiguous();
+
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, f32);
+  // Atomic dQ accumulates in float32 (B, Hq, Tq, D), zero-filled; deterministic dQ needs none.
+  at::Tensor dq_accum = deterministic ? at::Tensor() : at::zeros(q.sizes(), f32);
+
+  AttentionParams p = make_params(q, k, v, causal, scale);
+  p.out = const_cast<void*>(out_in.data_ptr());
+  p.out_stride = strides_of(out_in);
+  p.lse = const_cast<float*>(lse.data_ptr<float>());
+  p.dout = dout.data_ptr();
+  p.dout_stride = strides_of(dout);
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dq_stride = strides_of(dq);
+  p.dk_stride = strides_of(dk);
+  p.dv_stride = strides_of(dv);
+  p.delta = delta.data_ptr<float>();
+  p.dq_accum = deterministic ? nullptr : dq_accum.data_ptr<float>();
+  p.deterministic = deterministic;
+  const int code = attention_backward_cuda(p, at::cuda::getCurrentCUDAStream().stream());
+  check_code(op, code, q, k);
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace minigpt
+
+TORCH_LIBRARY_IMPL(minigpt, CUDA, m) {
+  m.impl("attention_forward", &minigpt::attention_forward_cuda_op);
+  m.impl("attention_backward", &minigpt::attention_backward_cuda_op);
+}
