@@ -1,0 +1,175 @@
+"""Corpora, token caching, batches, checkpoints."""
+
+import hashlib
+import os
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+from minigpt import data
+from minigpt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from minigpt.data import BatchSampler, DataError, load_corpus
+
+
+def test_local_file_tokenized_and_cached(text_file, monkeypatch):
+    c1 = load_corpus(str(text_file), "char")
+    text = text_file.read_text()
+    assert len(c1.train) + len(c1.val) == len(text)
+    assert len(c1.train) == int(len(text) * 0.9)
+    assert c1.tokenizer.decode(np.asarray(c1.val[:50]).tolist()) == text[len(c1.train):][:50]
+    # The second load reads the memmaps: tokenizing again would fail here.
+    monkeypatch.setattr(data.CharTokenizer, "encode", lambda *a: pytest.fail("re-tokenized"))
+    c2 = load_corpus(str(text_file), "char")
+    assert np.array_equal(c1.train, c2.train) and c2.train.dtype == np.uint16
+
+
+@pytest.mark.parametrize("make, pattern", [
+    (lambda p: p.write_bytes(b""), "empty"),
+    (lambda p: p.write_bytes(b"abc\xff\xfedef"), r"not UTF-8.*0xff at offset 3"),
+    (lambda p: p.mkdir(), "directory"),
+    (lambda p: None, "no such file"),
+])
+def test_bad_corpus_files(tmp_path, make, pattern):
+    path = tmp_path / "bad.txt"
+    make(path)
+    with pytest.raises(DataError, match=pattern):
+        load_corpus(str(path), "char")
+
+
+def test_vocabulary_too_large_for_uint16(tmp_path):
+    path = tmp_path / "wide.txt"
+    path.write_text("".join(chr(c) for c in range(0x100, 0x100 + 70000)
+                            if not 0xD800 <= c <= 0xDFFF), encoding="utf-8")  # 67952 chars
+    with pytest.raises(DataError, match="uint16"):
+        load_corpus(str(path), "char")
+
+
+def test_offline_without_cache_explains(monkeypatch):
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(DataError) as info:
+        data.download_shakespeare()
+    msg = str(info.value)
+    assert data.SHAKESPEARE_URL in msg and "--data" in msg and "--import-file" in msg
+
+
+def test_download_checks_sha256(monkeypatch):
+    class Resp:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def read(self):
+            return b"not shakespeare"
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: Resp())
+    with pytest.raises(DataError, match="sha256"):
+        data.download_shakespeare()
+    assert not data.shakespeare_path().exists()
+
+
+def test_download_caches_verified_copy(monkeypatch):
+    payload = b"To be, or not to be\n" * 100
+    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", hashlib.sha256(payload).hexdigest())
+
+    class Resp:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def read(self):
+            return payload
+
+    calls = []
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: calls.append(1) or Resp())
+    p1 = data.download_shakespeare()
+    p2 = data.download_shakespeare()
+    assert p1 == p2 and p1.read_bytes() == payload and len(calls) == 1
+
+
+def test_import_file_checks_hash(tmp_path):
+    fake = tmp_path / "fake.txt"
+    fake.write_text("hello")
+    with pytest.raises(DataError, match="not tiny Shakespeare"):
+        data.import_shakespeare(fake)
+
+
+def test_batch_sampler_shapes_and_shift():
+    tokens = np.arange(1000, dtype=np.uint16)
+    x, y = BatchSampler(tokens, 16, 4, seed=0).next()
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(y - x, torch.ones_like(x))
+
+
+def test_batch_sampler_ranks_partition_the_global_batch():
+    tokens = np.arange(5000, dtype=np.uint16)
+    (xg, _), = [BatchSampler(tokens, 8, 6, seed=3).next()]
+    parts = [BatchSampler(tokens, 8, 3, seed=3, rank=r, world_size=2).next()[0] for r in (0, 1)]
+    assert torch.equal(torch.cat(parts), xg)
+
+
+def test_batch_sampler_too_short():
+    with pytest.raises(DataError, match="block_size"):
+        BatchSampler(np.arange(10, dtype=np.uint16), 10, 2, seed=0)
+
+
+def _state():
+    return {"model": {"w": torch.randn(3, 3)}, "model_config": {"n_layer": 1},
+            "tokenizer": {"kind": "char", "chars": "ab"}, "iter_num": 5}
+
+
+def test_checkpoint_round_trip(tmp_path):
+    state = _state()
+    save_checkpoint(state, tmp_path / "ckpt.pt")
+    back = load_checkpoint(tmp_path / "ckpt.pt")
+    assert torch.equal(back["model"]["w"], state["model"]["w"]) and back["iter_num"] == 5
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temp files left
+
+
+def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(_state(), path)
+    before = path.read_bytes()
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({**_state(), "iter_num": 99}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+@pytest.mark.parametrize("corrupt", ["truncate", "garbage", "foreign", "pickle"])
+def test_bad_checkpoints_give_one_line_errors(tmp_path, corrupt):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(_state(), path)
+    raw = path.read_bytes()
+    if corrupt == "truncate":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif corrupt == "garbage":
+        path.write_bytes(os.urandom(len(raw)))
+    elif corrupt == "foreign":
+        torch.save({"something": torch.ones(2)}, path)
+    else:
+        torch.save({"model": os.system, "model_config": {}, "tokenizer": {}}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    msg = str(info.value)
+    assert str(path) in msg and "\n" not in msg
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(CheckpointError, match="is a directory"):
+        load_checkpoint(tmp_path)

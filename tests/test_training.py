@@ -1,0 +1,150 @@
+"""The training loop, exact resume, and train.py / sample.py end to end."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigpt.checkpoint import load_checkpoint
+from minigpt.training import TrainConfig, lr_at, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_cfg(text_file, out_dir, **kw):
+    cfg = TrainConfig(data=str(text_file), out_dir=str(out_dir), n_layer=2, n_head=2,
+                      n_embd=32, block_size=16, batch_size=4, max_iters=20, warmup_iters=3,
+                      eval_interval=10, eval_iters=2, learning_rate=3e-3, min_lr=3e-4,
+                      dropout=0.1, progress=False, attn_backend="sdpa", seed=1)
+    return replace(cfg, **kw)
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    assert lr_at(0, cfg) < lr_at(5, cfg) < lr_at(9, cfg) <= 1.0
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)
+    assert lr_at(110, cfg) == pytest.approx(0.1) and lr_at(500, cfg) == 0.1
+
+
+def test_training_reduces_loss_and_writes_logs(text_file, tmp_path):
+    result = train(tiny_cfg(text_file, tmp_path, max_iters=40), log=lambda *a: None)
+    first = result.history[0]
+    assert result.final_val_loss < first["val_loss"] - 0.1
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] == [0, 10, 20, 30, 40]
+    state = load_checkpoint(tmp_path / "ckpt.pt")
+    assert state["iter_num"] == 40 and state["best_val_loss"] == result.best_val_loss
+
+
+def test_resume_is_exact(text_file, tmp_path):
+    """N steps, then N more with --resume, equals 2N steps in one go, bit for bit."""
+    torch.use_deterministic_algorithms(True)
+    try:
+        full = tiny_cfg(text_file, tmp_path / "full", max_iters=20, lr_decay_iters=20)
+        train(full, log=lambda *a: None)
+        half = tiny_cfg(text_file, tmp_path / "half", max_iters=10, lr_decay_iters=20)
+        train(half, log=lambda *a: None)
+        train(replace(half, max_iters=20, resume=True), log=lambda *a: None)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    a = load_checkpoint(tmp_path / "full" / "ckpt.pt")
+    b = load_checkpoint(tmp_path / "half" / "ckpt.pt")
+    assert a["iter_num"] == b["iter_num"] == 20
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert a["val_loss"] == b["val_loss"]
+
+
+def run(args, **kw):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300, **kw)
+
+
+@pytest.mark.slow
+def test_train_and_sample_scripts(text_file, tmp_path):
+    out = tmp_path / "out"
+    r = run(["train.py", "--data", str(text_file), "--out-dir", str(out), "--n-layer", "1",
+             "--n-embd", "32", "--n-head", "2", "--block-size", "16", "--batch-size", "4",
+             "--max-iters", "30", "--eval-interval", "15", "--eval-iters", "2", "--no-progress",
+             "--attn-backend", "sdpa"])
+    assert r.returncode == 0, r.stderr
+    assert "best val loss" in r.stdout and (out / "ckpt.pt").is_file()
+
+    args = ["sample.py", "--checkpoint", str(out), "--prompt", "abc", "--max-new-tokens", "40",
+            "--seed", "3", "--top-k", "5", "--top-p", "0.9", "--num-samples", "2"]
+    s1, s2 = run(args), run(args)
+    assert s1.returncode == 0, s1.stderr
+    assert s1.stdout == s2.stdout  # same seed, same text
+    samples = s1.stdout.split("---------------\n")
+    assert len(samples) == 2 and all(s.startswith("abc") and len(s) >= 43 for s in samples)
+    streamed = run(args + ["--stream"])
+    assert streamed.returncode == 0 and streamed.stdout == s1.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, pattern", [
+    (["train.py", "--learning-rate", "-1"], "--learning-rate: must be > 0"),
+    (["train.py", "--dropout", "1.5"], "--dropout"),
+    (["train.py", "--tokenizer", "words"], "--tokenizer"),
+    (["sample.py", "--top-p", "1.5"], "--top-p"),
+    (["sample.py", "--temperature", "-1"], "--temperature"),
+])
+def test_bad_flags_are_rejected(args, pattern):
+    r = run(args)
+    assert r.returncode == 2 and pattern in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_offline_without_corpus_exits_2(tmp_path):
+    env_cache = tmp_path / "empty-cache"
+    r = subprocess.run([sys.executable, "-c", (
+        "import sys, urllib.request, urllib.error\n"
+        "def offline(*a, **k): raise urllib.error.URLError('offline')\n"
+        "urllib.request.urlopen = offline\n"
+        "sys.argv = ['train.py']\n"
+        "import runpy; runpy.run_path('train.py', run_name='__main__')")],
+        cwd=ROOT, env={**os.environ, "MINIGPT_CACHE_DIR": str(env_cache)},
+        capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and "--data" in r.stderr and "char-rnn" in r.stderr
+
+
+@pytest.mark.slow
+def test_sample_with_bad_checkpoint(tmp_path):
+    bad = tmp_path / "ckpt.pt"
+    bad.write_bytes(b"\x00" * 100)
+    r = run(["sample.py", "--checkpoint", str(bad)])
+    assert r.returncode == 2 and str(bad) in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint(text_file, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", "--data", str(text_file), "--out-dir", str(out),
+         "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "16",
+         "--batch-size", "4", "--max-iters", "1000000", "--eval-interval", "100000",
+         "--eval-iters", "1", "--no-progress", "--attn-backend", "sdpa"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while "parameters" not in (line := proc.stdout.readline()) and time.time() < deadline:
+            pass
+        time.sleep(2.0)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "interrupted at step" in stdout and "Traceback" not in stderr
+    state = load_checkpoint(out / "ckpt.pt")
+    assert 0 < state["iter_num"] < 1000000
