@@ -149,7 +149,9 @@ class CausalSelfAttention(nn.Module):
         self.backend = config.attn_backend
 
     def forward(self, x, pos, kv_cache: Optional[KVCache] = None, layer: int = 0,
-                return_probs: bool = False):
+                return_probs: bool = False, head_mask: Optional[torch.Tensor] = None):
+        """head_mask: (n_head,) multipliers of each head's output before c_proj (0 drops the
+        head, 1 keeps it; the gates xi_h of Michel et al. 2019), or None for all ones."""
         B, T, C = x.size()  # batch, time, channels (n_embd)
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.c_attn(x).split([nh * hd, nkv * hd, nkv * hd], dim=2)
@@ -163,6 +165,8 @@ class CausalSelfAttention(nn.Module):
             y, probs = attention_probs(q, k, v)
         else:
             y = attention(q, k, v, causal=True, backend=self.backend)  # (B, nh, T, hd)
+        if head_mask is not None:
+            y = y * head_mask.to(device=y.device, dtype=y.dtype).view(1, nh, 1, 1)
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble all head outputs side by side
         y = self.resid_dropout(self.c_proj(y))
         return (y, probs) if return_probs else y
@@ -201,8 +205,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, pos, kv_cache=None, layer=0, return_probs=False):
-        a = self.attn(self.ln_1(x), pos, kv_cache, layer, return_probs)
+    def forward(self, x, pos, kv_cache=None, layer=0, return_probs=False, head_mask=None):
+        a = self.attn(self.ln_1(x), pos, kv_cache, layer, return_probs, head_mask)
         a, probs = a if return_probs else (a, None)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
@@ -253,7 +257,7 @@ class GPT(nn.Module):
                              f"{self.config.block_size}]")
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                kv_cache: Optional[KVCache] = None):
+                kv_cache: Optional[KVCache] = None, head_mask: Optional[torch.Tensor] = None):
         """Logits for every position, and the mean cross-entropy loss if targets are given.
 
         Args:
@@ -261,19 +265,26 @@ class GPT(nn.Module):
             targets: (B, T) int64 next-token ids, or None. Ids of -1 are ignored in the loss.
             kv_cache: a KVCache for incremental decoding (see generate); idx holds only the new
                 tokens, which attend to the cached ones.
+            head_mask: (n_layer, n_head) float gates, or None (all ones). Head h of layer l has
+                its attention output multiplied by head_mask[l, h] before c_proj: 0 removes the
+                head, as in head-importance studies (Michel et al. 2019, "Are Sixteen Heads
+                Really Better than One?"; see minigpt.heads). Gradients flow to it.
 
         Returns:
             (logits, loss): logits (B, T, vocab_size) float; loss a scalar tensor or None.
 
         Raises:
-            ValueError: idx is not a (B, T) int64 tensor with 1 <= T <= block_size.
+            ValueError: idx is not a (B, T) int64 tensor with 1 <= T <= block_size, or
+                head_mask is not of shape (n_layer, n_head).
         """
         self._check_idx(idx, kv_cache)
+        self._check_head_mask(head_mask)
         B, T = idx.size()
         x = self._embed(idx, kv_cache)
         pos = self._positions(T, kv_cache, idx.device)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, pos, kv_cache, layer)
+            x = block(x, pos, kv_cache, layer,
+                      head_mask=None if head_mask is None else head_mask[layer])
         if kv_cache is not None:
             kv_cache.advance(T)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
@@ -282,6 +293,13 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-1)
         return logits, loss
+
+    def _check_head_mask(self, head_mask):
+        shape = (self.config.n_layer, self.config.n_head)
+        if head_mask is not None and (not isinstance(head_mask, torch.Tensor)
+                                      or tuple(head_mask.shape) != shape):
+            raise ValueError(f"GPT: head_mask must be a tensor of shape (n_layer, n_head) = "
+                             f"{shape}, got {tuple(getattr(head_mask, 'shape', ()))}")
 
     def _embed(self, idx, kv_cache):
         if kv_cache is not None:
@@ -297,8 +315,10 @@ class GPT(nn.Module):
     def attention_maps(self, idx: torch.Tensor) -> torch.Tensor:
         """Attention probabilities of every layer and head for one sequence.
 
-        Computed with the explicit softmax(QK^T / sqrt(head_dim)) path (the fused kernels never
-        store probabilities), by the same weights as forward().
+        Computed with the explicit softmax(QK^T / sqrt(head_dim)) path (Vaswani et al. 2017,
+        eq. 1; the fused kernels never store probabilities), by the same weights as forward(),
+        in eval mode (no dropout) whatever mode the model is in. With GQA each query head gets
+        its own map (query heads sharing a key/value head still differ in their queries).
 
         Args:
             idx: (T,) or (1, T) int64 token ids, T <= block_size.
@@ -306,6 +326,10 @@ class GPT(nn.Module):
         Returns:
             (n_layer, n_head, T, T) float32 probabilities: row i (a query) sums to 1 over the
             keys j <= i; entries above the diagonal are 0.
+
+        Raises:
+            ValueError: idx is not one int64 sequence of 1 <= T <= block_size tokens (feed the
+                last block_size tokens of a longer one).
         """
         if idx.dim() == 1:
             idx = idx[None]
@@ -313,12 +337,17 @@ class GPT(nn.Module):
         if idx.shape[0] != 1:
             raise ValueError(f"attention_maps: idx must hold one sequence, got shape "
                              f"{tuple(idx.shape)}")
-        x = self._embed(idx, None)
-        pos = self._positions(idx.shape[1], None, idx.device)
-        maps = []
-        for block in self.transformer.h:
-            x, probs = block(x, pos, return_probs=True)
-            maps.append(probs[0].float())  # (n_head, T, T)
+        was_training = self.training
+        self.eval()
+        try:
+            x = self._embed(idx, None)
+            pos = self._positions(idx.shape[1], None, idx.device)
+            maps = []
+            for block in self.transformer.h:
+                x, probs = block(x, pos, return_probs=True)
+                maps.append(probs[0].float())  # (n_head, T, T)
+        finally:
+            self.train(was_training)
         return torch.stack(maps)  # (n_layer, n_head, T, T)
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas,
