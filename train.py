@@ -17,8 +17,9 @@ import argparse
 import sys
 import typing
 from dataclasses import fields
+from pathlib import Path
 
-from minigpt.checkpoint import CheckpointError
+from minigpt.checkpoint import CheckpointError, load_checkpoint
 from minigpt.data import DataError
 from minigpt.training import PRESETS, NonFiniteLossError, TrainConfig, train
 
@@ -26,7 +27,8 @@ from minigpt.training import PRESETS, NonFiniteLossError, TrainConfig, train
 _POSITIVE = {"n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "batch_size", "grad_accum",
              "learning_rate", "eval_interval", "eval_iters", "log_interval", "rope_theta",
              "lr_decay_iters"}
-_NON_NEGATIVE = {"max_iters", "min_lr", "warmup_iters", "weight_decay", "grad_clip"}
+_NON_NEGATIVE = {"max_iters", "min_lr", "warmup_iters", "weight_decay", "grad_clip",
+                 "skip_nonfinite"}
 _CHOICES = {"tokenizer": ("char", "gpt2"), "attn_backend": ("ext", "sdpa", "naive"),
             "dtype": ("auto", "float32", "bfloat16")}
 
@@ -51,11 +53,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Fields that fix the model's shape: a resumed run cannot change them.
+_MODEL_FIELDS = ("tokenizer", "n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "bias",
+                 "rope_theta")
+
+
 def parse_config(argv=None) -> TrainConfig:
+    """Parse flags into a TrainConfig: preset defaults, then explicit flags. With --resume, the
+    checkpoint's own settings replace the preset, so a resumed run continues as it began."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    explicit = {k: v for k, v in vars(args).items() if v is not None and k != "preset"}
     values = dict(PRESETS[args.preset])
-    values.update({k: v for k, v in vars(args).items() if v is not None and k != "preset"})
+    if explicit.get("resume"):
+        saved = _saved_config(parser, explicit)
+        for name in _MODEL_FIELDS:
+            if name in explicit and explicit[name] != saved.get(name):
+                parser.error(f"argument --{name.replace('_', '-')}: the checkpoint's model has "
+                             f"{name}={saved.get(name)!r}; a resumed run cannot change it to "
+                             f"{explicit[name]!r}")
+        values = saved
+    values.update(explicit)
     cfg = TrainConfig(**values)
     for name in _POSITIVE:
         value = getattr(cfg, name)
@@ -77,6 +95,16 @@ def parse_config(argv=None) -> TrainConfig:
         parser.error(f"argument --n-embd: must be divisible by --n-head ({cfg.n_head}), got "
                      f"{cfg.n_embd}")
     return cfg
+
+
+def _saved_config(parser, explicit) -> dict:
+    path = Path(explicit.get("out_dir", TrainConfig.out_dir)) / "ckpt.pt"
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as e:
+        parser.error(f"argument --resume: {e}")
+    known = {f.name for f in fields(TrainConfig)}
+    return {k: v for k, v in state.get("train_config", {}).items() if k in known}
 
 
 def main(argv=None) -> int:

@@ -66,6 +66,8 @@ class TrainConfig:
     compile: bool = False             # torch.compile the model
     seed: int = 1337
     resume: bool = False              # continue from out_dir/ckpt.pt
+    skip_nonfinite: int = 0           # skip up to this many steps whose loss or gradient is
+                                      # NaN/inf (counted in the log); past it, stop
     progress: bool = True             # tqdm progress bar
 
     def model_config(self, vocab_size: int) -> GPTConfig:
@@ -146,6 +148,16 @@ class _Dist:
     @property
     def master(self) -> bool:
         return self.rank == 0
+
+    def any(self, flag: bool) -> bool:
+        """True if flag is true on any rank, so that every rank takes the same branch."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0])
+        if torch.distributed.get_backend() == "nccl":
+            t = t.cuda()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
 
     def close(self):
         if self.enabled and torch.distributed.is_initialized():
@@ -302,6 +314,7 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     last_losses = {"train": float("nan"), "val": float("nan")}
     train_time, train_tokens = 0.0, 0
     loss_value = float("nan")
+    skipped = 0
     model.train()
     try:
         with _StopRequest() as stop:
@@ -310,7 +323,7 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
                 if iter_num % cfg.eval_interval == 0 or last_step:
                     last_losses = evaluate()
                     best_val = min(best_val, last_losses["val"])
-                    record(iter=iter_num, train_loss=last_losses["train"],
+                    record(event="eval", iter=iter_num, train_loss=last_losses["train"],
                            val_loss=last_losses["val"], lr=lr_at(iter_num, cfg),
                            time_s=time.perf_counter() - t_start)
                     if iter_num > 0:
@@ -321,7 +334,7 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
                             f"val loss {last_losses['val']:.4f}")
                 if last_step:
                     break
-                if stop.signum is not None:
+                if dist.any(stop.signum is not None):
                     interrupted = True
                     checkpoint(None)
                     if dist.master:
@@ -342,14 +355,23 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
                         with autocast:
                             _, loss = model(x, y)
                         (loss / cfg.grad_accum).backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                # clip_grad_norm_ with an infinite bound only measures the norm.
+                norm = torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
                 loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise NonFiniteLossError(
-                        f"the training loss is {loss_value} at step {iter_num}; stopping. The "
-                        f"last good checkpoint is kept at {ckpt_path}. Try a lower "
-                        f"--learning-rate or --grad-clip.")
+                if dist.any(not (math.isfinite(loss_value) and math.isfinite(norm.item()))):
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    record(event="nonfinite", iter=iter_num, loss=str(loss_value), skipped=skipped)
+                    if skipped > cfg.skip_nonfinite:
+                        raise NonFiniteLossError(
+                            f"the training loss or gradient is not finite (loss {loss_value}) at "
+                            f"step {iter_num}; stopping. The last good checkpoint is kept at "
+                            f"{ckpt_path}. Try a lower --learning-rate, or --skip-nonfinite N.")
+                    log(f"minigpt: step {iter_num}: non-finite loss or gradient, step skipped "
+                        f"({skipped} of at most {cfg.skip_nonfinite})")
+                    iter_num += 1
+                    continue
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 iter_num += 1

@@ -148,3 +148,38 @@ def test_ctrl_c_saves_a_checkpoint(text_file, tmp_path):
     assert "interrupted at step" in stdout and "Traceback" not in stderr
     state = load_checkpoint(out / "ckpt.pt")
     assert 0 < state["iter_num"] < 1000000
+
+
+def _nan_at(monkeypatch, steps):
+    """Make the training loss NaN at the given (0-based) training forward calls."""
+    from minigpt.model import GPT
+
+    real, calls = GPT.forward, {"n": 0}
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        logits, loss = real(self, idx, targets, kv_cache)
+        if self.training and targets is not None:
+            calls["n"] += 1
+            if calls["n"] - 1 in steps:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", forward)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(text_file, tmp_path, monkeypatch):
+    from minigpt.training import NonFiniteLossError
+
+    _nan_at(monkeypatch, {15})
+    with pytest.raises(NonFiniteLossError, match="step 15"):
+        train(tiny_cfg(text_file, tmp_path, max_iters=20), log=lambda *a: None)
+    assert load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 10
+
+
+def test_skip_nonfinite_counts_and_continues(text_file, tmp_path, monkeypatch):
+    _nan_at(monkeypatch, {3, 7})
+    msgs = []
+    result = train(tiny_cfg(text_file, tmp_path, max_iters=12, skip_nonfinite=2), log=msgs.append)
+    assert result.iters == 12 and sum("step skipped" in m for m in msgs) == 2
+    for name, t in load_checkpoint(tmp_path / "ckpt.pt")["model"].items():
+        assert torch.isfinite(t).all(), name
