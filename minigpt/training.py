@@ -399,6 +399,13 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
         log(f"minigpt: done at step {iter_num}: best val loss {best_val:.4f}, final val loss "
             f"{last_losses['val']:.4f}, {result.tokens_per_s:,.0f} tokens/s, wall time "
             f"{wall:.1f} s, checkpoint {ckpt_path}")
+        try:
+            from .visualize import plot_metrics_file
+        except ImportError as e:  # matplotlib is optional at run time
+            log(f"minigpt: no loss-curve plot (matplotlib is not available: {e})")
+        else:
+            curves = plot_metrics_file(out_dir, train_config=asdict(cfg))
+            log(f"minigpt: loss curves in {curves}")
     return result
 
 
