@@ -1,0 +1,81 @@
+"""Property tests (hypothesis): for random shapes, strides, dtypes and flags, attention() either
+matches the float64 reference by the rule of DESIGN.md or raises the documented error; it never
+crashes otherwise or returns NaN."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from minigpt.attention import attention, attention_backends
+
+from reference import check_rule, max_err, reference_attention
+
+BACKENDS = ["naive", "sdpa"] + (["ext"] if attention_backends()["ext"]["available"] else [])
+SETTINGS = settings(max_examples=30, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def attention_inputs(draw):
+    B = draw(st.integers(1, 2))
+    Hkv = draw(st.integers(1, 3))
+    Hq = Hkv * draw(st.integers(1, 3))
+    Tq, Tk = draw(st.integers(1, 20)), draw(st.integers(1, 20))
+    D = draw(st.integers(1, 48))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    layout = draw(st.sampled_from(["contiguous", "transposed", "sliced"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+
+    def make(H, T):
+        if layout == "contiguous":
+            return torch.randn(B, H, T, D, generator=g, dtype=dtype)
+        if layout == "transposed":
+            return torch.randn(B, T, H, D, generator=g, dtype=dtype).transpose(1, 2)
+        return torch.randn(B, H + 2, T + 1, D + 3, generator=g, dtype=dtype)[:, 2:, 1:, 3:]
+
+    q, k, v = make(Hq, Tq), make(Hkv, Tk), make(Hkv, Tk)
+    return q, k, v, draw(st.booleans()), draw(st.sampled_from(BACKENDS))
+
+
+@SETTINGS
+@given(attention_inputs())
+def test_matches_reference_or_raises(case):
+    q, k, v, causal, backend = case
+    if causal and q.shape[2] > k.shape[2]:
+        with pytest.raises(ValueError, match="Tq <= Tk"):
+            attention(q, k, v, causal=causal, backend=backend)
+        return
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = attention(q, k, v, causal=causal, backend=backend)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert torch.isfinite(out).all()
+    ref = reference_attention(q, k, v, causal)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout.double())
+    if q.dtype == torch.float64:
+        assert max_err(out, ref) < 1e-10
+        for g, r in zip(grads, ref_grads):
+            assert max_err(g, r) < 1e-9
+    else:
+        naive = attention(q, k, v, causal=causal, backend="naive")
+        naive_grads = torch.autograd.grad(naive, (q, k, v), dout)
+        check_rule(f"{backend} out", out, naive, ref, q.dtype)
+        for name, g, n, r in zip("qkv", grads, naive_grads, ref_grads):
+            assert torch.isfinite(g).all()
+            check_rule(f"{backend} d{name}", g, n, r, q.dtype)
+
+
+@SETTINGS
+@given(ranks=st.tuples(*[st.integers(1, 6)] * 3), backend=st.sampled_from(BACKENDS),
+       dtype=st.sampled_from([torch.float32, torch.int32, torch.bool]))
+def test_bad_ranks_and_dtypes_raise_documented_errors(ranks, backend, dtype):
+    tensors = [torch.ones((2,) * r).to(dtype) for r in ranks]
+    if all(r == 4 for r in ranks) and dtype == torch.float32:
+        attention(*tensors, backend=backend)  # a valid call
+        return
+    with pytest.raises((ValueError, TypeError)) as info:
+        attention(*tensors, backend=backend)
+    assert "attention:" in str(info.value)
