@@ -56,6 +56,10 @@ struct AttentionParams {
   float* dq_accum = nullptr;
   bool deterministic = false;    // CUDA: no atomics in the dq reduction
 
+  // The softmax scale in double precision for float64 kernels (a float scale would cap them at
+  // ~1e-8 relative error); 0 means unset, and they fall back to `scale`.
+  double scale_fp64 = 0.0;
+
   // Offset between query row i and the last key it may see: keys j <= i + causal_offset().
   int64_t causal_offset() const { return Tk - Tq; }
   int64_t group_size() const { return Hq / Hkv; }  // query heads per kv head (GQA)
@@ -64,6 +68,8 @@ struct AttentionParams {
 // CPU kernels (csrc/attention_cpu.cpp). They read p.dtype (Float32 or Float64 on CPU).
 void attention_forward_cpu(const AttentionParams& p);
 void attention_backward_cpu(const AttentionParams& p);
+// Instruction set the CPU kernels use on this machine: "avx2+fma" or "portable".
+const char* attention_cpu_isa();
 
 // CUDA kernels (csrc/cuda/*.cu): launched on `stream` (a cudaStream_t passed as void* so this
 // header needs no CUDA headers). They return a non-zero error code on a failed launch or an

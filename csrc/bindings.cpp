@@ -1,0 +1,191 @@
+// minigpt attention: op schemas, the CPU registration, and the private Python module minigpt._C.
+//
+// The ops are bound with TORCH_LIBRARY schemas (pytorch/extension-cpp) so that the Python side
+// can register fake (meta) and autograd formulas with torch.library, which is what torch.compile
+// and torch.library.opcheck need. The CUDA registration lives in csrc/cuda/attention_cuda.cpp.
+#include <torch/extension.h>
+#include <torch/library.h>
+#if __has_include(<torch/version.h>)
+#include <torch/version.h>
+#endif
+
+#include <string>
+
+#include "attention.h"
+
+namespace minigpt {
+namespace {
+
+// Shape check in the style of FlashAttention's CHECK_SHAPE: names the argument, the expected
+// sizes and the actual ones.
+#define MINIGPT_CHECK_SHAPE(op, x, ...)                                                    \
+  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), op, ": " #x " must have shape ", \
+              at::IntArrayRef({__VA_ARGS__}), ", got ", (x).sizes())
+
+// Every (B, H, T, D) tensor argument: 4-d, CPU, float32/float64 like q, unit stride in D.
+void check_bhtd(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-d (B, H, T, D), got shape ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU for this kernel, got ",
+              t.device(), " with shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64 on CPU, got ", t.scalar_type(), " with shape ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+              " but q has ", q.scalar_type(), " (shape ", t.sizes(), ")");
+  TORCH_CHECK(t.stride(3) == 1 || t.size(3) <= 1, op, ": ", name,
+              " must have a contiguous last dimension, got shape ", t.sizes(), " and strides ",
+              t.strides());
+}
+
+// The checks on q, k, v shared by both ops.
+void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+               bool causal) {
+  check_bhtd(op, "q", q, q);
+  check_bhtd(op, "k", k, q);
+  check_bhtd(op, "v", v, q);
+  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got k ", k.sizes(),
+              " and v ", v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), op,
+              ": k must match q in batch and head dim, got q ", q.sizes(), " and k ", k.sizes());
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op,
+              ": q's heads must be a multiple of k's heads (grouped-query attention), got q ",
+              q.sizes(), " and k ", k.sizes());
+  TORCH_CHECK(!causal || q.size(2) <= k.size(2), op,
+              ": causal attention needs Tq <= Tk (queries aligned to the last keys), got q ",
+              q.sizes(), " and k ", k.sizes());
+}
+
+Strides4 strides_of(const at::Tensor& t) { return Strides4{t.stride(0), t.stride(1), t.stride(2)}; }
+
+AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            bool causal, double scale) {
+  AttentionParams p;
+  p.B = q.size(0);
+  p.Hq = q.size(1);
+  p.Tq = q.size(2);
+  p.D = q.size(3);
+  p.Hkv = k.size(1);
+  p.Tk = k.size(2);
+  p.dtype = q.scalar_type() == at::kFloat ? DType::Float32 : DType::Float64;
+  p.scale = static_cast<float>(scale);
+  p.scale_fp64 = scale;
+  p.causal = causal;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_stride = strides_of(q);
+  p.k_stride = strides_of(k);
+  p.v_stride = strides_of(v);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k,
+                                                     const at::Tensor& v, bool causal,
+                                                     double scale) {
+  const char* op = "minigpt::attention_forward";
+  check_qkv(op, q, k, v, causal);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  AttentionParams p = make_params(q, k, v, causal, scale);
+  p.out = out.data_ptr();
+  p.out_stride = strides_of(out);
+  p.lse = lse.data_ptr<float>();
+  attention_forward_cpu(p);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale) {
+  const char* op = "minigpt::attention_backward";
+  check_qkv(op, q, k, v, causal);
+  check_bhtd(op, "dout", dout, q);
+  check_bhtd(op, "out", out, q);
+  MINIGPT_CHECK_SHAPE(op, dout, q.size(0), q.size(1), q.size(2), q.size(3));
+  MINIGPT_CHECK_SHAPE(op, out, q.size(0), q.size(1), q.size(2), q.size(3));
+  MINIGPT_CHECK_SHAPE(op, lse, q.size(0), q.size(1), q.size(2));
+  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.is_contiguous(), op,
+              ": lse must be a contiguous float32 CPU tensor, got ", lse.scalar_type(), " on ",
+              lse.device(), " with shape ", lse.sizes(), " and strides ", lse.strides());
+
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  AttentionParams p = make_params(q, k, v, causal, scale);
+  p.out = const_cast<void*>(out.data_ptr());
+  p.out_stride = strides_of(out);
+  p.lse = const_cast<float*>(lse.data_ptr<float>());
+  p.dout = dout.data_ptr();
+  p.dout_stride = strides_of(dout);
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dq_stride = strides_of(dq);
+  p.dk_stride = strides_of(dk);
+  p.dv_stride = strides_of(dv);
+  p.deterministic = true;  // the CPU backward always is (for a given thread count)
+  attention_backward_cpu(p);
+  return {dq, dk, dv};
+}
+
+std::string compiler_name() {
+#if defined(__clang__)
+  return std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  return "gcc " + std::to_string(__GNUC__) + "." + std::to_string(__GNUC_MINOR__) + "." +
+         std::to_string(__GNUC_PATCHLEVEL__);
+#else
+  return "unknown";
+#endif
+}
+
+}  // namespace
+}  // namespace minigpt
+
+TORCH_LIBRARY(minigpt, m) {
+  m.def(
+      "attention_forward(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> "
+      "(Tensor out, Tensor lse)");
+  m.def(
+      "attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "bool causal, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+}
+
+TORCH_LIBRARY_IMPL(minigpt, CPU, m) {
+  m.impl("attention_forward", &minigpt::attention_forward);
+  m.impl("attention_backward", &minigpt::attention_backward);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "minigpt compiled attention kernels (ops live under torch.ops.minigpt)";
+  m.def(
+      "build_info",
+      [] {
+        pybind11::dict info;
+        info["compiler"] = minigpt::compiler_name();
+#ifdef _OPENMP
+        info["openmp"] = true;
+#else
+        info["openmp"] = false;
+#endif
+        info["vector_isa"] = std::string(minigpt::attention_cpu_isa());
+#ifdef MINIGPT_WITH_CUDA
+        info["cuda"] = true;
+#else
+        info["cuda"] = false;
+#endif
+#ifdef MINIGPT_CUDA_ARCHS
+        info["cuda_archs"] = std::string(MINIGPT_CUDA_ARCHS);
+#else
+        info["cuda_archs"] = std::string("");
+#endif
+#ifdef TORCH_VERSION
+        info["torch_version"] = std::string(TORCH_VERSION);
+#else
+        info["torch_version"] = std::string("");
+#endif
+        return info;
+      },
+      "How this module was built: compiler, OpenMP, the CPU vector ISA in use, CUDA and its "
+      "architectures, torch version.");
+}
