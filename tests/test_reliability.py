@@ -1,0 +1,135 @@
+"""Failure modes of long unattended runs: kill -9, SIGTERM, a writer killed mid-checkpoint, and
+two DDP processes (gloo) against one process with the same global batch."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigpt.checkpoint import CheckpointError, load_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "16",
+        "--batch-size", "4", "--eval-iters", "2", "--no-progress", "--attn-backend", "sdpa",
+        "--learning-rate", "3e-3", "--warmup-iters", "2"]
+
+
+def _env():
+    return {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+def _train(args, **kw):
+    return subprocess.run([sys.executable, "train.py", *TINY, *args], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300, **kw)
+
+
+def _wait_for_checkpoint(path, min_iter, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if load_checkpoint(path)["iter_num"] >= min_iter:
+                return
+        except CheckpointError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+def _same_weights(a, b):
+    sa, sb = load_checkpoint(a), load_checkpoint(b)
+    assert sa["iter_num"] == sb["iter_num"]
+    for name, t in sa["model"].items():
+        assert torch.equal(t, sb["model"][name]), name
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_run_resumes_exactly(text_file, tmp_path, sig):
+    common = ["--data", str(text_file), "--max-iters", "60", "--eval-interval", "10"]
+    straight = _train(common + ["--out-dir", str(tmp_path / "straight")])
+    assert straight.returncode == 0, straight.stderr
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY, *common, "--out-dir", str(out)],
+                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_checkpoint(out / "ckpt.pt", 10, proc)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    stopped_at = load_checkpoint(out / "ckpt.pt")["iter_num"]
+    if sig == signal.SIGTERM:  # a clean stop: saved where it stopped, exit code 0
+        assert proc.returncode == 0 and "interrupted at step" in stdout, stderr
+    assert 10 <= stopped_at <= 60
+    resumed = _train(["--out-dir", str(out), "--resume"])  # settings come from the checkpoint
+    assert resumed.returncode == 0, resumed.stderr
+    _same_weights(tmp_path / "straight" / "ckpt.pt", out / "ckpt.pt")
+
+
+WRITER = """
+import sys, torch
+from minigpt.checkpoint import save_checkpoint
+i = 0
+while True:
+    i += 1
+    save_checkpoint({"model": {"w": torch.full((4_000_000,), float(i))}, "model_config": {},
+                     "tokenizer": {}, "iter_num": i}, sys.argv[1])
+    print(i, flush=True)
+"""
+
+
+def test_writer_killed_mid_write_leaves_a_good_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    for delay in (0.05, 0.13, 0.29, 0.41):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], cwd=ROOT,
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "1"  # one complete checkpoint exists
+        time.sleep(delay)
+        proc.kill()  # SIGKILL: no chance to clean up
+        proc.wait()
+        state = load_checkpoint(path)  # never torn
+        w = state["model"]["w"]
+        assert torch.equal(w, torch.full_like(w, float(state["iter_num"])))
+
+
+def test_resume_cannot_change_the_model_shape(text_file, tmp_path):
+    out = tmp_path / "out"
+    assert _train(["--data", str(text_file), "--out-dir", str(out), "--max-iters", "5",
+                   "--eval-interval", "5"]).returncode == 0
+    r = _train(["--out-dir", str(out), "--resume", "--block-size", "32"])
+    assert r.returncode == 2 and "--block-size" in r.stderr and "Traceback" not in r.stderr
+    r = _train(["--out-dir", str(tmp_path / "nothing"), "--resume"])
+    assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def _eval_rows(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("event") == "eval"]
+
+
+def test_two_gloo_processes_match_one_process(text_file, tmp_path):
+    common = ["--data", str(text_file), "--max-iters", "20", "--eval-interval", "5",
+              "--dropout", "0"]
+    single = _train(common + ["--out-dir", str(tmp_path / "one"), "--batch-size", "8"])
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "train.py", *TINY, *common, "--out-dir", str(tmp_path / "two"), "--batch-size", "4"],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "2 processes" in ddp.stdout
+    one, two = _eval_rows(tmp_path / "one"), _eval_rows(tmp_path / "two")
+    assert [r["iter"] for r in one] == [r["iter"] for r in two] == [0, 5, 10, 15, 20]
+    for a, b in zip(one, two):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-4)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
+    assert one[-1]["val_loss"] < one[0]["val_loss"] - 0.1  # it did learn
