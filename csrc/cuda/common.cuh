@@ -182,10 +182,9 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 
 // 16-byte global->shared copy; when !valid the 16 shared bytes are zero-filled and src is not read.
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
-  const int src_bytes = valid ? 16 : 0;
   MINIGPT_SM80_OR_TRAP(asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
                                         smem_addr(dst)),
-                                    "l"(src), "r"(src_bytes)
+                                    "l"(src), "r"(valid ? 16 : 0)
                                     : "memory"));
 }
 
