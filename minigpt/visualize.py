@@ -15,6 +15,7 @@ canvas): no display, no pyplot state, and the caller's backend is left alone.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import fields
@@ -30,20 +31,39 @@ from matplotlib.figure import Figure
 
 # Whitespace and control characters drawn as visible symbols (all in matplotlib's DejaVu fonts).
 _VISIBLE = {"\n": "⏎", " ": "␣", "\t": "⇥", "\r": "\\r"}
+LABEL_FONT = "DejaVu Sans Mono"  # ships with matplotlib
 MAX_LABEL_CHARS = 12
 # Default --max-tokens: about what keeps one label per row readable at 7 pt.
 DEFAULT_MAX_TOKENS = {"char": 64, "gpt2": 48}
 _PROMPT_COLOR, _GENERATED_COLOR = "black", "tab:blue"
 
 
+@functools.lru_cache(maxsize=1)
+def _font_chars() -> frozenset:
+    """The code points LABEL_FONT can draw (others would be empty boxes)."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    return frozenset(FT2Font(font_manager.findfont(LABEL_FONT)).get_charmap())
+
+
+def _visible(c: str) -> str:
+    if c in _VISIBLE:
+        return _VISIBLE[c]
+    if not c.isprintable():
+        return f"\\x{ord(c):02x}" if ord(c) < 256 else f"U+{ord(c):04X}"
+    return c if ord(c) in _font_chars() else f"U+{ord(c):04X}"
+
+
 def display_token(s: str, max_chars: int = MAX_LABEL_CHARS) -> str:
     """A token's text as a plot label: "\\n" -> "⏎", " " -> "␣", "\\t" -> "⇥", other control
-    characters as \\xNN escapes, cut to max_chars characters (ending in "…").
+    characters as \\xNN escapes, characters the label font lacks (emoji) as U+XXXX, cut to
+    max_chars characters (ending in "…").
 
     >>> display_token(" the\\n")
     '␣the⏎'
     """
-    out = "".join(_VISIBLE.get(c, c if c.isprintable() else f"\\x{ord(c):02x}") for c in s)
+    out = "".join(_visible(c) for c in s)
     if not out:
         out = "∅"
     if len(out) > max_chars:
@@ -129,10 +149,9 @@ def plot_attention(maps, labels: Sequence[str], path, *, layer: int, heads: Sequ
         ax.set_title(f"layer {layer}, head {heads[n]}", fontsize=11)
         ax.set_xticks(ticks)
         ax.set_yticks(ticks)
-        ax.set_xticklabels(labels, rotation=x_rotation, fontsize=fontsize, family="DejaVu Sans Mono",
+        ax.set_xticklabels(labels, rotation=x_rotation, fontsize=fontsize, family=LABEL_FONT,
                            parse_math=False)
-        ax.set_yticklabels(labels, fontsize=fontsize, family="DejaVu Sans Mono",
-                           parse_math=False)
+        ax.set_yticklabels(labels, fontsize=fontsize, family=LABEL_FONT, parse_math=False)
         for tick_labels in (ax.get_xticklabels(), ax.get_yticklabels()):
             for text, color in zip(tick_labels, label_colors):
                 text.set_color(color)

@@ -169,6 +169,7 @@ def test_labels_make_whitespace_visible():
     tok = CharTokenizer("ab \n\t")
     assert token_labels(tok, tok.encode("a b\n\t")) == ["a", "␣", "b", "⏎", "⇥"]
     assert display_token("\x07") == "\\x07" and display_token("") == "∅"
+    assert display_token("🙂") == "U+1F642"  # not in the label font: no empty box
     assert len(display_token("x" * 40)) == 12 and display_token("x" * 40).endswith("…")
 
 
