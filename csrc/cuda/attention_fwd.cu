@@ -430,7 +430,9 @@ int attention_forward_cuda(const AttentionParams& p, void* stream_ptr) {
   using namespace gpu;
   if (int err = check_sizes(p)) return err;
   if (p.B == 0 || p.Hq == 0 || p.Tq == 0) return kSuccess;  // empty output
-  if (p.q == nullptr || p.k == nullptr || p.v == nullptr || p.out == nullptr || p.lse == nullptr)
+  // With Tk == 0 the kernels never touch k and v (empty tensors may have null data).
+  if (p.q == nullptr || p.out == nullptr || p.lse == nullptr ||
+      (p.Tk > 0 && (p.k == nullptr || p.v == nullptr)))
     return kErrNullPointer;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (p.dtype == DType::Float32) {
