@@ -131,9 +131,11 @@ def check_attention_args(parser, args, model_cfg) -> None:
                          f"(0..{model_cfg.n_head - 1}), got {h}")
     if args.max_tokens is not None and args.max_tokens < 1:
         parser.error(f"argument --max-tokens: must be >= 1, got {args.max_tokens}")
-    if not args.attention_map.resolve().parent.is_dir():
-        parser.error(f"argument --attention-map: no such directory "
-                     f"{args.attention_map.resolve().parent}")
+    from minigpt.visualize import image_path_error
+
+    problem = image_path_error(args.attention_map)
+    if problem:
+        parser.error(f"argument --attention-map: {problem}")
 
 
 def draw_map(args, model, tokenizer, ids, n_prompt, i) -> None:

@@ -174,6 +174,16 @@ def main(argv=None) -> int:
         base_mask = parse_mask(args.mask, model_cfg.n_layer, model_cfg.n_head)
     except ValueError as e:
         parser.error(f"argument --mask: {e}")
+    out = Path(args.out) if args.out else path.with_name("heads.png")
+    try:
+        from .visualize import image_path_error, plot_head_importance
+    except ImportError as e:
+        print(f"no heatmap: matplotlib is not available ({e})", file=sys.stderr)
+        plot_head_importance = None
+    else:
+        problem = image_path_error(out)
+        if problem:
+            parser.error(f"argument --out: {problem}")
     device = pick_device(args.device)
     model = GPT(model_cfg)
     model.load_state_dict(state["model"])
@@ -211,12 +221,7 @@ def main(argv=None) -> int:
     print()
     print(format_table(result))
 
-    out = Path(args.out) if args.out else path.with_name("heads.png")
-    try:
-        from .visualize import plot_head_importance
-    except ImportError as e:
-        print(f"no heatmap: matplotlib is not available ({e})", file=sys.stderr)
-    else:
+    if plot_head_importance is not None:
         title = (f"{args.split} loss increase when one head is masked\n(base {args.split} loss "
                  f"{result['base_loss']:.4f} on {n_tokens:,} tokens"
                  + (f"; masked by hand: {', '.join(pre)})" if pre else ")"))

@@ -91,6 +91,20 @@ def default_max_tokens(tokenizer) -> int:
     return DEFAULT_MAX_TOKENS.get(getattr(tokenizer, "name", ""), 48)
 
 
+def image_path_error(path) -> Optional[str]:
+    """Why an image cannot be saved to path (no such directory, unknown suffix), or None."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(path)
+    if not path.resolve().parent.is_dir():
+        return f"no such directory {path.resolve().parent}"
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.lstrip(".").lower() not in kinds:
+        return (f"the file name must end in an image type "
+                f"({', '.join('.' + k for k in sorted(kinds))}), got {path}")
+    return None
+
+
 def _grid(n: int):
     """(rows, cols) of a near-square grid holding n panels, wider than tall."""
     cols = math.ceil(math.sqrt(n))
@@ -117,8 +131,9 @@ def plot_attention(maps, labels: Sequence[str], path, *, layer: int, heads: Sequ
     Raises:
         ValueError: maps is not (len(heads), T, T) with T == len(labels).
     """
-    maps = maps.detach().cpu().double().numpy() if isinstance(maps, torch.Tensor) else np.asarray(
-        maps, dtype=np.float64)
+    if isinstance(maps, torch.Tensor):
+        maps = maps.detach().cpu().double().numpy()
+    maps = np.asarray(maps, dtype=np.float64)
     T = len(labels)
     if maps.ndim != 3 or maps.shape != (len(heads), T, T):
         raise ValueError(f"plot_attention: maps must be (len(heads)={len(heads)}, T={T}, T), "

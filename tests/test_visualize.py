@@ -260,8 +260,9 @@ def test_heads_cli_table_png_and_mask(tiny_run, tmp_path, capsys):
     assert b["increase"][1][0] is None and a["increase"][1][0] is not None
     assert a["base_loss"] != b["base_loss"] and a["increase"] != b["increase"]
     assert b["masked_by_hand"] == [[1, 0]]
-    with pytest.raises(SystemExit):
-        heads.main(common + ["--mask", "5:0"])
+    for bad in (["--mask", "5:0"], ["--out", str(tmp_path / "heads.txt")]):
+        with pytest.raises(SystemExit):
+            heads.main(common + bad)
 
 
 def run(args):
