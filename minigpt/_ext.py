@@ -36,6 +36,7 @@ LD_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr"]
 
 _lock = threading.Lock()
+_on_load: list = []
 _module = None
 _reason: Optional[str] = None
 _tried = False
@@ -91,34 +92,49 @@ def _jit_build():
             extra_include_paths=[str(CSRC)], build_directory=str(build_dir), verbose=False)
 
 
-def _load():
-    global _module, _reason, _tried
-    _tried = True
-    errors = []
+def _try_load(jit: bool):
+    """(module, None) on success, else (None, reason)."""
     try:
-        _module = importlib.import_module("minigpt._C")
-        return
+        return importlib.import_module("minigpt._C"), None
     except ImportError as e:
-        errors.append(f"minigpt._C is not built ({e})")
+        why = f"minigpt._C is not built ({e})"
+    if not jit:
+        return None, why
     if os.environ.get("MINIGPT_NO_JIT"):
-        errors.append("the just-in-time build is disabled by MINIGPT_NO_JIT")
-    elif not (CSRC / "bindings.cpp").is_file():
-        errors.append(f"no C++ sources to build from at {CSRC}")
-    else:
-        try:
-            _module = _jit_build()
-            return
-        except Exception as e:  # a compiler error, missing ninja, ...: report, don't crash
-            msg = str(e).strip().splitlines()
-            errors.append(f"the just-in-time build failed: {msg[-1] if msg else type(e).__name__}")
-    _reason = "; ".join(errors)
+        return None, f"{why}; the just-in-time build is disabled by MINIGPT_NO_JIT"
+    if not (CSRC / "bindings.cpp").is_file():
+        return None, f"{why}; no C++ sources to build from at {CSRC}"
+    try:
+        return _jit_build(), None
+    except Exception as e:  # a compiler error, missing ninja, ...: report, don't crash
+        msg = str(e).strip().splitlines()
+        return None, f"{why}; the just-in-time build failed: {msg[-1] if msg else type(e).__name__}"
 
 
-def module():
-    """The loaded extension module, or None (see unavailable_reason())."""
-    with _lock:
-        if not _tried:
-            _load()
+def _load(jit: bool):
+    global _module, _reason, _tried
+    _module, _reason = _try_load(jit)
+    _tried = jit or _module is not None  # a failed import without JIT is retried with it
+    if _module is not None:
+        for hook in _on_load:
+            hook()
+
+
+def on_load(hook) -> None:
+    """Call hook() once the extension is loaded (now, if it already is): the Python side
+    registers the ops' fake and autograd formulas this way, before any op can be called."""
+    _on_load.append(hook)
+    if _module is not None:
+        hook()
+
+
+def module(jit: bool = True):
+    """The loaded extension module, or None (see unavailable_reason()). With jit=False only an
+    already-built minigpt._C is imported (cheap; done when minigpt is imported)."""
+    if not _tried:  # checked before taking the lock, so torch.compile traces no lock once loaded
+        with _lock:
+            if not _tried:
+                _load(jit)
     return _module
 
 

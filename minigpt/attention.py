@@ -161,18 +161,33 @@ def _register_ext_ops() -> None:
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal, ctx.scale = causal, scale
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # an unused lse gets no zero-filled gradient
 
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        if dout.stride(-1) != 1:
+        if dout is None:
+            dout = torch.zeros_like(out)
+        elif dout.stride(-1) != 1:
             dout = dout.contiguous()
         dq, dk, dv = torch.ops.minigpt.attention_backward(dout, q, k, v, out, lse,
                                                           ctx.causal, ctx.scale)
+        if dlse is not None:
+            # lse_i = log sum_j exp(s_ij), so d lse_i / d s_ij = P_ij: dq_i gains
+            # scale * dlse_i * sum_j P_ij k_j (attention with v = k), and dk_j gains
+            # scale * sum_i P_ij dlse_i q_i (the dv of a backward whose dout is dlse * q).
+            pk, _ = torch.ops.minigpt.attention_forward(q, k, k, ctx.causal, ctx.scale)
+            _, _, pq = torch.ops.minigpt.attention_backward(
+                (dlse.unsqueeze(-1) * q).to(q.dtype), q, k, k, pk, lse, ctx.causal, ctx.scale)
+            dq = dq + ctx.scale * dlse.unsqueeze(-1).to(q.dtype) * pk
+            dk = dk + ctx.scale * pq
         return dq, dk, dv, None, None
 
     torch.library.register_autograd("minigpt::attention_forward", backward,
                                     setup_context=setup_context)
+
+
+_ext.on_load(_register_ext_ops)
+_ext.module(jit=False)  # a built minigpt._C defines torch.ops.minigpt.* as soon as minigpt is imported
 
 
 def _ext_unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -180,7 +195,6 @@ def _ext_unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optiona
     why = _ext.unavailable_reason()
     if why is not None:
         return why
-    _register_ext_ops()
     if device.type not in _EXT_DTYPES:
         return f"the compiled kernels do not support device type '{device.type}'"
     if device.type == "cuda" and not _ext.build_info().get("cuda", False):

@@ -25,14 +25,18 @@ def max_err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
-def check_rule(name, fast, naive, ref, dtype):
+def check_rule(name, fast, naive, ref, dtype, scale=None):
     """fast's error vs ref must be <= 2x naive's error (same dtype) + 1e-6 for float32.
 
-    The 1e-6 floor is taken relative to the reference's scale (max(1, max|ref|)): where the
-    naive computation happens to be exact (e.g. dk is exactly 0 with a single key), a fused
-    kernel's rounding of values of size ~10 is still within float32's resolution."""
+    The 1e-6 floor is taken relative to the size of the quantities involved, max(1, scale),
+    scale defaulting to max|ref|; for gradients, pass the largest of the three reference
+    gradients. Where the naive computation happens to be exact (dq and dk are exactly 0 with a
+    single key), a fused kernel's rounding of intermediates of that size is still within
+    float32's resolution."""
     floor = 1e-6 if dtype == torch.float32 else 1e-12 if dtype == torch.float64 else 0.0
-    slack = floor * max(1.0, ref.abs().max().item())
+    if scale is None:
+        scale = ref.abs().max().item()
+    slack = floor * max(1.0, scale)
     e_fast, e_naive = max_err(fast, ref), max_err(naive, ref)
     assert e_fast <= 2 * e_naive + slack, (
         f"{name}: error {e_fast:.3e} > 2 x naive error {e_naive:.3e} + {slack}")
@@ -56,3 +60,8 @@ def rand_qkv(B, Hq, Hkv, Tq, Tk, D, dtype=torch.float32, layout="contiguous", se
         return t.detach().requires_grad_(requires_grad)
 
     return make(Hq, Tq), make(Hkv, Tk), make(Hkv, Tk)
+
+
+def grad_scale(grads):
+    """The largest magnitude among reference gradients, for check_rule's floor."""
+    return max(g.abs().max().item() for g in grads)
