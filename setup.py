@@ -23,19 +23,20 @@ except ImportError:  # metadata-only steps (e.g. building an sdist) need no comp
 if torch is not None and glob.glob("csrc/*.cpp"):
     debug = os.environ.get("MINIGPT_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-fopenmp", "-std=c++17"]
+    cxx = opt + ["-fopenmp"]  # the C++ standard is the one torch's build helpers choose
     with_cuda = (os.environ.get("MINIGPT_CUDA", "1") != "0" and torch.version.cuda is not None
                  and CUDA_HOME is not None and glob.glob("csrc/cuda/*.cu"))
     sources = sorted(glob.glob("csrc/*.cpp"))
     include_dirs = [os.path.abspath("csrc")]
     if with_cuda:
         archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        defines = ["-DMINIGPT_WITH_CUDA", f'-DMINIGPT_CUDA_ARCHS="{archs}"']
+        token = "_".join(archs.replace(";", " ").split())  # "8.0;9.0" -> 8.0_9.0
+        defines = ["-DMINIGPT_WITH_CUDA", f"-DMINIGPT_CUDA_ARCHS={token}"]
         sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
         ext = CUDAExtension(
             "minigpt._C", sources, include_dirs=include_dirs, extra_link_args=["-fopenmp"],
             extra_compile_args={"cxx": cxx + defines,
-                                "nvcc": opt + ["-std=c++17", "--use_fast_math",
+                                "nvcc": opt + ["--use_fast_math",
                                                "--expt-relaxed-constexpr"] + defines})
     else:
         ext = CppExtension("minigpt._C", sources, include_dirs=include_dirs,

@@ -175,7 +175,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         info["cuda"] = false;
 #endif
 #ifdef MINIGPT_CUDA_ARCHS
-        info["cuda_archs"] = std::string(MINIGPT_CUDA_ARCHS);
+        // Passed as a bare token (e.g. 8.0_9.0) so no quotes have to survive the build's shell.
+#define MINIGPT_STRINGIFY_(x) #x
+#define MINIGPT_STRINGIFY(x) MINIGPT_STRINGIFY_(x)
+        info["cuda_archs"] = std::string(MINIGPT_STRINGIFY(MINIGPT_CUDA_ARCHS));
 #else
         info["cuda_archs"] = std::string("");
 #endif

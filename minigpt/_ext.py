@@ -31,9 +31,9 @@ _ROOT = Path(__file__).resolve().parent.parent
 CSRC = _ROOT / "csrc"
 
 # Flags shared with setup.py: at::parallel_for needs OpenMP to run on more than one thread.
-CXX_FLAGS = ["-O3", "-fopenmp", "-std=c++17"]
+CXX_FLAGS = ["-O3", "-fopenmp"]
 LD_FLAGS = ["-fopenmp"]
-NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr"]
+NVCC_FLAGS = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr"]
 
 _lock = threading.Lock()
 _on_load: list = []
