@@ -274,9 +274,10 @@ int64_t first_query_tile(const AttentionParams& p, int64_t j0) {
 // ---------------------------------------------------------------------------------------------
 // Forward (Alg. 1) for units [u0, u1), unit = (b * Hq + h) * query_tiles + i. kD > 0 fixes the
 // head dim at compile time so the loops over it have constant trip counts; kD == 0 reads p.D.
-// The scores are computed transposed, S^T = K_j (scale Q_i)^T (keys x queries), so the online
+// The scores are computed transposed, S^T = K_j Q_i^T (keys x queries), so the online
 // softmax runs down columns and every query row's max and sum live in one vector lane: no
-// horizontal reductions. O~ += P V_j then reads P^T through the transposed A layout.
+// horizontal reductions. The scale is applied exactly as the backward applies it when it
+// rebuilds P from lse (s * scale - lse), so that both passes round the scores alike. O~ += P V_j then reads P^T through the transposed A layout.
 template <typename T, typename LseT, int kD>
 MINIGPT_INLINE void forward_units(const AttentionParams& p, T* out, const Strides4& os, LseT* lse,
                                   int64_t u0, int64_t u1) {
@@ -291,7 +292,7 @@ MINIGPT_INLINE void forward_units(const AttentionParams& p, T* out, const Stride
   const T* v = static_cast<const T*>(p.v);
 
   std::vector<T> scratch(D * kBlockQ + kBlockK * kBlockQ + kBlockQ * D + 3 * kBlockQ);
-  T* qt = scratch.data();           // (D, kBlockQ): scale * Q_i^T, zero-padded columns
+  T* qt = scratch.data();           // (D, kBlockQ): Q_i^T, zero-padded columns
   T* st = qt + D * kBlockQ;         // (kBlockK, kBlockQ): S^T, then P~^T in place
   T* acc = st + kBlockK * kBlockQ;  // (kBlockQ, D): O~
   T* row_max = acc + kBlockQ * D;
@@ -310,7 +311,7 @@ MINIGPT_INLINE void forward_units(const AttentionParams& p, T* out, const Stride
     const T* vh = v + b * p.v_stride.b + (h / G) * p.v_stride.h;
 
     for (int64_t d = 0; d < D; ++d) {
-      for (int64_t r = 0; r < nr; ++r) qt[d * kBlockQ + r] = scale * qi[r * p.q_stride.t + d];
+      for (int64_t r = 0; r < nr; ++r) qt[d * kBlockQ + r] = qi[r * p.q_stride.t + d];
       for (int64_t r = nr; r < nr_pad; ++r) qt[d * kBlockQ + r] = T(0);
     }
     std::fill(row_max, row_max + nr_pad, neg_inf);
@@ -334,14 +335,15 @@ MINIGPT_INLINE void forward_units(const AttentionParams& p, T* out, const Stride
       for (int64_t c = 0; c < nr_pad; c += W) {
         const Vec<T> m_old = vload(row_max + c);
         Vec<T> m_new = m_old;
-        for (int64_t kk = 0; kk < nk; ++kk) m_new = vmax(m_new, vload(st + kk * kBlockQ + c));
+        for (int64_t kk = 0; kk < nk; ++kk)
+          m_new = vmax(m_new, vload(st + kk * kBlockQ + c) * scale);
         // A row that has seen only masked keys keeps m = -inf; subtracting 0 instead of -inf
         // keeps its probabilities at exp(-inf) = 0 rather than NaN.
         const Vec<T> m_safe = m_new == neg_inf ? Vec<T>{} : m_new;
         const Vec<T> alpha = vexp(m_old - m_safe);
         Vec<T> sum{};
         for (int64_t kk = 0; kk < nk; ++kk) {
-          const Vec<T> pk = vexp(vload(st + kk * kBlockQ + c) - m_safe);
+          const Vec<T> pk = vexp(vload(st + kk * kBlockQ + c) * scale - m_safe);
           vstore(st + kk * kBlockQ + c, pk);
           sum += pk;
         }
@@ -592,10 +594,9 @@ void run_backward(const AttentionParams& p) {
       const int64_t t = row % p.Tq, h = (row / p.Tq) % p.Hq, b = row / (p.Tq * p.Hq);
       const T* o = out + b * p.out_stride.b + h * p.out_stride.h + t * p.out_stride.t;
       const T* g = dout + b * p.dout_stride.b + h * p.dout_stride.h + t * p.dout_stride.t;
-      // Summed in double: dP - delta cancels, so delta's rounding error lands in every dS.
-      double sum = 0;
-      for (int64_t d = 0; d < D; ++d) sum += static_cast<double>(o[d]) * g[d];
-      delta[row] = static_cast<T>(sum);
+      T sum = 0;
+      for (int64_t d = 0; d < D; ++d) sum += o[d] * g[d];
+      delta[row] = sum;
     }
   });
 
