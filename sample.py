@@ -114,6 +114,7 @@ def main(argv=None) -> int:
                                generator=generator, use_cache=args.use_cache)
             sys.stdout.write(tokenizer.decode(y[0].tolist()) + "\n")
         if args.attention_map is not None:
+            sys.stdout.flush()  # the text first, then draw_map's note on stderr
             draw_map(args, model, tokenizer, y[0].tolist(), len(ids), i)
         if i < args.num_samples - 1:
             sys.stdout.write("---------------\n")

@@ -215,8 +215,10 @@ def main(argv=None) -> int:
     result = head_importance(model, batches, base_mask)
     print(f"base {args.split} loss: {result['base_loss']:.4f}"
           + (" (all heads on)" if not pre else f" (with {', '.join(pre)} masked)"))
-    print(f"\nloss increase when one more head is masked ({args.split} loss with it masked - "
-          f"base), nats/token:")
+    which = ("each head is masked alone" if not pre
+             else f"one more head is masked (besides {', '.join(pre)})")
+    print(f"\nloss increase when {which}\n({args.split} loss with it masked - base loss, "
+          f"nats/token):")
     print(format_grid(result["increase"], result["masked"]))
     print()
     print(format_table(result))

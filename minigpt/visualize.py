@@ -146,9 +146,10 @@ def plot_attention(maps, labels: Sequence[str], path, *, layer: int, heads: Sequ
     # Masked (future) cells are transparent and show the hatched grey background.
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad=(0, 0, 0, 0))
     future = np.triu(np.ones((T, T), dtype=bool), k=1)
-    fontsize = 8 if T > 24 else 10
     # Single characters read best upright; longer (BPE) labels need the room of a vertical line.
-    x_rotation = 0 if max(len(s) for s in labels) <= 1 else 90
+    single = max(len(s) for s in labels) <= 1
+    x_rotation = 0 if single else 90
+    fontsize = 10 if T <= 24 else 9 if single else 8
     ticks = np.arange(T)
     label_colors = [_PROMPT_COLOR if i < n_prompt else _GENERATED_COLOR for i in range(T)]
     image = None
