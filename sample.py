@@ -54,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     viz.add_argument("--layer", type=int, default=-1,
                      help="layer to draw; negative counts from the end")
     viz.add_argument("--head", type=int, nargs="+", default=None,
-                     help="heads to draw, e.g. --head 0 2 (default: all)")
+                     help="heads to draw, e.g. --head 0 2; None = all heads")
     viz.add_argument("--max-tokens", type=int, default=None,
-                     help="draw the last N tokens (default 64 for char, 48 for gpt2 tokens)")
+                     help="draw the last N tokens; None = 64 for char, 48 for gpt2 tokens")
     return p
 
 

@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="out/ckpt.pt",
                    help="checkpoint file, or a directory holding ckpt.pt")
     p.add_argument("--data", default=None,
-                   help="UTF-8 text file to evaluate on (default: the checkpoint's training "
-                        "data); tokenized with the checkpoint's tokenizer kind")
+                   help="UTF-8 text file to evaluate on, tokenized with the checkpoint's "
+                        "tokenizer; None = the checkpoint's training data")
     p.add_argument("--split", choices=("val", "train"), default="val")
     p.add_argument("--batches", type=int, default=20, help="fixed batches to evaluate on")
     p.add_argument("--batch-size", type=int, default=12, help="sequences per batch")
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", action="append", default=[], metavar="L:H",
                    help="mask this head (layer:head) in every measurement; repeatable")
     p.add_argument("--out", default=None,
-                   help="heatmap PNG (default: heads.png beside the checkpoint)")
+                   help="heatmap image; None = heads.png beside the checkpoint")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     p.add_argument("--device", default="auto")
     return p
