@@ -9,12 +9,20 @@ Public API:
 
 from .attention import BACKENDS, attention, attention_backends
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .data import DataError, load_corpus
 from .model import GPT, GPTConfig, KVCache
 from .sampling import TextStream, sample_next
 from .tokenizer import CharTokenizer, GPT2Tokenizer
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # minigpt.data is imported on first use, so that `python -m minigpt.data` runs it fresh.
+    if name in ("load_corpus", "DataError"):
+        from . import data
+
+        return getattr(data, name)
+    raise AttributeError(f"module 'minigpt' has no attribute {name!r}")
 
 __all__ = [
     "attention", "attention_backends", "BACKENDS",

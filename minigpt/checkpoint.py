@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -23,16 +24,18 @@ class CheckpointError(Exception):
 REQUIRED_KEYS = ("model", "model_config", "tokenizer")
 
 
-def save_checkpoint(state: dict, path) -> None:
-    """Atomically write state to path (see the module docstring)."""
+def atomic_write(path, write: Callable[[BinaryIO], None]) -> None:
+    """Call write(fh) on a temporary file beside path, fsync it, rename it over path and fsync
+    the directory: readers (and a crash at any moment) see the old file or the new one, never a
+    partial one. Temporary files left by a writer that was killed are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-write
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -44,6 +47,11 @@ def save_checkpoint(state: dict, path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def save_checkpoint(state: dict, path) -> None:
+    """Atomically write state to path with torch.save (see atomic_write)."""
+    atomic_write(path, lambda fh: torch.save(state, fh))
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:

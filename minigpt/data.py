@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ import numpy as np
 import torch
 
 from ._ext import cache_dir
+from .checkpoint import atomic_write
 from .tokenizer import CharTokenizer, GPT2Tokenizer
 
 SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
@@ -47,18 +46,8 @@ def _sha256(data: bytes) -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write data to path via a temporary file and a rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write data to path atomically: readers never see a partial file."""
+    atomic_write(path, lambda fh: fh.write(data))
 
 
 def shakespeare_path() -> Path:
