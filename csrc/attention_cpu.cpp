@@ -99,9 +99,11 @@ template <typename T>
 MINIGPT_INLINE void vstore(T* p, Vec<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
+// Broadcast. x - 0 is x for every x, so the compiler emits a bare broadcast; x + 0 would not do,
+// since it turns -0.0 into +0.0 and must be kept as an addition.
 template <typename T>
 MINIGPT_INLINE Vec<T> vset(T x) {
-  return Vec<T>{} + x;
+  return x - Vec<T>{};
 }
 template <typename V>
 MINIGPT_INLINE V vmax(V a, V b) {
@@ -174,8 +176,8 @@ MINIGPT_INLINE void micro_kernel(int64_t K, const T* a, int64_t lda, const T* b,
     Vec<T> bv[NV];
     for (int n = 0; n < NV; ++n) bv[n] = vload(b + k * ldb + n * W);
     for (int m = 0; m < Rows; ++m) {
-      const Vec<T> av = vset(*a_elem<L>(a, lda, m, k));
-      for (int n = 0; n < NV; ++n) acc[m][n] += av * bv[n];
+      const T am = *a_elem<L>(a, lda, m, k);  // vector * scalar compiles to one broadcast
+      for (int n = 0; n < NV; ++n) acc[m][n] += bv[n] * am;
     }
   }
   // C is added after the tile's own sum rather than used as its starting value: long sums (dV
