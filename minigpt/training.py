@@ -401,10 +401,13 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
             f"{wall:.1f} s, checkpoint {ckpt_path}")
         try:
             from .visualize import plot_metrics_file
+
+            curves = plot_metrics_file(out_dir, train_config=asdict(cfg))
         except ImportError as e:  # matplotlib is optional at run time
             log(f"minigpt: no loss-curve plot (matplotlib is not available: {e})")
+        except (OSError, ValueError) as e:  # a plot never fails a finished run
+            log(f"minigpt: no loss-curve plot ({e})")
         else:
-            curves = plot_metrics_file(out_dir, train_config=asdict(cfg))
             log(f"minigpt: loss curves in {curves}")
     return result
 

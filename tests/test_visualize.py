@@ -256,6 +256,17 @@ def test_training_writes_the_curves(tiny_run):
     assert len(image_shape(tiny_run / "curves.png")) == 3
 
 
+def test_training_without_matplotlib_says_so(tmp_path, monkeypatch):
+    text = tmp_path / "corpus.txt"
+    text.write_text("abc def ghi\n" * 200, encoding="utf-8")
+    monkeypatch.setitem(sys.modules, "minigpt.visualize", None)  # import fails
+    msgs = []
+    train(TrainConfig(data=str(text), out_dir=str(tmp_path / "out"), n_layer=1, n_head=2,
+                      n_embd=16, block_size=8, batch_size=2, max_iters=2, eval_interval=2,
+                      eval_iters=1, progress=False, attn_backend="sdpa"), log=msgs.append)
+    assert "no loss-curve plot" in msgs[-1] and not (tmp_path / "out" / "curves.png").exists()
+
+
 def test_heads_cli_table_png_and_mask(tiny_run, tmp_path, capsys):
     common = ["--checkpoint", str(tiny_run), "--batches", "2", "--batch-size", "4"]
     assert heads.main(common + ["--out", str(tmp_path / "a.png"),
