@@ -33,7 +33,8 @@
 // micro-kernel (kRowBlock rows x 2 vectors of columns held in registers across the inner loop),
 // and exp. They are written with GCC/Clang vector extensions rather than intrinsics so that the
 // same source compiles twice: inside functions marked target("avx2,fma") (selected at run time
-// with __builtin_cpu_supports) it becomes 256-bit AVX2 code with fused multiply-adds, elsewhere
+// with __builtin_cpu_supports) it becomes 256-bit AVX2 code with fused multiply-adds (GCC and
+// Clang contract a * b + c by default), elsewhere
 // it becomes baseline SSE2 code that runs on any x86-64 (or NEON on ARM). Intrinsics could not be
 // shared like that: GCC refuses to inline an AVX2 intrinsic into a function compiled without
 // AVX2, and templates do not inherit a caller's target attribute. Everything below the two
@@ -588,17 +589,18 @@ void run_backward(const AttentionParams& p) {
     lse = lse_own.data();
   }
 
-  // delta_i = rowsum(dO_i * O_i), the softmax-Jacobian term of dS (Alg. 2, line 19 of the paper's
-  // listing computes it per tile; once per row up front is the same and cheaper).
+  // delta_i = rowsum(dO_i * O_i), the softmax-Jacobian term of dS. Alg. 2 computes it before its
+  // main loop too: it depends on the row only, not on the key tile.
   std::vector<T> delta(rows);
   at::parallel_for(0, rows, 256, [&](int64_t r_begin, int64_t r_end) {
     for (int64_t row = r_begin; row < r_end; ++row) {
       const int64_t t = row % p.Tq, h = (row / p.Tq) % p.Hq, b = row / (p.Tq * p.Hq);
       const T* o = out + b * p.out_stride.b + h * p.out_stride.h + t * p.out_stride.t;
       const T* g = dout + b * p.dout_stride.b + h * p.dout_stride.h + t * p.dout_stride.t;
-      T sum = 0;
-      for (int64_t d = 0; d < D; ++d) sum += o[d] * g[d];
-      delta[row] = sum;
+      // Summed in double: dP - delta cancels, so delta's rounding error lands in every dS.
+      double sum = 0;
+      for (int64_t d = 0; d < D; ++d) sum += static_cast<double>(o[d]) * g[d];
+      delta[row] = static_cast<T>(sum);
     }
   });
 

@@ -29,6 +29,8 @@ from .tokenizer import from_state
 
 @dataclass
 class TrainConfig:
+    """Every setting of a training run; the defaults are the preset "shakespeare_char"."""
+
     # data
     data: Optional[str] = None        # UTF-8 text file; None = tiny Shakespeare (downloaded)
     tokenizer: str = "char"           # "char" or "gpt2"
@@ -44,11 +46,11 @@ class TrainConfig:
     rope_theta: float = 10000.0
     attn_backend: Optional[str] = None
     # optimisation
-    batch_size: int = 12              # sequences per micro-step (per process)
+    batch_size: int = 32              # sequences per micro-step (per process)
     grad_accum: int = 1               # micro-steps per optimizer step
-    max_iters: int = 2000             # optimizer steps
-    learning_rate: float = 1e-3       # peak learning rate
-    min_lr: float = 1e-4              # floor of the cosine decay
+    max_iters: int = 1800             # optimizer steps
+    learning_rate: float = 2e-3       # peak learning rate
+    min_lr: float = 2e-4              # floor of the cosine decay
     warmup_iters: int = 100           # linear warmup steps
     lr_decay_iters: Optional[int] = None  # length of the cosine; None = max_iters
     weight_decay: float = 0.1
@@ -56,7 +58,7 @@ class TrainConfig:
     beta2: float = 0.99
     grad_clip: float = 1.0            # max global grad norm; 0 disables
     # evaluation and logging
-    eval_interval: int = 250          # steps between evaluations (and checkpoints)
+    eval_interval: int = 300          # steps between evaluations (and checkpoints)
     eval_iters: int = 20              # fixed batches per split per evaluation
     log_interval: int = 10            # steps between progress-bar/log updates
     # system
