@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from minigpt.checkpoint import CheckpointError, load_checkpoint
-from minigpt.model import GPT, GPTConfig
+from minigpt.model import GPT
 from minigpt.sampling import TextStream, check_sampling_args
 from minigpt.tokenizer import from_state
 from minigpt.training import pick_device
@@ -72,11 +72,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         parser.error(f"argument --{str(e).split()[0].replace('_', '-')}: {e}")
 
-    path = Path(args.checkpoint)
-    if path.is_dir():
-        path = path / "ckpt.pt"
     try:
-        state = load_checkpoint(path)
+        state = load_checkpoint(args.checkpoint)
         tokenizer = from_state(state["tokenizer"])
         prompt = (args.prompt_file.read_text(encoding="utf-8") if args.prompt_file
                   else args.prompt)
@@ -87,12 +84,10 @@ def main(argv=None) -> int:
     if not ids:
         parser.error("argument --prompt: the prompt must encode to at least one token")
 
-    model_cfg = GPTConfig.from_dict(state["model_config"])
+    model = GPT.from_checkpoint(state)
     if args.attention_map is not None:
-        check_attention_args(parser, args, model_cfg)
+        check_attention_args(parser, args, model.config)
     device = pick_device(args.device)
-    model = GPT(model_cfg)
-    model.load_state_dict(state["model"])
     model.to(device).eval()
     generator = torch.Generator(device=device).manual_seed(args.seed)
     x = torch.tensor([ids], dtype=torch.long, device=device)

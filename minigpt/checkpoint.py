@@ -54,20 +54,25 @@ def save_checkpoint(state: dict, path) -> None:
     atomic_write(path, lambda fh: torch.save(state, fh))
 
 
+def checkpoint_file(path) -> Path:
+    """path itself, or path/ckpt.pt when path is a directory holding one."""
+    path = Path(path)
+    return path / "ckpt.pt" if path.is_dir() and (path / "ckpt.pt").is_file() else path
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """Read a checkpoint written by save_checkpoint.
+    """Read a checkpoint written by save_checkpoint; path may be a directory holding ckpt.pt.
 
     Raises:
         CheckpointError: with a one-line message naming the file, if it does not exist, is a
             directory, cannot be unpickled safely (truncated, corrupted, foreign), or lacks the
             keys of a minigpt checkpoint.
     """
-    path = Path(path)
+    path = checkpoint_file(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path}: no such file")
     if path.is_dir():
-        raise CheckpointError(f"checkpoint {path}: is a directory, expected a file "
-                              f"(e.g. {path / 'ckpt.pt'})")
+        raise CheckpointError(f"checkpoint {path}: is a directory without a ckpt.pt")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:

@@ -26,9 +26,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, checkpoint_file, load_checkpoint
 from .data import BatchSampler, DataError, load_corpus
-from .model import GPT, GPTConfig
+from .model import GPT
 from .tokenizer import from_state
 from .training import pick_device
 
@@ -154,9 +154,7 @@ def main(argv=None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"argument --{name.replace('_', '-')}: must be >= 1, got "
                          f"{getattr(args, name)}")
-    path = Path(args.checkpoint)
-    if path.is_dir():
-        path = path / "ckpt.pt"
+    path = checkpoint_file(args.checkpoint)
     try:
         state = load_checkpoint(path)
         tokenizer = from_state(state["tokenizer"])
@@ -169,7 +167,8 @@ def main(argv=None) -> int:
     except (CheckpointError, DataError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model_cfg = GPTConfig.from_dict(state["model_config"])
+    model = GPT.from_checkpoint(state)
+    model_cfg = model.config
     try:
         base_mask = parse_mask(args.mask, model_cfg.n_layer, model_cfg.n_head)
     except ValueError as e:
@@ -185,8 +184,6 @@ def main(argv=None) -> int:
         if problem:
             parser.error(f"argument --out: {problem}")
     device = pick_device(args.device)
-    model = GPT(model_cfg)
-    model.load_state_dict(state["model"])
     model.to(device).eval()
 
     tokens = corpus.split(args.split)

@@ -234,6 +234,14 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
+    @classmethod
+    def from_checkpoint(cls, state: dict) -> "GPT":
+        """The model of a checkpoint (minigpt.load_checkpoint): built from its "model_config"
+        and loaded with its "model" weights, on the CPU."""
+        model = cls(GPTConfig.from_dict(state["model_config"]))
+        model.load_state_dict(state["model"])
+        return model
+
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
