@@ -34,9 +34,8 @@
 // and exp. They are written with GCC/Clang vector extensions rather than intrinsics so that the
 // same source compiles twice: inside functions marked target("avx2,fma") (selected at run time
 // with __builtin_cpu_supports) it becomes 256-bit AVX2 code with fused multiply-adds (GCC and
-// Clang contract a * b + c by default), elsewhere
-// it becomes baseline SSE2 code that runs on any x86-64 (or NEON on ARM). Intrinsics could not be
-// shared like that: GCC refuses to inline an AVX2 intrinsic into a function compiled without
+// Clang contract a * b + c by default); elsewhere it becomes baseline SSE2 code that runs on any
+// x86-64 (or NEON on ARM). Intrinsics could not be shared like that: GCC refuses to inline an AVX2 intrinsic into a function compiled without
 // AVX2, and templates do not inherit a caller's target attribute. Everything below the two
 // target-specific entry points is therefore force-inlined.
 #include "attention.h"
