@@ -44,6 +44,7 @@ _EXT_DTYPES = {
     "cpu": (torch.float32, torch.float64),
     "cuda": (torch.bfloat16, torch.float16, torch.float32),
 }
+_EXT_CUDA_HEAD_DIMS = (32, 64, 96, 128)  # template instances of the CUDA kernels
 
 
 def _describe(name: str, t: torch.Tensor) -> str:
@@ -190,8 +191,9 @@ _ext.on_load(_register_ext_ops)
 _ext.module(jit=False)  # a built minigpt._C defines torch.ops.minigpt.* as soon as minigpt is imported
 
 
-def _ext_unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    """None if the compiled kernels can run on this device and dtype, else why not."""
+def _ext_unavailable_reason(device: torch.device, dtype: torch.dtype,
+                            head_dim: Optional[int] = None) -> Optional[str]:
+    """None if the compiled kernels can run on this device, dtype (and head dim), else why not."""
     why = _ext.unavailable_reason()
     if why is not None:
         return why
@@ -202,13 +204,16 @@ def _ext_unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optiona
     if dtype not in _EXT_DTYPES[device.type]:
         names = ", ".join(str(d).replace("torch.", "") for d in _EXT_DTYPES[device.type])
         return f"the compiled kernels on {device.type} support {names}, not {dtype}"
+    if device.type == "cuda" and head_dim is not None and head_dim not in _EXT_CUDA_HEAD_DIMS:
+        return (f"the CUDA kernels support head dims {_EXT_CUDA_HEAD_DIMS}, not {head_dim}")
     return None
 
 
 _warned_fallback = False
 
 
-def _resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
+def _resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype,
+                     head_dim: Optional[int] = None) -> str:
     global _warned_fallback
     requested = backend if backend is not None else os.environ.get(_ENV_BACKEND) or None
     if requested is not None and requested not in BACKENDS:
@@ -216,14 +221,14 @@ def _resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.
         raise ValueError(f"attention: {source} must be one of {BACKENDS} or None, "
                          f"got {requested!r}")
     if requested == "ext":
-        why = _ext_unavailable_reason(device, dtype)
+        why = _ext_unavailable_reason(device, dtype, head_dim)
         if why is not None:
-            raise RuntimeError(f"attention: backend 'ext' is not available: {why}. "
-                               f"{_ext.BUILD_HINT}")
+            hint = f" {_ext.BUILD_HINT}" if _ext.unavailable_reason() is not None else ""
+            raise RuntimeError(f"attention: backend 'ext' is not available: {why}.{hint}")
         return "ext"
     if requested is not None:
         return requested
-    why = _ext_unavailable_reason(device, dtype)
+    why = _ext_unavailable_reason(device, dtype, head_dim)
     if why is None:
         return "ext"
     if _ext.unavailable_reason() is not None and not _warned_fallback:
@@ -268,7 +273,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     scale = float(scale)
-    name = _resolve_backend(backend, q.device, q.dtype)
+    name = _resolve_backend(backend, q.device, q.dtype, q.shape[-1])
     if name == "ext":
         return _ext_attention(q, k, v, causal, scale)
     if name == "sdpa":
