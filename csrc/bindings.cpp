@@ -12,48 +12,13 @@
 #include <string>
 
 #include "attention.h"
+#include "attention_checks.h"
 
 namespace minigpt {
 namespace {
 
-// Shape check in the style of FlashAttention's CHECK_SHAPE: names the argument, the expected
-// sizes and the actual ones.
-#define MINIGPT_CHECK_SHAPE(op, x, ...)                                                    \
-  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), op, ": " #x " must have shape ", \
-              at::IntArrayRef({__VA_ARGS__}), ", got ", (x).sizes())
-
-// Every (B, H, T, D) tensor argument: 4-d, CPU, float32/float64 like q, unit stride in D.
-void check_bhtd(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
-  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-d (B, H, T, D), got shape ", t.sizes());
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU for this kernel, got ",
-              t.device(), " with shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
-              " must be float32 or float64 on CPU, got ", t.scalar_type(), " with shape ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-              " but q has ", q.scalar_type(), " (shape ", t.sizes(), ")");
-  TORCH_CHECK(t.stride(3) == 1 || t.size(3) <= 1, op, ": ", name,
-              " must have a contiguous last dimension, got shape ", t.sizes(), " and strides ",
-              t.strides());
-}
-
-// The checks on q, k, v shared by both ops.
-void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-               bool causal) {
-  check_bhtd(op, "q", q, q);
-  check_bhtd(op, "k", k, q);
-  check_bhtd(op, "v", v, q);
-  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got k ", k.sizes(),
-              " and v ", v.sizes());
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), op,
-              ": k must match q in batch and head dim, got q ", q.sizes(), " and k ", k.sizes());
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op,
-              ": q's heads must be a multiple of k's heads (grouped-query attention), got q ",
-              q.sizes(), " and k ", k.sizes());
-  TORCH_CHECK(!causal || q.size(2) <= k.size(2), op,
-              ": causal attention needs Tq <= Tk (queries aligned to the last keys), got q ",
-              q.sizes(), " and k ", k.sizes());
-}
+const Accepts kCpu{c10::DeviceType::CPU, "float32 or float64",
+                  [](at::ScalarType t) { return t == at::kFloat || t == at::kDouble; }};
 
 Strides4 strides_of(const at::Tensor& t) { return Strides4{t.stride(0), t.stride(1), t.stride(2)}; }
 
@@ -83,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
                                                      const at::Tensor& v, bool causal,
                                                      double scale) {
   const char* op = "minigpt::attention_forward";
-  check_qkv(op, q, k, v, causal);
+  check_qkv(op, q, k, v, causal, kCpu);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   AttentionParams p = make_params(q, k, v, causal, scale);
@@ -98,15 +63,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, bool causal, double scale) {
   const char* op = "minigpt::attention_backward";
-  check_qkv(op, q, k, v, causal);
-  check_bhtd(op, "dout", dout, q);
-  check_bhtd(op, "out", out, q);
-  MINIGPT_CHECK_SHAPE(op, dout, q.size(0), q.size(1), q.size(2), q.size(3));
-  MINIGPT_CHECK_SHAPE(op, out, q.size(0), q.size(1), q.size(2), q.size(3));
-  MINIGPT_CHECK_SHAPE(op, lse, q.size(0), q.size(1), q.size(2));
-  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.is_contiguous(), op,
-              ": lse must be a contiguous float32 CPU tensor, got ", lse.scalar_type(), " on ",
-              lse.device(), " with shape ", lse.sizes(), " and strides ", lse.strides());
+  check_qkv(op, q, k, v, causal, kCpu);
+  check_backward_inputs(op, dout, out, lse, q, kCpu);
 
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
@@ -114,7 +72,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   AttentionParams p = make_params(q, k, v, causal, scale);
   p.out = const_cast<void*>(out.data_ptr());
   p.out_stride = strides_of(out);
-  p.lse = const_cast<float*>(lse.data_ptr<float>());
+  const at::Tensor lse_c = lse.contiguous();
+  p.lse = const_cast<float*>(lse_c.data_ptr<float>());
   p.dout = dout.data_ptr();
   p.dout_stride = strides_of(dout);
   p.dq = dq.data_ptr();

@@ -12,44 +12,21 @@
 #include <tuple>
 
 #include "../attention.h"
+#include "../attention_checks.h"
 
 namespace minigpt {
 namespace {
 
 bool supported_head_dim(int64_t d) { return d == 32 || d == 64 || d == 96 || d == 128; }
 
-// Every (B, H, T, D) argument: 4-d, CUDA, bf16/fp16/fp32 like q, on q's device, unit D stride.
-void check_bhtd(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
-  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-d (B, H, T, D), got shape ", t.sizes());
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor for this kernel, got device ",
-              t.device(), " with shape ", t.sizes());
-  const at::ScalarType st = t.scalar_type();
-  TORCH_CHECK(st == at::kBFloat16 || st == at::kHalf || st == at::kFloat, op, ": ", name,
-              " must be bfloat16, float16 or float32 on CUDA, got ", st, " with shape ", t.sizes());
-  TORCH_CHECK(st == q.scalar_type(), op, ": ", name, " has dtype ", st, " but q has ",
-              q.scalar_type(), " (shape ", t.sizes(), ")");
-  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " is on ", t.device(), " but q is on ",
-              q.device(), " (shape ", t.sizes(), ")");
-  TORCH_CHECK(t.stride(3) == 1, op, ": ", name,
-              " must have a contiguous last dimension, got shape ", t.sizes(), " and strides ",
-              t.strides());
-}
+const Accepts kCuda{c10::DeviceType::CUDA, "bfloat16, float16 or float32",
+                   [](at::ScalarType t) {
+                     return t == at::kBFloat16 || t == at::kHalf || t == at::kFloat;
+                   }};
 
-void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-               bool causal) {
-  check_bhtd(op, "q", q, q);
-  check_bhtd(op, "k", k, q);
-  check_bhtd(op, "v", v, q);
-  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got k ", k.sizes(),
-              " and v ", v.sizes());
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), op,
-              ": k must match q in batch and head dim, got q ", q.sizes(), " and k ", k.sizes());
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op,
-              ": q's heads must be a multiple of k's heads (grouped-query attention), got q ",
-              q.sizes(), " and k ", k.sizes());
-  TORCH_CHECK(!causal || q.size(2) <= k.size(2), op,
-              ": causal attention needs Tq <= Tk (queries aligned to the last keys), got q ",
-              q.sizes(), " and k ", k.sizes());
+void check_qkv_cuda(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    bool causal) {
+  check_qkv(op, q, k, v, causal, kCuda);
   TORCH_CHECK(supported_head_dim(q.size(3)), op,
               ": the CUDA kernels support head dims 32, 64, 96 and 128, got q ", q.sizes());
 }
@@ -112,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda_op(const at::Tensor& q
                                                              const at::Tensor& v_in, bool causal,
                                                              double scale) {
   const char* op = "minigpt::attention_forward";
-  check_qkv(op, q_in, k_in, v_in, causal);
+  check_qkv_cuda(op, q_in, k_in, v_in, causal);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = rows_16b_aligned(q_in);
   const at::Tensor k = rows_16b_aligned(k_in);
@@ -134,27 +111,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda_op(
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in, bool causal,
     double scale) {
   const char* op = "minigpt::attention_backward";
-  check_qkv(op, q_in, k_in, v_in, causal);
+  check_qkv_cuda(op, q_in, k_in, v_in, causal);
   TORCH_CHECK(dout_in.dim() == 4, op, ": dout must be 4-d (B, H, T, D), got shape ",
               dout_in.sizes());
   // Gradients handed over by autograd can be expanded (stride 0) or otherwise odd; one copy here
   // is cheaper than a kernel path for them.
   const at::Tensor dout_c = dout_in.stride(3) == 1 ? dout_in : dout_in.contiguous();
-  check_bhtd(op, "dout", dout_c, q_in);
-  check_bhtd(op, "out", out_in, q_in);
-  TORCH_CHECK(dout_c.sizes() == q_in.sizes(), op, ": dout must have q's shape ", q_in.sizes(),
-              ", got ", dout_c.sizes());
-  TORCH_CHECK(out_in.sizes() == q_in.sizes(), op, ": out must have q's shape ", q_in.sizes(),
-              ", got ", out_in.sizes());
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == q_in.size(0) &&
-                  lse_in.size(1) == q_in.size(1) && lse_in.size(2) == q_in.size(2),
-              op, ": lse must have shape (B, Hq, Tq) = ",
-              at::IntArrayRef({q_in.size(0), q_in.size(1), q_in.size(2)}), ", got ",
-              lse_in.sizes());
-  TORCH_CHECK(lse_in.is_cuda() && lse_in.device() == q_in.device() &&
-                  lse_in.scalar_type() == at::kFloat,
-              op, ": lse must be a float32 CUDA tensor on q's device, got ", lse_in.scalar_type(),
-              " on ", lse_in.device(), " with shape ", lse_in.sizes());
+  check_backward_inputs(op, dout_c, out_in, lse_in, q_in, kCuda);
 
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = rows_16b_aligned(q_in);

@@ -1,0 +1,75 @@
+// Argument checks shared by the CPU registration (bindings.cpp) and the CUDA one
+// (cuda/attention_cuda.cpp): validated once, at the boundary, with messages that name the
+// argument and its shape (STYLE.md #6, FlashAttention's CHECK_SHAPE / CHECK_DEVICE).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace minigpt {
+
+// What one device's kernels accept.
+struct Accepts {
+  c10::DeviceType device;
+  const char* dtype_names;               // for messages, e.g. "float32 or float64"
+  bool (*dtype_ok)(at::ScalarType dtype);
+};
+
+// A (B, H, T, D) argument: 4-d, on the kernels' device type and q's device, an accepted dtype
+// equal to q's, and a unit stride in D.
+inline void check_bhtd(const char* op, const char* name, const at::Tensor& t,
+                       const at::Tensor& q, const Accepts& accepts) {
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-d (B, H, T, D), got shape ", t.sizes());
+  TORCH_CHECK(t.device().type() == accepts.device, op, ": ", name, " must be on ",
+              c10::DeviceTypeName(accepts.device, /*lower_case=*/true),
+              " for this kernel, got ", t.device(), " with shape ", t.sizes());
+  TORCH_CHECK(accepts.dtype_ok(t.scalar_type()), op, ": ", name, " must be ",
+              accepts.dtype_names, " on ", c10::DeviceTypeName(accepts.device, true), ", got ",
+              t.scalar_type(), " with shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " has dtype ",
+              t.scalar_type(), " but q has ", q.scalar_type(), " (shape ", t.sizes(), ")");
+  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " is on ", t.device(), " but q is on ",
+              q.device(), " (shape ", t.sizes(), ")");
+  TORCH_CHECK(t.stride(3) == 1 || t.size(3) <= 1, op, ": ", name,
+              " must have a contiguous last dimension, got shape ", t.sizes(), " and strides ",
+              t.strides());
+}
+
+// q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D) as DESIGN.md's contract requires.
+inline void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k,
+                      const at::Tensor& v, bool causal, const Accepts& accepts) {
+  check_bhtd(op, "q", q, q, accepts);
+  check_bhtd(op, "k", k, q, accepts);
+  check_bhtd(op, "v", v, q, accepts);
+  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got k ", k.sizes(),
+              " and v ", v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), op,
+              ": k must match q in batch and head dim, got q ", q.sizes(), " and k ", k.sizes());
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op,
+              ": q's heads must be a multiple of k's heads (grouped-query attention), got q ",
+              q.sizes(), " and k ", k.sizes());
+  TORCH_CHECK(!causal || q.size(2) <= k.size(2), op,
+              ": causal attention needs Tq <= Tk (queries aligned to the last keys), got q ",
+              q.sizes(), " and k ", k.sizes());
+}
+
+// The backward's extra inputs: dout and out of q's shape, lse (B, Hq, Tq) float32 (any strides:
+// the callers make it contiguous).
+inline void check_backward_inputs(const char* op, const at::Tensor& dout, const at::Tensor& out,
+                                  const at::Tensor& lse, const at::Tensor& q,
+                                  const Accepts& accepts) {
+  check_bhtd(op, "dout", dout, q, accepts);
+  check_bhtd(op, "out", out, q, accepts);
+  TORCH_CHECK(dout.sizes() == q.sizes(), op, ": dout must have q's shape ", q.sizes(), ", got ",
+              dout.sizes());
+  TORCH_CHECK(out.sizes() == q.sizes(), op, ": out must have q's shape ", q.sizes(), ", got ",
+              out.sizes());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
+                  lse.size(2) == q.size(2),
+              op, ": lse must have shape (B, Hq, Tq) = (", q.size(0), ", ", q.size(1), ", ",
+              q.size(2), "), got ", lse.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.device() == q.device(), op,
+              ": lse must be a float32 tensor on q's device ", q.device(), ", got ",
+              lse.scalar_type(), " on ", lse.device(), " with shape ", lse.sizes());
+}
+
+}  // namespace minigpt
