@@ -12,37 +12,13 @@
 #include <string>
 
 #include "attention.h"
-#include "attention_checks.h"
+#include "attention_host.h"
 
 namespace minigpt {
 namespace {
 
 const Accepts kCpu{c10::DeviceType::CPU, "float32 or float64",
                   [](at::ScalarType t) { return t == at::kFloat || t == at::kDouble; }};
-
-Strides4 strides_of(const at::Tensor& t) { return Strides4{t.stride(0), t.stride(1), t.stride(2)}; }
-
-AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            bool causal, double scale) {
-  AttentionParams p;
-  p.B = q.size(0);
-  p.Hq = q.size(1);
-  p.Tq = q.size(2);
-  p.D = q.size(3);
-  p.Hkv = k.size(1);
-  p.Tk = k.size(2);
-  p.dtype = q.scalar_type() == at::kFloat ? DType::Float32 : DType::Float64;
-  p.scale = static_cast<float>(scale);
-  p.scale_fp64 = scale;
-  p.causal = causal;
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.q_stride = strides_of(q);
-  p.k_stride = strides_of(k);
-  p.v_stride = strides_of(v);
-  return p;
-}
 
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k,
                                                      const at::Tensor& v, bool causal,

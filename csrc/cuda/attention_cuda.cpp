@@ -12,7 +12,7 @@
 #include <tuple>
 
 #include "../attention.h"
-#include "../attention_checks.h"
+#include "../attention_host.h"
 
 namespace minigpt {
 namespace {
@@ -46,37 +46,6 @@ at::Tensor rows_16b_aligned(const at::Tensor& t) {
   // A fresh allocation from the caching allocator is aligned; contiguous() alone may keep an
   // unaligned storage offset.
   return t.clone(at::MemoryFormat::Contiguous);
-}
-
-Strides4 strides_of(const at::Tensor& t) { return Strides4{t.stride(0), t.stride(1), t.stride(2)}; }
-
-DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kBFloat16: return DType::BFloat16;
-    case at::kHalf: return DType::Float16;
-    default: return DType::Float32;  // check_bhtd admits nothing else
-  }
-}
-
-AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            bool causal, double scale) {
-  AttentionParams p;
-  p.B = q.size(0);
-  p.Hq = q.size(1);
-  p.Tq = q.size(2);
-  p.D = q.size(3);
-  p.Hkv = k.size(1);
-  p.Tk = k.size(2);
-  p.dtype = dtype_of(q);
-  p.scale = static_cast<float>(scale);
-  p.causal = causal;
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.q_stride = strides_of(q);
-  p.k_stride = strides_of(k);
-  p.v_stride = strides_of(v);
-  return p;
 }
 
 void check_code(const char* op, int code, const at::Tensor& q, const at::Tensor& k) {

@@ -1,9 +1,12 @@
-// Argument checks shared by the CPU registration (bindings.cpp) and the CUDA one
-// (cuda/attention_cuda.cpp): validated once, at the boundary, with messages that name the
-// argument and its shape (STYLE.md #6, FlashAttention's CHECK_SHAPE / CHECK_DEVICE).
+// Host-side code shared by the CPU registration (bindings.cpp) and the CUDA one
+// (cuda/attention_cuda.cpp): argument checks, validated once at the boundary with messages that
+// name the argument and its shape (STYLE.md #6, FlashAttention's CHECK_SHAPE / CHECK_DEVICE),
+// and the filling of the AttentionParams struct the kernels take (STYLE.md #5).
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include "attention.h"
 
 namespace minigpt {
 
@@ -70,6 +73,42 @@ inline void check_backward_inputs(const char* op, const at::Tensor& dout, const 
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.device() == q.device(), op,
               ": lse must be a float32 tensor on q's device ", q.device(), ", got ",
               lse.scalar_type(), " on ", lse.device(), " with shape ", lse.sizes());
+}
+
+inline Strides4 strides_of(const at::Tensor& t) {
+  return Strides4{t.stride(0), t.stride(1), t.stride(2)};
+}
+
+inline DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kDouble: return DType::Float64;
+    case at::kBFloat16: return DType::BFloat16;
+    case at::kHalf: return DType::Float16;
+    default: return DType::Float32;  // check_bhtd admits nothing else
+  }
+}
+
+// The forward's part of the struct: sizes, dtype, scale, flags and the q, k, v pointers.
+inline AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   bool causal, double scale) {
+  AttentionParams p;
+  p.B = q.size(0);
+  p.Hq = q.size(1);
+  p.Tq = q.size(2);
+  p.D = q.size(3);
+  p.Hkv = k.size(1);
+  p.Tk = k.size(2);
+  p.dtype = dtype_of(q);
+  p.scale = static_cast<float>(scale);
+  p.scale_fp64 = scale;
+  p.causal = causal;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_stride = strides_of(q);
+  p.k_stride = strides_of(k);
+  p.v_stride = strides_of(v);
+  return p;
 }
 
 }  // namespace minigpt
