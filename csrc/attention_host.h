@@ -111,4 +111,22 @@ inline AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, con
   return p;
 }
 
+// The backward's part: out and lse from the forward, dout, and the gradients to write.
+// lse must be contiguous (B, Hq, Tq).
+inline void set_backward_params(AttentionParams& p, const at::Tensor& out, const at::Tensor& lse,
+                                const at::Tensor& dout, const at::Tensor& dq,
+                                const at::Tensor& dk, const at::Tensor& dv) {
+  p.out = const_cast<void*>(out.data_ptr());
+  p.out_stride = strides_of(out);
+  p.lse = const_cast<float*>(lse.data_ptr<float>());
+  p.dout = dout.data_ptr();
+  p.dout_stride = strides_of(dout);
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dq_stride = strides_of(dq);
+  p.dk_stride = strides_of(dk);
+  p.dv_stride = strides_of(dv);
+}
+
 }  // namespace minigpt

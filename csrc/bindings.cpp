@@ -46,18 +46,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   AttentionParams p = make_params(q, k, v, causal, scale);
-  p.out = const_cast<void*>(out.data_ptr());
-  p.out_stride = strides_of(out);
   const at::Tensor lse_c = lse.contiguous();
-  p.lse = const_cast<float*>(lse_c.data_ptr<float>());
-  p.dout = dout.data_ptr();
-  p.dout_stride = strides_of(dout);
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.dq_stride = strides_of(dq);
-  p.dk_stride = strides_of(dk);
-  p.dv_stride = strides_of(dv);
+  set_backward_params(p, out, lse_c, dout, dq, dk, dv);
   p.deterministic = true;  // the CPU backward always is (for a given thread count)
   attention_backward_cpu(p);
   return {dq, dk, dv};

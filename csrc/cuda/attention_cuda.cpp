@@ -105,17 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda_op(
   at::Tensor dq_accum = deterministic ? at::Tensor() : at::zeros(q.sizes(), f32);
 
   AttentionParams p = make_params(q, k, v, causal, scale);
-  p.out = const_cast<void*>(out_in.data_ptr());
-  p.out_stride = strides_of(out_in);
-  p.lse = const_cast<float*>(lse.data_ptr<float>());
-  p.dout = dout.data_ptr();
-  p.dout_stride = strides_of(dout);
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.dq_stride = strides_of(dq);
-  p.dk_stride = strides_of(dk);
-  p.dv_stride = strides_of(dv);
+  set_backward_params(p, out_in, lse, dout, dq, dk, dv);
   p.delta = delta.data_ptr<float>();
   p.dq_accum = deterministic ? nullptr : dq_accum.data_ptr<float>();
   p.deterministic = deterministic;
