@@ -57,18 +57,24 @@ def test_offline_without_cache_explains(monkeypatch):
     assert data.SHAKESPEARE_URL in msg and "--data" in msg and "--import-file" in msg
 
 
+class _Response:
+    """What urllib.request.urlopen returns, reduced to what download_shakespeare uses."""
+
+    def __init__(self, payload: bytes):
+        self.payload = payload
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def read(self):
+        return self.payload
+
+
 def test_download_checks_sha256(monkeypatch):
-    class Resp:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            return False
-
-        def read(self):
-            return b"not shakespeare"
-
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: Resp())
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: _Response(b"not shakespeare"))
     with pytest.raises(DataError, match="sha256"):
         data.download_shakespeare()
     assert not data.shakespeare_path().exists()
@@ -78,18 +84,9 @@ def test_download_caches_verified_copy(monkeypatch):
     payload = b"To be, or not to be\n" * 100
     monkeypatch.setattr(data, "SHAKESPEARE_SHA256", hashlib.sha256(payload).hexdigest())
 
-    class Resp:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            return False
-
-        def read(self):
-            return payload
-
     calls = []
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: calls.append(1) or Resp())
+    monkeypatch.setattr(urllib.request, "urlopen",
+                        lambda *a, **k: calls.append(1) or _Response(payload))
     p1 = data.download_shakespeare()
     p2 = data.download_shakespeare()
     assert p1 == p2 and p1.read_bytes() == payload and len(calls) == 1
