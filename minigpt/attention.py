@@ -107,15 +107,17 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(B, Hkv, n_rep, T, D).reshape(B, Hkv * n_rep, T, D)
 
 
-def naive_attention(q, k, v, causal: bool, scale: float) -> torch.Tensor:
-    """The reference: softmax(scale * Q K^T + mask) V, materialising the (Tq, Tk) scores."""
+def naive_attention(q, k, v, causal: bool, scale: float, return_probs: bool = False):
+    """The reference: softmax(scale * Q K^T + mask) V, materialising the (Tq, Tk) scores.
+    With return_probs, returns (out, probs), probs (B, Hq, Tq, Tk) (for looking at attention)."""
     n_rep = q.shape[1] // k.shape[1]
     k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
     att = (q @ k.transpose(-2, -1)) * scale  # (B, Hq, Tq, Tk)
     if causal:
         att = att.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
     att = torch.softmax(att, dim=-1)
-    return att @ v  # (B, Hq, Tq, D)
+    out = att @ v  # (B, Hq, Tq, D)
+    return (out, att) if return_probs else out
 
 
 def _sdpa_attention(q, k, v, causal: bool, scale: float) -> torch.Tensor:

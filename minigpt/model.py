@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention, causal_mask
+from .attention import attention, naive_attention
 
 
 @dataclass
@@ -161,8 +161,8 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nkv, Tk, hd), Tk = cached + T
         probs = None
-        if return_probs:
-            y, probs = attention_probs(q, k, v)
+        if return_probs:  # the explicit path: the fused kernels never form the probabilities
+            y, probs = naive_attention(q, k, v, True, 1.0 / math.sqrt(hd), return_probs=True)
         else:
             y = attention(q, k, v, causal=True, backend=self.backend)  # (B, nh, T, hd)
         if head_mask is not None:
@@ -170,17 +170,6 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble all head outputs side by side
         y = self.resid_dropout(self.c_proj(y))
         return (y, probs) if return_probs else y
-
-
-def attention_probs(q, k, v):
-    """The "naive" path that also returns the probabilities softmax(QK^T/sqrt(hd)) with the
-    causal mask, (B, nh, Tq, Tk): used to look at attention, never for training."""
-    n_rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, nh, Tq, Tk)
-    att = att.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
-    att = torch.softmax(att, dim=-1)
-    return att @ v, att
 
 
 class MLP(nn.Module):

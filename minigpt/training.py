@@ -15,7 +15,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -420,6 +420,3 @@ def _backend_name(model_cfg: GPTConfig, device: torch.device) -> str:
 
     return _resolve_backend(model_cfg.attn_backend, device, torch.float32)
 
-
-def config_fields() -> list:
-    return list(fields(TrainConfig))
