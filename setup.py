@@ -2,47 +2,66 @@
 
     pip install --no-build-isolation -e .      # torch must already be installed
 
-Sources are found by glob: csrc/*.cpp always; csrc/cuda/*.cpp and *.cu too when a CUDA toolkit
-and a CUDA build of torch are present (arch list: $TORCH_CUDA_ARCH_LIST, default "8.0;9.0").
-Switches: MINIGPT_CUDA=0 skips the CUDA kernels, MINIGPT_DEBUG=1 builds with -O0 -g,
-MAX_JOBS limits ninja's parallel jobs (torch's own variable).
+What is built is decided by minigpt/_build.py (shared with the just-in-time build) and printed
+as one line: the CPU kernels (csrc/*.cpp, by glob) always, the CUDA kernels (csrc/cuda/*.cpp,
+*.cu) too when torch is a CUDA build and a CUDA toolkit of the same major version is found.
+Switches: MINIGPT_CUDA=auto|0|1 (1: fail unless the CUDA kernels can be built),
+TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX"), CUDA_HOME, MINIGPT_DEBUG=1 (-O0 -g),
+MAX_JOBS (ninja's parallel jobs, torch's own variable).
 """
 
-import glob
-import os
+import importlib.util
+import sys
 
 from setuptools import find_packages, setup
+
+# Commands that compile; metadata and sdist steps need neither torch nor a compiler.
+COMPILING = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"}
+NEEDS_TORCH = """
+minigpt: PyTorch is needed to build minigpt's kernels, and this build environment has none.
+Install torch first, then build against it without build isolation:
+
+    pip install torch
+    pip install --no-build-isolation .        (or: pip install --no-build-isolation -e .)
+
+(An isolated build would compile against a different torch than the one minigpt runs with.)
+"""
+
+
+def _load_build_module():
+    spec = importlib.util.spec_from_file_location("minigpt_build", "minigpt/_build.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
 
 ext_modules, cmdclass = [], {}
 try:
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-except ImportError:  # metadata-only steps (e.g. building an sdist) need no compiler
+except ImportError:
     torch = None
 
-if torch is not None and glob.glob("csrc/*.cpp"):
-    debug = os.environ.get("MINIGPT_DEBUG", "0") == "1"
-    opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-fopenmp"]  # the C++ standard is the one torch's build helpers choose
-    with_cuda = (os.environ.get("MINIGPT_CUDA", "1") != "0" and torch.version.cuda is not None
-                 and CUDA_HOME is not None and glob.glob("csrc/cuda/*.cu"))
-    sources = sorted(glob.glob("csrc/*.cpp"))
-    include_dirs = [os.path.abspath("csrc")]
-    if with_cuda:
-        archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        token = "_".join(archs.replace(";", " ").split())  # "8.0;9.0" -> 8.0_9.0
-        defines = ["-DMINIGPT_WITH_CUDA", f"-DMINIGPT_CUDA_ARCHS={token}"]
-        sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
-        ext = CUDAExtension(
-            "minigpt._C", sources, include_dirs=include_dirs, extra_link_args=["-fopenmp"],
-            extra_compile_args={"cxx": cxx + defines,
-                                "nvcc": opt + ["--use_fast_math",
-                                               "--expt-relaxed-constexpr"] + defines})
-    else:
-        ext = CppExtension("minigpt._C", sources, include_dirs=include_dirs,
-                           extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
-    ext_modules = [ext]
-    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+if torch is None:
+    if COMPILING & set(sys.argv[1:]):
+        sys.exit(NEEDS_TORCH)
+else:
+    _build = _load_build_module()
+    try:
+        plan = _build.build_plan(torch)  # sets CUDA_HOME before cpp_extension is imported
+    except _build.BuildError as e:
+        sys.exit(f"minigpt: {e}")
+    print(plan.summary, file=sys.stderr)
+    if plan.cpu_reason is None:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+        kw = plan.extension_kwargs()
+        Extension = CUDAExtension if plan.with_cuda else CppExtension
+        compile_args = {"cxx": kw["cxx"], "nvcc": kw["nvcc"]} if plan.with_cuda else kw["cxx"]
+        ext_modules = [Extension("minigpt._C", kw["sources"], include_dirs=kw["include_dirs"],
+                                 extra_compile_args=compile_args,
+                                 extra_link_args=kw["ldflags"])]
+        cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 setup(
     packages=find_packages(include=["minigpt", "minigpt.*"]),

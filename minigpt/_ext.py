@@ -5,8 +5,9 @@ Order of attempts, on first use:
 1. ``minigpt._C``, built by ``pip install --no-build-isolation -e .`` (setup.py).
 2. A just-in-time build of csrc/ with ``torch.utils.cpp_extension.load`` into
    ``$MINIGPT_CACHE_DIR/torch_extensions`` (default ``~/.cache/minigpt``), when the sources are
-   present (a source checkout) and ``MINIGPT_NO_JIT`` is not set. A lock file left by a killed
-   build is detected and removed, so it never hangs a later run.
+   present (a source checkout) and ``MINIGPT_NO_JIT`` is not set, with the flags and the CUDA
+   decision of setup.py (``minigpt._build``). A lock file left by a killed build is detected and
+   removed, so it never hangs a later run.
 3. Nothing: ``unavailable_reason()`` says why, and ``minigpt.attention`` falls back to "sdpa".
 
 Loading the module runs its ``TORCH_LIBRARY(minigpt, ...)`` registration, which defines
@@ -16,24 +17,20 @@ Loading the module runs its ``TORCH_LIBRARY(minigpt, ...)`` registration, which 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib
 import os
 import threading
 from pathlib import Path
 from typing import Optional
 
+from . import _build
+from .runtime import cache_dir
+
 BUILD_HINT = ("Build it with `pip install --no-build-isolation -e .` from a source checkout "
               "(needs a C++ compiler and ninja), or unset MINIGPT_NO_JIT to let minigpt build it "
               "on first use.")
 
-_ROOT = Path(__file__).resolve().parent.parent
-CSRC = _ROOT / "csrc"
-
-# Flags shared with setup.py: at::parallel_for needs OpenMP to run on more than one thread.
-CXX_FLAGS = ["-O3", "-fopenmp"]
-LD_FLAGS = ["-fopenmp"]
-NVCC_FLAGS = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr"]
+CSRC = _build.CSRC
 
 _lock = threading.Lock()
 _on_load: list = []
@@ -42,54 +39,43 @@ _reason: Optional[str] = None
 _tried = False
 
 
-def cache_dir() -> Path:
-    """minigpt's cache directory: $MINIGPT_CACHE_DIR, default ~/.cache/minigpt."""
-    return Path(os.environ.get("MINIGPT_CACHE_DIR") or Path.home() / ".cache" / "minigpt")
-
-
-def sources(with_cuda: bool) -> list:
-    """The extension's source files, found by glob (never listed by hand)."""
-    files = sorted(str(p) for p in CSRC.glob("*.cpp"))
-    if with_cuda:
-        files += sorted(str(p) for p in (CSRC / "cuda").glob("*.cpp"))
-        files += sorted(str(p) for p in (CSRC / "cuda").glob("*.cu"))
-    return files
-
-
 @contextlib.contextmanager
 def _build_lock(build_dir: Path):
-    """Hold an flock on build_dir while building. The kernel drops an flock when its process
-    dies, so unlike torch's own lock file it cannot go stale; torch's file, if left by a killed
-    build, is removed while we hold ours (nobody else can be building then)."""
+    """Hold a lock on build_dir while building (the filelock package: fcntl.flock on POSIX,
+    msvcrt.locking on Windows). The OS drops such a lock when its process dies, so unlike
+    torch's own lock file it cannot go stale; torch's file, if left by a killed build, is
+    removed while we hold ours (nobody else can be building then)."""
+    from filelock import FileLock  # a torch dependency
+
     build_dir.mkdir(parents=True, exist_ok=True)
-    with open(build_dir / "minigpt.flock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            stale = build_dir / "lock"
-            if stale.exists():
-                stale.unlink()
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with FileLock(str(build_dir / "minigpt.flock")):
+        stale = build_dir / "lock"
+        if stale.exists():
+            stale.unlink()
+        yield
 
 
 def _jit_build():
     import torch
+
+    env = dict(os.environ)
+    if not torch.cuda.is_available() and _build.cuda_mode(env) == "auto":
+        env["MINIGPT_CUDA"] = "0"  # no GPU to run them on: skip the slow CUDA compile
+    plan = _build.build_plan(torch, env)  # sets CUDA_HOME before cpp_extension is imported
+    if plan.cpu_reason is not None:
+        raise RuntimeError(plan.cpu_reason)
     from torch.utils import cpp_extension
 
-    with_cuda = (torch.cuda.is_available() and torch.version.cuda is not None
-                 and cpp_extension.CUDA_HOME is not None and (CSRC / "cuda").is_dir())
-    srcs = sources(with_cuda)
-    cflags = list(CXX_FLAGS)
-    if with_cuda:
-        cflags.append("-DMINIGPT_WITH_CUDA")
+    kw = plan.extension_kwargs()
     build_dir = cache_dir() / "torch_extensions" / (
-        f"minigpt_C_torch{torch.__version__.replace('+', '_')}" + ("_cuda" if with_cuda else ""))
+        f"minigpt_C_torch{torch.__version__.replace('+', '_')}"
+        + ("_cuda" if plan.with_cuda else ""))
     with _build_lock(build_dir):
         return cpp_extension.load(
-            name="minigpt_C", sources=srcs, extra_cflags=cflags, extra_ldflags=LD_FLAGS,
-            extra_cuda_cflags=NVCC_FLAGS + (["-DMINIGPT_WITH_CUDA"] if with_cuda else []),
-            extra_include_paths=[str(CSRC)], build_directory=str(build_dir), verbose=False)
+            name="minigpt_C", sources=[str(_build.ROOT / s) for s in kw["sources"]],
+            extra_cflags=kw["cxx"], extra_ldflags=kw["ldflags"], extra_cuda_cflags=kw["nvcc"],
+            extra_include_paths=kw["include_dirs"], build_directory=str(build_dir),
+            with_cuda=plan.with_cuda, verbose=False)
 
 
 def _try_load(jit: bool):

@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._ext import cache_dir
+from .runtime import cache_dir
 from .checkpoint import atomic_write
 from .tokenizer import CharTokenizer, GPT2Tokenizer
 

@@ -30,7 +30,7 @@ from .checkpoint import CheckpointError, checkpoint_file, load_checkpoint
 from .data import BatchSampler, DataError, load_corpus
 from .model import GPT
 from .tokenizer import from_state
-from .training import pick_device
+from .runtime import DeviceError, pick_device
 
 
 def parse_mask(specs: Sequence[str], n_layer: int, n_head: int) -> torch.Tensor:
@@ -183,7 +183,10 @@ def main(argv=None) -> int:
         problem = image_path_error(out)
         if problem:
             parser.error(f"argument --out: {problem}")
-    device = pick_device(args.device)
+    try:
+        device = pick_device(args.device)
+    except DeviceError as e:
+        parser.error(f"argument --device: {e}")
     model.to(device).eval()
 
     tokens = corpus.split(args.split)

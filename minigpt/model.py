@@ -76,18 +76,25 @@ class RotaryEmbedding(nn.Module):
     """RoPE (Su et al. 2021, eq. 34): rotate each pair (x[2i], x[2i+1]) of a query/key by the
     angle pos * theta^(-2i/head_dim). Then q_m . k_n depends on positions only through m - n.
 
-    Angles are computed in float64 from integer positions on each call (cheap: T x head_dim/2),
-    so no table has to be sized or moved between devices in advance.
+    Angles are computed from integer positions on each call (cheap: T x head_dim/2), so no
+    table has to be sized or moved between devices in advance. They are float64 except on MPS,
+    which has no float64: float32 there (angle_dtype).
     """
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)  # (head_dim/2,)
+        self.head_dim, self.theta = head_dim, theta
+
+    @staticmethod
+    def angle_dtype(device: torch.device) -> torch.dtype:
+        return torch.float32 if device.type == "mps" else torch.float64
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """x: (B, T, H, head_dim); pos: (T,) int64 absolute positions. Returns x rotated."""
-        angles = pos.to(torch.float64)[:, None] * self.inv_freq[None, :]  # (T, hd/2)
+        dtype = self.angle_dtype(pos.device)
+        exponent = torch.arange(0, self.head_dim, 2, dtype=dtype, device=pos.device)
+        inv_freq = self.theta ** (-exponent / self.head_dim)  # (hd/2,)
+        angles = pos.to(dtype)[:, None] * inv_freq[None, :]  # (T, hd/2)
         cos = angles.cos().to(x.dtype)[None, :, None, :]  # (1, T, 1, hd/2)
         sin = angles.sin().to(x.dtype)[None, :, None, :]
         x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, T, H, hd/2) each

@@ -24,6 +24,7 @@ import torch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import BatchSampler, DataError, load_corpus
 from .model import GPT, GPTConfig
+from .runtime import pick_device, resolve_precision
 from .tokenizer import from_state
 
 
@@ -63,8 +64,9 @@ class TrainConfig:
     log_interval: int = 10            # steps between progress-bar/log updates
     # system
     device: str = "auto"              # "auto" (cuda, then mps, then cpu), "cpu", "cuda", ...
-    dtype: str = "auto"               # "auto" (bf16 autocast on CUDA, else float32), "float32",
-                                      # "bfloat16"
+    dtype: str = "auto"               # "auto" (bf16 autocast on CUDA GPUs with bf16, float16
+                                      # autocast + GradScaler on older ones, else float32),
+                                      # "float32", "bfloat16", "float16"
     compile: bool = False             # torch.compile the model
     seed: int = 1337
     resume: bool = False              # continue from out_dir/ckpt.pt
@@ -107,16 +109,6 @@ def lr_at(it: int, cfg: TrainConfig) -> float:
         return cfg.min_lr
     ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -238,9 +230,11 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
             torch.cuda.set_rng_state(resume_state["rng"]["cuda"], device)
         iter_num, best_val = resume_state["iter_num"], resume_state["best_val_loss"]
 
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16
-                else contextlib.nullcontext())
+    precision = resolve_precision(cfg.dtype, device)
+    autocast = precision.autocast()
+    scaler = precision.grad_scaler()  # a no-op unless float16
+    if resume_state is not None and resume_state.get("grad_scaler"):
+        scaler.load_state_dict(resume_state["grad_scaler"])
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
@@ -285,6 +279,7 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
             "best_val_loss": best_val,
             "val_loss": val_loss,
             "sampler": train_batches.state_dict(),
+            "grad_scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
         }
@@ -303,9 +298,9 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
 
     if dist.master:
         log(f"minigpt: {raw_model.num_params() / 1e6:.2f}M parameters, device {device}, "
-            f"{'bf16 autocast' if use_bf16 else 'float32'}, corpus {corpus.source} "
+            f"{precision.name}{' autocast' if precision.autocast_dtype else ''}, corpus {corpus.source} "
             f"({len(corpus.train):,} train / {len(corpus.val):,} val {tokenizer.name} tokens), "
-            f"attention backend {_backend_name(model_cfg, device)}"
+            f"attention backend {_backend_name(model_cfg, device, precision)}"
             + (f", {dist.world_size} processes" if dist.enabled else ""))
 
     tokens_per_step = cfg.batch_size * model_cfg.block_size * cfg.grad_accum * dist.world_size
@@ -357,12 +352,16 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
                     with sync:
                         with autocast:
                             _, loss = model(x, y)
-                        (loss / cfg.grad_accum).backward()
+                        scaler.scale(loss / cfg.grad_accum).backward()
+                scaler.unscale_(optimizer)  # the clip below sees true gradients
                 # clip_grad_norm_ with an infinite bound only measures the norm.
                 norm = torch.nn.utils.clip_grad_norm_(
                     model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
                 loss_value = loss.item()
-                if dist.any(not (math.isfinite(loss_value) and math.isfinite(norm.item()))):
+                # With float16 an inf gradient is the GradScaler's business: scaler.step skips
+                # the step and lowers the scale. Otherwise it counts as a non-finite step.
+                grad_ok = scaler.is_enabled() or math.isfinite(norm.item())
+                if dist.any(not (math.isfinite(loss_value) and grad_ok)):
                     optimizer.zero_grad(set_to_none=True)
                     skipped += 1
                     record(event="nonfinite", iter=iter_num, loss=str(loss_value), skipped=skipped)
@@ -374,8 +373,10 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
                     log(f"minigpt: step {iter_num}: non-finite loss or gradient, step skipped "
                         f"({skipped} of at most {cfg.skip_nonfinite})")
                     iter_num += 1
+                    scaler.update()
                     continue
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 iter_num += 1
                 train_time += time.perf_counter() - t0
@@ -415,8 +416,9 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     return result
 
 
-def _backend_name(model_cfg: GPTConfig, device: torch.device) -> str:
+def _backend_name(model_cfg: GPTConfig, device: torch.device, precision) -> str:
     from .attention import _resolve_backend
 
-    return _resolve_backend(model_cfg.attn_backend, device, torch.float32)
+    dtype = precision.autocast_dtype or torch.float32
+    return _resolve_backend(model_cfg.attn_backend, device, dtype, model_cfg.head_dim)
 

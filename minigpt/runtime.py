@@ -1,0 +1,134 @@
+"""Runtime helpers shared by the library and its command lines: the cache directory, the choice
+of device, and the training/inference precision a device supports.
+
+This is a low module: it imports torch and nothing of minigpt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class DeviceError(ValueError):
+    """A device or precision that this machine cannot provide; the message names what it can."""
+
+
+def cache_dir() -> Path:
+    """minigpt's cache directory: $MINIGPT_CACHE_DIR, default ~/.cache/minigpt."""
+    return Path(os.environ.get("MINIGPT_CACHE_DIR") or Path.home() / ".cache" / "minigpt")
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and mps.is_available()
+
+
+def available_devices() -> List[str]:
+    """Device names this process can use, e.g. ["cpu"], ["cpu", "cuda", "cuda:1"], ["cpu", "mps"]."""
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += ["cuda"] + [f"cuda:{i}" for i in range(1, torch.cuda.device_count())]
+    if _mps_available():
+        names.append("mps")
+    return names
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """The torch.device for name: "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:1",
+    "mps", ...
+
+    Raises:
+        DeviceError: an unknown name or a device that is not available here, in one line naming
+            the devices that are (e.g. "--device cuda" with a CPU-only torch).
+    """
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    have = ", ".join(available_devices())
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"device {name!r} is not a device name; available here: {have}, "
+                          f"or auto") from None
+    if device.type == "cuda":
+        ok = torch.cuda.is_available() and (device.index is None
+                                            or device.index < torch.cuda.device_count())
+        if not ok:
+            why = ("this torch has no CUDA support" if torch.version.cuda is None
+                   else "no CUDA GPU is visible")
+            raise DeviceError(f"device {name!r} is not available ({why}); available here: "
+                              f"{have}, or auto")
+    elif device.type == "mps" and not _mps_available():
+        raise DeviceError(f"device {name!r} is not available; available here: {have}, or auto")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"device {name!r} is not supported by minigpt; available here: {have}, "
+                          f"or auto")
+    return device
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 autocast is worth using on device: CUDA GPUs with native bf16 (compute
+    capability 8.0+; T4 and V100 have none)."""
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+@dataclass
+class Precision:
+    """How a device trains: the autocast dtype (None: plain float32) and whether a gradient
+    scaler is needed (float16 underflows small gradients without one; Micikevicius et al. 2018)."""
+
+    name: str                        # "float32", "bfloat16" or "float16"
+    autocast_dtype: Optional[torch.dtype]
+    device_type: str
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        return self.autocast_dtype is torch.float16
+
+    def autocast(self):
+        """The autocast context for forward passes (a no-op for float32)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.autocast_dtype)
+
+    def grad_scaler(self) -> "torch.amp.GradScaler":
+        """A GradScaler, enabled only for float16."""
+        return torch.amp.GradScaler(self.device_type, enabled=self.needs_grad_scaler)
+
+
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    """The precision for --dtype name on device.
+
+    "auto": bf16 autocast on CUDA GPUs that support it, float16 autocast with a GradScaler on
+    older CUDA GPUs, float32 elsewhere (CPU, MPS). "bfloat16" or "float16" force that autocast
+    dtype; "float32" turns autocast off.
+
+    Raises:
+        DeviceError: an unknown name, or "bfloat16" on a CUDA GPU without bf16.
+    """
+    if name not in DTYPES:
+        raise DeviceError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    if name == "auto":
+        if device.type != "cuda":
+            name = "float32"
+        else:
+            name = "bfloat16" if bf16_supported(device) else "float16"
+    elif name == "bfloat16" and device.type == "cuda" and not bf16_supported(device):
+        raise DeviceError(f"dtype 'bfloat16' is not supported on {device} (compute capability "
+                          f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}); "
+                          f"use float16 or auto")
+    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return Precision(name, dtype, device.type)

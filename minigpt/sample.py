@@ -1,0 +1,157 @@
+"""Sample text from a trained minigpt checkpoint.
+
+    python sample.py                                  # from out/ckpt.pt
+    python sample.py --prompt "ROMEO:" --num-samples 3 --max-new-tokens 300 --top-k 40
+    python sample.py --prompt-file prompt.txt --temperature 0.8 --top-p 0.9 --stream
+    python sample.py --prompt "ROMEO:" --max-new-tokens 40 --attention-map attn.png
+
+--attention-map draws, after generating, one heatmap per head of one layer (--layer, default the
+last; --head, default all) over the prompt and generated tokens: rows are queries, columns keys,
+labels the decoded tokens. The probabilities are recomputed by the same model on the "naive"
+softmax(QK^T/sqrt(d)) path (GPT.attention_maps), since the fused kernels never store them. The
+map covers the last --max-tokens tokens (at most block_size), fed as their own context.
+
+The same command line is `minigpt-sample` (installed) and `python -m minigpt.sample`.
+Exit codes: 0 done, 2 bad input (arguments, checkpoint, prompt, device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .model import GPT
+from .sampling import TextStream, check_sampling_args
+from .tokenizer import from_state
+from .runtime import DeviceError, pick_device
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Sample text from a minigpt checkpoint.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default="out/ckpt.pt",
+                   help="checkpoint file, or a directory holding ckpt.pt")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default="\n", help="text to continue")
+    src.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 file")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--no-cache", dest="use_cache", action="store_false",
+                   help="recompute the whole context each step instead of using the KV cache")
+    viz = p.add_argument_group("attention map")
+    viz.add_argument("--attention-map", type=Path, metavar="PNG",
+                     help="after generating, draw the attention heatmaps to this image (with "
+                          "--num-samples N > 1, one file per sample: NAME-1.png ...)")
+    viz.add_argument("--layer", type=int, default=-1,
+                     help="layer to draw; negative counts from the end")
+    viz.add_argument("--head", type=int, nargs="+", default=None,
+                     help="heads to draw, e.g. --head 0 2; None = all heads")
+    viz.add_argument("--max-tokens", type=int, default=None,
+                     help="draw the last N tokens; None = 64 for char, 48 for gpt2 tokens")
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.num_samples < 1:
+        parser.error(f"argument --num-samples: must be >= 1, got {args.num_samples}")
+    if args.max_new_tokens < 0:
+        parser.error(f"argument --max-new-tokens: must be >= 0, got {args.max_new_tokens}")
+    try:
+        check_sampling_args(args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        parser.error(f"argument --{str(e).split()[0].replace('_', '-')}: {e}")
+
+    try:
+        state = load_checkpoint(args.checkpoint)
+        tokenizer = from_state(state["tokenizer"])
+        prompt = (args.prompt_file.read_text(encoding="utf-8") if args.prompt_file
+                  else args.prompt)
+        ids = tokenizer.encode(prompt)
+    except (CheckpointError, OSError, UnicodeDecodeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not ids:
+        parser.error("argument --prompt: the prompt must encode to at least one token")
+
+    model = GPT.from_checkpoint(state)
+    if args.attention_map is not None:
+        check_attention_args(parser, args, model.config)
+    try:
+        device = pick_device(args.device)
+    except DeviceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model.to(device).eval()
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+
+    for i in range(args.num_samples):
+        if args.stream:
+            stream = TextStream(tokenizer)
+            sys.stdout.write(prompt)
+
+            def emit(step, nxt):
+                sys.stdout.write(stream.push(nxt[0].tolist()))
+                sys.stdout.flush()
+
+            y = model.generate(x, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                               generator=generator, use_cache=args.use_cache, callback=emit)
+            sys.stdout.write(stream.flush() + "\n")
+        else:
+            y = model.generate(x, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                               generator=generator, use_cache=args.use_cache)
+            sys.stdout.write(tokenizer.decode(y[0].tolist()) + "\n")
+        if args.attention_map is not None:
+            sys.stdout.flush()  # the text first, then draw_map's note on stderr
+            draw_map(args, model, tokenizer, y[0].tolist(), len(ids), i)
+        if i < args.num_samples - 1:
+            sys.stdout.write("---------------\n")
+        sys.stdout.flush()
+    return 0
+
+
+def check_attention_args(parser, args, model_cfg) -> None:
+    if not -model_cfg.n_layer <= args.layer < model_cfg.n_layer:
+        parser.error(f"argument --layer: the model has {model_cfg.n_layer} layers "
+                     f"(0..{model_cfg.n_layer - 1}, or negative from the end), got {args.layer}")
+    for h in args.head or []:
+        if not 0 <= h < model_cfg.n_head:
+            parser.error(f"argument --head: the model has {model_cfg.n_head} heads "
+                         f"(0..{model_cfg.n_head - 1}), got {h}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        parser.error(f"argument --max-tokens: must be >= 1, got {args.max_tokens}")
+    from .visualize import image_path_error
+
+    problem = image_path_error(args.attention_map)
+    if problem:
+        parser.error(f"argument --attention-map: {problem}")
+
+
+def draw_map(args, model, tokenizer, ids, n_prompt, i) -> None:
+    """Write the attention heatmaps of sample i (stderr says where; stdout stays the text)."""
+    from .visualize import draw_attention
+
+    path = args.attention_map
+    if args.num_samples > 1:
+        path = path.with_name(f"{path.stem}-{i + 1}{path.suffix}")
+    info = draw_attention(model, tokenizer, ids, path, layer=args.layer, heads=args.head,
+                          max_tokens=args.max_tokens, n_prompt=n_prompt,
+                          title_prefix=f"{args.checkpoint}: ")
+    print(f"attention map: layer {info['layer']}, heads {info['heads']}, last {info['tokens']} "
+          f"of {info['total']} tokens -> {info['path']}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
