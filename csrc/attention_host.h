@@ -47,6 +47,9 @@ inline void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k,
               " and v ", v.sizes());
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), op,
               ": k must match q in batch and head dim, got q ", q.sizes(), " and k ", k.sizes());
+  // Hq == 0 is rejected here rather than in the kernels: an early return there would hand back
+  // uninitialised dk and dv from the backward.
+  TORCH_CHECK(q.size(1) > 0, op, ": q must have at least one head, got q ", q.sizes());
   TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op,
               ": q's heads must be a multiple of k's heads (grouped-query attention), got q ",
               q.sizes(), " and k ", k.sizes());

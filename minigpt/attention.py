@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _ext
+from . import _build, _ext
 
 __all__ = ["attention", "attention_backends", "BACKENDS"]
 
@@ -77,6 +77,8 @@ def _check_inputs(q, k, v, causal, scale) -> None:
         raise ValueError(f"attention: k must have q's batch size and head dim, got "
                          f"{_describe('q', q)} and {_describe('k', k)}")
     Hkv, Tk = k.shape[1], k.shape[2]
+    if Hq == 0:
+        raise ValueError(f"attention: q must have at least one head, got {_describe('q', q)}")
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"attention: the number of query heads ({Hq}) must be a multiple of "
                          f"the number of key/value heads ({Hkv}); got {_describe('q', q)} and "
@@ -193,9 +195,103 @@ _ext.on_load(_register_ext_ops)
 _ext.module(jit=False)  # a built minigpt._C defines torch.ops.minigpt.* as soon as minigpt is imported
 
 
+# ---------------------------------------------------------------------------------------------
+# First-use self-check. The first time "ext" would run on a device type listed here for a
+# (device, dtype, head dim, causal) combination, a small forward and backward are compared with
+# the float64 reference by DESIGN.md's rule. A combination that fails is warned about once,
+# with the measured errors, and runs on "sdpa" from then on. MINIGPT_SELF_CHECK=0 turns it off.
+_SELF_CHECK_DEVICES = {"cuda"}
+_SELF_CHECK_ENV = "MINIGPT_SELF_CHECK"
+_self_checks: dict = {}  # key -> None (passed) or the failure, one line
+
+
+def rule_floor(dtype: torch.dtype) -> float:
+    """The absolute slack of DESIGN.md's correctness rule: 1e-6 for float32 (1e-12 for
+    float64), relative to max(1, the size of the reference values); none for 16-bit dtypes."""
+    return {torch.float32: 1e-6, torch.float64: 1e-12}.get(dtype, 0.0)
+
+
+def within_rule(fast: torch.Tensor, naive: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
+                size: Optional[float] = None):
+    """DESIGN.md's rule for one quantity: (ok, fast's error, naive's error), errors being the
+    max abs difference from the float64 reference ref. ok: error <= 2 x naive's + the floor.
+    size: the magnitude the floor is relative to (default max|ref|)."""
+    ref = ref.double().cpu()
+    e_fast = (fast.double().cpu() - ref).abs().max().item()
+    e_naive = (naive.double().cpu() - ref).abs().max().item()
+    size = ref.abs().max().item() if size is None else size
+    return e_fast <= 2 * e_naive + rule_floor(dtype) * max(1.0, size), e_fast, e_naive
+
+
+def _self_check(device: torch.device, dtype: torch.dtype, head_dim: int,
+                causal: bool) -> Optional[str]:
+    """Compare the compiled op with the float64 reference on fresh random inputs (GQA, two key
+    tiles, Tq != Tk). None if every output and gradient meets the rule, else a description."""
+    g = torch.Generator().manual_seed(20231)
+    B, Hq, Hkv, Tq, Tk = 1, 4, 2, 67, 80
+    q64 = torch.randn(B, Hq, Tq, head_dim, generator=g, dtype=torch.float64)
+    k64 = torch.randn(B, Hkv, Tk, head_dim, generator=g, dtype=torch.float64)
+    v64 = torch.randn(B, Hkv, Tk, head_dim, generator=g, dtype=torch.float64)
+    dout64 = torch.randn(B, Hq, Tq, head_dim, generator=g, dtype=torch.float64)
+    scale = 1.0 / math.sqrt(head_dim)
+
+    def naive_grads(q, k, v, dout):
+        q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+        out = naive_attention(q, k, v, causal, scale)
+        out.backward(dout)
+        return out.detach(), q.grad, k.grad, v.grad
+
+    ref = naive_grads(q64, k64, v64, dout64)
+    q, k, v, dout = (t.to(device=device, dtype=dtype) for t in (q64, k64, v64, dout64))
+    with torch.no_grad():
+        out, lse = torch.ops.minigpt.attention_forward(q, k, v, causal, scale)
+        fast = (out,) + tuple(torch.ops.minigpt.attention_backward(dout, q, k, v, out, lse,
+                                                                   causal, scale))
+    naive = naive_grads(q, k, v, dout)
+    grad_size = max(t.abs().max().item() for t in ref[1:])
+    failures = []
+    for i, name in enumerate(("out", "dq", "dk", "dv")):
+        ok, e_fast, e_naive = within_rule(fast[i], naive[i], ref[i], dtype,
+                                          None if i == 0 else grad_size)
+        if not ok:
+            failures.append(f"{name} error {e_fast:.3g} > 2 x naive's {e_naive:.3g}")
+    return "; ".join(failures) or None
+
+
+@torch._dynamo.assume_constant_result  # under torch.compile: run eagerly, use the result as a constant
+def _self_check_failure(key: str) -> Optional[str]:
+    """The cached self-check result for key "device|dtype|head_dim|causal" (a string: dynamo
+    passes only constants to such a function)."""
+    if key not in _self_checks:
+        device, dtype, head_dim, causal = key.split("|")
+        dtype = getattr(torch, dtype.replace("torch.", ""))
+        try:
+            failure = _self_check(torch.device(device), dtype, int(head_dim), causal == "True")
+        except RuntimeError as e:  # a kernel that cannot even run fails the check too
+            failure = f"the kernels raised {type(e).__name__}: {str(e).splitlines()[0]}"
+        if failure is not None:
+            failure = (f"the self-check of the compiled kernels failed on {device} for {dtype}, "
+                       f"head dim {head_dim}, causal={causal}: {failure}")
+            warnings.warn(f"minigpt: {failure}. Using 'sdpa' for this combination "
+                          f"(set {_SELF_CHECK_ENV}=0 to skip the check).", RuntimeWarning,
+                          stacklevel=2)
+        _self_checks[key] = failure
+    return _self_checks[key]
+
+
+@torch._dynamo.assume_constant_result
+def _gpu_reason(device: str) -> Optional[str]:
+    """Why kernels of this build cannot run on the GPU device (compute capability, archs)."""
+    capability = torch.cuda.get_device_capability(torch.device(device))
+    return _build.gpu_unsupported_reason(capability, _ext.build_info().get("cuda_archs", ""))
+
+
 def _ext_unavailable_reason(device: torch.device, dtype: torch.dtype,
-                            head_dim: Optional[int] = None) -> Optional[str]:
-    """None if the compiled kernels can run on this device, dtype (and head dim), else why not."""
+                            head_dim: Optional[int] = None,
+                            causal: Optional[bool] = None) -> Optional[str]:
+    """None if the compiled kernels can run on this device, dtype (and head dim), else why not.
+    With head_dim and causal given, on the devices that are self-checked, the first-use
+    self-check's verdict counts too."""
     why = _ext.unavailable_reason()
     if why is not None:
         return why
@@ -208,6 +304,13 @@ def _ext_unavailable_reason(device: torch.device, dtype: torch.dtype,
         return f"the compiled kernels on {device.type} support {names}, not {dtype}"
     if device.type == "cuda" and head_dim is not None and head_dim not in _EXT_CUDA_HEAD_DIMS:
         return (f"the CUDA kernels support head dims {_EXT_CUDA_HEAD_DIMS}, not {head_dim}")
+    if device.type == "cuda":
+        why = _gpu_reason(str(device))
+        if why is not None:
+            return why
+    if (device.type in _SELF_CHECK_DEVICES and head_dim is not None and causal is not None
+            and os.environ.get(_SELF_CHECK_ENV, "1") != "0"):
+        return _self_check_failure(f"{device}|{dtype}|{head_dim}|{causal}")
     return None
 
 
@@ -215,7 +318,7 @@ _warned_fallback = False
 
 
 def _resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype,
-                     head_dim: Optional[int] = None) -> str:
+                     head_dim: Optional[int] = None, causal: Optional[bool] = None) -> str:
     global _warned_fallback
     requested = backend if backend is not None else os.environ.get(_ENV_BACKEND) or None
     if requested is not None and requested not in BACKENDS:
@@ -223,14 +326,14 @@ def _resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.
         raise ValueError(f"attention: {source} must be one of {BACKENDS} or None, "
                          f"got {requested!r}")
     if requested == "ext":
-        why = _ext_unavailable_reason(device, dtype, head_dim)
+        why = _ext_unavailable_reason(device, dtype, head_dim, causal)
         if why is not None:
             hint = f" {_ext.BUILD_HINT}" if _ext.unavailable_reason() is not None else ""
             raise RuntimeError(f"attention: backend 'ext' is not available: {why}.{hint}")
         return "ext"
     if requested is not None:
         return requested
-    why = _ext_unavailable_reason(device, dtype, head_dim)
+    why = _ext_unavailable_reason(device, dtype, head_dim, causal)
     if why is None:
         return "ext"
     if _ext.unavailable_reason() is not None and not _warned_fallback:
@@ -254,7 +357,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             Default True.
         scale: softmax scale, default 1/sqrt(D).
         backend: "ext", "sdpa", "naive" or None (default: $MINIGPT_ATTENTION_BACKEND, else
-            "ext" where the compiled kernels support the device and dtype, else "sdpa").
+            "ext" where the compiled kernels support the device, GPU, dtype and head dim and,
+            on CUDA, passed their first-use self-check for this dtype/head dim/causal; else
+            "sdpa").
 
     Returns:
         out: (B, Hq, Tq, D), q's dtype and device. Differentiable in q, k and v.
@@ -268,14 +373,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         ValueError: wrong rank, mismatched batch/head/dim sizes, k and v of different shapes,
             Hq not a multiple of Hkv, causal with Tq > Tk, tensors on different devices, a
             non-positive scale, or an unknown backend name.
-        RuntimeError: backend="ext" when the compiled kernels are not available; the message
-            says why and how to build them.
+        RuntimeError: backend="ext" when the compiled kernels are not available here (not
+            built, a GPU older than compute capability 8.0 or of an arch the build lacks, an
+            unsupported dtype or head dim, a failed self-check); the message says why.
     """
     _check_inputs(q, k, v, causal, scale)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     scale = float(scale)
-    name = _resolve_backend(backend, q.device, q.dtype, q.shape[-1])
+    name = _resolve_backend(backend, q.device, q.dtype, q.shape[-1], causal)
     if name == "ext":
         return _ext_attention(q, k, v, causal, scale)
     if name == "sdpa":
@@ -286,8 +392,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 def attention_backends() -> dict:
     """Report each backend: ``{name: {"available": bool, "reason": str | None}}``.
 
-    "ext" is reported for CPU float32 (and CUDA, if compiled); "reason" says why a backend is
-    unavailable (e.g. the build error of the compiled module). "sdpa" and "naive" are always
+    "ext" is reported for CPU float32; where a CUDA GPU is visible, also "cuda_available" and
+    "cuda_reason" for it (e.g. a GPU older than compute capability 8.0, or an arch the build
+    lacks). "reason" says why a backend is unavailable (e.g. the build error of the compiled
+    module). "sdpa" and "naive" are always
     available. Also includes "default": the backend attention() picks for CPU float32.
     """
     report = {}
@@ -297,6 +405,10 @@ def attention_backends() -> dict:
         info = _ext.build_info()
         report["ext"]["build_info"] = info
         report["ext"]["cuda"] = bool(info.get("cuda", False))
+    if torch.cuda.is_available():
+        cuda_why = _ext_unavailable_reason(torch.device("cuda"), torch.bfloat16)
+        report["ext"]["cuda_available"] = cuda_why is None
+        report["ext"]["cuda_reason"] = cuda_why
     report["sdpa"] = {"available": True, "reason": None}
     report["naive"] = {"available": True, "reason": None}
     env = os.environ.get(_ENV_BACKEND)
