@@ -278,3 +278,13 @@ def gpu_unsupported_reason(capability: Tuple[int, int], archs: str) -> Optional[
             return None
     return (f"minigpt._C was built for CUDA archs {archs or '(none)'}, which do not run on "
             f"compute capability {major}.{minor}; rebuild with TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\"")
+
+
+def torch_nvcc_flags() -> List[str]:
+    """The nvcc flags a torch build passes for our .cu files, ours included (for compile checks
+    that must see what the real build sees): torch's COMMON_NVCC_FLAGS, NVCC_FLAGS, -O3 and the
+    C++ standard torch's build helpers use."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+    return list(dict.fromkeys(list(COMMON_NVCC_FLAGS) + NVCC_FLAGS + ["-O3", "-std=c++20"]))
+

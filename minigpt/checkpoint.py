@@ -42,6 +42,8 @@ def atomic_write(path, write: Callable[[BinaryIO], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if os.name == "nt":  # Windows cannot open a directory to fsync it; its rename is durable
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Compile-check every csrc/cuda/*.cu with nvcc, no GPU needed: sm_80 and sm_90a, C++17, -O3,
+# Compile-check every csrc/cuda/*.cu with nvcc, no GPU needed: sm_80 and sm_90a,
 # every warning an error. Prints one line per file; exits non-zero on any error or warning.
 # ptxas resource usage (-Xptxas -v: registers, shared memory, spills) goes to a log that is kept;
 # spills are reported, not failed.
 #
 #   bash csrc/cuda/check_compile.sh            # from the repo root
 #   NVCC=/path/to/nvcc JOBS=4 bash csrc/cuda/check_compile.sh
+#   NVCC_TORCH_FLAGS="$(python -c 'import minigpt._build as b; print(*b.torch_nvcc_flags())')" \
+#       bash csrc/cuda/check_compile.sh
+#
+# NVCC_TORCH_FLAGS: the flags a torch build really passes (-D__CUDA_NO_HALF_OPERATORS__ ...,
+# --use_fast_math, -std=c++20); .ci/run sets it. Without it: -std=c++17 -O3 only.
 set -u -o pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -25,7 +30,8 @@ log="$work/ptxas.log"
 trap 'rm -f "$work"/*.o' EXIT
 
 archs=("sm_80:-gencode=arch=compute_80,code=sm_80" "sm_90a:-gencode=arch=compute_90a,code=sm_90a")
-flags=(-std=c++17 -O3 -I csrc -Werror all-warnings -Xcompiler -Wall -Xcompiler -Werror -Xptxas -v)
+read -r -a torch_flags <<<"${NVCC_TORCH_FLAGS:--std=c++17 -O3}"
+flags=("${torch_flags[@]}" -I csrc -Werror all-warnings -Xcompiler -Wall -Xcompiler -Werror -Xptxas -v)
 
 shopt -s nullglob
 files=(csrc/cuda/*.cu)
