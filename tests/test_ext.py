@@ -14,12 +14,27 @@ from minigpt import _ext
 from minigpt.attention import attention
 from minigpt.model import GPT, GPTConfig
 
+from conftest import ext_required
 from reference import check_rule, grad_scale, max_err, rand_qkv, reference_attention
 
 attention_module = importlib.import_module("minigpt.attention")  # minigpt.attention is the function
 
 EXT = _ext.unavailable_reason() is None
-needs_ext = pytest.mark.skipif(not EXT, reason=f"minigpt._C unavailable: {_ext.unavailable_reason()}")
+# Where the extension is required (CI), a missing one fails these tests instead of skipping them.
+needs_ext = pytest.mark.skipif(not EXT and not ext_required(),
+                               reason=f"minigpt._C unavailable: {_ext.unavailable_reason()}")
+
+
+@pytest.mark.skipif(not ext_required(), reason="MINIGPT_REQUIRE_EXT=1 is not set (CI sets it)")
+def test_required_extension_is_available():
+    assert _ext.unavailable_reason() is None, _ext.unavailable_reason()
+    report = attention_module.attention_backends()
+    assert report["ext"]["available"] is True, report["ext"]
+    if not os.environ.get("MINIGPT_ATTENTION_BACKEND"):
+        assert report["default"] == "ext", report
+    q, k, v = rand_qkv(1, 2, 2, 8, 8, 16, requires_grad=False)
+    out, lse = torch.ops.minigpt.attention_forward(q, k, v, True, 0.25)
+    assert max_err(out, reference_attention(q, k, v, True, 0.25)) < 1e-5
 
 
 def _grads(out, inputs, seed=1):
@@ -211,7 +226,7 @@ def test_stale_jit_lock_does_not_hang(tmp_path):
         assert not (build / "lock").exists()
 
 
-@pytest.mark.skipif(not EXT, reason="needs the extension")
+@needs_ext
 def test_build_info():
     info = _ext.build_info()
     assert {"compiler", "openmp", "vector_isa", "cuda", "cuda_archs"} <= set(info)
