@@ -44,17 +44,22 @@ def test_training_reduces_loss_and_writes_logs(text_file, tmp_path):
     assert state["iter_num"] == 40 and state["best_val_loss"] == result.best_val_loss
 
 
-def test_resume_is_exact(text_file, tmp_path):
-    """N steps, then N more with --resume, equals 2N steps in one go, bit for bit."""
-    torch.use_deterministic_algorithms(True)
-    try:
-        full = tiny_cfg(text_file, tmp_path / "full", max_iters=20, lr_decay_iters=20)
-        train(full, log=lambda *a: None)
-        half = tiny_cfg(text_file, tmp_path / "half", max_iters=10, lr_decay_iters=20)
-        train(half, log=lambda *a: None)
-        train(replace(half, max_iters=20, resume=True), log=lambda *a: None)
-    finally:
-        torch.use_deterministic_algorithms(False)
+@pytest.mark.parametrize("backend", [None, "sdpa"], ids=["default", "sdpa"])
+def test_resume_is_exact(text_file, tmp_path, backend):
+    """N steps, then N more with --resume, equals 2N steps in one go, bit for bit: with the
+    default backend ("ext" when built) at the default thread count, and with "sdpa"."""
+    if backend is None:
+        from minigpt import attention_backends
+
+        report = attention_backends()
+        assert report["default"] == ("ext" if report["ext"]["available"] else "sdpa")
+    full = tiny_cfg(text_file, tmp_path / "full", max_iters=20, lr_decay_iters=20,
+                    attn_backend=backend)
+    train(full, log=lambda *a: None)
+    half = tiny_cfg(text_file, tmp_path / "half", max_iters=10, lr_decay_iters=20,
+                    attn_backend=backend)
+    train(half, log=lambda *a: None)
+    train(replace(half, max_iters=20, resume=True), log=lambda *a: None)
     a = load_checkpoint(tmp_path / "full" / "ckpt.pt")
     b = load_checkpoint(tmp_path / "half" / "ckpt.pt")
     assert a["iter_num"] == b["iter_num"] == 20
