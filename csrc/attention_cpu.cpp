@@ -41,12 +41,14 @@
 #include "attention.h"
 
 #include <ATen/Parallel.h>
+#include <c10/core/CPUAllocator.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -151,6 +153,31 @@ MINIGPT_INLINE T softmax_scale(const AttentionParams& p) {
 MINIGPT_INLINE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 MINIGPT_INLINE int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
+// Scratch memory of n elements, uninitialised, from torch's CPU allocator rather than
+// std::vector: torch.profiler's memory events (and so `python -m minigpt.profile`'s peak memory)
+// count it beside the op's outputs, and an allocator installed in torch manages it too. The
+// profiler only sees allocations made on the thread that called the op, so every buffer is
+// allocated by the host drivers below, before their parallel regions, never by a worker.
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n)
+      : ptr_(c10::GetCPUAllocator()->allocate(static_cast<size_t>(n) * sizeof(T))) {}
+  T* data() const { return static_cast<T*>(ptr_.get()); }
+
+ private:
+  c10::DataPtr ptr_;
+};
+
+// Per-worker tile buffers of the forward and the backward, in elements (layouts in
+// forward_units and backward_units).
+int64_t forward_tile_scratch(int64_t D) {
+  return D * kBlockQ + kBlockK * kBlockQ + kBlockQ * D + 3 * kBlockQ;
+}
+int64_t backward_tile_scratch(int64_t D) {
+  return 2 * D * kBlockK + 2 * kBlockQ * kBlockK + 2 * kBlockK * D;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tile products C (+)= A B. B is row-major with unit column stride (row k at b + k * ldb), C is
 // row-major (row m at c + m * ldc). A is either row-major, A(m, k) = a[m * lda + k], or read
@@ -235,11 +262,10 @@ MINIGPT_INLINE void gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t ld
 
 // Cuts units [0, n) into at most `workers` contiguous ranges of near-equal total cost; returns
 // the range bounds (size ranges + 1). Deterministic: depends only on the costs and the count.
-std::vector<int64_t> split_by_cost(const std::vector<int64_t>& cost, int64_t workers) {
-  const int64_t n = static_cast<int64_t>(cost.size());
+std::vector<int64_t> split_by_cost(const int64_t* cost, int64_t n, int64_t workers) {
   workers = std::max<int64_t>(1, std::min(workers, n));
   int64_t total = 0;
-  for (int64_t c : cost) total += c;
+  for (int64_t u = 0; u < n; ++u) total += cost[u];
   std::vector<int64_t> bounds{0};
   int64_t prefix = 0;
   for (int64_t u = 0; u < n; ++u) {
@@ -274,15 +300,16 @@ int64_t first_query_tile(const AttentionParams& p, int64_t j0) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward (Alg. 1) for units [u0, u1), unit = (b * Hq + h) * query_tiles + i. kD > 0 fixes the
-// head dim at compile time so the loops over it have constant trip counts; kD == 0 reads p.D.
+// Forward (Alg. 1) for units [u0, u1), unit = (b * Hq + h) * query_tiles + i, with this worker's
+// forward_tile_scratch(D) elements at scratch. kD > 0 fixes the head dim at compile time so the
+// loops over it have constant trip counts; kD == 0 reads p.D.
 // The scores are computed transposed, S^T = K_j Q_i^T (keys x queries), so the online
 // softmax runs down columns and every query row's max and sum live in one vector lane: no
 // horizontal reductions. The scale is applied exactly as the backward applies it when it
 // rebuilds P from lse (s * scale - lse), so that both passes round the scores alike. O~ += P V_j then reads P^T through the transposed A layout.
 template <typename T, typename LseT, int kD>
 MINIGPT_INLINE void forward_units(const AttentionParams& p, T* out, const Strides4& os, LseT* lse,
-                                  int64_t u0, int64_t u1) {
+                                  T* scratch, int64_t u0, int64_t u1) {
   constexpr int W = kLanes<T>;
   const int64_t D = kD > 0 ? kD : p.D;
   const int64_t G = p.group_size();
@@ -293,8 +320,8 @@ MINIGPT_INLINE void forward_units(const AttentionParams& p, T* out, const Stride
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
 
-  std::vector<T> scratch(D * kBlockQ + kBlockK * kBlockQ + kBlockQ * D + 3 * kBlockQ);
-  T* qt = scratch.data();           // (D, kBlockQ): Q_i^T, zero-padded columns
+  std::fill(scratch, scratch + forward_tile_scratch(D), T(0));
+  T* qt = scratch;                  // (D, kBlockQ): Q_i^T, zero-padded columns
   T* st = qt + D * kBlockQ;         // (kBlockK, kBlockQ): S^T, then P~^T in place
   T* acc = st + kBlockK * kBlockQ;  // (kBlockQ, D): O~
   T* row_max = acc + kBlockQ * D;
@@ -372,12 +399,14 @@ MINIGPT_INLINE void forward_units(const AttentionParams& p, T* out, const Stride
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward (Alg. 2) for units [u0, u1), unit = (b * Hkv + kvh) * key_tiles + j. dQ goes to
-// dq_part, this worker's float buffer covering the (b, kv head) pairs from pair_first on, laid
-// out (pair - pair_first, g, Tq, D).
+// Backward (Alg. 2) for units [u0, u1), unit = (b * Hkv + kvh) * key_tiles + j, with this
+// worker's backward_tile_scratch(D) elements at scratch. dQ goes to dq_part, this worker's
+// zero-filled buffer covering the (b, kv head) pairs from pair_first on, laid out
+// (pair - pair_first, g, Tq, D).
 template <typename T, int kD>
 MINIGPT_INLINE void backward_units(const AttentionParams& p, const T* lse, const T* delta,
-                                   T* dq_part, int64_t pair_first, int64_t u0, int64_t u1) {
+                                   T* dq_part, T* scratch, int64_t pair_first, int64_t u0,
+                                   int64_t u1) {
   constexpr int W = kLanes<T>;
   const int64_t D = kD > 0 ? kD : p.D;
   const int64_t G = p.group_size();
@@ -391,8 +420,8 @@ MINIGPT_INLINE void backward_units(const AttentionParams& p, const T* lse, const
   T* dk = static_cast<T*>(p.dk);
   T* dv = static_cast<T*>(p.dv);
 
-  std::vector<T> scratch(2 * D * kBlockK + 2 * kBlockQ * kBlockK + 2 * kBlockK * D);
-  T* kt = scratch.data();            // (D, kBlockK): K_j^T, zero-padded columns
+  std::fill(scratch, scratch + backward_tile_scratch(D), T(0));
+  T* kt = scratch;                   // (D, kBlockK): K_j^T, zero-padded columns
   T* vt = kt + D * kBlockK;          // (D, kBlockK): V_j^T
   T* pt = vt + D * kBlockK;          // (kBlockQ, kBlockK): S, then P
   T* ds = pt + kBlockQ * kBlockK;    // (kBlockQ, kBlockK): dP, then scale * dS
@@ -474,23 +503,24 @@ MINIGPT_INLINE void backward_units(const AttentionParams& p, const T* lse, const
 
 template <typename T, typename LseT>
 MINIGPT_INLINE void forward_dispatch(const AttentionParams& p, T* out, const Strides4& os,
-                                     LseT* lse, int64_t u0, int64_t u1) {
+                                     LseT* lse, T* scratch, int64_t u0, int64_t u1) {
   switch (p.D) {
-    case 32: return forward_units<T, LseT, 32>(p, out, os, lse, u0, u1);
-    case 64: return forward_units<T, LseT, 64>(p, out, os, lse, u0, u1);
-    case 128: return forward_units<T, LseT, 128>(p, out, os, lse, u0, u1);
-    default: return forward_units<T, LseT, 0>(p, out, os, lse, u0, u1);
+    case 32: return forward_units<T, LseT, 32>(p, out, os, lse, scratch, u0, u1);
+    case 64: return forward_units<T, LseT, 64>(p, out, os, lse, scratch, u0, u1);
+    case 128: return forward_units<T, LseT, 128>(p, out, os, lse, scratch, u0, u1);
+    default: return forward_units<T, LseT, 0>(p, out, os, lse, scratch, u0, u1);
   }
 }
 
 template <typename T>
 MINIGPT_INLINE void backward_dispatch(const AttentionParams& p, const T* lse, const T* delta,
-                                      T* dq_part, int64_t pair_first, int64_t u0, int64_t u1) {
+                                      T* dq_part, T* scratch, int64_t pair_first, int64_t u0,
+                                      int64_t u1) {
   switch (p.D) {
-    case 32: return backward_units<T, 32>(p, lse, delta, dq_part, pair_first, u0, u1);
-    case 64: return backward_units<T, 64>(p, lse, delta, dq_part, pair_first, u0, u1);
-    case 128: return backward_units<T, 128>(p, lse, delta, dq_part, pair_first, u0, u1);
-    default: return backward_units<T, 0>(p, lse, delta, dq_part, pair_first, u0, u1);
+    case 32: return backward_units<T, 32>(p, lse, delta, dq_part, scratch, pair_first, u0, u1);
+    case 64: return backward_units<T, 64>(p, lse, delta, dq_part, scratch, pair_first, u0, u1);
+    case 128: return backward_units<T, 128>(p, lse, delta, dq_part, scratch, pair_first, u0, u1);
+    default: return backward_units<T, 0>(p, lse, delta, dq_part, scratch, pair_first, u0, u1);
   }
 }
 
@@ -498,31 +528,31 @@ MINIGPT_INLINE void backward_dispatch(const AttentionParams& p, const T* lse, co
 // the run-time head dim only: it is the fallback, and float64 is for gradcheck.
 
 template <typename T, typename LseT>
-void forward_portable(const AttentionParams& p, T* out, const Strides4& os, LseT* lse, int64_t u0,
-                      int64_t u1) {
-  forward_units<T, LseT, 0>(p, out, os, lse, u0, u1);
+void forward_portable(const AttentionParams& p, T* out, const Strides4& os, LseT* lse, T* scratch,
+                      int64_t u0, int64_t u1) {
+  forward_units<T, LseT, 0>(p, out, os, lse, scratch, u0, u1);
 }
 
 template <typename T>
 void backward_portable(const AttentionParams& p, const T* lse, const T* delta, T* dq_part,
-                       int64_t pair_first, int64_t u0, int64_t u1) {
-  backward_units<T, 0>(p, lse, delta, dq_part, pair_first, u0, u1);
+                       T* scratch, int64_t pair_first, int64_t u0, int64_t u1) {
+  backward_units<T, 0>(p, lse, delta, dq_part, scratch, pair_first, u0, u1);
 }
 
 #if defined(__x86_64__) || defined(__i386__)
 #define MINIGPT_HAVE_AVX2_PATH 1
 
 __attribute__((target("avx2,fma"))) void forward_avx2(const AttentionParams& p, float* out,
-                                                      const Strides4& os, float* lse, int64_t u0,
-                                                      int64_t u1) {
-  forward_dispatch<float, float>(p, out, os, lse, u0, u1);
+                                                      const Strides4& os, float* lse,
+                                                      float* scratch, int64_t u0, int64_t u1) {
+  forward_dispatch<float, float>(p, out, os, lse, scratch, u0, u1);
 }
 
 __attribute__((target("avx2,fma"))) void backward_avx2(const AttentionParams& p, const float* lse,
                                                        const float* delta, float* dq_part,
-                                                       int64_t pair_first, int64_t u0,
-                                                       int64_t u1) {
-  backward_dispatch<float>(p, lse, delta, dq_part, pair_first, u0, u1);
+                                                       float* scratch, int64_t pair_first,
+                                                       int64_t u0, int64_t u1) {
+  backward_dispatch<float>(p, lse, delta, dq_part, scratch, pair_first, u0, u1);
 }
 #endif
 
@@ -549,21 +579,26 @@ template <typename T, typename LseT>
 void run_forward(const AttentionParams& p, T* out, const Strides4& os, LseT* lse) {
   const int64_t query_tiles = ceil_div(p.Tq, kBlockQ);
   const int64_t key_tiles = ceil_div(p.Tk, kBlockK);
-  std::vector<int64_t> cost(p.B * p.Hq * query_tiles);
-  for (int64_t u = 0; u < static_cast<int64_t>(cost.size()); ++u) {
+  const int64_t units = p.B * p.Hq * query_tiles;
+  Scratch<int64_t> cost(units);
+  for (int64_t u = 0; u < units; ++u) {
     const int64_t r0 = (u % query_tiles) * kBlockQ;
     const int64_t tiles =
         p.causal ? ceil_div(visible_key_end(p, r0, std::min(kBlockQ, p.Tq - r0)), kBlockK)
                  : key_tiles;
-    cost[u] = 1 + tiles;  // + 1: the tile's setup and final normalisation
+    cost.data()[u] = 1 + tiles;  // + 1: the tile's setup and final normalisation
   }
-  run_ranges(split_by_cost(cost, at::get_num_threads()), [&](int64_t, int64_t u0, int64_t u1) {
+  const std::vector<int64_t> bounds = split_by_cost(cost.data(), units, at::get_num_threads());
+  const int64_t tile_scratch = forward_tile_scratch(p.D);
+  Scratch<T> scratch((static_cast<int64_t>(bounds.size()) - 1) * tile_scratch);
+  run_ranges(bounds, [&](int64_t w, int64_t u0, int64_t u1) {
+    T* s = scratch.data() + w * tile_scratch;
 #ifdef MINIGPT_HAVE_AVX2_PATH
     if constexpr (std::is_same_v<T, float> && std::is_same_v<LseT, float>) {
-      if (use_avx2()) return forward_avx2(p, out, os, lse, u0, u1);
+      if (use_avx2()) return forward_avx2(p, out, os, lse, s, u0, u1);
     }
 #endif
-    forward_portable<T, LseT>(p, out, os, lse, u0, u1);
+    forward_portable<T, LseT>(p, out, os, lse, s, u0, u1);
   });
 }
 
@@ -576,21 +611,21 @@ void run_backward(const AttentionParams& p) {
 
   // lse as the backward's working type. The float32 lse of the op's contract would cap float64
   // gradients at float32 accuracy, so in float64 the row statistics are recomputed in double.
-  std::vector<T> lse_own;
+  std::optional<Scratch<T>> lse_own;
   const T* lse = nullptr;
   if constexpr (std::is_same_v<T, float>) {
     lse = p.lse;
   } else {
-    lse_own.resize(rows);
-    std::vector<T> out_scratch(rows * D);
+    lse_own.emplace(rows);
+    Scratch<T> out_scratch(rows * D);
     const Strides4 scratch_stride{p.Hq * p.Tq * D, p.Tq * D, D};
-    run_forward<T, T>(p, out_scratch.data(), scratch_stride, lse_own.data());
-    lse = lse_own.data();
+    run_forward<T, T>(p, out_scratch.data(), scratch_stride, lse_own->data());
+    lse = lse_own->data();
   }
 
   // delta_i = rowsum(dO_i * O_i), the softmax-Jacobian term of dS. Alg. 2 computes it before its
   // main loop too: it depends on the row only, not on the key tile.
-  std::vector<T> delta(rows);
+  Scratch<T> delta(rows);
   at::parallel_for(0, rows, 256, [&](int64_t r_begin, int64_t r_end) {
     for (int64_t row = r_begin; row < r_end; ++row) {
       const int64_t t = row % p.Tq, h = (row / p.Tq) % p.Hq, b = row / (p.Tq * p.Hq);
@@ -599,34 +634,47 @@ void run_backward(const AttentionParams& p) {
       // Summed in double: dP - delta cancels, so delta's rounding error lands in every dS.
       double sum = 0;
       for (int64_t d = 0; d < D; ++d) sum += static_cast<double>(o[d]) * g[d];
-      delta[row] = static_cast<T>(sum);
+      delta.data()[row] = static_cast<T>(sum);
     }
   });
 
   const int64_t key_tiles = ceil_div(p.Tk, kBlockK);
   const int64_t query_tiles = ceil_div(p.Tq, kBlockQ);
   const int64_t pairs = p.B * p.Hkv;
-  std::vector<int64_t> cost(pairs * key_tiles);
-  for (int64_t u = 0; u < static_cast<int64_t>(cost.size()); ++u) {
+  const int64_t units = pairs * key_tiles;
+  Scratch<int64_t> cost(units);
+  for (int64_t u = 0; u < units; ++u) {
     const int64_t j0 = (u % key_tiles) * kBlockK;
-    cost[u] = 1 + G * (query_tiles - std::min(query_tiles, first_query_tile(p, j0)));
+    cost.data()[u] = 1 + G * (query_tiles - std::min(query_tiles, first_query_tile(p, j0)));
   }
-  const std::vector<int64_t> bounds = split_by_cost(cost, at::get_num_threads());
+  const std::vector<int64_t> bounds = split_by_cost(cost.data(), units, at::get_num_threads());
   const int64_t workers = static_cast<int64_t>(bounds.size()) - 1;
   const int64_t head_size = p.Tq * D;  // elements of one head's dQ
 
-  std::vector<std::vector<T>> dq_parts(workers);
+  // Worker w's dQ part covers the (b, kv head) pairs its units touch, pair_first(w) to
+  // pair_last(w), G query heads each. All parts share one allocation, as do the tile buffers.
+  auto pair_first = [&](int64_t w) { return bounds[w] / key_tiles; };
+  auto pair_last = [&](int64_t w) { return (bounds[w + 1] - 1) / key_tiles; };
+  std::vector<int64_t> part_offset(workers + 1, 0);
+  for (int64_t w = 0; w < workers; ++w) {
+    const int64_t size =
+        bounds[w] == bounds[w + 1] ? 0 : (pair_last(w) - pair_first(w) + 1) * G * head_size;
+    part_offset[w + 1] = part_offset[w] + size;
+  }
+  Scratch<T> dq_parts(part_offset[workers]);
+  const int64_t tile_scratch = backward_tile_scratch(D);
+  Scratch<T> scratch(workers * tile_scratch);
   run_ranges(bounds, [&](int64_t w, int64_t u0, int64_t u1) {
     if (u0 == u1) return;
-    const int64_t pair_first = u0 / key_tiles, pair_last = (u1 - 1) / key_tiles;
-    dq_parts[w].assign((pair_last - pair_first + 1) * G * head_size, T(0));
+    T* part = dq_parts.data() + part_offset[w];
+    std::fill(part, dq_parts.data() + part_offset[w + 1], T(0));
+    T* s = scratch.data() + w * tile_scratch;
 #ifdef MINIGPT_HAVE_AVX2_PATH
     if constexpr (std::is_same_v<T, float>) {
-      if (use_avx2())
-        return backward_avx2(p, lse, delta.data(), dq_parts[w].data(), pair_first, u0, u1);
+      if (use_avx2()) return backward_avx2(p, lse, delta.data(), part, s, pair_first(w), u0, u1);
     }
 #endif
-    backward_portable<T>(p, lse, delta.data(), dq_parts[w].data(), pair_first, u0, u1);
+    backward_portable<T>(p, lse, delta.data(), part, s, pair_first(w), u0, u1);
   });
 
   // dQ = sum over workers, in worker order, of the parts covering each (b, kv head) pair.
@@ -639,9 +687,9 @@ void run_backward(const AttentionParams& p) {
       parts.clear();
       for (int64_t w = 0; w < workers; ++w) {
         if (bounds[w] == bounds[w + 1]) continue;
-        const int64_t first = bounds[w] / key_tiles, last = (bounds[w + 1] - 1) / key_tiles;
-        if (first <= pair && pair <= last)
-          parts.push_back(dq_parts[w].data() + ((pair - first) * G + g) * head_size);
+        if (pair_first(w) <= pair && pair <= pair_last(w))
+          parts.push_back(dq_parts.data() + part_offset[w] +
+                          ((pair - pair_first(w)) * G + g) * head_size);
       }
       T* dq_h = dq + b * p.dq_stride.b + h * p.dq_stride.h;
       for (int64_t t = 0; t < p.Tq; ++t)

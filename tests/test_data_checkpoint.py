@@ -2,6 +2,8 @@
 
 import hashlib
 import os
+import subprocess
+import sys
 import urllib.request
 
 import numpy as np
@@ -97,6 +99,42 @@ def test_import_file_checks_hash(tmp_path):
     fake.write_text("hello")
     with pytest.raises(DataError, match="not tiny Shakespeare"):
         data.import_shakespeare(fake)
+
+
+def test_data_command_line_imports_and_downloads(tmp_path, monkeypatch, capsys):
+    """python -m minigpt.data: --import-file PATH and the download, exit codes 0 and 2."""
+    payload = b"First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50
+    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", hashlib.sha256(payload).hexdigest())
+    copy = tmp_path / "copy.txt"
+    copy.write_bytes(payload)
+    assert data.main(["--import-file", str(copy)]) == 0
+    assert capsys.readouterr().out.strip() == str(data.shakespeare_path())
+    assert data.shakespeare_path().read_bytes() == payload
+
+    wrong = tmp_path / "wrong.txt"
+    wrong.write_bytes(payload + b"!")
+    assert data.main(["--import-file", str(wrong)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(wrong) in err and "sha256" in err
+    assert data.main(["--import-file", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt" in capsys.readouterr().err
+
+    data.shakespeare_path().unlink()
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: _Response(payload))
+    assert data.main([]) == 0 and data.shakespeare_path().read_bytes() == payload
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: _Response(b"other"))
+    data.shakespeare_path().unlink()
+    assert data.main([]) == 2 and "sha256" in capsys.readouterr().err
+
+
+def test_data_module_runs_as_a_script(tmp_path):
+    wrong = tmp_path / "wrong.txt"
+    wrong.write_text("not the corpus")
+    r = subprocess.run([sys.executable, "-m", "minigpt.data", "--import-file", str(wrong)],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "MINIGPT_CACHE_DIR": str(tmp_path / "cache")})
+    assert r.returncode == 2 and "not tiny Shakespeare" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "cache" / "data" / "tinyshakespeare.txt").exists()
 
 
 def test_batch_sampler_shapes_and_shift():

@@ -27,7 +27,22 @@ def test_shapes_and_loss():
 def test_weight_tying_and_param_count():
     model = tiny()
     assert model.lm_head.weight is model.transformer.wte.weight
-    assert model.num_params() == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("kw, expected", [
+    # The default preset shakespeare_char (0.8M in the README): V=65, C=128, 4 layers, 4 heads.
+    # wte 65*128 (tied with lm_head); per layer ln_1 128, c_attn 128*384, c_proj 128*128,
+    # ln_2 128, c_fc 128*512, mlp c_proj 512*128; ln_f 128.
+    (dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128),
+     65 * 128 + 4 * (128 + 128 * 384 + 128 * 128 + 128 + 2 * 128 * 512) + 128),
+    # GQA shrinks c_attn to (4 + 2 * 1) heads of 8; biases add 128 + 4*32 + 6*8 + 32 + 32 per
+    # layer (two LayerNorms, c_fc, c_attn, c_proj, mlp c_proj) and 32 for ln_f.
+    (dict(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_kv_head=1, n_embd=32, bias=True),
+     50 * 32 + 2 * (2 * 32 + 32 * 48 + 32 * 32 + 2 * 32 * 128) + 2 * (2 * 32 + 128 + 48 + 32 + 32)
+     + 2 * 32),
+])
+def test_num_params_by_hand(kw, expected):
+    assert GPT(GPTConfig(**kw)).num_params() == expected
 
 
 def test_gqa_projection_sizes():
@@ -99,6 +114,21 @@ def test_generate_with_and_without_cache_agree():
     b = model.generate(prompt, 25, temperature=0.0, use_cache=False)
     assert a.shape == (2, 29)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", [None, "sdpa", "naive"], ids=["default", "sdpa", "naive"])
+def test_generate_with_and_without_cache_agree_float32_sampled(backend):
+    """What sample.py does: float32, temperature / top-k / top-p sampling from a seeded
+    generator; --no-cache gives the same tokens as the KV cache."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_kv_head=2,
+                          n_embd=32, attn_backend=backend)).eval()
+    prompt = torch.randint(50, (1, 5), generator=torch.Generator().manual_seed(1))
+    for seed in range(4):
+        runs = [model.generate(prompt, 30, temperature=0.9, top_k=20, top_p=0.95,
+                               generator=torch.Generator().manual_seed(seed), use_cache=c)
+                for c in (True, False)]
+        assert runs[0].shape == (1, 35) and torch.equal(runs[0], runs[1]), seed
 
 
 def test_generate_same_seed_same_tokens():

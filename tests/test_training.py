@@ -44,17 +44,22 @@ def test_training_reduces_loss_and_writes_logs(text_file, tmp_path):
     assert state["iter_num"] == 40 and state["best_val_loss"] == result.best_val_loss
 
 
-def test_resume_is_exact(text_file, tmp_path):
-    """N steps, then N more with --resume, equals 2N steps in one go, bit for bit."""
-    torch.use_deterministic_algorithms(True)
-    try:
-        full = tiny_cfg(text_file, tmp_path / "full", max_iters=20, lr_decay_iters=20)
-        train(full, log=lambda *a: None)
-        half = tiny_cfg(text_file, tmp_path / "half", max_iters=10, lr_decay_iters=20)
-        train(half, log=lambda *a: None)
-        train(replace(half, max_iters=20, resume=True), log=lambda *a: None)
-    finally:
-        torch.use_deterministic_algorithms(False)
+@pytest.mark.parametrize("backend", [None, "sdpa"], ids=["default", "sdpa"])
+def test_resume_is_exact(text_file, tmp_path, backend):
+    """N steps, then N more with --resume, equals 2N steps in one go, bit for bit: with the
+    default backend ("ext" when built) at the default thread count, and with "sdpa"."""
+    if backend is None:
+        from minigpt import attention_backends
+
+        report = attention_backends()
+        assert report["default"] == ("ext" if report["ext"]["available"] else "sdpa")
+    full = tiny_cfg(text_file, tmp_path / "full", max_iters=20, lr_decay_iters=20,
+                    attn_backend=backend)
+    train(full, log=lambda *a: None)
+    half = tiny_cfg(text_file, tmp_path / "half", max_iters=10, lr_decay_iters=20,
+                    attn_backend=backend)
+    train(half, log=lambda *a: None)
+    train(replace(half, max_iters=20, resume=True), log=lambda *a: None)
     a = load_checkpoint(tmp_path / "full" / "ckpt.pt")
     b = load_checkpoint(tmp_path / "half" / "ckpt.pt")
     assert a["iter_num"] == b["iter_num"] == 20
@@ -183,3 +188,74 @@ def test_skip_nonfinite_counts_and_continues(text_file, tmp_path, monkeypatch):
     assert result.iters == 12 and sum("step skipped" in m for m in msgs) == 2
     for name, t in load_checkpoint(tmp_path / "ckpt.pt")["model"].items():
         assert torch.isfinite(t).all(), name
+
+
+class _InfGradient(torch.autograd.Function):
+    """Identity forward; the backward sends an inf gradient: a finite loss, an inf grad norm."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def _inf_gradient_at(monkeypatch, steps):
+    from minigpt.model import GPT
+
+    real, calls = GPT.forward, {"n": 0}
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        logits, loss = real(self, idx, targets, kv_cache)
+        if self.training and targets is not None:
+            calls["n"] += 1
+            if calls["n"] - 1 in steps:
+                loss = _InfGradient.apply(loss)
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", forward)
+
+
+def test_inf_gradient_stops_and_keeps_last_good_checkpoint(text_file, tmp_path, monkeypatch):
+    from minigpt.training import NonFiniteLossError
+
+    _inf_gradient_at(monkeypatch, {13})
+    msgs = []
+    with pytest.raises(NonFiniteLossError, match="step 13"):
+        train(tiny_cfg(text_file, tmp_path, max_iters=20), log=msgs.append)
+    state = load_checkpoint(tmp_path / "ckpt.pt")
+    assert state["iter_num"] == 10
+    for name, t in state["model"].items():
+        assert torch.isfinite(t).all(), name
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows if r.get("event") == "nonfinite"] == [13]
+
+
+TRAIN_WITH_NAN = """
+import runpy, sys
+from minigpt.model import GPT
+real, calls = GPT.forward, [0]
+def forward(self, idx, targets=None, kv_cache=None):  # NaN loss from training step 7 on
+    logits, loss = real(self, idx, targets, kv_cache)
+    if self.training and targets is not None:
+        calls[0] += 1
+        if calls[0] > 7:
+            loss = loss * float("nan")
+    return logits, loss
+GPT.forward = forward
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_train_script_exits_1_on_a_nonfinite_stop(text_file, tmp_path):
+    r = run(["-c", TRAIN_WITH_NAN, "--data", str(text_file), "--out-dir", str(tmp_path),
+             "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "16",
+             "--batch-size", "4", "--max-iters", "10", "--eval-interval", "5", "--eval-iters", "1",
+             "--no-progress"])
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    assert "step 7" in r.stderr and "Traceback" not in r.stderr
+    assert load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 5  # the last good checkpoint

@@ -171,9 +171,20 @@ def test_head_importance_is_zero_for_a_head_removed_by_hand():
         heads.parse_mask(["1-0"], 2, 4)
 
 
-def image_shape(path) -> tuple:
-    """The (height, width, channels) of a PNG, read back: it is a real image."""
-    return matplotlib.image.imread(str(path)).shape
+def assert_picture(path, min_h, min_w, colours):
+    """A PNG of at least min_h x min_w pixels, not blank, showing every colour (RGB in [0, 1])
+    of `colours` in at least 20 pixels."""
+    rgb = matplotlib.image.imread(str(path))[..., :3]
+    h, w = rgb.shape[:2]
+    assert h >= min_h and w >= min_w, (h, w)
+    assert (rgb.min(-1) < 0.9).mean() > 0.02, "the picture is (nearly) blank"
+    for name, colour in colours.items():
+        close = (abs(rgb - torch.tensor(colour).numpy()).max(-1) < 0.04).sum()
+        assert close >= 20, f"{name} {colour}: {close} pixels"
+
+
+VIRIDIS_MAX = (0.993, 0.906, 0.144)   # probability 1
+HATCH_GREY = (0.933, 0.933, 0.933)    # #eeeeee behind the masked (future) cells
 
 
 def test_labels_make_whitespace_visible():
@@ -201,8 +212,10 @@ def test_draw_attention_crops_to_block_size(tmp_path):
     assert info["tokens"] == 16 and info["total"] == 40 and info["layer"] == 1
     assert info["maps"].shape == (2, 16, 16)
     torch.testing.assert_close(info["maps"].sum(-1), torch.ones(2, 16), atol=1e-6, rtol=0)
-    h, w, c = image_shape(tmp_path / "attn.png")
-    assert w > 600 and h > 300 and c in (3, 4)
+    # Each window's first query sees only itself: probability 1, viridis's brightest yellow.
+    assert torch.all(info["maps"][:, 0, 0] == 1)
+    assert_picture(tmp_path / "attn.png", 300, 600,
+                   {"probability 1": VIRIDIS_MAX, "causal mask": HATCH_GREY})
     with pytest.raises(ValueError, match="head 4"):
         draw_attention(model, tok, ids, tmp_path / "x.png", heads=[4])
 
@@ -210,7 +223,9 @@ def test_draw_attention_crops_to_block_size(tmp_path):
 def test_head_importance_heatmap(tmp_path):
     inc = torch.tensor([[0.5, -0.01, float("nan")], [0.002, 0.0, 0.1]])
     plot_head_importance(inc, tmp_path / "h.png", base_loss=1.5, masked=inc.isnan())
-    assert len(image_shape(tmp_path / "h.png")) == 3
+    # The largest increase at the red end of RdBu_r; the masked head in grey (#bbbbbb).
+    assert_picture(tmp_path / "h.png", 200, 300,
+                   {"largest increase": (0.404, 0.0, 0.122), "masked": (0.733, 0.733, 0.733)})
 
 
 def test_plot_reads_the_last_run_of_a_metrics_log(tmp_path, capsys):
@@ -227,7 +242,7 @@ def test_plot_reads_the_last_run_of_a_metrics_log(tmp_path, capsys):
     assert log["runs"] == 2 and [r["iter"] for r in log["rows"]] == [0, 50, 100]
     assert log["rows"][-1]["val_loss"] == 2.0
     assert plot.main([str(tmp_path)]) == 0
-    assert len(image_shape(tmp_path / "curves.png")) == 3
+    assert_picture(tmp_path / "curves.png", 500, 700, CURVE_COLOURS)
     assert plot.main([str(tmp_path / "missing")]) == 2
     assert "error" in capsys.readouterr().err
 
@@ -252,8 +267,12 @@ def tiny_run(tmp_path_factory):
     return base / "out"
 
 
+CURVE_COLOURS = {"train loss": (0.122, 0.467, 0.706), "val loss": (1.0, 0.498, 0.055),
+                 "learning rate": (0.173, 0.627, 0.173)}
+
+
 def test_training_writes_the_curves(tiny_run):
-    assert len(image_shape(tiny_run / "curves.png")) == 3
+    assert_picture(tiny_run / "curves.png", 500, 700, CURVE_COLOURS)
 
 
 def test_training_without_matplotlib_says_so(tmp_path, monkeypatch):
@@ -273,7 +292,7 @@ def test_heads_cli_table_png_and_mask(tiny_run, tmp_path, capsys):
                                 "--json", str(tmp_path / "a.json")]) == 0
     out = capsys.readouterr().out
     assert "base val loss" in out and "layer 1" in out and "increase" in out
-    assert len(image_shape(tmp_path / "a.png")) == 3
+    assert_picture(tmp_path / "a.png", 200, 300, {"largest increase": (0.404, 0.0, 0.122)})
     assert heads.main(common + ["--mask", "1:0", "--out", str(tmp_path / "b.png"),
                                 "--json", str(tmp_path / "b.json")]) == 0
     assert "masked" in capsys.readouterr().out
@@ -303,8 +322,8 @@ def test_sample_attention_map(tiny_run, tmp_path):
     assert drawn.returncode == 0, drawn.stderr
     assert drawn.stdout == plain.stdout  # the sample itself is unchanged
     assert "attention map" in drawn.stderr and "last 16 of 26 tokens" in drawn.stderr
-    h, w, _ = image_shape(tmp_path / "attn.png")
-    assert h > 200 and w > 200
+    assert_picture(tmp_path / "attn.png", 200, 200,
+                   {"probability 1": VIRIDIS_MAX, "causal mask": HATCH_GREY})
 
 
 @pytest.mark.parametrize("flags, pattern", [
