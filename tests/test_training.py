@@ -155,8 +155,8 @@ def test_ctrl_c_saves_a_checkpoint(text_file, tmp_path):
     assert 0 < state["iter_num"] < 1000000
 
 
-def _nan_at(monkeypatch, steps):
-    """Make the training loss NaN at the given (0-based) training forward calls."""
+def _corrupt_loss_at(monkeypatch, steps, corrupt):
+    """Replace the training loss by corrupt(loss) at the given (0-based) training forward calls."""
     from minigpt.model import GPT
 
     real, calls = GPT.forward, {"n": 0}
@@ -166,10 +166,15 @@ def _nan_at(monkeypatch, steps):
         if self.training and targets is not None:
             calls["n"] += 1
             if calls["n"] - 1 in steps:
-                loss = loss * float("nan")
+                loss = corrupt(loss)
         return logits, loss
 
     monkeypatch.setattr(GPT, "forward", forward)
+
+
+def _nan_at(monkeypatch, steps):
+    """Make the training loss NaN at the given (0-based) training forward calls."""
+    _corrupt_loss_at(monkeypatch, steps, lambda loss: loss * float("nan"))
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(text_file, tmp_path, monkeypatch):
@@ -203,19 +208,8 @@ class _InfGradient(torch.autograd.Function):
 
 
 def _inf_gradient_at(monkeypatch, steps):
-    from minigpt.model import GPT
-
-    real, calls = GPT.forward, {"n": 0}
-
-    def forward(self, idx, targets=None, kv_cache=None):
-        logits, loss = real(self, idx, targets, kv_cache)
-        if self.training and targets is not None:
-            calls["n"] += 1
-            if calls["n"] - 1 in steps:
-                loss = _InfGradient.apply(loss)
-        return logits, loss
-
-    monkeypatch.setattr(GPT, "forward", forward)
+    """A finite loss whose gradient is inf at the given training forward calls."""
+    _corrupt_loss_at(monkeypatch, steps, _InfGradient.apply)
 
 
 def test_inf_gradient_stops_and_keeps_last_good_checkpoint(text_file, tmp_path, monkeypatch):
