@@ -36,6 +36,7 @@ def _load_build_module():
     return module
 
 
+PLAN_FILE = "minigpt/_build_plan.txt"  # read by minigpt._ext.build_info()
 ext_modules, cmdclass = [], {}
 try:
     import torch
@@ -51,7 +52,10 @@ else:
         plan = _build.build_plan(torch)  # sets CUDA_HOME before cpp_extension is imported
     except _build.BuildError as e:
         sys.exit(f"minigpt: {e}")
-    print(plan.summary, file=sys.stderr)
+    print(plan.summary, file=sys.stderr)  # pip shows it with -v; the file keeps it for later
+    if COMPILING & set(sys.argv[1:]):
+        with open(PLAN_FILE, "w", encoding="utf-8") as fh:
+            fh.write(plan.summary + "\n")
     if plan.cpu_reason is None:
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 

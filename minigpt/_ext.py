@@ -131,6 +131,13 @@ def unavailable_reason() -> Optional[str]:
 
 
 def build_info() -> dict:
-    """The compiled module's build information (compiler, OpenMP, vector ISA, CUDA archs)."""
+    """The compiled module's build information (compiler, OpenMP, vector ISA, CUDA archs) and
+    "plan", the line setup.py printed about what it built and why (when setup.py built it)."""
     mod = module()
-    return dict(mod.build_info()) if mod is not None else {}
+    if mod is None:
+        return {}
+    info = dict(mod.build_info())
+    plan = Path(__file__).with_name("_build_plan.txt")
+    if plan.is_file():
+        info["plan"] = plan.read_text(encoding="utf-8").strip()
+    return info

@@ -442,3 +442,13 @@ def test_sdist_manifest_carries_every_header():
     headers = list((ROOT / "csrc").rglob("*.h")) + list((ROOT / "csrc").rglob("*.cuh"))
     assert headers
     assert "recursive-include csrc" in manifest and "*.h" in manifest and "*.cuh" in manifest
+
+
+@needs_ext
+def test_build_info_holds_the_build_plan_line():
+    plan = ROOT / "minigpt" / "_build_plan.txt"
+    if not plan.is_file():
+        pytest.skip("minigpt._C was not built by setup.py here")
+    info = _ext.build_info()
+    assert info["plan"].startswith("minigpt: building") and info["plan"] == plan.read_text().strip()
+    assert ("CUDA kernels" in info["plan"]) and (info["cuda"] == ("CPU and CUDA" in info["plan"]))
