@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import DataError
+from .rundir import RunDirError
 from .runtime import DTYPES, DeviceError
 from .training import PRESETS, NonFiniteLossError, TrainConfig, train
 
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
     cfg = parse_config(argv)
     try:
         result = train(cfg)
-    except (DataError, CheckpointError, DeviceError) as e:
+    except (DataError, CheckpointError, DeviceError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:

@@ -24,6 +24,7 @@ import torch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import BatchSampler, DataError, load_corpus
 from .model import GPT, GPTConfig
+from .rundir import RunDir
 from .runtime import pick_device, resolve_precision
 from .tokenizer import from_state
 
@@ -70,6 +71,8 @@ class TrainConfig:
     compile: bool = False             # torch.compile the model
     seed: int = 1337
     resume: bool = False              # continue from out_dir/ckpt.pt
+    overwrite: bool = False           # replace a checkpoint in out_dir that this run does not
+                                      # resume (without it such a run stops, nothing is lost)
     skip_nonfinite: int = 0           # skip up to this many steps whose loss or gradient is
                                       # NaN/inf (counted in the log); past it, stop
     progress: bool = True             # tqdm progress bar
@@ -185,13 +188,23 @@ class _StopRequest:
 
 
 def train(cfg: TrainConfig, log=print) -> TrainResult:
-    """Train a GPT as configured; returns a summary. See TrainConfig for every setting.
+    """Train a GPT as configured, holding cfg.out_dir for the run (see RunDir); returns a
+    summary. See TrainConfig for every setting.
 
     Raises:
+        minigpt.rundir.RunDirError: another process holds out_dir, or out_dir holds a
+            checkpoint that this run neither resumes nor overwrites.
         minigpt.data.DataError: the corpus cannot be had or used.
         minigpt.checkpoint.CheckpointError: --resume with a missing or unreadable checkpoint.
         NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
     """
+    if int(os.environ.get("RANK", "0")) != 0:  # DDP: rank 0 holds the directory for all
+        return _train(cfg, log)
+    with RunDir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite):
+        return _train(cfg, log)
+
+
+def _train(cfg: TrainConfig, log=print) -> TrainResult:
     t_start = time.perf_counter()
     device = pick_device(cfg.device)
     dist = _Dist(device)
