@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from . import _build, _ext
 
-__all__ = ["attention", "attention_backends", "BACKENDS"]
+__all__ = ["attention", "attention_backends", "BACKENDS", "resolve_backend"]
 
 BACKENDS = ("ext", "sdpa", "naive")
 _ENV_BACKEND = "MINIGPT_ATTENTION_BACKEND"
@@ -109,17 +109,21 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(B, Hkv, n_rep, T, D).reshape(B, Hkv * n_rep, T, D)
 
 
-def naive_attention(q, k, v, causal: bool, scale: float, return_probs: bool = False):
-    """The reference: softmax(scale * Q K^T + mask) V, materialising the (Tq, Tk) scores.
-    With return_probs, returns (out, probs), probs (B, Hq, Tq, Tk) (for looking at attention)."""
-    n_rep = q.shape[1] // k.shape[1]
-    k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+def attention_probs(q, k, causal: bool, scale: float) -> torch.Tensor:
+    """softmax(scale * Q K^T + mask): (B, Hq, Tq, Tk) probabilities, each query row summing to
+    1 over the keys it sees (GQA: each query head against its key head)."""
+    k = _repeat_kv(k, q.shape[1] // k.shape[1])
     att = (q @ k.transpose(-2, -1)) * scale  # (B, Hq, Tq, Tk)
     if causal:
         att = att.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
-    att = torch.softmax(att, dim=-1)
-    out = att @ v  # (B, Hq, Tq, D)
-    return (out, att) if return_probs else out
+    return torch.softmax(att, dim=-1)
+
+
+def naive_attention(q, k, v, causal: bool, scale: float) -> torch.Tensor:
+    """The reference: softmax(scale * Q K^T + mask) V, materialising the (Tq, Tk) scores
+    (attention_probs). (B, Hq, Tq, D)."""
+    probs = attention_probs(q, k, causal, scale)
+    return probs @ _repeat_kv(v, q.shape[1] // k.shape[1])  # (B, Hq, Tq, D)
 
 
 def _sdpa_attention(q, k, v, causal: bool, scale: float) -> torch.Tensor:
@@ -317,8 +321,15 @@ def _ext_unavailable_reason(device: torch.device, dtype: torch.dtype,
 _warned_fallback = False
 
 
-def _resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype,
-                     head_dim: Optional[int] = None, causal: Optional[bool] = None) -> str:
+def resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype,
+                    head_dim: Optional[int] = None, causal: Optional[bool] = None) -> str:
+    """The backend attention() runs for tensors of this device, dtype and head dim: backend
+    itself if given (else $MINIGPT_ATTENTION_BACKEND), "ext" where available, else "sdpa".
+
+    Raises:
+        ValueError: an unknown backend name.
+        RuntimeError: "ext" asked for where it is not available; the message says why.
+    """
     global _warned_fallback
     requested = backend if backend is not None else os.environ.get(_ENV_BACKEND) or None
     if requested is not None and requested not in BACKENDS:
@@ -381,7 +392,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     scale = float(scale)
-    name = _resolve_backend(backend, q.device, q.dtype, q.shape[-1], causal)
+    name = resolve_backend(backend, q.device, q.dtype, q.shape[-1], causal)
     if name == "ext":
         return _ext_attention(q, k, v, causal, scale)
     if name == "sdpa":
