@@ -7,11 +7,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minigpt.attention import attention, attention_backends
+from minigpt.attention import attention, available_backends
 
 from reference import check_rule, grad_scale, max_err, reference_attention
 
-BACKENDS = ["naive", "sdpa"] + (["ext"] if attention_backends()["ext"]["available"] else [])
+BACKENDS = available_backends(torch.device("cpu"), torch.float32)
 SETTINGS = settings(max_examples=30, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
