@@ -201,10 +201,6 @@ class TrainConfig:
                     raise ConfigError("GPTConfig", key, model[key], "is not a setting")
         return cls(model=GPTConfig.from_dict({**DEFAULT_MODEL, **model}), **d)
 
-    def lr_at(self, it: int) -> float:
-        """The learning rate at step it (see lr_at)."""
-        return lr_at(it, self)
-
 
 def _accept_flat_model_fields(cls):
     """Let cls(n_layer=2, ...) stand for cls(model=GPTConfig(n_layer=2, ...))."""
