@@ -390,8 +390,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 
 
 def attention_backends() -> dict:
-    """Report each backend of REGISTRY: ``{name: {"available": bool, "reason": str | None,
-    "summary": str}}``, for CPU float32; where a CUDA GPU is visible, also "cuda_available" and
+    """Report each backend of REGISTRY: ``{name: {"available": bool, "reason": str | None}}``,
+    for CPU float32; where a CUDA GPU is visible, also "cuda_available" and
     "cuda_reason" for bfloat16 on it (e.g. a GPU older than compute capability 8.0, or an arch
     the build lacks). "reason" says why a backend is unavailable (e.g. the build error of the
     compiled module). "ext", when available, also carries "build_info" and "cuda". Also
@@ -401,7 +401,7 @@ def attention_backends() -> dict:
     cpu = torch.device("cpu")
     for name, b in REGISTRY.items():
         why = b.unavailable(cpu, torch.float32)
-        report[name] = {"available": why is None, "reason": why, "summary": b.summary}
+        report[name] = {"available": why is None, "reason": why}
         if torch.cuda.is_available():
             cuda_why = b.unavailable(torch.device("cuda"), torch.bfloat16)
             report[name]["cuda_available"] = cuda_why is None
