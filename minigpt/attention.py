@@ -9,7 +9,8 @@ Backends:
 - ``"ext"``   our compiled kernels (C++ on CPU, CUDA on GPU; ``minigpt._C``), FlashAttention-2
   style (Dao 2023, Alg. 1 and 2): tiled, online softmax, memory linear in T. Bound as the
   custom ops ``torch.ops.minigpt.attention_forward`` / ``attention_backward`` with fake (meta)
-  and autograd formulas registered here, so ``torch.compile`` and ``torch.library.opcheck`` work.
+  and autograd formulas registered in minigpt.ops, so ``torch.compile`` and
+  ``torch.library.opcheck`` work.
 - ``"sdpa"``  PyTorch's ``torch.nn.functional.scaled_dot_product_attention``.
 - ``"naive"`` the readable reference: the explicit softmax(QK^T / sqrt(D)) V below. It builds
   the full (Tq, Tk) score matrix; tests compare every fast path against it in float64.
@@ -27,16 +28,17 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from . import _build, _ext
+from . import _build, _ext, ops
 
-__all__ = ["attention", "attention_backends", "BACKENDS"]
+__all__ = ["attention", "attention_backends", "BACKENDS", "Backend", "REGISTRY",
+           "resolve_backend", "unavailable_reason", "available_backends"]
 
-BACKENDS = ("ext", "sdpa", "naive")
 _ENV_BACKEND = "MINIGPT_ATTENTION_BACKEND"
 
 # dtypes the compiled kernels implement, per device type (DESIGN.md).
@@ -109,17 +111,21 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(B, Hkv, n_rep, T, D).reshape(B, Hkv * n_rep, T, D)
 
 
-def naive_attention(q, k, v, causal: bool, scale: float, return_probs: bool = False):
-    """The reference: softmax(scale * Q K^T + mask) V, materialising the (Tq, Tk) scores.
-    With return_probs, returns (out, probs), probs (B, Hq, Tq, Tk) (for looking at attention)."""
-    n_rep = q.shape[1] // k.shape[1]
-    k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+def attention_probs(q, k, causal: bool, scale: float) -> torch.Tensor:
+    """softmax(scale * Q K^T + mask): (B, Hq, Tq, Tk) probabilities, each query row summing to
+    1 over the keys it sees (GQA: each query head against its key head)."""
+    k = _repeat_kv(k, q.shape[1] // k.shape[1])
     att = (q @ k.transpose(-2, -1)) * scale  # (B, Hq, Tq, Tk)
     if causal:
         att = att.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
-    att = torch.softmax(att, dim=-1)
-    out = att @ v  # (B, Hq, Tq, D)
-    return (out, att) if return_probs else out
+    return torch.softmax(att, dim=-1)
+
+
+def naive_attention(q, k, v, causal: bool, scale: float) -> torch.Tensor:
+    """The reference: softmax(scale * Q K^T + mask) V, materialising the (Tq, Tk) scores
+    (attention_probs). (B, Hq, Tq, D)."""
+    probs = attention_probs(q, k, causal, scale)
+    return probs @ _repeat_kv(v, q.shape[1] // k.shape[1])  # (B, Hq, Tq, D)
 
 
 def _sdpa_attention(q, k, v, causal: bool, scale: float) -> torch.Tensor:
@@ -132,67 +138,6 @@ def _sdpa_attention(q, k, v, causal: bool, scale: float) -> torch.Tensor:
     # (Tq == 1) sees every key, so it needs no mask at all.
     mask = causal_mask(Tq, Tk, q.device) if causal and Tq > 1 else None
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
-
-def _ext_attention(q, k, v, causal: bool, scale: float) -> torch.Tensor:
-    # The kernels take any strides whose last dimension is contiguous; copy only otherwise.
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out, _ = torch.ops.minigpt.attention_forward(q, k, v, causal, scale)
-    return out
-
-
-_registered = False
-
-
-def _register_ext_ops() -> None:
-    """Fake (meta) and autograd formulas for the compiled ops (pytorch/extension-cpp's pattern),
-    so that torch.compile traces them and torch.library.opcheck passes."""
-    global _registered
-    if _registered:
-        return
-    _registered = True
-
-    @torch.library.register_fake("minigpt::attention_forward")
-    def _forward_fake(q, k, v, causal, scale):
-        B, Hq, Tq, _ = q.shape
-        return q.new_empty(q.shape), q.new_empty((B, Hq, Tq), dtype=torch.float32)
-
-    @torch.library.register_fake("minigpt::attention_backward")
-    def _backward_fake(dout, q, k, v, out, lse, causal, scale):
-        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-    def setup_context(ctx, inputs, output):
-        q, k, v, causal, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.scale = causal, scale
-        ctx.set_materialize_grads(False)  # an unused lse gets no zero-filled gradient
-
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        elif dout.stride(-1) != 1:
-            dout = dout.contiguous()
-        dq, dk, dv = torch.ops.minigpt.attention_backward(dout, q, k, v, out, lse,
-                                                          ctx.causal, ctx.scale)
-        if dlse is not None:
-            # lse_i = log sum_j exp(s_ij), so d lse_i / d s_ij = P_ij: dq_i gains
-            # scale * dlse_i * sum_j P_ij k_j (attention with v = k), and dk_j gains
-            # scale * sum_i P_ij dlse_i q_i (the dv of a backward whose dout is dlse * q).
-            pk, _ = torch.ops.minigpt.attention_forward(q, k, k, ctx.causal, ctx.scale)
-            _, _, pq = torch.ops.minigpt.attention_backward(
-                (dlse.unsqueeze(-1) * q).to(q.dtype), q, k, k, pk, lse, ctx.causal, ctx.scale)
-            dq = dq + ctx.scale * dlse.unsqueeze(-1).to(q.dtype) * pk
-            dk = dk + ctx.scale * pq
-        return dq, dk, dv, None, None
-
-    torch.library.register_autograd("minigpt::attention_forward", backward,
-                                    setup_context=setup_context)
-
-
-_ext.on_load(_register_ext_ops)
-_ext.module(jit=False)  # a built minigpt._C defines torch.ops.minigpt.* as soon as minigpt is imported
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,11 +259,70 @@ def _ext_unavailable_reason(device: torch.device, dtype: torch.dtype,
     return None
 
 
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the attention contract.
+
+    fn(q, k, v, causal, scale) -> out takes checked inputs (see attention()); unavailable(device,
+    dtype, head_dim, causal) -> None where it can run, else why not (head_dim and causal may be
+    None: "for some head dim").
+    """
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    unavailable: Callable[..., Optional[str]]
+    summary: str
+
+
+def _always(device, dtype, head_dim=None, causal=None) -> Optional[str]:
+    return None
+
+
+# The table every list of backends derives from: attention(), attention_backends(), the train
+# and profile command lines' choices, and the tests' parametrisation. The order is the order of
+# preference when none is asked for (ext where available, else sdpa; naive only on request).
+REGISTRY: Dict[str, Backend] = {b.name: b for b in (
+    Backend("ext", ops.ext_attention, _ext_unavailable_reason,
+            "minigpt's compiled kernels (minigpt._C), FlashAttention-2 style"),
+    Backend("sdpa", _sdpa_attention, _always,
+            "torch.nn.functional.scaled_dot_product_attention"),
+    Backend("naive", naive_attention, _always,
+            "the explicit softmax(QK^T/sqrt(D))V reference"),
+)}
+BACKENDS = tuple(REGISTRY)
+
+
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype,
+                       head_dim: Optional[int] = None,
+                       causal: Optional[bool] = None) -> Optional[str]:
+    """None if backend name can run on this device, dtype (and head dim), else why not.
+
+    Raises:
+        ValueError: an unknown backend name.
+    """
+    if name not in REGISTRY:
+        raise ValueError(f"attention: backend must be one of {BACKENDS}, got {name!r}")
+    return REGISTRY[name].unavailable(device, dtype, head_dim, causal)
+
+
+def available_backends(device: torch.device, dtype: torch.dtype,
+                       head_dim: Optional[int] = None) -> List[str]:
+    """The names of the backends that can run on this device and dtype, in REGISTRY's order."""
+    return [name for name in BACKENDS if unavailable_reason(name, device, dtype, head_dim) is None]
+
+
 _warned_fallback = False
 
 
-def _resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype,
-                     head_dim: Optional[int] = None, causal: Optional[bool] = None) -> str:
+def resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype,
+                    head_dim: Optional[int] = None, causal: Optional[bool] = None) -> str:
+    """The backend attention() runs for tensors of this device, dtype and head dim: backend
+    itself if given (else $MINIGPT_ATTENTION_BACKEND), "ext" where available, else "sdpa".
+
+    Raises:
+        ValueError: an unknown backend name.
+        RuntimeError: "ext" asked for where it is not available; the message says why.
+    """
     global _warned_fallback
     requested = backend if backend is not None else os.environ.get(_ENV_BACKEND) or None
     if requested is not None and requested not in BACKENDS:
@@ -381,36 +385,31 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     scale = float(scale)
-    name = _resolve_backend(backend, q.device, q.dtype, q.shape[-1], causal)
-    if name == "ext":
-        return _ext_attention(q, k, v, causal, scale)
-    if name == "sdpa":
-        return _sdpa_attention(q, k, v, causal, scale)
-    return naive_attention(q, k, v, causal, scale)
+    name = resolve_backend(backend, q.device, q.dtype, q.shape[-1], causal)
+    return REGISTRY[name].fn(q, k, v, causal, scale)
 
 
 def attention_backends() -> dict:
-    """Report each backend: ``{name: {"available": bool, "reason": str | None}}``.
-
-    "ext" is reported for CPU float32; where a CUDA GPU is visible, also "cuda_available" and
-    "cuda_reason" for it (e.g. a GPU older than compute capability 8.0, or an arch the build
-    lacks). "reason" says why a backend is unavailable (e.g. the build error of the compiled
-    module). "sdpa" and "naive" are always
-    available. Also includes "default": the backend attention() picks for CPU float32.
+    """Report each backend of REGISTRY: ``{name: {"available": bool, "reason": str | None}}``,
+    for CPU float32; where a CUDA GPU is visible, also "cuda_available" and
+    "cuda_reason" for bfloat16 on it (e.g. a GPU older than compute capability 8.0, or an arch
+    the build lacks). "reason" says why a backend is unavailable (e.g. the build error of the
+    compiled module). "ext", when available, also carries "build_info" and "cuda". Also
+    includes "default": the backend attention() picks for CPU float32.
     """
     report = {}
-    why = _ext_unavailable_reason(torch.device("cpu"), torch.float32)
-    report["ext"] = {"available": why is None, "reason": why}
-    if why is None:
+    cpu = torch.device("cpu")
+    for name, b in REGISTRY.items():
+        why = b.unavailable(cpu, torch.float32)
+        report[name] = {"available": why is None, "reason": why}
+        if torch.cuda.is_available():
+            cuda_why = b.unavailable(torch.device("cuda"), torch.bfloat16)
+            report[name]["cuda_available"] = cuda_why is None
+            report[name]["cuda_reason"] = cuda_why
+    if report["ext"]["available"]:
         info = _ext.build_info()
         report["ext"]["build_info"] = info
         report["ext"]["cuda"] = bool(info.get("cuda", False))
-    if torch.cuda.is_available():
-        cuda_why = _ext_unavailable_reason(torch.device("cuda"), torch.bfloat16)
-        report["ext"]["cuda_available"] = cuda_why is None
-        report["ext"]["cuda_reason"] = cuda_why
-    report["sdpa"] = {"available": True, "reason": None}
-    report["naive"] = {"available": True, "reason": None}
     env = os.environ.get(_ENV_BACKEND)
-    report["default"] = env if env else ("ext" if why is None else "sdpa")
+    report["default"] = env if env else next(n for n in BACKENDS if report[n]["available"])
     return report

@@ -4,7 +4,7 @@
     python -m minigpt.heads --checkpoint out/ --mask 3:1 --mask 0:2 --json heads.json
 
 Each head's output is multiplied by a gate before the layer's output projection c_proj
-(GPT.forward's head_mask); a gate of 0 removes the head. The loss on a fixed set of
+(GPT.gated_heads); a gate of 0 removes the head. The loss on a fixed set of
 validation batches is measured with every head on, then with each head masked alone; the
 difference is that head's importance. This is the ablation of Michel et al. 2019, "Are Sixteen
 Heads Really Better than One?" (removing one head at test time; they find most heads can go with
@@ -18,6 +18,7 @@ Exit codes: 0 done, 2 bad input (arguments, checkpoint, data).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -59,11 +60,13 @@ def evaluate_loss(model: GPT, batches, head_mask: Optional[torch.Tensor] = None)
     so the mean of batch means is the mean over tokens."""
     was_training = model.training
     model.eval()
+    gates = model.gated_heads(head_mask) if head_mask is not None else contextlib.nullcontext()
     try:
         total = 0.0
-        for x, y in batches:
-            _, loss = model(x, y, head_mask=head_mask)
-            total += loss.double().item()
+        with gates:
+            for x, y in batches:
+                _, loss = model(x, y)
+                total += loss.double().item()
     finally:
         model.train(was_training)
     return total / len(batches)

@@ -12,64 +12,17 @@ Attention goes through minigpt.attention (our compiled kernels, or a PyTorch fal
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
-from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention, naive_attention
-
-
-@dataclass
-class GPTConfig:
-    vocab_size: int = 65          # number of token ids (65 for tiny Shakespeare by character)
-    block_size: int = 256         # longest context the model is trained on, in tokens
-    n_layer: int = 6              # transformer blocks
-    n_head: int = 6               # query heads per attention layer
-    n_kv_head: Optional[int] = None  # key/value heads (GQA); None means n_head (plain MHA)
-    n_embd: int = 384             # residual stream width C; head_dim = n_embd // n_head
-    dropout: float = 0.0          # dropout on embeddings and residual branches (not on attention
-                                  # probabilities: the fused kernels never form them)
-    bias: bool = False            # biases in Linear and LayerNorm layers
-    rope_theta: float = 10000.0   # RoPE base: frequencies theta^(-2i/head_dim)
-    attn_backend: Optional[str] = None  # minigpt.attention backend; None picks the best
-
-    def __post_init__(self):
-        if self.n_kv_head is None:
-            self.n_kv_head = self.n_head
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head "
-                             f"({self.n_head})")
-        if (self.n_embd // self.n_head) % 2 != 0:
-            raise ValueError(f"GPTConfig: head_dim = n_embd / n_head = "
-                             f"{self.n_embd // self.n_head} must be even for RoPE")
-        if self.n_head % self.n_kv_head != 0:
-            raise ValueError(f"GPTConfig.n_head ({self.n_head}) must be a multiple of n_kv_head "
-                             f"({self.n_kv_head})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if not self.rope_theta > 0:
-            raise ValueError(f"GPTConfig.rope_theta must be positive, got {self.rope_theta!r}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+from .attention import attention, attention_probs
+from .config import GPTConfig
 
 
 class RotaryEmbedding(nn.Module):
@@ -155,28 +108,27 @@ class CausalSelfAttention(nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.backend = config.attn_backend
 
-    def forward(self, x, pos, kv_cache: Optional[KVCache] = None, layer: int = 0,
-                return_probs: bool = False, head_mask: Optional[torch.Tensor] = None):
-        """head_mask: (n_head,) multipliers of each head's output before c_proj (0 drops the
-        head, 1 keeps it; the gates xi_h of Michel et al. 2019), or None for all ones."""
+    def qkv(self, x, pos):
+        """Queries, keys and values of x (B, T, C) at positions pos (T,), RoPE applied:
+        q (B, nh, T, hd), k and v (B, nkv, T, hd), as views of one projection."""
         B, T, C = x.size()  # batch, time, channels (n_embd)
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.c_attn(x).split([nh * hd, nkv * hd, nkv * hd], dim=2)
         q = self.rotary(q.view(B, T, nh, hd), pos).transpose(1, 2)  # (B, nh, T, hd)
         k = self.rotary(k.view(B, T, nkv, hd), pos).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        return q, k, v
+
+    def forward(self, x, pos, kv_cache: Optional[KVCache] = None, layer: int = 0):
+        """x (B, T, C), pos (T,) int64, kv_cache of the model (layer: this block's index in it).
+        Returns (B, T, C)."""
+        B, T, C = x.size()
+        q, k, v = self.qkv(x, pos)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nkv, Tk, hd), Tk = cached + T
-        probs = None
-        if return_probs:  # the explicit path: the fused kernels never form the probabilities
-            y, probs = naive_attention(q, k, v, True, 1.0 / math.sqrt(hd), return_probs=True)
-        else:
-            y = attention(q, k, v, causal=True, backend=self.backend)  # (B, nh, T, hd)
-        if head_mask is not None:
-            y = y * head_mask.to(device=y.device, dtype=y.dtype).view(1, nh, 1, 1)
+        y = attention(q, k, v, causal=True, backend=self.backend)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble all head outputs side by side
-        y = self.resid_dropout(self.c_proj(y))
-        return (y, probs) if return_probs else y
+        return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
@@ -201,12 +153,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, pos, kv_cache=None, layer=0, return_probs=False, head_mask=None):
-        a = self.attn(self.ln_1(x), pos, kv_cache, layer, return_probs, head_mask)
-        a, probs = a if return_probs else (a, None)
-        x = x + a
+    def forward(self, x, pos, kv_cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), pos, kv_cache, layer)
         x = x + self.mlp(self.ln_2(x))
-        return (x, probs) if return_probs else x
+        return x
 
 
 class GPT(nn.Module):
@@ -269,10 +219,9 @@ class GPT(nn.Module):
             targets: (B, T) int64 next-token ids, or None. Ids of -1 are ignored in the loss.
             kv_cache: a KVCache for incremental decoding (see generate); idx holds only the new
                 tokens, which attend to the cached ones.
-            head_mask: (n_layer, n_head) float gates, or None (all ones). Head h of layer l has
-                its attention output multiplied by head_mask[l, h] before c_proj: 0 removes the
-                head, as in head-importance studies (Michel et al. 2019, "Are Sixteen Heads
-                Really Better than One?"; see minigpt.heads). Gradients flow to it.
+            head_mask: (n_layer, n_head) float gates, or None (all ones): forward under
+                gated_heads(head_mask), for head-importance studies (Michel et al. 2019, "Are
+                Sixteen Heads Really Better than One?"; see minigpt.heads).
 
         Returns:
             (logits, loss): logits (B, T, vocab_size) float; loss a scalar tensor or None.
@@ -282,13 +231,14 @@ class GPT(nn.Module):
                 head_mask is not of shape (n_layer, n_head).
         """
         self._check_idx(idx, kv_cache)
-        self._check_head_mask(head_mask)
+        if head_mask is not None:
+            with self.gated_heads(head_mask):
+                return self.forward(idx, targets, kv_cache)
         B, T = idx.size()
         x = self._embed(idx, kv_cache)
         pos = self._positions(T, kv_cache, idx.device)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, pos, kv_cache, layer,
-                      head_mask=None if head_mask is None else head_mask[layer])
+            x = block(x, pos, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.advance(T)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
@@ -298,12 +248,40 @@ class GPT(nn.Module):
                                    ignore_index=-1)
         return logits, loss
 
-    def _check_head_mask(self, head_mask):
+    @contextlib.contextmanager
+    def gated_heads(self, head_mask: torch.Tensor):
+        """Within the block, head h of layer l has its attention output multiplied by
+        head_mask[l, h] before c_proj (the gates xi_h of Michel et al. 2019): forward
+        pre-hooks on each c_proj, so the forward path itself carries no gates.
+
+        Args:
+            head_mask: (n_layer, n_head) float gates; 0 removes a head, 1 keeps it. Gradients
+                flow to it.
+
+        Raises:
+            ValueError: head_mask is not a tensor of shape (n_layer, n_head).
+        """
         shape = (self.config.n_layer, self.config.n_head)
-        if head_mask is not None and (not isinstance(head_mask, torch.Tensor)
-                                      or tuple(head_mask.shape) != shape):
+        if not isinstance(head_mask, torch.Tensor) or tuple(head_mask.shape) != shape:
             raise ValueError(f"GPT: head_mask must be a tensor of shape (n_layer, n_head) = "
                              f"{shape}, got {tuple(getattr(head_mask, 'shape', ()))}")
+        nh, hd = self.config.n_head, self.config.head_dim
+
+        def gate(layer):
+            def hook(module, args):
+                y = args[0]  # (B, T, C): the heads' outputs side by side
+                B, T, C = y.shape
+                g = head_mask[layer].to(device=y.device, dtype=y.dtype).view(1, 1, nh, 1)
+                return ((y.view(B, T, nh, hd) * g).view(B, T, C),)
+            return hook
+
+        handles = [block.attn.c_proj.register_forward_pre_hook(gate(layer))
+                   for layer, block in enumerate(self.transformer.h)]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _embed(self, idx, kv_cache):
         if kv_cache is not None:
@@ -342,15 +320,21 @@ class GPT(nn.Module):
             raise ValueError(f"attention_maps: idx must hold one sequence, got shape "
                              f"{tuple(idx.shape)}")
         was_training = self.training
+        backends = [block.attn.backend for block in self.transformer.h]
         self.eval()
         try:
             x = self._embed(idx, None)
             pos = self._positions(idx.shape[1], None, idx.device)
             maps = []
             for block in self.transformer.h:
-                x, probs = block(x, pos, return_probs=True)
+                q, k, _ = block.attn.qkv(block.ln_1(x), pos)
+                probs = attention_probs(q, k, True, 1.0 / math.sqrt(self.config.head_dim))
                 maps.append(probs[0].float())  # (n_head, T, T)
+                block.attn.backend = "naive"  # the next layer's input by the same explicit path
+                x = block(x, pos)
         finally:
+            for block, backend in zip(self.transformer.h, backends):
+                block.attn.backend = backend
             self.train(was_training)
         return torch.stack(maps)  # (n_layer, n_head, T, T)
 

@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .attention import BACKENDS, _ext_unavailable_reason, attention
+from .attention import BACKENDS, attention, unavailable_reason
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
            "float16": torch.float16}
@@ -253,9 +253,9 @@ def trace(path: str, B, H, Hkv, T, D, dtype, causal, device, backends) -> None:
 def _available_backends(device, dtype, wanted) -> List[str]:
     names = []
     for name in wanted:
-        if name == "ext" and _ext_unavailable_reason(device, dtype) is not None:
-            print(f"note: skipping 'ext': {_ext_unavailable_reason(device, dtype)}",
-                  file=sys.stderr)
+        why = unavailable_reason(name, device, dtype)
+        if why is not None:
+            print(f"note: skipping {name!r}: {why}", file=sys.stderr)
             continue
         names.append(name)
     return names

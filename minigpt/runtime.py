@@ -1,5 +1,6 @@
 """Runtime helpers shared by the library and its command lines: the cache directory, the choice
-of device, and the training/inference precision a device supports.
+of device, the training/inference precision a device supports, and the distributed setup that
+torchrun describes.
 
 This is a low module: it imports torch and nothing of minigpt.
 """
@@ -132,3 +133,55 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
                           f"use float16 or auto")
     dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
     return Precision(name, dtype, device.type)
+
+
+class Distributed:
+    """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK): this process's rank, the world
+    size, and the process group when there is more than one process (NCCL on CUDA, else gloo).
+    One process without torchrun: rank 0 of 1, nothing initialised."""
+
+    def __init__(self, device: torch.device):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world_size > 1
+        if self.enabled and not torch.distributed.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend=backend)
+
+    @staticmethod
+    def is_master_process() -> bool:
+        """Whether this process is rank 0 (or runs alone), readable before any setup."""
+        return int(os.environ.get("RANK", "0")) == 0
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def device_for(self, device: torch.device) -> torch.device:
+        """device, or with several CUDA processes this process's GPU (cuda:LOCAL_RANK), made
+        current."""
+        if self.enabled and device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        return device
+
+    def any(self, flag: bool) -> bool:
+        """True if flag is true on any rank, so that every rank takes the same branch."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0])
+        if torch.distributed.get_backend() == "nccl":
+            t = t.cuda()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """t summed over every rank, in place (t itself when alone)."""
+        if self.enabled:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def close(self) -> None:
+        if self.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -31,23 +31,30 @@ from .runtime import DeviceError, pick_device
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Sample text from a minigpt checkpoint.",
+    p = argparse.ArgumentParser(prog="sample.py",
+                                description="Sample text from a minigpt checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default="out/ckpt.pt",
                    help="checkpoint file, or a directory holding ckpt.pt")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default="\n", help="text to continue")
     src.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 file")
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=500)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--num-samples", type=int, default=1, help="samples to draw, one after another")
+    p.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate per sample")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="divides the logits; 0 = greedy (always the most likely token)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k most likely tokens; None = all")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample among the most likely tokens whose probabilities sum to p "
+                        "(nucleus sampling); None = all")
+    p.add_argument("--seed", type=int, default=1337, help="seeds the sampling")
+    p.add_argument("--device", default="auto",
+                   help='"auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:1", "mps"')
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    p.add_argument("--no-cache", dest="use_cache", action="store_false",
-                   help="recompute the whole context each step instead of using the KV cache")
+    p.add_argument("--cache", dest="use_cache", action=argparse.BooleanOptionalAction,
+                   default=True, help="use the KV cache; --no-cache recomputes the whole "
+                                      "context at each step")
     viz = p.add_argument_group("attention map")
     viz.add_argument("--attention-map", type=Path, metavar="PNG",
                      help="after generating, draw the attention heatmaps to this image (with "

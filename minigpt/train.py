@@ -3,122 +3,196 @@
     python train.py                                   # preset shakespeare_char, CPU-sized
     python train.py --preset shakespeare              # GPT-2 BPE tokens
     python train.py --data my.txt --max-iters 500     # any UTF-8 text file
+    python train.py --config run.toml --seed 2        # settings from a file, flags override it
     python train.py --resume                          # continue from out/ckpt.pt
     torchrun --nproc_per_node=2 train.py              # DistributedDataParallel
 
 The same command line is `minigpt-train` (installed) and `python -m minigpt.train`.
-Every TrainConfig field is a flag (--n-layer, --learning-rate, ...); a preset sets defaults that
-flags override. Exit codes: 0 done (or interrupted and saved), 1 training failed, 2 bad input
-(arguments, data, checkpoint, device).
+
+Every field of TrainConfig and of its model (GPTConfig) is a flag, generated from the dataclasses
+with the field's comment as its help: one place per setting. Settings are resolved in this
+order, each overriding the one before: TrainConfig's defaults, --preset, --config FILE (TOML or
+JSON, nested like config.json: top-level TrainConfig fields and a [model] table), then flags.
+With --resume the checkpoint's saved settings replace the defaults and the preset, and the
+model's shape and tokenizer cannot change. The resolved settings are written to
+out_dir/config.json (usable as --config). The loss curves are drawn to out_dir/curves.png when
+training ends.
+
+Exit codes: 0 done (or interrupted and saved), 1 training failed, 2 bad input (arguments, data,
+checkpoint, device, a run directory in use or holding another run).
+
+argparse with a small generator rather than jsonargparse (which litgpt uses): the flags keep
+their plain names (--n-layer rather than --model.n_layer), and the package needs no further
+dependency for its command line.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import typing
 from dataclasses import fields
 from pathlib import Path
+from typing import Optional, Tuple
 
+from .attention import BACKENDS
 from .checkpoint import CheckpointError, load_checkpoint
+from .config import (PRESETS, ConfigError, GPTConfig, TrainConfig, apply_overrides,
+                     default_settings, field_help, fixed_on_resume)
 from .data import DataError
-from .runtime import DTYPES, DeviceError
-from .training import PRESETS, NonFiniteLossError, TrainConfig, train
+from .rundir import RunDirError
+from .runtime import DTYPES, DeviceError, Distributed
+from .tokenizer import TOKENIZERS
+from .training import NonFiniteLossError, train
 
-# Fields that must be > 0, >= 0, or in a set; checked after parsing with argparse's own errors.
-_POSITIVE = {"n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "batch_size", "grad_accum",
-             "learning_rate", "eval_interval", "eval_iters", "log_interval", "rope_theta",
-             "lr_decay_iters"}
-_NON_NEGATIVE = {"max_iters", "min_lr", "warmup_iters", "weight_decay", "grad_clip",
-                 "skip_nonfinite"}
-_CHOICES = {"tokenizer": ("char", "gpt2"), "attn_backend": ("ext", "sdpa", "naive"),
-            "dtype": DTYPES}
+# Flags with a fixed set of values: argparse lists them in --help and rejects others.
+_CHOICES = {"tokenizer": TOKENIZERS, "attn_backend": BACKENDS, "dtype": DTYPES}
+# GPTConfig fields that are not flags: the vocabulary size follows from the tokenizer.
+_NOT_FLAGS = {"vocab_size"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="shakespeare_char",
-                        help="named set of defaults")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_fields(group, cls, defaults: dict) -> None:
+    """One flag per field of cls, typed from its annotation, its help from its comment."""
+    hints = typing.get_type_hints(cls)
+    docs = field_help(cls)
+    for f in fields(cls):
+        if f.name in _NOT_FLAGS or f.name == "model":
+            continue
         kind = hints[f.name]
         if typing.get_origin(kind) is typing.Union:  # Optional[X]
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        help_text = (f"{docs.get(f.name, '')} (default: {defaults[f.name]})"
+                     .replace("%", "%%"))
         if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=None)
+            group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=None, help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, type=kind, default=None,
-                                choices=_CHOICES.get(f.name))
+            group.add_argument(_flag(f.name), dest=f.name, type=kind, default=None,
+                               choices=_CHOICES.get(f.name), help=help_text,
+                               metavar=None if f.name in _CHOICES else kind.__name__.upper())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train.py", description=__doc__.split("\n\n")[0],
+        epilog="Settings resolve as defaults < --preset < --config < flags; with --resume, the "
+               "checkpoint's settings replace defaults and preset.")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="shakespeare_char",
+                        help="named overrides of the defaults (default: shakespeare_char)")
+    parser.add_argument("--config", type=Path, metavar="FILE", default=None,
+                        help="TOML or JSON file of settings, nested like out_dir/config.json; "
+                             "flags override it (default: None)")
+    defaults = default_settings()
+    _add_fields(parser.add_argument_group("training (TrainConfig)"), TrainConfig, defaults)
+    _add_fields(parser.add_argument_group("model (GPTConfig; the shape is fixed on --resume)"),
+                GPTConfig, defaults["model"])
     return parser
 
 
-# Fields that fix the model's shape: a resumed run cannot change them.
-_MODEL_FIELDS = ("tokenizer", "n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "bias",
-                 "rope_theta")
+def read_config_file(path: Path) -> dict:
+    """The settings in a TOML (.toml) or JSON (.json) file, as a dict.
+
+    Raises:
+        ValueError: another suffix, or a file that does not parse (the message says where).
+        OSError: the file cannot be read.
+    """
+    if path.suffix == ".toml":
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:
+            import tomli as tomllib
+        with open(path, "rb") as fh:
+            try:
+                return tomllib.load(fh)
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"{path}: {e}") from None
+    if path.suffix == ".json":
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: {e}") from None
+    raise ValueError(f"{path}: a config file must be .toml or .json")
+
+
+def resolve_config(argv=None) -> Tuple[TrainConfig, Optional[dict]]:
+    """Parse flags into a TrainConfig (see the module's docstring for the order), and the
+    checkpoint when resuming (read once here; train() takes it). Errors exit through
+    argparse (status 2) naming the flag."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    explicit = {k: v for k, v in vars(args).items()
+                if v is not None and k not in ("preset", "config")}
+    from_file = {}
+    if args.config is not None:
+        try:
+            from_file = read_config_file(args.config)
+        except (OSError, ValueError) as e:
+            parser.error(f"argument --config: {e}")
+    overrides = apply_overrides(from_file, explicit)
+
+    state = None
+    base = apply_overrides(default_settings(), PRESETS[args.preset])
+    if overrides.get("resume"):
+        out_dir = Path(overrides.get("out_dir", base["out_dir"]))
+        try:
+            state = load_checkpoint(out_dir / "ckpt.pt")
+        except CheckpointError as e:
+            parser.error(f"argument --resume: {e}")
+        base = TrainConfig.from_dict(state.get("train_config", {}), strict=False).to_dict()
+        flat_base = {**base, **base["model"]}
+        flat_new = {**overrides, **overrides["model"]}
+        for name in fixed_on_resume():
+            if name in flat_new and flat_new[name] != flat_base[name]:
+                parser.error(f"argument {_flag(name)}: the checkpoint's model has "
+                             f"{name}={flat_base[name]!r}; a resumed run cannot change it to "
+                             f"{flat_new[name]!r}")
+    try:
+        cfg = TrainConfig.from_dict(apply_overrides(base, overrides))
+    except ConfigError as e:
+        source = f"--config {args.config}: " if e.name not in explicit and from_file else ""
+        parser.error(f"argument {_flag(e.name)}: {source}{e.reason}")
+    return cfg, state
 
 
 def parse_config(argv=None) -> TrainConfig:
-    """Parse flags into a TrainConfig: preset defaults, then explicit flags. With --resume, the
-    checkpoint's own settings replace the preset, so a resumed run continues as it began."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    explicit = {k: v for k, v in vars(args).items() if v is not None and k != "preset"}
-    values = dict(PRESETS[args.preset])
-    if explicit.get("resume"):
-        saved = _saved_config(parser, explicit)
-        for name in _MODEL_FIELDS:
-            if name in explicit and explicit[name] != saved.get(name):
-                parser.error(f"argument --{name.replace('_', '-')}: the checkpoint's model has "
-                             f"{name}={saved.get(name)!r}; a resumed run cannot change it to "
-                             f"{explicit[name]!r}")
-        values = saved
-    values.update(explicit)
-    cfg = TrainConfig(**values)
-    for name in _POSITIVE:
-        value = getattr(cfg, name)
-        if value is not None and not value > 0:
-            parser.error(f"argument --{name.replace('_', '-')}: must be > 0, got {value}")
-    for name in _NON_NEGATIVE:
-        if not getattr(cfg, name) >= 0:
-            parser.error(f"argument --{name.replace('_', '-')}: must be >= 0, got "
-                         f"{getattr(cfg, name)}")
-    if not 0 <= cfg.dropout < 1:
-        parser.error(f"argument --dropout: must be in [0, 1), got {cfg.dropout}")
-    if cfg.min_lr > cfg.learning_rate:
-        parser.error(f"argument --min-lr: must not exceed --learning-rate ({cfg.learning_rate}),"
-                     f" got {cfg.min_lr}")
-    for b, name in ((cfg.beta1, "beta1"), (cfg.beta2, "beta2")):
-        if not 0 <= b < 1:
-            parser.error(f"argument --{name}: must be in [0, 1), got {b}")
-    if cfg.n_embd % cfg.n_head:
-        parser.error(f"argument --n-embd: must be divisible by --n-head ({cfg.n_head}), got "
-                     f"{cfg.n_embd}")
-    return cfg
+    """The TrainConfig of a command line (resolve_config without the checkpoint)."""
+    return resolve_config(argv)[0]
 
 
-def _saved_config(parser, explicit) -> dict:
-    path = Path(explicit.get("out_dir", TrainConfig.out_dir)) / "ckpt.pt"
+def draw_curves(cfg: TrainConfig, log=print) -> Optional[Path]:
+    """Draw out_dir/metrics.jsonl to out_dir/curves.png; log where, or why not (matplotlib
+    missing, no evaluations): a plot never fails a finished run."""
     try:
-        state = load_checkpoint(path)
-    except CheckpointError as e:
-        parser.error(f"argument --resume: {e}")
-    known = {f.name for f in fields(TrainConfig)}
-    return {k: v for k, v in state.get("train_config", {}).items() if k in known}
+        from .visualize import plot_metrics_file
+
+        path = plot_metrics_file(cfg.out_dir, train_config=cfg.to_dict())
+    except ImportError as e:  # matplotlib is optional at run time
+        log(f"minigpt: no loss-curve plot (matplotlib is not available: {e})")
+    except (OSError, ValueError) as e:
+        log(f"minigpt: no loss-curve plot ({e})")
+    else:
+        log(f"minigpt: loss curves in {path}")
+        return path
+    return None
 
 
 def main(argv=None) -> int:
-    cfg = parse_config(argv)
+    cfg, state = resolve_config(argv)
     try:
-        result = train(cfg)
-    except (DataError, CheckpointError, DeviceError) as e:
+        train(cfg, resume_state=state)
+    except (DataError, CheckpointError, DeviceError, RunDirError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if Distributed.is_master_process():
+        draw_curves(cfg)
     return 0
 
 

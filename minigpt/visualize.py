@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-from dataclasses import fields
 from functools import partial
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -28,6 +27,8 @@ import numpy as np
 import torch
 from matplotlib import colors
 from matplotlib.figure import Figure
+
+from .config import TrainConfig, lr_at
 
 # Whitespace and control characters drawn as visible symbols (all in matplotlib's DejaVu fonts).
 _VISIBLE = {"\n": "⏎", " ": "␣", "\t": "⇥", "\r": "\\r"}
@@ -373,11 +374,9 @@ def plot_metrics_file(metrics, out: Optional[str] = None,
     """Read a metrics.jsonl (or the directory holding it) and plot it to out (default:
     curves.png beside the log). Returns the PNG's path. Raises as read_metrics.
 
-    train_config (a TrainConfig as a dict) draws the learning-rate schedule at every iteration;
+    train_config (a TrainConfig as a dict, TrainConfig.to_dict) draws the learning-rate schedule at every iteration;
     without it, the one stored in a ckpt.pt beside the log is used if there is one.
     """
-    from .training import TrainConfig, lr_at
-
     metrics = Path(metrics)
     if metrics.is_dir():
         metrics = metrics / "metrics.jsonl"
@@ -386,9 +385,7 @@ def plot_metrics_file(metrics, out: Optional[str] = None,
         train_config = _saved_train_config(metrics.with_name("ckpt.pt"))
     lr_fn = None
     if train_config is not None:
-        known = {f.name for f in fields(TrainConfig)}
-        cfg = TrainConfig(**{k: v for k, v in train_config.items() if k in known})
-        lr_fn = partial(lr_at, cfg=cfg)
+        lr_fn = partial(lr_at, cfg=TrainConfig.from_dict(train_config, strict=False))
     out = Path(out) if out is not None else metrics.with_name("curves.png")
     title = None
     if log["runs"] > 1:

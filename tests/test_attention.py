@@ -10,7 +10,8 @@ from minigpt.attention import attention, attention_backends
 
 from reference import check_rule, grad_scale, max_err, rand_qkv, reference_attention
 
-PY_BACKENDS = ["sdpa", "naive"]
+# The backends written in PyTorch: every backend of the registry but the compiled one.
+PY_BACKENDS = [name for name in minigpt.BACKENDS if name != "ext"]
 
 # (B, Hq, Hkv, Tq, Tk, D): odd sizes, Tq < Tk (bottom-right causal), GQA and MQA, a decode step.
 SHAPES = [
@@ -92,11 +93,27 @@ def test_attention_backends_report():
     assert report["default"] in minigpt.BACKENDS
 
 
+def test_registry_is_the_one_list_of_backends():
+    from minigpt.attention import REGISTRY, available_backends, unavailable_reason
+    from minigpt.train import build_parser
+
+    assert minigpt.BACKENDS == tuple(REGISTRY) == ("ext", "sdpa", "naive")
+    choices = next(a.choices for a in build_parser()._actions if a.dest == "attn_backend")
+    assert tuple(choices) == minigpt.BACKENDS
+    cpu = torch.device("cpu")
+    report = attention_backends()
+    assert available_backends(cpu, torch.float32) == [
+        n for n in minigpt.BACKENDS if report[n]["available"]]
+    assert unavailable_reason("ext", cpu, torch.bfloat16) is not None  # CPU kernels: fp32/fp64
+    with pytest.raises(ValueError, match="backend must be one of"):
+        unavailable_reason("flash", cpu, torch.float32)
+
+
 def _t(*shape, dtype=torch.float32):
     return torch.randn(*shape).to(dtype)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "naive"])
+@pytest.mark.parametrize("backend", PY_BACKENDS)
 @pytest.mark.parametrize("args, kwargs, exc, pattern", [
     ((_t(2, 4, 8), _t(2, 4, 8, 16), _t(2, 4, 8, 16)), {}, ValueError, r"q must be 4-d.*\(2, 4, 8\)"),
     ((_t(2, 4, 8, 16), _t(3, 4, 8, 16), _t(3, 4, 8, 16)), {}, ValueError, r"batch size"),

@@ -15,7 +15,8 @@ import torch
 import minigpt
 from minigpt import _build, _ext
 attention_module = importlib.import_module("minigpt.attention")  # the module, not the function
-from minigpt.attention import _resolve_backend, attention
+from minigpt.attention import attention
+from minigpt.attention import resolve_backend as _resolve_backend
 from minigpt.model import RotaryEmbedding
 from minigpt.runtime import DeviceError, pick_device, resolve_precision
 

@@ -7,15 +7,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minigpt.attention import attention, attention_backends
+from minigpt.attention import attention, available_backends
 
 from conftest import ext_required
 from reference import check_rule, grad_scale, max_err, reference_attention
 
 # "ext" is drawn whenever it is available, and always where it is required (CI): there a missing
 # extension fails these tests rather than dropping out of them.
-BACKENDS = ["naive", "sdpa"] + (
-    ["ext"] if attention_backends()["ext"]["available"] or ext_required() else [])
+BACKENDS = available_backends(torch.device("cpu"), torch.float32)
+if ext_required() and "ext" not in BACKENDS:
+    BACKENDS.append("ext")
 # The deadline bounds each example (the largest take ~0.1 s alone) with room for a busy machine.
 SETTINGS = settings(max_examples=40, deadline=5000,
                     suppress_health_check=[HealthCheck.too_slow])

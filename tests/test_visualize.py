@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from minigpt import heads, plot
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import CharTokenizer, GPT2Tokenizer
+from minigpt.train import draw_curves
 from minigpt.training import TrainConfig, train
 from minigpt.visualize import (display_token, draw_attention, plot_head_importance,
                                read_metrics, token_labels)
@@ -264,6 +265,7 @@ def tiny_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MINIGPT_CACHE_DIR", str(base / "cache"))
         train(cfg, log=lambda *a: None)
+        draw_curves(cfg, log=lambda *a: None)
     return base / "out"
 
 
@@ -280,9 +282,11 @@ def test_training_without_matplotlib_says_so(tmp_path, monkeypatch):
     text.write_text("abc def ghi\n" * 200, encoding="utf-8")
     monkeypatch.setitem(sys.modules, "minigpt.visualize", None)  # import fails
     msgs = []
-    train(TrainConfig(data=str(text), out_dir=str(tmp_path / "out"), n_layer=1, n_head=2,
+    cfg = TrainConfig(data=str(text), out_dir=str(tmp_path / "out"), n_layer=1, n_head=2,
                       n_embd=16, block_size=8, batch_size=2, max_iters=2, eval_interval=2,
-                      eval_iters=1, progress=False, attn_backend="sdpa"), log=msgs.append)
+                      eval_iters=1, progress=False, attn_backend="sdpa")
+    train(cfg, log=msgs.append)
+    draw_curves(cfg, log=msgs.append)
     assert "no loss-curve plot" in msgs[-1] and not (tmp_path / "out" / "curves.png").exists()
 
 

@@ -1,0 +1,312 @@
+"""Settings: the model's GPTConfig, the training run's TrainConfig (which holds a GPTConfig as
+``model``), the presets, and the learning-rate schedule a TrainConfig describes.
+
+One place per field: each dataclass field carries its default and, in its trailing comment, its
+help text (``field_help`` reads it for the command line). Each config checks itself in
+``__post_init__`` and raises ConfigError naming the field and the value. Presets are overrides
+of TrainConfig's defaults, nested like the config (``{"model": {"n_layer": 6}, ...}``).
+
+This is a low module: it imports nothing of minigpt but runtime and tokenizer (names only).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, Dict, Optional, Tuple
+
+from .runtime import DTYPES
+from .tokenizer import TOKENIZERS
+
+
+class ConfigError(ValueError):
+    """A setting out of range. ``owner.name`` is the field (e.g. "TrainConfig.batch_size"),
+    ``value`` its value and ``requirement`` what it must be ("must be > 0")."""
+
+    def __init__(self, owner: str, name: str, value: Any, requirement: str):
+        self.owner, self.name, self.value, self.requirement = owner, name, value, requirement
+        super().__init__(f"{owner}.{name} {requirement}, got {value!r}")
+
+    @property
+    def reason(self) -> str:
+        """The message without the field's name: "must be > 0, got -1.0"."""
+        return f"{self.requirement}, got {self.value!r}"
+
+
+def _check(owner: str, obj, name: str, ok, requirement: str) -> None:
+    if not ok(getattr(obj, name)):
+        raise ConfigError(owner, name, getattr(obj, name), requirement)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass
+class GPTConfig:
+    """The shape of a GPT (and the two settings that may change between runs of one model:
+    dropout and attn_backend, listed in TUNABLE)."""
+
+    vocab_size: int = 65          # number of token ids (set from the tokenizer when training)
+    block_size: int = 256         # longest context the model is trained on, in tokens
+    n_layer: int = 6              # transformer blocks
+    n_head: int = 6               # query heads per attention layer
+    n_kv_head: Optional[int] = None  # key/value heads (GQA); None means n_head (plain MHA)
+    n_embd: int = 384             # residual stream width C; head_dim = n_embd // n_head
+    dropout: float = 0.0          # dropout on embeddings and residual branches (not on attention
+                                  # probabilities: the fused kernels never form them)
+    bias: bool = False            # biases in Linear and LayerNorm layers
+    rope_theta: float = 10000.0   # RoPE base: frequencies theta^(-2i/head_dim)
+    attn_backend: Optional[str] = None  # minigpt.attention backend; None picks the best
+
+    TUNABLE: ClassVar[Tuple[str, ...]] = ("dropout", "attn_backend")
+
+    def __post_init__(self):
+        """Raises ConfigError (a ValueError) naming the first field out of range."""
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        owner = "GPTConfig"
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+            _check(owner, self, name, lambda x: _is_int(x) and x > 0, "must be a positive int")
+        _check(owner, self, "n_embd", lambda x: x % self.n_head == 0,
+               f"must be divisible by n_head ({self.n_head})")
+        _check(owner, self, "n_embd", lambda x: (x // self.n_head) % 2 == 0,
+               f"must give an even head_dim = n_embd / n_head for RoPE (n_head {self.n_head})")
+        _check(owner, self, "n_head", lambda x: x % self.n_kv_head == 0,
+               f"must be a multiple of n_kv_head ({self.n_kv_head})")
+        _check(owner, self, "dropout", lambda x: _is_number(x) and 0.0 <= x < 1.0,
+               "must be in [0, 1)")
+        _check(owner, self, "rope_theta", lambda x: _is_number(x) and x > 0, "must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        """A GPTConfig from a dict such as to_dict() wrote; unknown keys are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# TrainConfig's model when none is given: the preset "shakespeare_char" (nanoGPT's CPU recipe).
+DEFAULT_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=64)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; the defaults are the preset "shakespeare_char".
+
+    The model's fields may also be given flat, as keywords: ``TrainConfig(n_layer=2)`` is
+    ``TrainConfig(model=GPTConfig(n_layer=2, <the other fields of the default model>))``.
+    """
+
+    model: GPTConfig = field(default_factory=lambda: GPTConfig(**DEFAULT_MODEL))
+    # data
+    data: Optional[str] = None        # UTF-8 text file; None = tiny Shakespeare (downloaded)
+    tokenizer: str = "char"           # "char" or "gpt2"
+    out_dir: str = "out"              # run directory: ckpt.pt, config.json, metrics.jsonl
+    # optimisation
+    batch_size: int = 32              # sequences per micro-step (per process)
+    grad_accum: int = 1               # micro-steps per optimizer step
+    max_iters: int = 1800             # optimizer steps
+    learning_rate: float = 2e-3       # peak learning rate
+    min_lr: float = 2e-4              # floor of the cosine decay
+    warmup_iters: int = 100           # linear warmup steps
+    lr_decay_iters: Optional[int] = None  # length of the cosine; None = max_iters
+    weight_decay: float = 0.1         # AdamW decay of matrices (none on biases and norms)
+    beta1: float = 0.9                # AdamW first-moment decay
+    beta2: float = 0.99               # AdamW second-moment decay
+    grad_clip: float = 1.0            # max global grad norm; 0 disables
+    # evaluation and logging
+    eval_interval: int = 300          # steps between evaluations (and checkpoints)
+    eval_iters: int = 20              # fixed batches per split per evaluation
+    log_interval: int = 10            # steps between progress-bar/log updates
+    # system
+    device: str = "auto"              # "auto" (cuda, then mps, then cpu), "cpu", "cuda", ...
+    dtype: str = "auto"               # "auto" (bf16 autocast on CUDA GPUs with bf16, float16
+                                      # autocast + GradScaler on older ones, else float32),
+                                      # "float32", "bfloat16", "float16"
+    compile: bool = False             # torch.compile the model
+    seed: int = 1337                  # seeds the model's init, the batches and dropout
+    resume: bool = False              # continue from out_dir/ckpt.pt with its saved settings
+    overwrite: bool = False           # replace a checkpoint in out_dir that this run does not
+                                      # resume (without it such a run stops, nothing is lost)
+    skip_nonfinite: int = 0           # skip up to this many steps whose loss or gradient is
+                                      # NaN/inf (counted in the log); past it, stop
+    progress: bool = True             # tqdm progress bar
+
+    # Settings that a resumed run takes from its checkpoint and cannot change (with the model's
+    # fields other than GPTConfig.TUNABLE).
+    FIXED_ON_RESUME: ClassVar[Tuple[str, ...]] = ("tokenizer",)
+
+    def __post_init__(self):
+        """Raises ConfigError (a ValueError) naming the first field out of range."""
+        if isinstance(self.model, dict):
+            self.model = GPTConfig.from_dict({**DEFAULT_MODEL, **self.model})
+        owner = "TrainConfig"
+        _check(owner, self, "model", lambda x: isinstance(x, GPTConfig), "must be a GPTConfig")
+        _check(owner, self, "tokenizer", lambda x: x in TOKENIZERS,
+               f"must be one of {', '.join(TOKENIZERS)}")
+        _check(owner, self, "dtype", lambda x: x in DTYPES, f"must be one of {', '.join(DTYPES)}")
+        for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
+            _check(owner, self, name, lambda x: _is_int(x) and x > 0, "must be > 0")
+        _check(owner, self, "lr_decay_iters", lambda x: x is None or (_is_int(x) and x > 0),
+               "must be > 0 (or None)")
+        for name in ("max_iters", "warmup_iters", "skip_nonfinite"):
+            _check(owner, self, name, lambda x: _is_int(x) and x >= 0, "must be >= 0")
+        _check(owner, self, "learning_rate", lambda x: _is_number(x) and x > 0, "must be > 0")
+        for name in ("min_lr", "weight_decay", "grad_clip"):
+            _check(owner, self, name, lambda x: _is_number(x) and x >= 0, "must be >= 0")
+        _check(owner, self, "min_lr", lambda x: x <= self.learning_rate,
+               f"must not exceed learning_rate ({self.learning_rate})")
+        for name in ("beta1", "beta2"):
+            _check(owner, self, name, lambda x: _is_number(x) and 0 <= x < 1, "must be in [0, 1)")
+
+    def to_dict(self) -> dict:
+        """Nested plain values ({"model": {...}, "batch_size": 32, ...}), JSON-ready."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, strict: bool = True) -> "TrainConfig":
+        """A TrainConfig from a dict: nested ({"model": {...}, ...}, as to_dict writes) or flat
+        (model fields beside the others, as checkpoints before the nesting stored it).
+
+        Raises:
+            ConfigError: a field out of range; with strict, also a key that is not a field.
+        """
+        d = dict(d)
+        model = dict(d.pop("model", None) or {})
+        model_names = {f.name for f in fields(GPTConfig)}
+        train_names = {f.name for f in fields(cls)} - {"model"}
+        for key in list(d):
+            if key in model_names:
+                model[key] = d.pop(key)
+            elif key not in train_names:
+                if strict:
+                    raise ConfigError("TrainConfig", key, d[key], "is not a setting")
+                d.pop(key)
+        if strict:
+            for key in model:
+                if key not in model_names:
+                    raise ConfigError("GPTConfig", key, model[key], "is not a setting")
+        return cls(model=GPTConfig.from_dict({**DEFAULT_MODEL, **model}), **d)
+
+
+def _accept_flat_model_fields(cls):
+    """Let cls(n_layer=2, ...) stand for cls(model=GPTConfig(n_layer=2, ...))."""
+    init = cls.__init__
+    model_names = {f.name for f in fields(GPTConfig)}
+
+    def __init__(self, *args, **kw):
+        flat = {k: kw.pop(k) for k in list(kw) if k in model_names}
+        if flat:
+            if kw.get("model") is not None:
+                raise TypeError(f"{cls.__name__}: give the model's fields in model= or flat, "
+                                f"not both (got model= and {', '.join(flat)})")
+            kw["model"] = GPTConfig(**{**DEFAULT_MODEL, **flat})
+        init(self, *args, **kw)
+
+    __init__.__doc__ = init.__doc__
+    __init__.__signature__ = inspect.signature(init)
+    cls.__init__ = __init__
+    return cls
+
+
+TrainConfig = _accept_flat_model_fields(TrainConfig)
+
+
+# Presets: overrides of TrainConfig's defaults. Sizes and measured results: see README.md.
+PRESETS: Dict[str, dict] = {
+    # A 2-core CPU in under 4 minutes: nanoGPT's CPU recipe (4 layers, 4 heads, 128 wide,
+    # block 64) with RoPE, no dropout, batch 32 and twice the peak learning rate. The defaults.
+    "shakespeare_char": {},
+    # The same model on GPT-2 BPE tokens (tiktoken): a 50257-token vocabulary.
+    "shakespeare": {"tokenizer": "gpt2"},
+    # nanoGPT's "baby GPT" for one GPU.
+    "shakespeare_char_gpu": {"model": dict(n_layer=6, n_head=6, n_embd=384, block_size=256,
+                                           dropout=0.2),
+                             "batch_size": 64, "max_iters": 5000, "learning_rate": 1e-3,
+                             "min_lr": 1e-4, "eval_interval": 500, "eval_iters": 200},
+}
+
+
+def default_settings() -> dict:
+    """TrainConfig's defaults as a nested dict, as given rather than resolved (the model's
+    n_kv_head stays None, so that a preset or flag changing n_head keeps plain MHA)."""
+    out = {f.name: f.default for f in fields(TrainConfig) if f.name != "model"}
+    out["model"] = {**{f.name: f.default for f in fields(GPTConfig)}, **DEFAULT_MODEL}
+    return out
+
+
+def lr_at(it: int, cfg: TrainConfig) -> float:
+    """Learning rate at step it: linear warmup to learning_rate, cosine decay to min_lr
+    (Loshchilov & Hutter 2017, SGDR, without restarts) over lr_decay_iters (default max_iters)."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+_FIELD_LINE = re.compile(r"^\s+(\w+)\s*:[^#]*#\s?(.*)$")
+_COMMENT_LINE = re.compile(r"^\s+#\s?(.*)$")
+
+
+def field_help(cls) -> Dict[str, str]:
+    """{field: its trailing comment}, comment-only lines right after a field joined to it: the
+    help text the command line shows for each field of a config dataclass."""
+    docs: Dict[str, str] = {}
+    current, indent = None, 0
+    for line in inspect.getsource(cls).splitlines():
+        m = _FIELD_LINE.match(line)
+        if m:
+            current, indent = m.group(1), len(line) - len(line.lstrip())
+            docs[current] = m.group(2).strip()
+            continue
+        m = _COMMENT_LINE.match(line)
+        # A comment indented past the field continues its text; one at the field's own
+        # indentation is a section heading ("# data").
+        if m and current is not None and len(line) - len(line.lstrip()) > indent:
+            docs[current] += " " + m.group(1).strip()
+        else:
+            current = None
+    return docs
+
+
+def apply_overrides(base: dict, overrides: dict) -> dict:
+    """base updated by overrides, the "model" sub-dict merged key by key (both nested dicts as
+    TrainConfig.to_dict writes them; flat model keys in overrides go into "model")."""
+    out = {**base, "model": dict(base.get("model") or {})}
+    model_names = {f.name for f in fields(GPTConfig)}
+    for key, value in overrides.items():
+        if key == "model":
+            out["model"].update(value or {})
+        elif key in model_names:
+            out["model"][key] = value
+        else:
+            out[key] = value
+    return out
+
+
+def fixed_on_resume() -> Tuple[str, ...]:
+    """The settings a resumed run cannot change: the model's shape and the tokenizer, as keys
+    of a flat view ("n_layer", "tokenizer", ...; vocab_size follows from the tokenizer)."""
+    shape = tuple(f.name for f in fields(GPTConfig)
+                  if f.name not in GPTConfig.TUNABLE and f.name != "vocab_size")
+    return TrainConfig.FIXED_ON_RESUME + shape
+
+
+__all__ = ["ConfigError", "GPTConfig", "TrainConfig", "PRESETS", "DEFAULT_MODEL", "lr_at",
+           "field_help", "apply_overrides", "default_settings", "fixed_on_resume"]

@@ -1,0 +1,124 @@
+"""Settings: TrainConfig holds a GPTConfig; both validate naming field and value; the command
+line is generated from them (help and default for every flag), reads --config files, writes the
+resolved config beside the checkpoint, and reads the checkpoint once on --resume."""
+
+import json
+from dataclasses import fields
+
+import pytest
+
+from minigpt import checkpoint as checkpoint_module
+from minigpt.config import (PRESETS, ConfigError, GPTConfig, TrainConfig, default_settings,
+                            fixed_on_resume)
+from minigpt.train import build_parser, main, resolve_config
+
+
+@pytest.mark.parametrize("kw, owner, name", [
+    (dict(batch_size=0), "TrainConfig", "batch_size"),
+    (dict(learning_rate=-1.0), "TrainConfig", "learning_rate"),
+    (dict(min_lr=1.0, learning_rate=0.1), "TrainConfig", "min_lr"),
+    (dict(beta2=1.0), "TrainConfig", "beta2"),
+    (dict(tokenizer="words"), "TrainConfig", "tokenizer"),
+    (dict(dtype="fp8"), "TrainConfig", "dtype"),
+    (dict(lr_decay_iters=0), "TrainConfig", "lr_decay_iters"),
+    (dict(n_embd=30, n_head=4), "GPTConfig", "n_embd"),
+    (dict(dropout=1.5), "GPTConfig", "dropout"),
+])
+def test_errors_name_the_field_and_the_value(kw, owner, name):
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(**kw)
+    e = info.value
+    assert (e.owner, e.name) == (owner, name) and e.value == kw[name]
+    assert str(e).startswith(f"{owner}.{name} ") and repr(kw[name]) in str(e)
+    assert "--" not in str(e)  # a library error names fields, not flags
+
+
+def test_flat_model_fields_nested_dicts_and_old_checkpoints_agree():
+    flat = TrainConfig(n_layer=2, n_head=2, n_embd=32, batch_size=4)
+    nested = TrainConfig.from_dict({"model": {"n_layer": 2, "n_head": 2, "n_embd": 32},
+                                    "batch_size": 4})
+    legacy = TrainConfig.from_dict({"n_layer": 2, "n_head": 2, "n_embd": 32, "batch_size": 4,
+                                    "gone_setting": 1}, strict=False)
+    assert flat == nested == legacy and flat.model.block_size == 64
+    assert TrainConfig.from_dict(flat.to_dict()) == flat
+    with pytest.raises(ConfigError, match="TrainConfig.gone_setting is not a setting"):
+        TrainConfig.from_dict({"gone_setting": 1})
+    with pytest.raises(TypeError, match="not both"):
+        TrainConfig(model=GPTConfig(), n_layer=2)
+
+
+def test_presets_are_overrides_of_fields():
+    assert PRESETS["shakespeare_char"] == {}
+    names = {f.name for f in fields(TrainConfig)}
+    model_names = {f.name for f in fields(GPTConfig)}
+    for preset in PRESETS.values():
+        assert set(preset) <= names
+        assert set(preset.get("model", {})) <= model_names
+    gpu, _ = resolve_config(["--preset", "shakespeare_char_gpu"])
+    assert (gpu.model.n_layer, gpu.model.n_head, gpu.model.n_kv_head) == (6, 6, 6)
+    assert gpu.batch_size == 64 and gpu.model.dropout == 0.2
+
+
+def test_every_flag_has_help_and_shows_its_default():
+    actions = [a for a in build_parser()._actions if a.option_strings != ["-h", "--help"]]
+    flags = {a.dest for a in actions}
+    settings = default_settings()
+    assert flags >= (set(settings) - {"model"}) | (set(settings["model"]) - {"vocab_size"})
+    for a in actions:
+        assert a.help and "(default: " in a.help, a.option_strings
+    assert "(default: None)" in next(a.help for a in actions if a.dest == "n_kv_head")
+
+
+def test_fixed_on_resume_is_the_shape_and_the_tokenizer():
+    assert set(fixed_on_resume()) == {"tokenizer", "block_size", "n_layer", "n_head",
+                                      "n_kv_head", "n_embd", "bias", "rope_theta"}
+
+
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "8",
+        "--batch-size", "2", "--eval-iters", "1", "--no-progress", "--attn-backend", "sdpa"]
+
+
+def test_config_file_then_flags_and_the_resolved_config_beside_the_checkpoint(text_file,
+                                                                            tmp_path):
+    out = tmp_path / "run"
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'data = "{text_file}"\nout_dir = "{out}"\nmax_iters = 3\n'
+                    f'eval_interval = 3\nseed = 5\n[model]\nn_layer = 3\nn_head = 2\n'
+                    f'n_embd = 16\n', encoding="utf-8")
+    cfg, state = resolve_config(["--config", str(toml), "--n-layer", "1", "--seed", "7"])
+    assert state is None and cfg.model.n_layer == 1 and cfg.seed == 7 and cfg.max_iters == 3
+    assert main(["--config", str(toml), *TINY]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model"]["n_layer"] == 1 and saved["max_iters"] == 3
+    assert saved["model"]["vocab_size"] > 1  # the tokenizer's, not the default
+    again, _ = resolve_config(["--config", str(out / "config.json")])
+    assert again.to_dict() == saved
+    assert (out / "curves.png").is_file()
+
+
+def test_bad_config_file_is_reported_with_the_flag(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("batch_size = 0\n", encoding="utf-8")
+    with pytest.raises(SystemExit):
+        resolve_config(["--config", str(bad)])
+    assert f"argument --batch-size: --config {bad}: must be > 0, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        resolve_config(["--config", str(tmp_path / "settings.ini")])
+    assert ".toml or .json" in capsys.readouterr().err
+
+
+def test_resume_reads_the_checkpoint_once(text_file, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    common = ["--data", str(text_file), "--out-dir", str(out), "--eval-interval", "2", *TINY]
+    assert main(common + ["--max-iters", "2"]) == 0
+    reads = []
+    real = checkpoint_module.torch.load
+
+    def counting_load(*a, **kw):
+        reads.append(a[0])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(checkpoint_module.torch, "load", counting_load)
+    assert main(["--out-dir", str(out), "--resume", "--max-iters", "4", "--no-progress"]) == 0
+    assert len([p for p in reads if str(p).endswith("ckpt.pt")]) == 1
+    assert json.loads((out / "config.json").read_text())["max_iters"] == 4
