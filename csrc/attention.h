@@ -22,6 +22,30 @@ struct Strides4 {
 
 enum class DType : int { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
 
+// What the kernels implement, declared once here: the host checks, MINIGPT_HEADDIM_SWITCH's
+// template instances (csrc/cuda/common.cuh, which static_asserts it matches) and
+// minigpt._C.build_info() (which Python reads) all derive from these lists.
+inline constexpr int kCudaHeadDims[] = {32, 64, 96, 128};
+inline constexpr DType kCpuDTypes[] = {DType::Float32, DType::Float64};
+inline constexpr DType kCudaDTypes[] = {DType::BFloat16, DType::Float16, DType::Float32};
+
+constexpr bool cuda_head_dim_supported(int64_t d) {
+  for (int h : kCudaHeadDims)
+    if (h == d) return true;
+  return false;
+}
+
+// torch's name of a dtype ("float32", ...), as Python reports it.
+constexpr const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::Float32: return "float32";
+    case DType::Float64: return "float64";
+    case DType::BFloat16: return "bfloat16";
+    case DType::Float16: return "float16";
+  }
+  return "unknown";
+}
+
 struct AttentionParams {
   // Sizes. q: (B, Hq, Tq, D); k, v: (B, Hkv, Tk, D); Hq % Hkv == 0.
   int64_t B = 0, Hq = 0, Hkv = 0, Tq = 0, Tk = 0, D = 0;

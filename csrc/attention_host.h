@@ -6,16 +6,50 @@
 
 #include <ATen/ATen.h>
 
+#include <cstddef>
+#include <string>
+#include <tuple>
+
 #include "attention.h"
 
 namespace minigpt {
 
-// What one device's kernels accept.
+// The kernels' DType of a torch dtype; false for dtypes no kernel implements.
+inline bool to_dtype(at::ScalarType t, DType* out) {
+  switch (t) {
+    case at::kFloat: *out = DType::Float32; return true;
+    case at::kDouble: *out = DType::Float64; return true;
+    case at::kBFloat16: *out = DType::BFloat16; return true;
+    case at::kHalf: *out = DType::Float16; return true;
+    default: return false;
+  }
+}
+
+// What one device's kernels accept: a device type and its dtype list from attention.h.
 struct Accepts {
   c10::DeviceType device;
-  const char* dtype_names;               // for messages, e.g. "float32 or float64"
-  bool (*dtype_ok)(at::ScalarType dtype);
+  const DType* dtypes;
+  std::size_t n_dtypes;
+
+  bool dtype_ok(at::ScalarType t) const {
+    DType d;
+    if (!to_dtype(t, &d)) return false;
+    for (std::size_t i = 0; i < n_dtypes; ++i)
+      if (dtypes[i] == d) return true;
+    return false;
+  }
+  std::string dtype_names() const {  // for messages, e.g. "float32 or float64"
+    std::string s;
+    for (std::size_t i = 0; i < n_dtypes; ++i)
+      s += std::string(i == 0 ? "" : i + 1 == n_dtypes ? " or " : ", ") + dtype_name(dtypes[i]);
+    return s;
+  }
 };
+
+template <std::size_t N>
+Accepts accepts(c10::DeviceType device, const DType (&dtypes)[N]) {
+  return Accepts{device, dtypes, N};
+}
 
 // A (B, H, T, D) argument: 4-d, on the kernels' device type and q's device, an accepted dtype
 // equal to q's, and a unit stride in D.
@@ -26,7 +60,7 @@ inline void check_bhtd(const char* op, const char* name, const at::Tensor& t,
               c10::DeviceTypeName(accepts.device, /*lower_case=*/true),
               " for this kernel, got ", t.device(), " with shape ", t.sizes());
   TORCH_CHECK(accepts.dtype_ok(t.scalar_type()), op, ": ", name, " must be ",
-              accepts.dtype_names, " on ", c10::DeviceTypeName(accepts.device, true), ", got ",
+              accepts.dtype_names(), " on ", c10::DeviceTypeName(accepts.device, true), ", got ",
               t.scalar_type(), " with shape ", t.sizes());
   TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " has dtype ",
               t.scalar_type(), " but q has ", q.scalar_type(), " (shape ", t.sizes(), ")");
@@ -83,12 +117,22 @@ inline Strides4 strides_of(const at::Tensor& t) {
 }
 
 inline DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kDouble: return DType::Float64;
-    case at::kBFloat16: return DType::BFloat16;
-    case at::kHalf: return DType::Float16;
-    default: return DType::Float32;  // check_bhtd admits nothing else
-  }
+  DType d = DType::Float32;
+  to_dtype(t.scalar_type(), &d);  // check_bhtd admits only dtypes it knows
+  return d;
+}
+
+// The forward's outputs, allocated like q: out (q's shape and dtype) and lse (B, Hq, Tq) float32.
+inline std::tuple<at::Tensor, at::Tensor> empty_forward_outputs(const at::Tensor& q) {
+  return {at::empty(q.sizes(), q.options()),
+          at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat))};
+}
+
+// The backward's outputs: dq, dk, dv with the shapes and dtypes of q, k, v.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_backward_outputs(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  return {at::empty(q.sizes(), q.options()), at::empty(k.sizes(), k.options()),
+          at::empty(v.sizes(), v.options())};
 }
 
 // The forward's part of the struct: sizes, dtype, scale, flags and the q, k, v pointers.

@@ -17,16 +17,14 @@
 namespace minigpt {
 namespace {
 
-const Accepts kCpu{c10::DeviceType::CPU, "float32 or float64",
-                  [](at::ScalarType t) { return t == at::kFloat || t == at::kDouble; }};
+const Accepts kCpu = accepts(c10::DeviceType::CPU, kCpuDTypes);
 
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k,
                                                      const at::Tensor& v, bool causal,
                                                      double scale) {
   const char* op = "minigpt::attention_forward";
   check_qkv(op, q, k, v, causal, kCpu);
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  auto [out, lse] = empty_forward_outputs(q);
   AttentionParams p = make_params(q, k, v, causal, scale);
   p.out = out.data_ptr();
   p.out_stride = strides_of(out);
@@ -42,9 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   check_qkv(op, q, k, v, causal, kCpu);
   check_backward_inputs(op, dout, out, lse, q, kCpu);
 
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
+  auto [dq, dk, dv] = empty_backward_outputs(q, k, v);
   AttentionParams p = make_params(q, k, v, causal, scale);
   const at::Tensor lse_c = lse.contiguous();
   set_backward_params(p, out, lse_c, dout, dq, dk, dv);
@@ -94,6 +90,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         info["openmp"] = false;
 #endif
         info["vector_isa"] = std::string(minigpt::attention_cpu_isa());
+        // What the kernels implement (attention.h), so Python never restates it.
+        pybind11::dict dtypes;
+        pybind11::list cpu, cuda, head_dims;
+        for (minigpt::DType t : minigpt::kCpuDTypes) cpu.append(minigpt::dtype_name(t));
+        dtypes["cpu"] = cpu;
+#ifdef MINIGPT_WITH_CUDA
+        for (minigpt::DType t : minigpt::kCudaDTypes) cuda.append(minigpt::dtype_name(t));
+        for (int d : minigpt::kCudaHeadDims) head_dims.append(d);
+        dtypes["cuda"] = cuda;
+#endif
+        info["dtypes"] = dtypes;
+        info["cuda_head_dims"] = head_dims;
 #ifdef MINIGPT_WITH_CUDA
         info["cuda"] = true;
 #else
@@ -114,6 +122,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
         return info;
       },
-      "How this module was built: compiler, OpenMP, the CPU vector ISA in use, CUDA and its "
-      "architectures, torch version.");
+      "How this module was built: compiler, OpenMP, the CPU vector ISA in use, the dtypes per "
+      "device and the CUDA head dims the kernels implement, CUDA and its architectures, torch "
+      "version.");
 }

@@ -36,6 +36,7 @@ _lock = threading.Lock()
 _on_load: list = []
 _module = None
 _reason: Optional[str] = None
+_info: Optional[dict] = None  # build_info(), read once
 _tried = False
 
 
@@ -133,11 +134,13 @@ def unavailable_reason() -> Optional[str]:
 def build_info() -> dict:
     """The compiled module's build information (compiler, OpenMP, vector ISA, CUDA archs) and
     "plan", the line setup.py printed about what it built and why (when setup.py built it)."""
+    global _info
     mod = module()
     if mod is None:
         return {}
-    info = dict(mod.build_info())
-    plan = Path(__file__).with_name("_build_plan.txt")
-    if plan.is_file():
-        info["plan"] = plan.read_text(encoding="utf-8").strip()
-    return info
+    if _info is None:
+        _info = dict(mod.build_info())
+        plan = Path(__file__).with_name("_build_plan.txt")
+        if plan.is_file():
+            _info["plan"] = plan.read_text(encoding="utf-8").strip()
+    return dict(_info)

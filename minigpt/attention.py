@@ -41,12 +41,21 @@ __all__ = ["attention", "attention_backends", "BACKENDS", "Backend", "REGISTRY",
 
 _ENV_BACKEND = "MINIGPT_ATTENTION_BACKEND"
 
-# dtypes the compiled kernels implement, per device type (DESIGN.md).
-_EXT_DTYPES = {
-    "cpu": (torch.float32, torch.float64),
-    "cuda": (torch.bfloat16, torch.float16, torch.float32),
-}
-_EXT_CUDA_HEAD_DIMS = (32, 64, 96, 128)  # template instances of the CUDA kernels
+# What the compiled kernels implement, as minigpt._C's build_info() declares it (csrc/attention.h),
+# read once when the module loads: device type -> dtypes, and the CUDA head dims.
+_EXT_DTYPES: Dict[str, tuple] = {}
+_EXT_CUDA_HEAD_DIMS: tuple = ()
+
+
+def _read_kernel_support() -> None:
+    global _EXT_DTYPES, _EXT_CUDA_HEAD_DIMS
+    info = _ext.build_info()
+    _EXT_DTYPES = {device: tuple(getattr(torch, name) for name in names)
+                   for device, names in info.get("dtypes", {}).items()}
+    _EXT_CUDA_HEAD_DIMS = tuple(info.get("cuda_head_dims", ()))
+
+
+_ext.on_load(_read_kernel_support)
 
 
 def _describe(name: str, t: torch.Tensor) -> str:
@@ -240,15 +249,16 @@ def _ext_unavailable_reason(device: torch.device, dtype: torch.dtype,
     why = _ext.unavailable_reason()
     if why is not None:
         return why
-    if device.type not in _EXT_DTYPES:
-        return f"the compiled kernels do not support device type '{device.type}'"
-    if device.type == "cuda" and not _ext.build_info().get("cuda", False):
+    if device.type == "cuda" and "cuda" not in _EXT_DTYPES:
         return "minigpt._C was built without CUDA kernels"
-    if dtype not in _EXT_DTYPES[device.type]:
-        names = ", ".join(str(d).replace("torch.", "") for d in _EXT_DTYPES[device.type])
+    supported = _EXT_DTYPES.get(device.type)
+    if not supported:
+        return f"the compiled kernels do not support device type '{device.type}'"
+    if dtype not in supported:
+        names = ", ".join(str(d).replace("torch.", "") for d in supported)
         return f"the compiled kernels on {device.type} support {names}, not {dtype}"
     if device.type == "cuda" and head_dim is not None and head_dim not in _EXT_CUDA_HEAD_DIMS:
-        return (f"the CUDA kernels support head dims {_EXT_CUDA_HEAD_DIMS}, not {head_dim}")
+        return f"the CUDA kernels support head dims {_EXT_CUDA_HEAD_DIMS}, not {head_dim}"
     if device.type == "cuda":
         why = _gpu_reason(str(device))
         if why is not None:

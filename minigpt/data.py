@@ -95,16 +95,16 @@ def read_text(path) -> tuple:
     """(text, sha256) of a UTF-8 text file, or DataError naming the file and the problem."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"--data {path}: no such file")
+        raise DataError(f"corpus file {path}: no such file")
     if path.is_dir():
-        raise DataError(f"--data {path}: is a directory; give a UTF-8 text file")
+        raise DataError(f"corpus file {path}: is a directory; give a UTF-8 text file")
     raw = path.read_bytes()
     if not raw:
-        raise DataError(f"--data {path}: the file is empty")
+        raise DataError(f"corpus file {path}: the file is empty")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"--data {path}: not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at "
+        raise DataError(f"corpus file {path}: not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at "
                         f"offset {e.start})") from None
     return text, _sha256(raw)
 
@@ -142,7 +142,7 @@ def load_corpus(data: Optional[str] = None, tokenizer: str = "char") -> Corpus:
     text, digest = read_text(path)
     tok = CharTokenizer.from_text(text) if tokenizer == "char" else GPT2Tokenizer()
     if tok.vocab_size > 65536:
-        raise DataError(f"--data {path}: the {tokenizer} vocabulary has {tok.vocab_size} "
+        raise DataError(f"corpus file {path}: the {tokenizer} vocabulary has {tok.vocab_size} "
                         f"tokens, more than the 65536 a uint16 token file can hold")
     key_dir = cache_dir() / "tokens" / f"{digest[:16]}-{tokenizer}"
     meta_path = key_dir / "meta.json"
@@ -150,7 +150,7 @@ def load_corpus(data: Optional[str] = None, tokenizer: str = "char") -> Corpus:
         ids = np.array(tok.encode(text), dtype=np.uint16)
         n_train = int(len(ids) * TRAIN_FRACTION)
         if n_train < 1 or len(ids) - n_train < 1:
-            raise DataError(f"--data {path}: only {len(ids)} tokens; too short for a "
+            raise DataError(f"corpus file {path}: only {len(ids)} tokens; too short for a "
                             f"train/val split")
         atomic_write_bytes(key_dir / "train.bin", ids[:n_train].tobytes())
         atomic_write_bytes(key_dir / "val.bin", ids[n_train:].tobytes())

@@ -217,7 +217,12 @@ def test_gpu_arch_rule(capability, archs, runs):
 
 def _fake_cuda_build(monkeypatch, capability):
     monkeypatch.setattr(_ext, "unavailable_reason", lambda: None)
-    monkeypatch.setattr(_ext, "build_info", lambda: {"cuda": True, "cuda_archs": "8.0_9.0+PTX"})
+    monkeypatch.setattr(_ext, "build_info", lambda: {
+        "cuda": True, "cuda_archs": "8.0_9.0+PTX", "cuda_head_dims": [32, 64, 96, 128],
+        "dtypes": {"cpu": ["float32", "float64"], "cuda": ["bfloat16", "float16", "float32"]}})
+    for name in ("_EXT_DTYPES", "_EXT_CUDA_HEAD_DIMS"):  # restored after the test
+        monkeypatch.setattr(attention_module, name, getattr(attention_module, name))
+    attention_module._read_kernel_support()
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setenv("MINIGPT_SELF_CHECK", "0")
 
@@ -453,3 +458,18 @@ def test_build_info_holds_the_build_plan_line():
     info = _ext.build_info()
     assert info["plan"].startswith("minigpt: building") and info["plan"] == plan.read_text().strip()
     assert ("CUDA kernels" in info["plan"]) and (info["cuda"] == ("CPU and CUDA" in info["plan"]))
+
+
+@needs_ext
+def test_build_info_declares_what_the_kernels_implement():
+    info = _ext.build_info()
+    assert info["dtypes"]["cpu"] == ["float32", "float64"]
+    if info["cuda"]:
+        assert info["dtypes"]["cuda"] == ["bfloat16", "float16", "float32"]
+        assert info["cuda_head_dims"] == [32, 64, 96, 128]
+    else:
+        assert "cuda" not in info["dtypes"] and info["cuda_head_dims"] == []
+    # the C++ checks name the same list
+    q = torch.randn(1, 1, 4, 8, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="must be float32 or float64 on cpu"):
+        torch.ops.minigpt.attention_forward(q, q, q, True, 0.5)

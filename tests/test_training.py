@@ -6,7 +6,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,9 @@ def tiny_cfg(text_file, out_dir, **kw):
                       n_embd=32, block_size=16, batch_size=4, max_iters=20, warmup_iters=3,
                       eval_interval=10, eval_iters=2, learning_rate=3e-3, min_lr=3e-4,
                       dropout=0.1, progress=False, attn_backend="sdpa", seed=1)
-    return replace(cfg, **kw)
+    model_fields = {f.name for f in fields(cfg.model)}
+    model_kw = {k: kw.pop(k) for k in list(kw) if k in model_fields}
+    return replace(cfg, model=replace(cfg.model, **model_kw), **kw)
 
 
 def test_lr_schedule():
@@ -115,7 +117,7 @@ def test_offline_without_corpus_exits_2(tmp_path):
         "import sys, urllib.request, urllib.error\n"
         "def offline(*a, **k): raise urllib.error.URLError('offline')\n"
         "urllib.request.urlopen = offline\n"
-        "sys.argv = ['train.py']\n"
+        f"sys.argv = ['train.py', '--out-dir', {str(tmp_path / 'out')!r}]\n"
         "import runpy; runpy.run_path('train.py', run_name='__main__')")],
         cwd=ROOT, env={**os.environ, "MINIGPT_CACHE_DIR": str(env_cache)},
         capture_output=True, text=True, timeout=120)

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <string>
 #include <tuple>
 
 #include "../attention.h"
@@ -17,18 +18,19 @@
 namespace minigpt {
 namespace {
 
-bool supported_head_dim(int64_t d) { return d == 32 || d == 64 || d == 96 || d == 128; }
+const Accepts kCuda = accepts(c10::DeviceType::CUDA, kCudaDTypes);
 
-const Accepts kCuda{c10::DeviceType::CUDA, "bfloat16, float16 or float32",
-                   [](at::ScalarType t) {
-                     return t == at::kBFloat16 || t == at::kHalf || t == at::kFloat;
-                   }};
+std::string head_dim_names() {  // "32, 64, 96, 128"
+  std::string s;
+  for (int d : kCudaHeadDims) s += (s.empty() ? "" : ", ") + std::to_string(d);
+  return s;
+}
 
 void check_qkv_cuda(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     bool causal) {
   check_qkv(op, q, k, v, causal, kCuda);
-  TORCH_CHECK(supported_head_dim(q.size(3)), op,
-              ": the CUDA kernels support head dims 32, 64, 96 and 128, got q ", q.sizes());
+  TORCH_CHECK(cuda_head_dim_supported(q.size(3)), op, ": the CUDA kernels support head dims ",
+              head_dim_names(), ", got q ", q.sizes());
 }
 
 // The bf16/fp16 kernels copy 16-byte row chunks: rows must start on 16 bytes. A view that breaks
@@ -64,8 +66,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda_op(const at::Tensor& q
   const at::Tensor k = rows_16b_aligned(k_in);
   const at::Tensor v = rows_16b_aligned(v_in);
 
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  auto [out, lse] = empty_forward_outputs(q);
   AttentionParams p = make_params(q, k, v, causal, scale);
   p.out = out.data_ptr();
   p.out_stride = strides_of(out);
@@ -96,9 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda_op(
   const at::Tensor lse = lse_in.contiguous();
 
   const bool deterministic = at::globalContext().deterministicAlgorithms();
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
+  auto [dq, dk, dv] = empty_backward_outputs(q, k, v);
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, f32);
   // Atomic dQ accumulates in float32 (B, Hq, Tq, D), zero-filled; deterministic dQ needs none.

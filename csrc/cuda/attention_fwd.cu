@@ -452,7 +452,7 @@ const char* attention_cuda_error_string(int code) {
   using namespace gpu;
   switch (code) {
     case kSuccess: return "success";
-    case kErrHeadDim: return "unsupported head dim (the CUDA kernels support 32, 64, 96 and 128)";
+    case kErrHeadDim: return "unsupported head dim (see kCudaHeadDims in attention.h)";
     case kErrDType: return "unsupported dtype (the CUDA kernels support bfloat16, float16, float32)";
     case kErrShape:
       return "inconsistent sizes (negative sizes, Hkv == 0, Hq % Hkv != 0, or causal with Tq > Tk)";

@@ -45,7 +45,7 @@ namespace gpu {
 // Return codes of attention_forward_cuda / attention_backward_cuda (see attention_cuda_error_string).
 enum ErrorCode : int {
   kSuccess = 0,
-  kErrHeadDim = 1,        // head dim not in {32, 64, 96, 128}
+  kErrHeadDim = 1,        // head dim not in kCudaHeadDims (attention.h)
   kErrDType = 2,          // dtype not bfloat16 / float16 / float32
   kErrShape = 3,          // negative sizes, Hkv == 0, Hq % Hkv != 0, or causal with Tq > Tk
   kErrGrid = 4,           // more batches, heads or tiles than one launch grid can index
@@ -71,6 +71,10 @@ constexpr float kLn2 = 0.6931471805599453f;
     return __VA_ARGS__();                     \
   }()
 
+// The cases are kCudaHeadDims (attention.h), spelled out because a switch needs literal labels.
+static_assert(sizeof(kCudaHeadDims) / sizeof(int) == 4 && kCudaHeadDims[0] == 32 &&
+                  kCudaHeadDims[1] == 64 && kCudaHeadDims[2] == 96 && kCudaHeadDims[3] == 128,
+              "MINIGPT_HEADDIM_SWITCH must list exactly kCudaHeadDims");
 #define MINIGPT_HEADDIM_SWITCH(HEADDIM, NAME, ...)                      \
   [&]() -> int {                                                        \
     switch (HEADDIM) {                                                  \
@@ -100,14 +104,12 @@ inline int cuda_code(cudaError_t e) {
 
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-inline bool supported_head_dim(int64_t d) { return d == 32 || d == 64 || d == 96 || d == 128; }
-
 // Sizes shared by both passes; kernels divide by Tq and Hkv, so those must be sane first.
 inline int check_sizes(const AttentionParams& p) {
   if (p.B < 0 || p.Hq < 0 || p.Hkv <= 0 || p.Tq < 0 || p.Tk < 0 || p.D < 0) return kErrShape;
   if (p.Hq % p.Hkv != 0) return kErrShape;
   if (p.causal && p.Tq > p.Tk) return kErrShape;
-  if (!supported_head_dim(p.D)) return kErrHeadDim;
+  if (!cuda_head_dim_supported(p.D)) return kErrHeadDim;
   if (p.dtype != DType::Float32 && p.dtype != DType::BFloat16 && p.dtype != DType::Float16)
     return kErrDType;
   // gridDim.y and gridDim.z hold heads and batches.
