@@ -211,7 +211,7 @@ class GPT(nn.Module):
                              f"{self.config.block_size}]")
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                kv_cache: Optional[KVCache] = None, head_mask: Optional[torch.Tensor] = None):
+                kv_cache: Optional[KVCache] = None):
         """Logits for every position, and the mean cross-entropy loss if targets are given.
 
         Args:
@@ -219,21 +219,16 @@ class GPT(nn.Module):
             targets: (B, T) int64 next-token ids, or None. Ids of -1 are ignored in the loss.
             kv_cache: a KVCache for incremental decoding (see generate); idx holds only the new
                 tokens, which attend to the cached ones.
-            head_mask: (n_layer, n_head) float gates, or None (all ones): forward under
-                gated_heads(head_mask), for head-importance studies (Michel et al. 2019, "Are
-                Sixteen Heads Really Better than One?"; see minigpt.heads).
 
         Returns:
             (logits, loss): logits (B, T, vocab_size) float; loss a scalar tensor or None.
 
         Raises:
-            ValueError: idx is not a (B, T) int64 tensor with 1 <= T <= block_size, or
-                head_mask is not of shape (n_layer, n_head).
+            ValueError: idx is not a (B, T) int64 tensor with 1 <= T <= block_size.
+
+        Head gating for analysis is outside this path: ``with model.gated_heads(mask):``.
         """
         self._check_idx(idx, kv_cache)
-        if head_mask is not None:
-            with self.gated_heads(head_mask):
-                return self.forward(idx, targets, kv_cache)
         B, T = idx.size()
         x = self._embed(idx, kv_cache)
         pos = self._positions(T, kv_cache, idx.device)

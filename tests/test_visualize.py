@@ -114,10 +114,12 @@ def test_head_mask_of_ones_is_exactly_no_mask(backend):
     model = tiny(attn_backend=backend, n_kv_head=2)
     idx, targets = torch.randint(50, (2, 16)), torch.randint(50, (2, 16))
     logits, loss = model(idx, targets)
-    logits1, loss1 = model(idx, targets, head_mask=torch.ones(2, 4))
+    with model.gated_heads(torch.ones(2, 4)):
+        logits1, loss1 = model(idx, targets)
     assert torch.equal(logits, logits1) and torch.equal(loss, loss1)
     with pytest.raises(ValueError, match="head_mask"):
-        model(idx, head_mask=torch.ones(4, 2))
+        with model.gated_heads(torch.ones(4, 2)):
+            model(idx)
 
 
 @pytest.mark.parametrize("backend", ["naive", "sdpa"])
@@ -127,7 +129,8 @@ def test_masking_a_head_equals_zeroing_its_slice_of_c_proj_input(backend):
     idx, targets = torch.randint(50, (2, 16)), torch.randint(50, (2, 16))
     gates = torch.ones(2, 4, dtype=torch.float64)
     gates[layer, head] = 0.0
-    masked, masked_loss = model(idx, targets, head_mask=gates)
+    with model.gated_heads(gates):
+        masked, masked_loss = model(idx, targets)
 
     def zero_slice(module, args):
         y = args[0].clone()
@@ -147,7 +150,8 @@ def test_masking_a_head_equals_zeroing_its_slice_of_c_proj_input(backend):
 def test_head_mask_gradient_flows():
     model = tiny()
     gates = torch.ones(2, 4, requires_grad=True)
-    _, loss = model(torch.randint(50, (2, 16)), torch.randint(50, (2, 16)), head_mask=gates)
+    with model.gated_heads(gates):
+        _, loss = model(torch.randint(50, (2, 16)), torch.randint(50, (2, 16)))
     loss.backward()
     assert gates.grad.shape == (2, 4) and gates.grad.abs().sum() > 0
 
