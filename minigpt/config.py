@@ -63,9 +63,18 @@ class GPTConfig:
                                   # probabilities: the fused kernels never form them)
     bias: bool = False            # biases in Linear and LayerNorm layers
     rope_theta: float = 10000.0   # RoPE base: frequencies theta^(-2i/head_dim)
+    activation: str = "gelu"      # MLP nonlinearity: "gelu" (exact erf GELU) or "relu2"
+                                  # (ReLU squared, So et al. 2021, "Primer")
+    qk_norm: bool = False         # RMSNorm (with a learned gain) of each query and key head
+                                  # before RoPE (Henry et al. 2020; Dehghani et al. 2023)
+    tie_embeddings: bool = True   # output head shares the token embedding's weight (Press &
+                                  # Wolf 2017); False gives the head its own matrix
+    zero_init_proj: bool = False  # start the residual projections (attention and MLP c_proj)
+                                  # and an untied output head at zero (modded-nanogpt)
     attn_backend: Optional[str] = None  # minigpt.attention backend; None picks the best
 
     TUNABLE: ClassVar[Tuple[str, ...]] = ("dropout", "attn_backend")
+    ACTIVATIONS: ClassVar[Tuple[str, ...]] = ("gelu", "relu2")
 
     def __post_init__(self):
         """Raises ConfigError (a ValueError) naming the first field out of range."""
@@ -83,6 +92,10 @@ class GPTConfig:
         _check(owner, self, "dropout", lambda x: _is_number(x) and 0.0 <= x < 1.0,
                "must be in [0, 1)")
         _check(owner, self, "rope_theta", lambda x: _is_number(x) and x > 0, "must be positive")
+        _check(owner, self, "activation", lambda x: x in self.ACTIVATIONS,
+               f"must be one of {', '.join(self.ACTIVATIONS)}")
+        for name in ("qk_norm", "tie_embeddings", "zero_init_proj"):
+            _check(owner, self, name, lambda x: isinstance(x, bool), "must be a bool")
 
     @property
     def head_dim(self) -> int:
@@ -116,17 +129,28 @@ class TrainConfig:
     tokenizer: str = "char"           # "char" or "gpt2"
     out_dir: str = "out"              # run directory: ckpt.pt, config.json, metrics.jsonl
     # optimisation
+    optimizer: str = "adamw"          # "adamw", or "muon": Muon for the blocks' matrices and
+                                      # AdamW for embeddings, head, biases and gains (see
+                                      # minigpt.optim)
     batch_size: int = 32              # sequences per micro-step (per process)
     grad_accum: int = 1               # micro-steps per optimizer step
     max_iters: int = 1800             # optimizer steps
     learning_rate: float = 2e-3       # peak learning rate
     min_lr: float = 2e-4              # floor of the cosine decay
     warmup_iters: int = 100           # linear warmup steps
-    lr_decay_iters: Optional[int] = None  # length of the cosine; None = max_iters
+    lr_decay_iters: Optional[int] = None  # length of the schedule; None = max_iters
+    lr_schedule: str = "cosine"       # after warmup: "cosine" decay to min_lr, or "wsd" (warmup-
+                                      # stable-decay: peak, then a linear cooldown to min_lr)
+    cooldown_frac: float = 0.2        # "wsd": the final fraction of the schedule spent decaying
+    max_time: float = 0.0             # wall-clock budget in seconds (0 = none): stop once it is
+                                      # spent, and run the schedule on the fraction of it used
     weight_decay: float = 0.1         # AdamW decay of matrices (none on biases and norms)
     beta1: float = 0.9                # AdamW first-moment decay
     beta2: float = 0.99               # AdamW second-moment decay
     grad_clip: float = 1.0            # max global grad norm; 0 disables
+    muon_lr: float = 0.02             # "muon": peak learning rate of the hidden matrices
+    muon_momentum: float = 0.95       # "muon": Nesterov momentum
+    muon_weight_decay: float = 0.0    # "muon": decoupled weight decay of the hidden matrices
     # evaluation and logging
     eval_interval: int = 300          # steps between evaluations (and checkpoints)
     eval_iters: int = 20              # fixed batches per split per evaluation
@@ -147,7 +171,9 @@ class TrainConfig:
 
     # Settings that a resumed run takes from its checkpoint and cannot change (with the model's
     # fields other than GPTConfig.TUNABLE).
-    FIXED_ON_RESUME: ClassVar[Tuple[str, ...]] = ("tokenizer",)
+    FIXED_ON_RESUME: ClassVar[Tuple[str, ...]] = ("tokenizer", "optimizer")
+    OPTIMIZERS: ClassVar[Tuple[str, ...]] = ("adamw", "muon")
+    LR_SCHEDULES: ClassVar[Tuple[str, ...]] = ("cosine", "wsd")
 
     def __post_init__(self):
         """Raises ConfigError (a ValueError) naming the first field out of range."""
@@ -165,7 +191,16 @@ class TrainConfig:
         for name in ("max_iters", "warmup_iters", "skip_nonfinite"):
             _check(owner, self, name, lambda x: _is_int(x) and x >= 0, "must be >= 0")
         _check(owner, self, "learning_rate", lambda x: _is_number(x) and x > 0, "must be > 0")
-        for name in ("min_lr", "weight_decay", "grad_clip"):
+        _check(owner, self, "optimizer", lambda x: x in self.OPTIMIZERS,
+               f"must be one of {', '.join(self.OPTIMIZERS)}")
+        _check(owner, self, "lr_schedule", lambda x: x in self.LR_SCHEDULES,
+               f"must be one of {', '.join(self.LR_SCHEDULES)}")
+        _check(owner, self, "cooldown_frac", lambda x: _is_number(x) and 0 < x <= 1,
+               "must be in (0, 1]")
+        _check(owner, self, "muon_lr", lambda x: _is_number(x) and x > 0, "must be > 0")
+        _check(owner, self, "muon_momentum", lambda x: _is_number(x) and 0 <= x < 1,
+               "must be in [0, 1)")
+        for name in ("min_lr", "weight_decay", "grad_clip", "muon_weight_decay", "max_time"):
             _check(owner, self, name, lambda x: _is_number(x) and x >= 0, "must be >= 0")
         _check(owner, self, "min_lr", lambda x: x <= self.learning_rate,
                f"must not exceed learning_rate ({self.learning_rate})")
@@ -248,16 +283,31 @@ def default_settings() -> dict:
     return out
 
 
-def lr_at(it: int, cfg: TrainConfig) -> float:
-    """Learning rate at step it: linear warmup to learning_rate, cosine decay to min_lr
-    (Loshchilov & Hutter 2017, SGDR, without restarts) over lr_decay_iters (default max_iters)."""
+def lr_at(it: int, cfg: TrainConfig, elapsed: Optional[float] = None) -> float:
+    """Learning rate at step it (elapsed seconds into the run, for cfg.max_time).
+
+    Linear warmup to learning_rate over warmup_iters, then, over the schedule's progress p from
+    0 to 1 (steps after warmup out of lr_decay_iters, default max_iters; or, with max_time,
+    the fraction of the time budget used, if that is further along):
+    - "cosine": min_lr + (learning_rate - min_lr) * (1 + cos(pi p)) / 2 (Loshchilov & Hutter
+      2017, SGDR, without restarts);
+    - "wsd": learning_rate until p = 1 - cooldown_frac, then linear to min_lr at p = 1
+      (warmup-stable-decay: Hu et al. 2024, "MiniCPM"; Hagele et al. 2024, "Scaling Laws and
+      Compute-Optimal Training Beyond Fixed Training Durations").
+    After the schedule, min_lr.
+    """
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= decay_iters:
-        return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+    p = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    if cfg.max_time > 0 and elapsed is not None:
+        p = max(p, elapsed / cfg.max_time)
+    p = min(p, 1.0)
+    span = cfg.learning_rate - cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        stable = 1.0 - cfg.cooldown_frac
+        return cfg.learning_rate if p <= stable else cfg.learning_rate - span * (p - stable) / cfg.cooldown_frac
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * p)) * span
 
 
 _FIELD_LINE = re.compile(r"^\s+(\w+)\s*:[^#]*#\s?(.*)$")

@@ -6,6 +6,10 @@ References:
 - RoPE: Su et al. 2021, "RoFormer: Enhanced Transformer with Rotary Position Embedding", eq. 34.
 - GQA: Ainslie et al. 2023, "GQA: Training Generalized Multi-Query Transformer Models".
 - nanoGPT (Karpathy), whose model.py this file follows in layout and module names.
+- Options (GPTConfig, all off by default): ReLU^2 MLP (So et al. 2021, "Primer"), QK-norm
+  (Henry et al. 2020, "Query-Key Normalization for Transformers"; Dehghani et al. 2023), an
+  untied output head, zero-initialised residual projections (Jordan et al. 2024,
+  modded-nanogpt).
 
 Attention goes through minigpt.attention (our compiled kernels, or a PyTorch fallback).
 """
@@ -13,7 +17,6 @@ Attention goes through minigpt.attention (our compiled kernels, or a PyTorch fal
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from typing import Optional
 
@@ -107,6 +110,11 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.backend = config.attn_backend
+        if config.qk_norm:
+            self.q_norm = nn.RMSNorm(config.head_dim, eps=1e-6)
+            self.k_norm = nn.RMSNorm(config.head_dim, eps=1e-6)
+        else:
+            self.q_norm = self.k_norm = nn.Identity()
 
     def qkv(self, x, pos):
         """Queries, keys and values of x (B, T, C) at positions pos (T,), RoPE applied:
@@ -114,8 +122,8 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()  # batch, time, channels (n_embd)
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.c_attn(x).split([nh * hd, nkv * hd, nkv * hd], dim=2)
-        q = self.rotary(q.view(B, T, nh, hd), pos).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.rotary(k.view(B, T, nkv, hd), pos).transpose(1, 2)  # (B, nkv, T, hd)
+        q = self.rotary(self.q_norm(q.view(B, T, nh, hd)), pos).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.rotary(self.k_norm(k.view(B, T, nkv, hd)), pos).transpose(1, 2)  # (B,nkv,T,hd)
         v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         return q, k, v
 
@@ -131,17 +139,27 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+class ReLU2(nn.Module):
+    """relu(x)^2 (So et al. 2021, "Primer", sec. 3)."""
+
+    def forward(self, x):
+        return F.relu(x).square()
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "relu2": ReLU2}
+
+
 class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.act = ACTIVATIONS[config.activation]()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -171,14 +189,21 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying (Press & Wolf 2017): the output projection is the token embedding.
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:
+            # Weight tying (Press & Wolf 2017): the output projection is the token embedding.
+            self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the stream's variance
-        # does not grow with depth.
+        # does not grow with depth; with zero_init_proj they start at zero, so every block
+        # starts as the identity (and an untied head predicts uniformly).
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init_proj:
+                    torch.nn.init.zeros_(p)
+                else:
+                    torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.zero_init_proj and not config.tie_embeddings:
+            torch.nn.init.zeros_(self.lm_head.weight)
 
     @classmethod
     def from_checkpoint(cls, state: dict) -> "GPT":
@@ -197,7 +222,7 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self) -> int:
-        """Number of parameters (the tied embedding counted once)."""
+        """Number of parameters (a tied embedding counted once)."""
         return sum(p.numel() for p in self.parameters())
 
     def _check_idx(self, idx, kv_cache):
@@ -336,15 +361,15 @@ class GPT(nn.Module):
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas,
                              device_type: str) -> torch.optim.AdamW:
         """AdamW (Loshchilov & Hutter 2019) with weight decay on matrices (every >= 2-d
-        parameter: Linear weights and the embedding) and none on biases and norm gains."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
-                                 **({"fused": True} if fused else {}))
+        parameter: Linear weights and the embedding) and none on biases and norm gains.
+        minigpt.optim.build_optimizer builds this or Muon from a TrainConfig."""
+        from types import SimpleNamespace
+
+        from .optim import build_optimizer
+
+        cfg = SimpleNamespace(optimizer="adamw", weight_decay=weight_decay,
+                              learning_rate=learning_rate, beta1=betas[0], beta2=betas[1])
+        return build_optimizer(self, cfg, device_type).members[0]
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -30,6 +30,7 @@ from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from .config import PRESETS, ConfigError, GPTConfig, TrainConfig, lr_at
 from .data import BatchSampler, DataError, load_corpus
 from .model import GPT
+from .optim import Optimizers, build_optimizer
 from .rundir import RunDir
 from .runtime import Distributed, Precision, pick_device, resolve_precision
 from .tokenizer import from_state
@@ -66,7 +67,7 @@ class Run:
     precision: Precision
     raw_model: GPT                 # the module whose state is saved
     model: torch.nn.Module         # raw_model, compiled and/or wrapped in DDP
-    optimizer: torch.optim.Optimizer
+    optimizer: Optimizers
     scaler: Any                    # torch.amp.GradScaler, a no-op unless float16
     tokenizer: Any
     train_batches: BatchSampler
@@ -75,7 +76,8 @@ class Run:
     metrics: Any                   # the open metrics.jsonl (rank 0), else None
     bar: Any                       # the tqdm progress bar, or None
     log: Any                       # log(message)
-    t_start: float
+    t_start: float                 # perf_counter() when this process started the run
+    elapsed_before: float = 0.0    # seconds of the earlier runs this one resumes
 
 
 @dataclass
@@ -121,7 +123,8 @@ def train(cfg: TrainConfig, log=print, resume_state: Optional[dict] = None) -> T
         try:
             with _StopRequest() as stop:
                 while True:
-                    done = progress.iter_num >= cfg.max_iters
+                    done = progress.iter_num >= cfg.max_iters or (
+                        cfg.max_time > 0 and run.dist.any(elapsed(run) >= cfg.max_time))
                     if progress.iter_num % cfg.eval_interval == 0 or done:
                         evaluate_and_save(run, progress)
                     if done:
@@ -161,16 +164,17 @@ def setup(cfg: TrainConfig, resume_state: Optional[dict], log) -> "tuple[Run, Pr
 
     torch.manual_seed(cfg.seed + dist.rank)
     raw_model = GPT(model_cfg).to(device)
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
-                                               (cfg.beta1, cfg.beta2), device.type)
+    optimizer = build_optimizer(raw_model, cfg, device.type)
     train_batches = BatchSampler(corpus.train, model_cfg.block_size, cfg.batch_size,
                                  seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
     precision = resolve_precision(cfg.dtype, device)
     scaler = precision.grad_scaler()
     progress = Progress()
+    elapsed_before = 0.0
     if resume_state is not None:
         progress.iter_num = resume_state["iter_num"]
         progress.best_val = resume_state["best_val_loss"]
+        elapsed_before = resume_state.get("elapsed_s", 0.0)
         _restore(resume_state, raw_model, optimizer, train_batches, scaler, device)
 
     model = torch.compile(raw_model) if cfg.compile else raw_model
@@ -209,7 +213,7 @@ def setup(cfg: TrainConfig, resume_state: Optional[dict], log) -> "tuple[Run, Pr
     run = Run(cfg=cfg, device=device, dist=dist, precision=precision, raw_model=raw_model,
               model=model, optimizer=optimizer, scaler=scaler, tokenizer=tokenizer,
               train_batches=train_batches, eval_batches=eval_batches, ckpt_path=ckpt_path,
-              metrics=metrics, bar=bar, log=log, t_start=t_start)
+              metrics=metrics, bar=bar, log=log, t_start=t_start, elapsed_before=elapsed_before)
     model.train()
     return run, progress
 
@@ -258,13 +262,19 @@ def evaluate(run: Run) -> Dict[str, float]:
     return losses
 
 
+def elapsed(run: Run) -> float:
+    """Seconds since the run started: set-up and evaluations included, and the earlier runs
+    that this one resumes (metrics' time_s; what max_time budgets)."""
+    return run.elapsed_before + time.perf_counter() - run.t_start
+
+
 def evaluate_and_save(run: Run, progress: Progress) -> None:
     """Evaluate, log the losses, and save a checkpoint (except before the first step)."""
     progress.losses = evaluate(run)
     progress.best_val = min(progress.best_val, progress.losses["val"])
     record(run, progress, event="eval", iter=progress.iter_num,
            train_loss=progress.losses["train"], val_loss=progress.losses["val"],
-           lr=lr_at(progress.iter_num, run.cfg), time_s=time.perf_counter() - run.t_start)
+           lr=lr_at(progress.iter_num, run.cfg, elapsed(run)), time_s=elapsed(run))
     if progress.iter_num > 0:
         save(run, progress, progress.losses["val"])
     if run.dist.master:
@@ -286,6 +296,7 @@ def save(run: Run, progress: Progress, val_loss: Optional[float]) -> None:
         "tokenizer": run.tokenizer.state_dict(),
         "iter_num": progress.iter_num,
         "best_val_loss": progress.best_val,
+        "elapsed_s": elapsed(run),
         "val_loss": val_loss,
         "sampler": run.train_batches.state_dict(),
         "grad_scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
@@ -308,9 +319,8 @@ def train_step(run: Run, progress: Progress) -> None:
     (up to cfg.skip_nonfinite times; past that NonFiniteLossError)."""
     cfg, model, scaler, optimizer = run.cfg, run.model, run.scaler, run.optimizer
     t0 = time.perf_counter()
-    lr = lr_at(progress.iter_num, cfg)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    lr = lr_at(progress.iter_num, cfg, elapsed(run))
+    optimizer.set_lr(lr)
     for micro in range(cfg.grad_accum):
         x, y = run.train_batches.next(run.device)
         # DDP: all-reduce gradients only on the last micro-step.
@@ -320,7 +330,8 @@ def train_step(run: Run, progress: Progress) -> None:
             with run.precision.autocast():
                 _, loss = model(x, y)
             scaler.scale(loss / cfg.grad_accum).backward()
-    scaler.unscale_(optimizer)  # the clip below sees true gradients
+    for member in optimizer.members:
+        scaler.unscale_(member)  # the clip below sees true gradients
     # clip_grad_norm_ with an infinite bound only measures the norm.
     norm = torch.nn.utils.clip_grad_norm_(
         model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -331,7 +342,7 @@ def train_step(run: Run, progress: Progress) -> None:
     if run.dist.any(not (math.isfinite(loss_value) and grad_ok)):
         skip_step(run, progress, loss_value)
         return
-    scaler.step(optimizer)
+    optimizer.step(scaler)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     progress.iter_num += 1

@@ -1,0 +1,116 @@
+"""The optimizers a training run can use, built from a TrainConfig.
+
+- "adamw": AdamW (Loshchilov & Hutter 2019) for every parameter, with weight decay on matrices
+  (Linear weights and the embedding) and none on biases and norm gains.
+- "muon": Muon (Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks";
+  ``torch.optim.Muon``) for the hidden matrices, the 2-d weights inside the transformer blocks:
+  momentum SGD whose update is orthogonalised by Newton-Schulz iterations. The token embedding,
+  the output head, biases and norm gains keep AdamW, as Muon is meant only for hidden layers.
+
+Both give one object with ``param_groups``, ``step``, ``zero_grad``, ``state_dict`` and
+``load_state_dict`` (Optimizers), so the training loop and the checkpoint treat them alike. Each
+param group carries ``lr_scale``: its learning rate is ``lr_at(...) * lr_scale``, so one schedule
+drives both (Muon's peak is ``muon_lr``, AdamW's ``learning_rate``).
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from .config import TrainConfig
+
+OPTIMIZERS = TrainConfig.OPTIMIZERS
+
+
+class Optimizers:
+    """Several torch optimizers stepped together, over disjoint parameters.
+
+    ``members`` are the torch optimizers (a GradScaler unscales each one). ``state_dict()`` of
+    a single member is that member's own state dict, so checkpoints of AdamW-only runs keep
+    their format.
+    """
+
+    def __init__(self, members: List[torch.optim.Optimizer]):
+        self.members = members
+
+    @property
+    def param_groups(self) -> list:
+        return [g for opt in self.members for g in opt.param_groups]
+
+    def set_lr(self, lr: float) -> None:
+        """Set every group's learning rate to lr times the group's lr_scale."""
+        for group in self.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.members:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self, scaler=None) -> None:
+        """One step of each member (through scaler.step when a GradScaler is given)."""
+        for opt in self.members:
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+
+    def state_dict(self):
+        if len(self.members) == 1:
+            return self.members[0].state_dict()
+        return {"members": [opt.state_dict() for opt in self.members]}
+
+    def load_state_dict(self, state) -> None:
+        """Raises ValueError: the state was saved by a different set of optimizers."""
+        states = state["members"] if "members" in state else [state]
+        if len(states) != len(self.members):
+            raise ValueError(f"optimizer state holds {len(states)} optimizer(s), this run has "
+                             f"{len(self.members)} (was the checkpoint trained with another "
+                             f"optimizer setting?)")
+        for opt, st in zip(self.members, states):
+            opt.load_state_dict(st)
+
+
+def _adamw(groups, cfg, device_type: str) -> torch.optim.AdamW:
+    # The fused kernel exists for CPU and CUDA tensors and saves a Python loop over parameters.
+    fused = device_type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             **({"fused": True} if fused else {}))
+
+
+def build_optimizer(model: torch.nn.Module, cfg, device_type: str) -> Optimizers:
+    """The optimizer cfg.optimizer names, for model's trainable parameters.
+
+    Args:
+        model: a minigpt GPT (hidden matrices are the >= 2-d parameters under transformer.h).
+        cfg: a TrainConfig (optimizer, learning_rate, weight_decay, beta1, beta2, muon_lr,
+            muon_momentum, muon_weight_decay).
+        device_type: "cpu", "cuda", "mps", ...
+
+    Raises:
+        ValueError: cfg.optimizer is not one of OPTIMIZERS.
+    """
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.optimizer == "muon":
+        hidden = [p for n, p in named if p.dim() >= 2 and n.startswith("transformer.h.")]
+    else:
+        hidden = []
+    hidden_ids = {id(p) for p in hidden}
+    rest = [(n, p) for n, p in named if id(p) not in hidden_ids]
+    adamw_groups = [
+        {"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    members = [_adamw([g for g in adamw_groups if g["params"]], cfg, device_type)]
+    if hidden:
+        members.append(torch.optim.Muon(
+            [{"params": hidden, "lr_scale": cfg.muon_lr / cfg.learning_rate}],
+            lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay,
+            nesterov=True))
+    return Optimizers(members)
+
+
+__all__ = ["OPTIMIZERS", "Optimizers", "build_optimizer"]
