@@ -111,8 +111,14 @@ class GPTConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-# TrainConfig's model when none is given: the preset "shakespeare_char" (nanoGPT's CPU recipe).
-DEFAULT_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=64)
+# TrainConfig's model when none is given: the preset "shakespeare_char" (nanoGPT's CPU recipe's
+# shape, with QK-norm).
+DEFAULT_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, qk_norm=True)
+
+# What settings added since checkpoints were first written meant before they existed: a saved
+# config without them describes a run that used these values (see TrainConfig.from_saved).
+SAVED_BEFORE = {"optimizer": "adamw", "lr_schedule": "cosine"}
+MODEL_SAVED_BEFORE = {"qk_norm": False}
 
 
 @dataclass
@@ -129,19 +135,19 @@ class TrainConfig:
     tokenizer: str = "char"           # "char" or "gpt2"
     out_dir: str = "out"              # run directory: ckpt.pt, config.json, metrics.jsonl
     # optimisation
-    optimizer: str = "adamw"          # "adamw", or "muon": Muon for the blocks' matrices and
-                                      # AdamW for embeddings, head, biases and gains (see
-                                      # minigpt.optim)
+    optimizer: str = "muon"           # "muon": Muon for the blocks' matrices and AdamW for
+                                      # embeddings, head, biases and gains; or "adamw" for all
+                                      # (see minigpt.optim)
     batch_size: int = 32              # sequences per micro-step (per process)
     grad_accum: int = 1               # micro-steps per optimizer step
     max_iters: int = 1800             # optimizer steps
     learning_rate: float = 2e-3       # peak learning rate
     min_lr: float = 2e-4              # floor of the cosine decay
-    warmup_iters: int = 100           # linear warmup steps
+    warmup_iters: int = 30            # linear warmup steps
     lr_decay_iters: Optional[int] = None  # length of the schedule; None = max_iters
-    lr_schedule: str = "cosine"       # after warmup: "cosine" decay to min_lr, or "wsd" (warmup-
+    lr_schedule: str = "wsd"          # after warmup: "cosine" decay to min_lr, or "wsd" (warmup-
                                       # stable-decay: peak, then a linear cooldown to min_lr)
-    cooldown_frac: float = 0.2        # "wsd": the final fraction of the schedule spent decaying
+    cooldown_frac: float = 0.4        # "wsd": the final fraction of the schedule spent decaying
     max_time: float = 0.0             # wall-clock budget in seconds (0 = none): stop once it is
                                       # spent, and run the schedule on the fraction of it used
     weight_decay: float = 0.1         # AdamW decay of matrices (none on biases and norms)
@@ -149,11 +155,11 @@ class TrainConfig:
     beta2: float = 0.99               # AdamW second-moment decay
     grad_clip: float = 1.0            # max global grad norm; 0 disables
     muon_lr: float = 0.02             # "muon": peak learning rate of the hidden matrices
-    muon_momentum: float = 0.95       # "muon": Nesterov momentum
+    muon_momentum: float = 0.9        # "muon": Nesterov momentum
     muon_weight_decay: float = 0.0    # "muon": decoupled weight decay of the hidden matrices
     # evaluation and logging
     eval_interval: int = 300          # steps between evaluations (and checkpoints)
-    eval_iters: int = 20              # fixed batches per split per evaluation
+    eval_iters: int = 10              # fixed batches per split per evaluation
     log_interval: int = 10            # steps between progress-bar/log updates
     # system
     device: str = "auto"              # "auto" (cuda, then mps, then cpu), "cpu", "cuda", ...
@@ -210,6 +216,19 @@ class TrainConfig:
     def to_dict(self) -> dict:
         """Nested plain values ({"model": {...}, "batch_size": 32, ...}), JSON-ready."""
         return asdict(self)
+
+    @classmethod
+    def from_saved(cls, d: dict) -> "TrainConfig":
+        """The TrainConfig of a run from the config it saved (a checkpoint's "train_config",
+        config.json): settings added since that run was saved take the values they had before
+        they existed (SAVED_BEFORE, MODEL_SAVED_BEFORE), not today's defaults. Unknown keys
+        are ignored."""
+        d = {**SAVED_BEFORE, **d}
+        if isinstance(d.get("model"), dict):
+            d["model"] = {**MODEL_SAVED_BEFORE, **d["model"]}
+        else:  # the flat layout of the first checkpoints
+            d = {**MODEL_SAVED_BEFORE, **d}
+        return cls.from_dict(d, strict=False)
 
     @classmethod
     def from_dict(cls, d: dict, strict: bool = True) -> "TrainConfig":

@@ -143,7 +143,7 @@ def resolve_config(argv=None) -> Tuple[TrainConfig, Optional[dict]]:
             state = load_checkpoint(out_dir / "ckpt.pt")
         except CheckpointError as e:
             parser.error(f"argument --resume: {e}")
-        base = TrainConfig.from_dict(state.get("train_config", {}), strict=False).to_dict()
+        base = TrainConfig.from_saved(state.get("train_config", {})).to_dict()
         flat_base = {**base, **base["model"]}
         flat_new = {**overrides, **overrides["model"]}
         for name in fixed_on_resume():

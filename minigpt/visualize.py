@@ -385,7 +385,7 @@ def plot_metrics_file(metrics, out: Optional[str] = None,
         train_config = _saved_train_config(metrics.with_name("ckpt.pt"))
     lr_fn = None
     if train_config is not None:
-        lr_fn = partial(lr_at, cfg=TrainConfig.from_dict(train_config, strict=False))
+        lr_fn = partial(lr_at, cfg=TrainConfig.from_saved(train_config))
     out = Path(out) if out is not None else metrics.with_name("curves.png")
     title = None
     if log["runs"] > 1:

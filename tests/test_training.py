@@ -29,11 +29,39 @@ def tiny_cfg(text_file, out_dir, **kw):
 
 
 def test_lr_schedule():
-    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110,
+                      lr_schedule="cosine")
     assert lr_at(0, cfg) < lr_at(5, cfg) < lr_at(9, cfg) <= 1.0
     assert lr_at(10, cfg) == pytest.approx(1.0)
     assert lr_at(60, cfg) == pytest.approx(0.55)
     assert lr_at(110, cfg) == pytest.approx(0.1) and lr_at(500, cfg) == 0.1
+
+
+def test_wsd_schedule_and_time_budget():
+    # 10 warmup steps, then 100 steps: stable to p = 0.75 (step 85), linear to min_lr at 110.
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.2, warmup_iters=10, max_iters=110,
+                      lr_schedule="wsd", cooldown_frac=0.25)
+    assert lr_at(9, cfg) < 1.0
+    assert lr_at(10, cfg) == lr_at(50, cfg) == lr_at(85, cfg) == 1.0
+    assert lr_at(90, cfg) == pytest.approx(1.0 - 0.8 * 0.05 / 0.25)
+    assert lr_at(110, cfg) == pytest.approx(0.2) and lr_at(300, cfg) == pytest.approx(0.2)
+    # With max_time the schedule follows the fraction of the budget used, when further along.
+    timed = replace(cfg, max_time=100.0)
+    assert lr_at(20, timed, elapsed=5.0) == 1.0
+    assert lr_at(20, timed, elapsed=90.0) == pytest.approx(1.0 - 0.8 * 0.15 / 0.25)
+    assert lr_at(20, timed, elapsed=500.0) == pytest.approx(0.2)
+    assert lr_at(20, cfg, elapsed=90.0) == 1.0  # no budget: time does not count
+
+
+def test_max_time_stops_the_run(text_file, tmp_path):
+    cfg = tiny_cfg(text_file, tmp_path, max_iters=100_000, max_time=3.0, eval_interval=50)
+    t0 = time.perf_counter()
+    result = train(cfg, log=lambda *a: None)
+    assert 0 < result.iters < 100_000
+    assert time.perf_counter() - t0 < 60
+    last = [r for r in result.history if r.get("event") == "eval"][-1]
+    assert last["iter"] == result.iters and last["time_s"] >= 3.0
+    assert last["lr"] == pytest.approx(cfg.min_lr)  # the schedule ran to its end
 
 
 def test_training_reduces_loss_and_writes_logs(text_file, tmp_path):
@@ -46,20 +74,23 @@ def test_training_reduces_loss_and_writes_logs(text_file, tmp_path):
     assert state["iter_num"] == 40 and state["best_val_loss"] == result.best_val_loss
 
 
-@pytest.mark.parametrize("backend", [None, "sdpa"], ids=["default", "sdpa"])
-def test_resume_is_exact(text_file, tmp_path, backend):
+@pytest.mark.parametrize("backend, optimizer", [(None, "muon"), ("sdpa", "muon"),
+                                                ("sdpa", "adamw")],
+                         ids=["default", "sdpa", "sdpa-adamw"])
+def test_resume_is_exact(text_file, tmp_path, backend, optimizer):
     """N steps, then N more with --resume, equals 2N steps in one go, bit for bit: with the
-    default backend ("ext" when built) at the default thread count, and with "sdpa"."""
+    default backend ("ext" when built) at the default thread count, and with "sdpa"; with
+    each optimizer (Muon's momentum and AdamW's moments are restored)."""
     if backend is None:
         from minigpt import attention_backends
 
         report = attention_backends()
         assert report["default"] == ("ext" if report["ext"]["available"] else "sdpa")
     full = tiny_cfg(text_file, tmp_path / "full", max_iters=20, lr_decay_iters=20,
-                    attn_backend=backend)
+                    attn_backend=backend, optimizer=optimizer)
     train(full, log=lambda *a: None)
     half = tiny_cfg(text_file, tmp_path / "half", max_iters=10, lr_decay_iters=20,
-                    attn_backend=backend)
+                    attn_backend=backend, optimizer=optimizer)
     train(half, log=lambda *a: None)
     train(replace(half, max_iters=20, resume=True), log=lambda *a: None)
     a = load_checkpoint(tmp_path / "full" / "ckpt.pt")
