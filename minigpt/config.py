@@ -172,8 +172,13 @@ class TrainConfig:
     model: GPTConfig = field(default_factory=lambda: GPTConfig(**DEFAULT_MODEL))
     # data
     data: Optional[str] = None        # UTF-8 text file; None = tiny Shakespeare (downloaded)
-    tokenizer: str = "char"           # "char" or "gpt2"
+    tokenizer: str = "char"           # "char" or "gpt2"; with init_from, the pretrained
+                                      # model's ("gpt2", or "hf": its tokenizer.json)
     out_dir: str = "out"              # run directory: ckpt.pt, config.json, metrics.jsonl
+    init_from: Optional[str] = None   # fine-tune a pretrained model: a Hugging Face directory
+                                      # or hub name (GPT-2, Llama-family); its shape and
+                                      # tokenizer replace the model settings, except
+                                      # block_size (at most its own), dropout and attn_backend
     # optimisation
     optimizer: str = "adamw"          # "adamw", or "muon": Muon for the blocks' matrices and
                                       # AdamW for embeddings, head, biases and gains (see
@@ -217,7 +222,7 @@ class TrainConfig:
 
     # Settings that a resumed run takes from its checkpoint and cannot change (with the model's
     # fields other than GPTConfig.TUNABLE).
-    FIXED_ON_RESUME: ClassVar[Tuple[str, ...]] = ("tokenizer", "optimizer")
+    FIXED_ON_RESUME: ClassVar[Tuple[str, ...]] = ("tokenizer", "optimizer", "init_from")
     OPTIMIZERS: ClassVar[Tuple[str, ...]] = ("adamw", "muon")
     LR_SCHEDULES: ClassVar[Tuple[str, ...]] = ("cosine", "wsd")
 
@@ -229,6 +234,10 @@ class TrainConfig:
         _check(owner, self, "model", lambda x: isinstance(x, GPTConfig), "must be a GPTConfig")
         _check(owner, self, "tokenizer", lambda x: x in TOKENIZERS,
                f"must be one of {', '.join(TOKENIZERS)}")
+        _check(owner, self, "tokenizer", lambda x: x != "hf" or self.init_from,
+               "can be 'hf' only with init_from (a pretrained model's tokenizer.json)")
+        _check(owner, self, "init_from", lambda x: x is None or (isinstance(x, str) and x),
+               "must be a model directory or hub name (or None)")
         _check(owner, self, "dtype", lambda x: x in DTYPES, f"must be one of {', '.join(DTYPES)}")
         for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
             _check(owner, self, name, lambda x: _is_int(x) and x > 0, "must be > 0")
@@ -313,6 +322,13 @@ PRESETS: Dict[str, dict] = {
     "shakespeare_char": {},
     # The same model on GPT-2 BPE tokens (tiktoken): a 50257-token vocabulary.
     "shakespeare": {"tokenizer": "gpt2"},
+    # Fine-tuning a pretrained model on a CPU (--init-from picks it unless --preset is given):
+    # short windows, small batches, and a peak learning rate ~100x below training from scratch
+    # (nanoGPT's finetune_shakespeare uses 3e-5), so the pretrained weights are adjusted, not
+    # overwritten.
+    "finetune": {"model": dict(block_size=128), "batch_size": 8, "max_iters": 200,
+                 "learning_rate": 3e-5, "min_lr": 3e-6, "warmup_iters": 10,
+                 "eval_interval": 50, "eval_iters": 10},
     # nanoGPT's "baby GPT" for one GPU.
     "shakespeare_char_gpu": {"model": dict(n_layer=6, n_head=6, n_embd=384, block_size=256,
                                            dropout=0.2),
