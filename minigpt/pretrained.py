@@ -555,10 +555,17 @@ def to_hf_weights(arch: str, cfg: GPTConfig, state: Dict[str, torch.Tensor]
 # Tokenizers and the whole model
 
 
+def _is_gpt2_bpe(tok: HFTokenizer) -> bool:
+    """Whether a tokenizer.json is GPT-2's own BPE (then tiktoken's "gpt2" gives its ids)."""
+    return (tok.vocab_size == GPT2_VOCAB and tok.tok.token_to_id("Ġthe") == 262
+            and tok.tok.token_to_id("<|endoftext|>") == GPT2_VOCAB - 1)
+
+
 def load_tokenizer(path_or_name: str, vocab_size: Optional[int] = None):
-    """The tokenizer of a pretrained model: GPT-2 (with GPT-2's 50,257-token vocabulary or a
-    padded one) -> minigpt's "gpt2" (tiktoken); otherwise the directory's tokenizer.json ->
-    "hf" (Hugging Face tokenizers).
+    """The tokenizer of a pretrained model: a GPT-2 model with GPT-2's vocabulary -> minigpt's
+    "gpt2" (tiktoken); otherwise the directory's tokenizer.json -> "hf" (Hugging Face
+    tokenizers), e.g. a Llama-family model's, or a GPT-2-architecture model trained with
+    another vocabulary.
 
     Raises:
         PretrainedError: no tokenizer.json where one is needed, one that cannot be read, or a
@@ -568,9 +575,9 @@ def load_tokenizer(path_or_name: str, vocab_size: Optional[int] = None):
     hf = read_hf_config(directory)
     arch = hf_architecture(hf, str(directory / "config.json"))
     vocab = vocab_size or hf.get("vocab_size", GPT2_VOCAB)
-    if arch == "gpt2" and vocab >= GPT2_VOCAB:
-        return GPT2Tokenizer()
     path = directory / "tokenizer.json"
+    if arch == "gpt2" and vocab >= GPT2_VOCAB and not path.is_file():
+        return GPT2Tokenizer()
     if not path.is_file():
         why = (f"its vocabulary ({vocab}) is not GPT-2's" if arch == "gpt2"
                else "a Llama-family model's tokenizer comes from there")
@@ -581,6 +588,8 @@ def load_tokenizer(path_or_name: str, vocab_size: Optional[int] = None):
         tok = HFTokenizer.from_file(path)
     except (OSError, ValueError, ImportError) as e:
         raise PretrainedError(str(e)) from None
+    if arch == "gpt2" and _is_gpt2_bpe(tok):
+        return GPT2Tokenizer()
     if tok.vocab_size > vocab:
         raise PretrainedError(f"{path}: token ids up to {tok.vocab_size - 1}, beyond the "
                               f"model's vocabulary of {vocab}")

@@ -439,6 +439,8 @@ def test_gpt2_uses_tiktoken_and_exports_a_matching_tokenizer_json(tmp_path):
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     text = "ROMEO:\nBut soft, what light through yonder window breaks? é 日本"
     assert auto(text).input_ids == tok.encode(text)
+    # The exported directory (GPT-2's BPE as tokenizer.json) comes back as tiktoken's gpt2.
+    assert load_tokenizer(str(tmp_path / "out")).name == "gpt2"
 
 
 def test_import_minigpt_does_not_import_the_hf_packages():
