@@ -51,7 +51,12 @@ def _is_number(x) -> bool:
 @dataclass
 class GPTConfig:
     """The shape of a GPT (and the two settings that may change between runs of one model:
-    dropout and attn_backend, listed in TUNABLE)."""
+    dropout and attn_backend, listed in TUNABLE).
+
+    Fields that default to None (n_kv_head, head_dim, attn_bias, mlp_bias, norm_bias,
+    intermediate_size) are resolved from the others in __post_init__ and stored resolved, so
+    dataclasses.replace(cfg, n_embd=...) keeps the old head_dim and intermediate_size: build
+    changed shapes from the given values (GPTConfig(**given)) instead."""
 
     vocab_size: int = 65          # number of token ids (set from the tokenizer when training)
     block_size: int = 256         # longest context the model is trained on, in tokens

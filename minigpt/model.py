@@ -162,10 +162,11 @@ class ReLU2(nn.Module):
         return F.relu(x).square()
 
 
+# The MLP nonlinearities (GPTConfig.ACTIVATIONS), each a module class called with no argument.
 ACTIVATIONS = {
-    "gelu": nn.GELU,                                    # x Phi(x), exact (erf)
-    "gelu_tanh": functools.partial(nn.GELU, approximate="tanh"),  # GPT-2's ("gelu_new")
-    "silu": nn.SiLU,                                    # x sigmoid(x): Llama's, in a GLU
+    "gelu": nn.GELU,  # x Phi(x), exact (erf); Hendrycks & Gimpel 2016
+    "gelu_tanh": functools.partial(nn.GELU, approximate="tanh"),  # their tanh form: GPT-2's
+    "silu": nn.SiLU,  # x sigmoid(x) (Swish-1): Llama's, inside a GLU
     "relu2": ReLU2,
 }
 
