@@ -47,8 +47,9 @@ from .config import ConfigError, GPTConfig
 from .tokenizer import GPT2Tokenizer, HFTokenizer
 
 __all__ = ["PretrainedError", "pretrained_state", "load_tokenizer", "model_dir",
-           "read_hf_config", "read_weights", "to_minigpt_config", "to_hf_config",
-           "hf_architecture", "to_minigpt_weights", "to_hf_weights", "ARCHITECTURES"]
+           "read_hf_config", "read_weights", "hf_architecture", "to_minigpt_config",
+           "to_minigpt_weights", "export_architecture", "to_hf_config", "to_hf_weights",
+           "ARCHITECTURES"]
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 GPT2_VOCAB = 50257  # tiktoken's "gpt2": 50,000 merges + 256 bytes + <|endoftext|>
