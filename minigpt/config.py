@@ -51,20 +51,42 @@ def _is_number(x) -> bool:
 @dataclass
 class GPTConfig:
     """The shape of a GPT (and the two settings that may change between runs of one model:
-    dropout and attn_backend, listed in TUNABLE)."""
+    dropout and attn_backend, listed in TUNABLE).
+
+    Fields that default to None (n_kv_head, head_dim, attn_bias, mlp_bias, norm_bias,
+    intermediate_size) are resolved from the others in __post_init__ and stored resolved, so
+    dataclasses.replace(cfg, n_embd=...) keeps the old head_dim and intermediate_size: build
+    changed shapes from the given values (GPTConfig(**given)) instead."""
 
     vocab_size: int = 65          # number of token ids (set from the tokenizer when training)
     block_size: int = 256         # longest context the model is trained on, in tokens
     n_layer: int = 6              # transformer blocks
     n_head: int = 6               # query heads per attention layer
     n_kv_head: Optional[int] = None  # key/value heads (GQA); None means n_head (plain MHA)
-    n_embd: int = 384             # residual stream width C; head_dim = n_embd // n_head
+    n_embd: int = 384             # residual stream width C
+    head_dim: Optional[int] = None  # width of each query/key/value head; None means
+                                  # n_embd // n_head (Llama-family models may set it apart)
     dropout: float = 0.0          # dropout on embeddings and residual branches (not on attention
                                   # probabilities: the fused kernels never form them)
-    bias: bool = False            # biases in Linear and LayerNorm layers
+    bias: bool = False            # biases in Linear and LayerNorm layers: the default of
+                                  # attn_bias, mlp_bias and norm_bias
+    attn_bias: Optional[bool] = None  # biases in the attention's c_attn and c_proj; None = bias
+    mlp_bias: Optional[bool] = None   # biases in the MLP's c_fc and c_proj; None = bias
+    norm_bias: Optional[bool] = None  # biases in the LayerNorms; None = bias (RMSNorm has none)
+    pos_embedding: str = "rope"   # "rope" (rotary, applied to q and k in every layer; Su et al.
+                                  # 2021) or "learned" (a block_size x n_embd table added to the
+                                  # token embeddings; GPT-2)
     rope_theta: float = 10000.0   # RoPE base: frequencies theta^(-2i/head_dim)
-    activation: str = "gelu"      # MLP nonlinearity: "gelu" (exact erf GELU) or "relu2"
-                                  # (ReLU squared, So et al. 2021, "Primer")
+    norm: str = "layernorm"       # "layernorm" (Ba et al. 2016) or "rmsnorm" (Zhang & Sennrich
+                                  # 2019; Llama)
+    norm_eps: float = 1e-5        # epsilon of every LayerNorm/RMSNorm (not of qk_norm)
+    mlp: str = "standard"         # "standard": c_proj(act(c_fc(x))); "glu": c_proj(act(g) * u)
+                                  # with [g, u] = c_fc(x) (Shazeer 2020); "glu" with activation
+                                  # "silu" is Llama's SwiGLU
+    intermediate_size: Optional[int] = None  # MLP hidden width; None means 4 * n_embd
+    activation: str = "gelu"      # MLP nonlinearity: "gelu" (exact erf GELU), "gelu_tanh"
+                                  # (GPT-2's tanh approximation), "silu" (x sigmoid(x)) or
+                                  # "relu2" (ReLU squared, So et al. 2021, "Primer")
     qk_norm: bool = False         # RMSNorm (with a learned gain) of each query and key head
                                   # before RoPE (Henry et al. 2020; Dehghani et al. 2023)
     tie_embeddings: bool = True   # output head shares the token embedding's weight (Press &
@@ -74,32 +96,61 @@ class GPTConfig:
     attn_backend: Optional[str] = None  # minigpt.attention backend; None picks the best
 
     TUNABLE: ClassVar[Tuple[str, ...]] = ("dropout", "attn_backend")
-    ACTIVATIONS: ClassVar[Tuple[str, ...]] = ("gelu", "relu2")
+    ACTIVATIONS: ClassVar[Tuple[str, ...]] = ("gelu", "gelu_tanh", "silu", "relu2")
+    # Where positions enter: "rope" rotates q and k inside attention; "learned" adds a table to
+    # the input. Absolute kinds (a fixed sinusoidal table) would join "learned" in GPT._embed,
+    # relative ones in CausalSelfAttention.qkv.
+    POS_EMBEDDINGS: ClassVar[Tuple[str, ...]] = ("rope", "learned")
+    NORMS: ClassVar[Tuple[str, ...]] = ("layernorm", "rmsnorm")
+    MLPS: ClassVar[Tuple[str, ...]] = ("standard", "glu")
 
     def __post_init__(self):
-        """Raises ConfigError (a ValueError) naming the first field out of range."""
+        """Resolves the None defaults (n_kv_head, head_dim, the three biases, intermediate_size).
+
+        Raises ConfigError (a ValueError) naming the first field out of range."""
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         owner = "GPTConfig"
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             _check(owner, self, name, lambda x: _is_int(x) and x > 0, "must be a positive int")
-        _check(owner, self, "n_embd", lambda x: x % self.n_head == 0,
-               f"must be divisible by n_head ({self.n_head})")
-        _check(owner, self, "n_embd", lambda x: (x // self.n_head) % 2 == 0,
-               f"must give an even head_dim = n_embd / n_head for RoPE (n_head {self.n_head})")
+        if self.head_dim is None:
+            _check(owner, self, "n_embd", lambda x: x % self.n_head == 0,
+                   f"must be divisible by n_head ({self.n_head}), or head_dim given")
+            self.head_dim = self.n_embd // self.n_head
+        _check(owner, self, "head_dim", lambda x: _is_int(x) and x > 0, "must be a positive int")
+        _check(owner, self, "pos_embedding", lambda x: x in self.POS_EMBEDDINGS,
+               f"must be one of {', '.join(self.POS_EMBEDDINGS)}")
+        if self.pos_embedding == "rope":
+            _check(owner, self, "head_dim", lambda x: x % 2 == 0,
+                   f"must be even for RoPE (head_dim = n_embd / n_head = {self.n_embd} / "
+                   f"{self.n_head} unless given)")
         _check(owner, self, "n_head", lambda x: x % self.n_kv_head == 0,
                f"must be a multiple of n_kv_head ({self.n_kv_head})")
         _check(owner, self, "dropout", lambda x: _is_number(x) and 0.0 <= x < 1.0,
                "must be in [0, 1)")
         _check(owner, self, "rope_theta", lambda x: _is_number(x) and x > 0, "must be positive")
+        _check(owner, self, "norm", lambda x: x in self.NORMS,
+               f"must be one of {', '.join(self.NORMS)}")
+        _check(owner, self, "norm_eps", lambda x: _is_number(x) and x > 0, "must be positive")
+        _check(owner, self, "mlp", lambda x: x in self.MLPS,
+               f"must be one of {', '.join(self.MLPS)}")
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.n_embd
+        _check(owner, self, "intermediate_size", lambda x: _is_int(x) and x > 0,
+               "must be a positive int")
         _check(owner, self, "activation", lambda x: x in self.ACTIVATIONS,
                f"must be one of {', '.join(self.ACTIVATIONS)}")
-        for name in ("qk_norm", "tie_embeddings", "zero_init_proj"):
+        _check(owner, self, "bias", lambda x: isinstance(x, bool), "must be a bool")
+        for name in ("attn_bias", "mlp_bias"):
+            if getattr(self, name) is None:
+                setattr(self, name, self.bias)
+        if self.norm_bias is None:
+            self.norm_bias = self.bias and self.norm == "layernorm"
+        _check(owner, self, "norm_bias", lambda x: not (x and self.norm == "rmsnorm"),
+               "must be False with norm='rmsnorm' (RMSNorm has no bias)")
+        for name in ("attn_bias", "mlp_bias", "norm_bias", "qk_norm", "tie_embeddings",
+                     "zero_init_proj"):
             _check(owner, self, name, lambda x: isinstance(x, bool), "must be a bool")
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,8 +183,13 @@ class TrainConfig:
     model: GPTConfig = field(default_factory=lambda: GPTConfig(**DEFAULT_MODEL))
     # data
     data: Optional[str] = None        # UTF-8 text file; None = tiny Shakespeare (downloaded)
-    tokenizer: str = "char"           # "char" or "gpt2"
+    tokenizer: str = "char"           # "char" or "gpt2"; with init_from, the pretrained
+                                      # model's ("gpt2", or "hf": its tokenizer.json)
     out_dir: str = "out"              # run directory: ckpt.pt, config.json, metrics.jsonl
+    init_from: Optional[str] = None   # fine-tune a pretrained model: a Hugging Face directory
+                                      # or hub name (GPT-2, Llama-family); its shape and
+                                      # tokenizer replace the model settings, except
+                                      # block_size (at most its own), dropout and attn_backend
     # optimisation
     optimizer: str = "muon"           # "muon": Muon for the blocks' matrices and AdamW for
                                       # embeddings, head, biases and gains; or "adamw" for all
@@ -177,7 +233,7 @@ class TrainConfig:
 
     # Settings that a resumed run takes from its checkpoint and cannot change (with the model's
     # fields other than GPTConfig.TUNABLE).
-    FIXED_ON_RESUME: ClassVar[Tuple[str, ...]] = ("tokenizer", "optimizer")
+    FIXED_ON_RESUME: ClassVar[Tuple[str, ...]] = ("tokenizer", "optimizer", "init_from")
     OPTIMIZERS: ClassVar[Tuple[str, ...]] = ("adamw", "muon")
     LR_SCHEDULES: ClassVar[Tuple[str, ...]] = ("cosine", "wsd")
 
@@ -189,6 +245,10 @@ class TrainConfig:
         _check(owner, self, "model", lambda x: isinstance(x, GPTConfig), "must be a GPTConfig")
         _check(owner, self, "tokenizer", lambda x: x in TOKENIZERS,
                f"must be one of {', '.join(TOKENIZERS)}")
+        _check(owner, self, "tokenizer", lambda x: x != "hf" or self.init_from,
+               "can be 'hf' only with init_from (a pretrained model's tokenizer.json)")
+        _check(owner, self, "init_from", lambda x: x is None or (isinstance(x, str) and x),
+               "must be a model directory or hub name (or None)")
         _check(owner, self, "dtype", lambda x: x in DTYPES, f"must be one of {', '.join(DTYPES)}")
         for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
             _check(owner, self, name, lambda x: _is_int(x) and x > 0, "must be > 0")
@@ -286,6 +346,13 @@ PRESETS: Dict[str, dict] = {
     "shakespeare_char": {},
     # The same model on GPT-2 BPE tokens (tiktoken): a 50257-token vocabulary.
     "shakespeare": {"tokenizer": "gpt2"},
+    # Fine-tuning a pretrained model on a CPU (--init-from picks it unless --preset is given):
+    # short windows, small batches, and a peak learning rate ~100x below training from scratch
+    # (nanoGPT's finetune_shakespeare uses 3e-5), so the pretrained weights are adjusted, not
+    # overwritten.
+    "finetune": {"model": dict(block_size=128), "batch_size": 8, "max_iters": 200,
+                 "learning_rate": 3e-5, "min_lr": 3e-6, "warmup_iters": 10,
+                 "eval_interval": 50, "eval_iters": 10},
     # nanoGPT's "baby GPT" for one GPU.
     "shakespeare_char_gpu": {"model": dict(n_layer=6, n_head=6, n_embd=384, block_size=256,
                                            dropout=0.2),

@@ -6,8 +6,9 @@ against its sha256 and written atomically. Offline, ``python -m minigpt.data --i
 puts a copy you already have into the cache (after the same check), or train on any UTF-8 text
 file with ``--data PATH``.
 
-Tokens are stored as uint16 memmaps, split 90/10 into train/val, and cached under a key made of
-the corpus's sha256 and the tokenizer, so a second run does not tokenize again.
+Tokens are stored as memmaps (uint16, or uint32 for vocabularies over 65,536 tokens such as
+Llama 3's), split 90/10 into train/val, and cached under a key made of the corpus's sha256 and
+the tokenizer, so a second run does not tokenize again.
 
 Usage: python -m minigpt.data [--import-file PATH]
 """
@@ -22,7 +23,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -111,7 +112,8 @@ def read_text(path) -> tuple:
 
 @dataclass
 class Corpus:
-    """A tokenized corpus: train and val token arrays (uint16 memmaps) and its tokenizer."""
+    """A tokenized corpus: train and val token arrays (uint16 or uint32 memmaps) and its
+    tokenizer."""
 
     train: np.ndarray
     val: np.ndarray
@@ -124,30 +126,56 @@ class Corpus:
         return self.train if name == "train" else self.val
 
 
-def load_corpus(data: Optional[str] = None, tokenizer: str = "char") -> Corpus:
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned integer type that holds every token id: uint16 up to 65,536
+    tokens, else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+def _tokenizer_key(tok) -> str:
+    """A cache key for a tokenizer: its name, plus a hash of its vocabulary when that travels in
+    its state (an "hf" tokenizer.json)."""
+    state = json.dumps(tok.state_dict(), sort_keys=True).encode()
+    return tok.name if tok.name in ("char", "gpt2") else f"{tok.name}-{_sha256(state)[:12]}"
+
+
+def load_corpus(data: Optional[str] = None, tokenizer: Union[str, object] = "char") -> Corpus:
     """Tokenize (or load the cached tokens of) a corpus.
 
     Args:
         data: path to a UTF-8 text file, or None for tiny Shakespeare (downloaded and cached).
-        tokenizer: "char" (vocabulary built from the whole text) or "gpt2" (tiktoken BPE).
+        tokenizer: "char" (vocabulary built from the whole text) or "gpt2" (tiktoken BPE); or a
+            tokenizer object (minigpt.tokenizer), used as it is: a pretrained model's, so that
+            fine-tuning data is tokenized as the model was.
 
     Raises:
         DataError: unusable file (missing, directory, empty, not UTF-8), offline without a
-            cached corpus, a vocabulary too large for uint16, or a split too short to hold a
-            single token.
+            cached corpus, a vocabulary too large for uint32, text that a given char tokenizer
+            cannot encode, or a split too short to hold a single token.
     """
-    if tokenizer not in ("char", "gpt2"):
-        raise ValueError(f"tokenizer must be 'char' or 'gpt2', got {tokenizer!r}")
+    if isinstance(tokenizer, str) and tokenizer not in ("char", "gpt2"):
+        raise ValueError(f"tokenizer must be 'char', 'gpt2' or a tokenizer object, got "
+                         f"{tokenizer!r}")
     path = download_shakespeare() if data is None else Path(data)
     text, digest = read_text(path)
-    tok = CharTokenizer.from_text(text) if tokenizer == "char" else GPT2Tokenizer()
-    if tok.vocab_size > 65536:
-        raise DataError(f"corpus file {path}: the {tokenizer} vocabulary has {tok.vocab_size} "
-                        f"tokens, more than the 65536 a uint16 token file can hold")
-    key_dir = cache_dir() / "tokens" / f"{digest[:16]}-{tokenizer}"
+    if isinstance(tokenizer, str):
+        tok = CharTokenizer.from_text(text) if tokenizer == "char" else GPT2Tokenizer()
+    else:
+        tok = tokenizer
+    if tok.vocab_size > 2 ** 32:
+        raise DataError(f"corpus file {path}: the {tok.name} vocabulary has {tok.vocab_size} "
+                        f"tokens, more than a uint32 token file can hold")
+    dtype = token_dtype(tok.vocab_size)
+    key = _tokenizer_key(tok)
+    if tok.name == "char" and not isinstance(tokenizer, str):
+        key += "-" + _sha256("".join(tok.chars).encode())[:12]  # another text's vocabulary
+    key_dir = cache_dir() / "tokens" / f"{digest[:16]}-{key}"
     meta_path = key_dir / "meta.json"
     if not meta_path.is_file():
-        ids = np.array(tok.encode(text), dtype=np.uint16)
+        try:
+            ids = np.array(tok.encode(text), dtype=dtype)
+        except ValueError as e:
+            raise DataError(f"corpus file {path}: {e}") from None
         n_train = int(len(ids) * TRAIN_FRACTION)
         if n_train < 1 or len(ids) - n_train < 1:
             raise DataError(f"corpus file {path}: only {len(ids)} tokens; too short for a "
@@ -156,9 +184,10 @@ def load_corpus(data: Optional[str] = None, tokenizer: str = "char") -> Corpus:
         atomic_write_bytes(key_dir / "val.bin", ids[n_train:].tobytes())
         # meta.json last: its presence marks a complete cache entry.
         atomic_write_bytes(meta_path, json.dumps({"source": str(path), "sha256": digest,
-                                                  "tokenizer": tok.state_dict()}).encode())
-    train = np.memmap(key_dir / "train.bin", dtype=np.uint16, mode="r")
-    val = np.memmap(key_dir / "val.bin", dtype=np.uint16, mode="r")
+                                                  "tokenizer": tok.name,
+                                                  "dtype": dtype.name}).encode())
+    train = np.memmap(key_dir / "train.bin", dtype=dtype, mode="r")
+    val = np.memmap(key_dir / "val.bin", dtype=dtype, mode="r")
     return Corpus(train=train, val=val, tokenizer=tok, source=str(path))
 
 

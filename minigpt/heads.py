@@ -2,6 +2,7 @@
 
     python -m minigpt.heads --checkpoint out/ckpt.pt
     python -m minigpt.heads --checkpoint out/ --mask 3:1 --mask 0:2 --json heads.json
+    python -m minigpt.heads --init-from DIR --data my.txt   # a pretrained GPT-2 or Llama
 
 Each head's output is multiplied by a gate before the layer's output projection c_proj
 (GPT.gated_heads); a gate of 0 removes the head. The loss on a fixed set of
@@ -30,6 +31,7 @@ import torch
 from .checkpoint import CheckpointError, checkpoint_file, load_checkpoint
 from .data import BatchSampler, DataError, load_corpus
 from .model import GPT
+from .pretrained import pretrained_state
 from .tokenizer import from_state
 from .runtime import DeviceError, pick_device
 
@@ -132,11 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Loss increase when each attention head is masked "
                                             "(Michel et al. 2019).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default="out/ckpt.pt",
-                   help="checkpoint file, or a directory holding ckpt.pt")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--checkpoint", default=None,
+                       help="checkpoint file, or a directory holding ckpt.pt (default: "
+                            "out/ckpt.pt)")
+    model.add_argument("--init-from", metavar="PATH_OR_NAME", default=None,
+                       help="a pretrained model instead: a Hugging Face directory (GPT-2 or "
+                            "Llama-family) or a hub name; needs --data")
     p.add_argument("--data", default=None,
-                   help="UTF-8 text file to evaluate on, tokenized with the checkpoint's "
+                   help="UTF-8 text file to evaluate on, tokenized with the model's "
                         "tokenizer; None = the checkpoint's training data")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="tokens per sequence; None = the model's block_size (with "
+                        "--init-from, at most 256)")
     p.add_argument("--split", choices=("val", "train"), default="val")
     p.add_argument("--batches", type=int, default=20, help="fixed batches to evaluate on")
     p.add_argument("--batch-size", type=int, default=12, help="sequences per batch")
@@ -157,26 +167,40 @@ def main(argv=None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"argument --{name.replace('_', '-')}: must be >= 1, got "
                          f"{getattr(args, name)}")
-    path = checkpoint_file(args.checkpoint)
+    if args.init_from is not None and args.data is None:
+        parser.error("argument --data: required with --init-from (a pretrained model has no "
+                     "training data of ours)")
+    if args.block_size is not None and args.block_size < 1:
+        parser.error(f"argument --block-size: must be >= 1, got {args.block_size}")
+    path = None if args.init_from else checkpoint_file(args.checkpoint or "out/ckpt.pt")
+    source = args.init_from or str(path)
     try:
-        state = load_checkpoint(path)
+        state = (pretrained_state(args.init_from) if args.init_from is not None
+                 else load_checkpoint(path))
         tokenizer = from_state(state["tokenizer"])
         train_cfg = state.get("train_config", {})
         data = args.data if args.data is not None else train_cfg.get("data")
-        corpus = load_corpus(data, tokenizer.name)
+        # "char" is rebuilt from the text (and compared below); the others are fixed.
+        corpus = load_corpus(data, "char" if tokenizer.name == "char" else tokenizer)
         if args.data is None and corpus.tokenizer.state_dict() != tokenizer.state_dict():
             raise DataError(f"the corpus {corpus.source} does not give the checkpoint's "
                             f"tokenizer (a different text?); pass --data")
-    except (CheckpointError, DataError, OSError, ValueError) as e:
+    except (CheckpointError, DataError, OSError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model = GPT.from_checkpoint(state)
     model_cfg = model.config
+    block_size = args.block_size or (min(256, model_cfg.block_size) if args.init_from
+                                     else model_cfg.block_size)
+    if block_size > model_cfg.block_size:
+        parser.error(f"argument --block-size: the model's context is {model_cfg.block_size}, "
+                     f"got {block_size}")
     try:
         base_mask = parse_mask(args.mask, model_cfg.n_layer, model_cfg.n_head)
     except ValueError as e:
         parser.error(f"argument --mask: {e}")
-    out = Path(args.out) if args.out else path.with_name("heads.png")
+    out = Path(args.out) if args.out else (path.with_name("heads.png") if path is not None
+                                           else Path("heads.png"))
     try:
         from .visualize import image_path_error, plot_head_importance
     except ImportError as e:
@@ -202,16 +226,16 @@ def main(argv=None) -> int:
             print(f"error: --data {args.data}: {e}", file=sys.stderr)
             return 2
     try:
-        sampler = BatchSampler(tokens, model_cfg.block_size, args.batch_size, seed=args.seed)
+        sampler = BatchSampler(tokens, block_size, args.batch_size, seed=args.seed)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     batches = [sampler.next(device) for _ in range(args.batches)]
-    n_tokens = args.batches * args.batch_size * model_cfg.block_size
+    n_tokens = args.batches * args.batch_size * block_size
     pre = [f"L{l}H{h}" for l, h in (base_mask == 0).nonzero().tolist()]
-    print(f"minigpt.heads: {path} ({model_cfg.n_layer} layers x {model_cfg.n_head} heads), "
+    print(f"minigpt.heads: {source} ({model_cfg.n_layer} layers x {model_cfg.n_head} heads), "
           f"{args.split} split of {corpus.source}, {args.batches} batches x {args.batch_size} x "
-          f"{model_cfg.block_size} tokens = {n_tokens:,} tokens (seed {args.seed})")
+          f"{block_size} tokens = {n_tokens:,} tokens (seed {args.seed})")
     if pre:
         print(f"masked by hand in every measurement: {', '.join(pre)}")
 
@@ -238,7 +262,7 @@ def main(argv=None) -> int:
             return [[None if v != v else v for v in row] for row in t.tolist()]
 
         Path(args.json).write_text(json.dumps({
-            "checkpoint": str(path), "split": args.split, "source": corpus.source,
+            "checkpoint": source, "split": args.split, "source": corpus.source,
             "tokens": n_tokens, "batches": args.batches, "batch_size": args.batch_size,
             "seed": args.seed, "masked_by_hand": (base_mask == 0).nonzero().tolist(),
             "base_loss": result["base_loss"], "loss": rows(result["loss"]),

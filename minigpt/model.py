@@ -9,7 +9,11 @@ References:
 - Options (GPTConfig, all off by default): ReLU^2 MLP (So et al. 2021, "Primer"), QK-norm
   (Henry et al. 2020, "Query-Key Normalization for Transformers"; Dehghani et al. 2023), an
   untied output head, zero-initialised residual projections (Jordan et al. 2024,
-  modded-nanogpt).
+  modded-nanogpt); and the pieces that pretrained models need (minigpt.pretrained loads them):
+  GPT-2's learned absolute positions and tanh-approximate GELU, Llama's RMSNorm (Zhang &
+  Sennrich 2019, "Root Mean Square Layer Normalization") and SwiGLU MLP (Shazeer 2020, "GLU
+  Variants Improve Transformer", eq. 6) with its own intermediate size and head_dim, the norm
+  epsilon, and biases per layer kind.
 
 Attention goes through minigpt.attention (our compiled kernels, or a PyTorch fallback).
 """
@@ -17,6 +21,7 @@ Attention goes through minigpt.attention (our compiled kernels, or a PyTorch fal
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Optional
 
@@ -31,6 +36,10 @@ from .config import GPTConfig
 class RotaryEmbedding(nn.Module):
     """RoPE (Su et al. 2021, eq. 34): rotate each pair (x[2i], x[2i+1]) of a query/key by the
     angle pos * theta^(-2i/head_dim). Then q_m . k_n depends on positions only through m - n.
+
+    Hugging Face's Llama pairs (x[i], x[i + head_dim/2]) instead ("rotate_half"); the two are
+    the same model up to a permutation of the q and k projection rows within each head, which
+    minigpt.pretrained applies when it loads such weights (and undoes when it exports them).
 
     Angles are computed from integer positions on each call (cheap: T x head_dim/2), so no
     table has to be sized or moved between devices in advance. They are float64 except on MPS,
@@ -105,10 +114,13 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         # q, k, v projections in one matmul: n_head query heads, n_kv_head key and value heads
         self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) *
-                                config.head_dim, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+                                config.head_dim, bias=config.attn_bias)
+        self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd,
+                                bias=config.attn_bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        # Positions enter here only for relative kinds (RoPE); absolute ones are in GPT._embed.
+        self.rotary = (RotaryEmbedding(config.head_dim, config.rope_theta)
+                       if config.pos_embedding == "rope" else None)
         self.backend = config.attn_backend
         if config.qk_norm:
             self.q_norm = nn.RMSNorm(config.head_dim, eps=1e-6)
@@ -117,13 +129,17 @@ class CausalSelfAttention(nn.Module):
             self.q_norm = self.k_norm = nn.Identity()
 
     def qkv(self, x, pos):
-        """Queries, keys and values of x (B, T, C) at positions pos (T,), RoPE applied:
-        q (B, nh, T, hd), k and v (B, nkv, T, hd), as views of one projection."""
+        """Queries, keys and values of x (B, T, C) at positions pos (T,), RoPE applied (if the
+        model uses it): q (B, nh, T, hd), k and v (B, nkv, T, hd), as views of one projection."""
         B, T, C = x.size()  # batch, time, channels (n_embd)
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.c_attn(x).split([nh * hd, nkv * hd, nkv * hd], dim=2)
-        q = self.rotary(self.q_norm(q.view(B, T, nh, hd)), pos).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.rotary(self.k_norm(k.view(B, T, nkv, hd)), pos).transpose(1, 2)  # (B,nkv,T,hd)
+        q = self.q_norm(q.view(B, T, nh, hd))  # (B, T, nh, hd)
+        k = self.k_norm(k.view(B, T, nkv, hd))  # (B, T, nkv, hd)
+        if self.rotary is not None:
+            q, k = self.rotary(q, pos), self.rotary(k, pos)
+        q = q.transpose(1, 2)  # (B, nh, T, hd)
+        k = k.transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         return q, k, v
 
@@ -135,7 +151,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nkv, Tk, hd), Tk = cached + T
         y = attention(q, k, v, causal=True, backend=self.backend)  # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble all head outputs side by side
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hd): head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -146,29 +162,55 @@ class ReLU2(nn.Module):
         return F.relu(x).square()
 
 
-ACTIVATIONS = {"gelu": nn.GELU, "relu2": ReLU2}
+# The MLP nonlinearities (GPTConfig.ACTIVATIONS), each a module class called with no argument.
+ACTIVATIONS = {
+    "gelu": nn.GELU,  # x Phi(x), exact (erf); Hendrycks & Gimpel 2016
+    "gelu_tanh": functools.partial(nn.GELU, approximate="tanh"),  # their tanh form: GPT-2's
+    "silu": nn.SiLU,  # x sigmoid(x) (Swish-1): Llama's, inside a GLU
+    "relu2": ReLU2,
+}
 
 
 class MLP(nn.Module):
+    """config.mlp "standard": c_proj(act(c_fc(x))). "glu": c_fc makes the gate g and the value u
+    side by side (one matmul, as c_attn makes q, k, v), then c_proj(act(g) * u) (Shazeer 2020,
+    eq. 6; SwiGLU with activation "silu", as in Llama). Hidden width: config.intermediate_size."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.glu = config.mlp == "glu"
+        hidden = config.intermediate_size
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.glu else hidden,
+                              bias=config.mlp_bias)
         self.act = ACTIVATIONS[config.activation]()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.mlp_bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+        h = self.c_fc(x)  # (B, T, hidden), or (B, T, 2 * hidden) for a GLU
+        if self.glu:
+            gate, up = h.chunk(2, dim=-1)  # (B, T, hidden) each
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return self.dropout(self.c_proj(h))
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    """The model's normalisation over n_embd: LayerNorm (with a bias if config.norm_bias) or
+    RMSNorm (x / sqrt(mean(x^2) + eps) * gain), with epsilon config.norm_eps."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.norm_bias)
 
 
 class Block(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x, pos, kv_cache=None, layer=0):
@@ -186,8 +228,10 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config),
         ))
+        if config.pos_embedding == "learned":
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             # Weight tying (Press & Wolf 2017): the output projection is the token embedding.
@@ -213,6 +257,36 @@ class GPT(nn.Module):
         model.load_state_dict(state["model"])
         return model
 
+    @classmethod
+    def from_pretrained(cls, path_or_name: str, *, block_size: Optional[int] = None,
+                        dtype: torch.dtype = torch.float32) -> "GPT":
+        """A GPT with the weights of a Hugging Face GPT-2 (GPT2LMHeadModel) or Llama-architecture
+        (LlamaForCausalLM: Llama, TinyLlama, SmolLM, ...) model, on the CPU.
+
+        Args:
+            path_or_name: a local directory holding config.json and model.safetensors (or
+                pytorch_model.bin, or their sharded index), or a hub name such as
+                "openai-community/gpt2" (downloaded with huggingface_hub when online).
+            block_size: the longest context to keep (default: the model's
+                max_position_embeddings); GPT-2's position table is cut to it.
+            dtype: of the parameters (default float32, which the CPU kernels need).
+
+        Raises:
+            minigpt.pretrained.PretrainedError: no such model, offline without a local copy
+                (the message says what to download and where), unreadable files, or a
+                configuration feature minigpt does not have (named: rope scaling, sliding
+                windows, ...).
+
+        The matching tokenizer: minigpt.pretrained.load_tokenizer(path_or_name). See
+        minigpt/pretrained.py for the weight mapping (GPT-2's Conv1D matrices are transposed;
+        Llama's q/k rows are permuted to our RoPE pairing).
+        """
+        from .pretrained import pretrained_state
+
+        state = pretrained_state(path_or_name, block_size=block_size, dtype=dtype,
+                                 tokenizer=False)
+        return cls.from_checkpoint(state).to(dtype)
+
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
@@ -234,6 +308,8 @@ class GPT(nn.Module):
         if T == 0 or T > self.config.block_size:
             raise ValueError(f"GPT: sequence length T={T} must be in [1, block_size="
                              f"{self.config.block_size}]")
+        if kv_cache is not None:
+            kv_cache.check_room(T)
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 kv_cache: Optional[KVCache] = None):
@@ -255,8 +331,8 @@ class GPT(nn.Module):
         """
         self._check_idx(idx, kv_cache)
         B, T = idx.size()
-        x = self._embed(idx, kv_cache)
         pos = self._positions(T, kv_cache, idx.device)
+        x = self._embed(idx, pos)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, pos, kv_cache, layer)
         if kv_cache is not None:
@@ -289,7 +365,7 @@ class GPT(nn.Module):
 
         def gate(layer):
             def hook(module, args):
-                y = args[0]  # (B, T, C): the heads' outputs side by side
+                y = args[0]  # (B, T, C = nh * hd): the heads' outputs side by side
                 B, T, C = y.shape
                 g = head_mask[layer].to(device=y.device, dtype=y.dtype).view(1, 1, nh, 1)
                 return ((y.view(B, T, nh, hd) * g).view(B, T, C),)
@@ -303,10 +379,13 @@ class GPT(nn.Module):
             for handle in handles:
                 handle.remove()
 
-    def _embed(self, idx, kv_cache):
-        if kv_cache is not None:
-            kv_cache.check_room(idx.shape[1])
-        return self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)
+    def _embed(self, idx, pos):
+        """Token embeddings of idx (B, T), plus the position table's rows pos (T,) with learned
+        positions: (B, T, C)."""
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.pos_embedding == "learned":
+            x = x + self.transformer.wpe(pos)  # (T, C) broadcast over the batch
+        return self.transformer.drop(x)
 
     @staticmethod
     def _positions(T, kv_cache, device):
@@ -343,8 +422,8 @@ class GPT(nn.Module):
         backends = [block.attn.backend for block in self.transformer.h]
         self.eval()
         try:
-            x = self._embed(idx, None)
             pos = self._positions(idx.shape[1], None, idx.device)
+            x = self._embed(idx, pos)
             maps = []
             for block in self.transformer.h:
                 q, k, _ = block.attn.qkv(block.ln_1(x), pos)

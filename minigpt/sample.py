@@ -1,6 +1,8 @@
-"""Sample text from a trained minigpt checkpoint.
+"""Sample text from a trained minigpt checkpoint, or from a pretrained Hugging Face model.
 
     python sample.py                                  # from out/ckpt.pt
+    python sample.py --init-from DIR --prompt "Hello"  # GPT-2 or a Llama-family model (or a
+                                                      # hub name, when online)
     python sample.py --prompt "ROMEO:" --num-samples 3 --max-new-tokens 300 --top-k 40
     python sample.py --prompt-file prompt.txt --temperature 0.8 --top-p 0.9 --stream
     python sample.py --prompt "ROMEO:" --max-new-tokens 40 --attention-map attn.png
@@ -25,6 +27,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .model import GPT
+from .pretrained import pretrained_state
 from .sampling import TextStream, check_sampling_args
 from .tokenizer import from_state
 from .runtime import DeviceError, pick_device
@@ -34,8 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sample.py",
                                 description="Sample text from a minigpt checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default="out/ckpt.pt",
-                   help="checkpoint file, or a directory holding ckpt.pt")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--checkpoint", default=None,
+                       help="checkpoint file, or a directory holding ckpt.pt (default: "
+                            "out/ckpt.pt)")
+    model.add_argument("--init-from", metavar="PATH_OR_NAME", default=None,
+                       help="a pretrained model instead: a Hugging Face directory (GPT-2 or "
+                            "Llama-family) or a hub name")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default="\n", help="text to continue")
     src.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 file")
@@ -80,13 +88,16 @@ def main(argv=None) -> int:
     except ValueError as e:
         parser.error(f"argument --{str(e).split()[0].replace('_', '-')}: {e}")
 
+    if args.init_from is None and args.checkpoint is None:
+        args.checkpoint = "out/ckpt.pt"
     try:
-        state = load_checkpoint(args.checkpoint)
+        state = (pretrained_state(args.init_from) if args.init_from is not None
+                 else load_checkpoint(args.checkpoint))
         tokenizer = from_state(state["tokenizer"])
         prompt = (args.prompt_file.read_text(encoding="utf-8") if args.prompt_file
                   else args.prompt)
         ids = tokenizer.encode(prompt)
-    except (CheckpointError, OSError, UnicodeDecodeError, ValueError) as e:
+    except (CheckpointError, OSError, UnicodeDecodeError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not ids:
@@ -155,7 +166,7 @@ def draw_map(args, model, tokenizer, ids, n_prompt, i) -> None:
         path = path.with_name(f"{path.stem}-{i + 1}{path.suffix}")
     info = draw_attention(model, tokenizer, ids, path, layer=args.layer, heads=args.head,
                           max_tokens=args.max_tokens, n_prompt=n_prompt,
-                          title_prefix=f"{args.checkpoint}: ")
+                          title_prefix=f"{args.init_from or args.checkpoint}: ")
     print(f"attention map: layer {info['layer']}, heads {info['heads']}, last {info['tokens']} "
           f"of {info['total']} tokens -> {info['path']}", file=sys.stderr)
 

@@ -5,6 +5,7 @@
     python train.py --data my.txt --max-iters 500     # any UTF-8 text file
     python train.py --config run.toml --seed 2        # settings from a file, flags override it
     python train.py --resume                          # continue from out/ckpt.pt
+    python train.py --init-from DIR --data my.txt     # fine-tune a GPT-2 or Llama-family model
     torchrun --nproc_per_node=2 train.py              # DistributedDataParallel
 
 The same command line is `minigpt-train` (installed) and `python -m minigpt.train`.
@@ -14,7 +15,10 @@ with the field's comment as its help: one place per setting. Settings are resolv
 order, each overriding the one before: TrainConfig's defaults, --preset, --config FILE (TOML or
 JSON, nested like config.json: top-level TrainConfig fields and a [model] table), then flags.
 With --resume the checkpoint's saved settings replace the defaults and the preset, and the
-model's shape and tokenizer cannot change. The resolved settings are written to
+model's shape and tokenizer cannot change. With --init-from (a Hugging Face model directory or
+hub name) the preset defaults to "finetune", and the model's shape and tokenizer are the
+pretrained model's: of the model flags only --block-size (at most the model's context),
+--dropout and --attn-backend apply, and the others are refused. The resolved settings are written to
 out_dir/config.json (usable as --config). The loss curves are drawn to out_dir/curves.png when
 training ends.
 
@@ -41,13 +45,16 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .config import (PRESETS, ConfigError, GPTConfig, TrainConfig, apply_overrides,
                      default_settings, field_help, fixed_on_resume)
 from .data import DataError
+from .pretrained import PretrainedError
 from .rundir import RunDirError
 from .runtime import DTYPES, DeviceError, Distributed
 from .tokenizer import TOKENIZERS
 from .training import NonFiniteLossError, train
 
 # Flags with a fixed set of values: argparse lists them in --help and rejects others.
-_CHOICES = {"tokenizer": TOKENIZERS, "attn_backend": BACKENDS, "dtype": DTYPES}
+_CHOICES = {"tokenizer": TOKENIZERS, "attn_backend": BACKENDS, "dtype": DTYPES,
+            "activation": GPTConfig.ACTIVATIONS, "pos_embedding": GPTConfig.POS_EMBEDDINGS,
+            "norm": GPTConfig.NORMS, "mlp": GPTConfig.MLPS}
 # GPTConfig fields that are not flags: the vocabulary size follows from the tokenizer.
 _NOT_FLAGS = {"vocab_size"}
 
@@ -82,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="train.py", description=__doc__.split("\n\n")[0],
         epilog="Settings resolve as defaults < --preset < --config < flags; with --resume, the "
                "checkpoint's settings replace defaults and preset.")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="shakespeare_char",
-                        help="named overrides of the defaults (default: shakespeare_char)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="named overrides of the defaults (default: shakespeare_char; "
+                             "finetune with --init-from)")
     parser.add_argument("--config", type=Path, metavar="FILE", default=None,
                         help="TOML or JSON file of settings, nested like out_dir/config.json; "
                              "flags override it (default: None)")
@@ -136,7 +144,13 @@ def resolve_config(argv=None) -> Tuple[TrainConfig, Optional[dict]]:
     overrides = apply_overrides(from_file, explicit)
 
     state = None
-    base = apply_overrides(default_settings(), PRESETS[args.preset])
+    preset = args.preset or ("finetune" if overrides.get("init_from") else "shakespeare_char")
+    base = apply_overrides(default_settings(), PRESETS[preset])
+    if overrides.get("init_from") and not overrides.get("resume"):
+        for name in _fixed_by_pretrained(explicit):
+            parser.error(f"argument {_flag(name)}: the model comes from --init-from "
+                         f"{overrides['init_from']}: its shape and tokenizer are its own "
+                         f"(only --block-size, --dropout and --attn-backend apply)")
     if overrides.get("resume"):
         out_dir = Path(overrides.get("out_dir", base["out_dir"]))
         try:
@@ -157,6 +171,16 @@ def resolve_config(argv=None) -> Tuple[TrainConfig, Optional[dict]]:
         source = f"--config {args.config}: " if e.name not in explicit and from_file else ""
         parser.error(f"argument {_flag(e.name)}: {source}{e.reason}")
     return cfg, state
+
+
+def _fixed_by_pretrained(flags: dict) -> list:
+    """The flags given that a pretrained model fixes: the model's fields but block_size and
+    GPTConfig.TUNABLE, and the tokenizer. (A --config file's model table, such as a fine-tuning
+    run's config.json, gives way to the pretrained model's without complaint.)"""
+    model_names = {f.name for f in fields(GPTConfig)}
+    free = set(GPTConfig.TUNABLE) | {"block_size"}
+    return [name for name in flags
+            if (name in model_names and name not in free) or name == "tokenizer"]
 
 
 def parse_config(argv=None) -> TrainConfig:
@@ -185,7 +209,8 @@ def main(argv=None) -> int:
     cfg, state = resolve_config(argv)
     try:
         train(cfg, resume_state=state)
-    except (DataError, CheckpointError, DeviceError, RunDirError, ConfigError) as e:
+    except (DataError, CheckpointError, DeviceError, RunDirError, ConfigError,
+            PretrainedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:

@@ -31,6 +31,7 @@ from .config import PRESETS, ConfigError, GPTConfig, TrainConfig, lr_at
 from .data import BatchSampler, DataError, load_corpus
 from .model import GPT
 from .optim import Optimizers, build_optimizer
+from .pretrained import pretrained_state
 from .rundir import RunDir
 from .runtime import Distributed, Precision, pick_device, resolve_precision
 from .tokenizer import from_state
@@ -101,7 +102,9 @@ def train(cfg: TrainConfig, log=print, resume_state: Optional[dict] = None) -> T
 
     Args:
         cfg: the settings. With cfg.resume, the model is the checkpoint's and must have
-            cfg.model's shape (dropout and attn_backend may differ).
+            cfg.model's shape (dropout and attn_backend may differ). With cfg.init_from (and no
+            resume), the model and tokenizer are the pretrained one's, with cfg.model's
+            block_size, dropout and attn_backend; the corpus is tokenized with its tokenizer.
         log: called with one-line messages (rank 0 only).
         resume_state: the checkpoint of out_dir, if the caller has already read it
             (load_checkpoint); with cfg.resume and None, train reads it.
@@ -112,6 +115,8 @@ def train(cfg: TrainConfig, log=print, resume_state: Optional[dict] = None) -> T
         minigpt.data.DataError: the corpus cannot be had or used, or is not the checkpoint's.
         minigpt.checkpoint.CheckpointError: resume with a missing or unreadable checkpoint.
         minigpt.config.ConfigError: resume with a model shape that is not the checkpoint's.
+        minigpt.pretrained.PretrainedError: cfg.init_from cannot be found, read or represented,
+            or cfg.model.block_size exceeds its context.
         minigpt.runtime.DeviceError: a device or dtype this machine cannot provide.
         NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
     """
@@ -150,20 +155,33 @@ def setup(cfg: TrainConfig, resume_state: Optional[dict], log) -> "tuple[Run, Pr
     if cfg.resume and resume_state is None:
         resume_state = load_checkpoint(ckpt_path)
 
-    corpus = load_corpus(cfg.data, cfg.tokenizer)
+    pretrained = None
     if resume_state is not None:
         tokenizer = from_state(resume_state["tokenizer"])
+        # A pretrained model's tokenizer is fixed: tokenize with it. "char" and "gpt2" are
+        # rebuilt from the text and must come out the same.
+        corpus = load_corpus(cfg.data, tokenizer if tokenizer.name == "hf" else cfg.tokenizer)
         if tokenizer.state_dict() != corpus.tokenizer.state_dict():
             raise DataError(f"resume: the checkpoint's tokenizer does not match the corpus "
                             f"{corpus.source} (a different text or tokenizer?)")
         model_cfg = _resumed_model_config(cfg.model, resume_state["model_config"])
+    elif cfg.init_from is not None:
+        pretrained = pretrained_state(cfg.init_from, block_size=cfg.model.block_size)
+        tokenizer = from_state(pretrained["tokenizer"])
+        corpus = load_corpus(cfg.data, tokenizer)
+        model_cfg = replace(GPTConfig.from_dict(pretrained["model_config"]),
+                            **{name: getattr(cfg.model, name) for name in GPTConfig.TUNABLE})
     else:
+        corpus = load_corpus(cfg.data, cfg.tokenizer)
         tokenizer = corpus.tokenizer
         model_cfg = replace(cfg.model, vocab_size=tokenizer.vocab_size)
-    cfg = replace(cfg, model=model_cfg)
+    cfg = replace(cfg, model=model_cfg, tokenizer=tokenizer.name)
 
     torch.manual_seed(cfg.seed + dist.rank)
-    raw_model = GPT(model_cfg).to(device)
+    raw_model = GPT(model_cfg)
+    if pretrained is not None:
+        raw_model.load_state_dict(pretrained.pop("model"))
+    raw_model.to(device)
     optimizer = build_optimizer(raw_model, cfg, device.type)
     train_batches = BatchSampler(corpus.train, model_cfg.block_size, cfg.batch_size,
                                  seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
@@ -191,7 +209,9 @@ def setup(cfg: TrainConfig, resume_state: Optional[dict], log) -> "tuple[Run, Pr
         backend = resolve_backend(model_cfg.attn_backend, device,
                                   precision.autocast_dtype or torch.float32,
                                   model_cfg.head_dim, causal=True)
-        log(f"minigpt: {raw_model.num_params() / 1e6:.2f}M parameters, device {device}, "
+        log(f"minigpt: {raw_model.num_params() / 1e6:.2f}M parameters"
+            + (f" (pretrained: {pretrained['source']})" if pretrained is not None else "")
+            + f", device {device}, "
             f"{precision.name}{' autocast' if precision.autocast_dtype else ''}, corpus "
             f"{corpus.source} ({len(corpus.train):,} train / {len(corpus.val):,} val "
             f"{tokenizer.name} tokens), attention backend {backend}"

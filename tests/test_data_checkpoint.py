@@ -40,12 +40,14 @@ def test_bad_corpus_files(tmp_path, make, pattern):
         load_corpus(str(path), "char")
 
 
-def test_vocabulary_too_large_for_uint16(tmp_path):
+def test_vocabulary_too_large_for_uint16_is_stored_as_uint32(tmp_path):
     path = tmp_path / "wide.txt"
-    path.write_text("".join(chr(c) for c in range(0x100, 0x100 + 70000)
-                            if not 0xD800 <= c <= 0xDFFF), encoding="utf-8")  # 67952 chars
-    with pytest.raises(DataError, match="uint16"):
-        load_corpus(str(path), "char")
+    text = "".join(chr(c) for c in range(0x100, 0x100 + 70000)
+                   if not 0xD800 <= c <= 0xDFFF)  # 67952 chars: ids beyond uint16
+    path.write_text(text, encoding="utf-8")
+    corpus = load_corpus(str(path), "char")
+    assert corpus.train.dtype == np.uint32 and corpus.tokenizer.vocab_size > 65536
+    assert corpus.tokenizer.decode(corpus.train.tolist() + corpus.val.tolist()) == text
 
 
 def test_offline_without_cache_explains(monkeypatch):

@@ -198,3 +198,79 @@ def test_forward_input_errors():
         model(torch.randint(50, (1, 17)))
     with pytest.raises(ValueError, match="int64"):
         model(torch.rand(1, 4))
+
+
+# --- options for pretrained architectures (GPT-2, Llama): off by default ----------------------
+
+LLAMA_LIKE = dict(pos_embedding="rope", norm="rmsnorm", norm_eps=1e-6, mlp="glu",
+                  activation="silu", intermediate_size=44, n_kv_head=2, head_dim=10,
+                  tie_embeddings=False)
+GPT2_LIKE = dict(pos_embedding="learned", activation="gelu_tanh", bias=True, norm_eps=1e-4)
+
+
+@pytest.mark.parametrize("options", [LLAMA_LIKE, GPT2_LIKE, dict(mlp="glu", activation="gelu"),
+                                     dict(attn_bias=True, mlp_bias=False, norm_bias=False)],
+                         ids=["llama-like", "gpt2-like", "geglu", "attn-bias-only"])
+def test_model_options_decode_with_the_cache_as_without(options):
+    """Learned positions must follow the cache's offset; every option runs through attention."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_embd=32,
+                          attn_backend="naive", **options)).double().eval()
+    idx = torch.randint(50, (2, 12))
+    cache = KVCache(model.config, 2)
+    model(idx[:, :5], kv_cache=cache)
+    for t in range(5, 12):
+        step, _ = model(idx[:, t:t + 1], kv_cache=cache)
+        torch.testing.assert_close(step[:, -1], model(idx[:, :t + 1])[0][:, -1], atol=1e-12,
+                                   rtol=0)
+
+
+@pytest.mark.parametrize("options, expected", [
+    # V=50, C=32, 2 layers, 4 heads of 10 (q 40, k and v 2 x 20), SwiGLU of 44, untied head,
+    # RMSNorm gains only: wte + head 2*50*32; per layer 2*32 + c_attn 32*80 + c_proj 40*32
+    # + c_fc 32*88 + c_proj 44*32; ln_f 32.
+    (LLAMA_LIKE, 2 * 50 * 32 + 2 * (2 * 32 + 32 * 80 + 40 * 32 + 32 * 88 + 44 * 32) + 32),
+    # learned positions 16*32; biases everywhere: LayerNorms 2*2*32, c_attn 96, c_proj 32,
+    # c_fc 128, mlp c_proj 32; tied head.
+    (GPT2_LIKE, 50 * 32 + 16 * 32 + 2 * (4 * 32 + 32 * 96 + 32 * 32 + 2 * 32 * 128
+                                         + 96 + 32 + 128 + 32) + 2 * 32),
+])
+def test_model_options_param_counts_by_hand(options, expected):
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_embd=32,
+                          **options))
+    assert model.num_params() == expected
+
+
+def test_old_config_dicts_still_load():
+    """A checkpoint's model_config from before the per-kind biases: "bias" sets all three."""
+    old = dict(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_kv_head=4, n_embd=32,
+               dropout=0.0, bias=True, rope_theta=10000.0, attn_backend=None)
+    cfg = GPTConfig.from_dict(old)
+    assert (cfg.attn_bias, cfg.mlp_bias, cfg.norm_bias) == (True, True, True)
+    assert (cfg.pos_embedding, cfg.norm, cfg.mlp, cfg.head_dim, cfg.intermediate_size) == \
+        ("rope", "layernorm", "standard", 8, 128)
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_activations_are_the_named_functions():
+    from minigpt.model import ACTIVATIONS
+
+    x = torch.linspace(-4, 4, 101, dtype=torch.float64)
+    gelu_new = 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x ** 3)))
+    torch.testing.assert_close(ACTIVATIONS["gelu_tanh"]()(x), gelu_new)
+    torch.testing.assert_close(ACTIVATIONS["silu"]()(x), x * torch.sigmoid(x))
+    assert set(ACTIVATIONS) == set(GPTConfig.ACTIVATIONS)
+
+
+@pytest.mark.parametrize("kw, pattern", [
+    (dict(norm="rmsnorm", norm_bias=True), "RMSNorm has no bias"),
+    (dict(pos_embedding="alibi"), "pos_embedding"),
+    (dict(head_dim=9), "even for RoPE"),
+    (dict(mlp="moe"), "mlp"),
+    (dict(norm_eps=0.0), "norm_eps"),
+])
+def test_option_errors(kw, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=4, n_embd=32, **kw)
+    assert GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=4, n_embd=32, head_dim=9,
+                     pos_embedding="learned").head_dim == 9

@@ -431,12 +431,15 @@ def test_version_and_console_scripts():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), script
     assert set(meta["project"]["scripts"]) == {"minigpt-train", "minigpt-sample",
-                                               "minigpt-profile", "minigpt-heads"}
+                                               "minigpt-profile", "minigpt-heads",
+                                               "minigpt-export"}
+    assert meta["project"]["optional-dependencies"]["hf"] == [
+        "transformers", "tokenizers", "safetensors", "huggingface_hub"]
     assert minigpt.__version__.count(".") == 2
 
 
 @pytest.mark.parametrize("module", ["minigpt.train", "minigpt.sample", "minigpt.profile",
-                                    "minigpt.heads"])
+                                    "minigpt.heads", "minigpt.export"])
 def test_python_m_entry_points_show_help(module):
     out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
