@@ -220,7 +220,12 @@ def _self_check_failure(key: str) -> Optional[str]:
         device, dtype, head_dim, causal = key.split("|")
         dtype = getattr(torch, dtype.replace("torch.", ""))
         try:
-            failure = _self_check(torch.device(device), dtype, int(head_dim), causal == "True")
+            # The first use may come under no_grad or inference_mode (sampling, profiling): the
+            # check differentiates the naive reference, so it runs with autograd on, whatever
+            # the caller's mode.
+            with torch.inference_mode(False), torch.enable_grad():
+                failure = _self_check(torch.device(device), dtype, int(head_dim),
+                                      causal == "True")
         except RuntimeError as e:  # a kernel that cannot even run fails the check too
             failure = f"the kernels raised {type(e).__name__}: {str(e).splitlines()[0]}"
         if failure is not None:

@@ -343,3 +343,39 @@ def test_no_jit_reports_why(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "hidden for this test" in r.stdout and "MINIGPT_NO_JIT" in r.stdout
     assert not (tmp_path / "cache" / "torch_extensions").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape, D, causal", [((2, 4, 2, 67, 67), 64, True),
+                                              ((1, 4, 4, 100, 300), 128, False),
+                                              ((1, 2, 1, 45, 130), 96, True)],
+                         ids=["gqa-causal-64", "tq<tk-128", "mqa-causal-96"])
+def test_cuda_deterministic_backward(dtype, shape, D, causal):
+    """torch.use_deterministic_algorithms(True) takes the CUDA backward's separate dQ kernels
+    (no atomics): bitwise equal gradients on repeated runs, and within the rule."""
+    if not _ext.build_info().get("cuda"):
+        pytest.skip("minigpt._C was built without CUDA kernels")
+    q, k, v = (t.detach().cuda().to(dtype).requires_grad_()
+               for t in rand_qkv(*shape, D, layout="transposed", seed=D))
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).cuda().to(dtype)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(3):
+            out = attention(q, k, v, causal=causal, backend="ext")
+            runs.append(torch.autograd.grad(out, (q, k, v), dout))
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for later in runs[1:]:
+        for a, b in zip(runs[0], later):
+            assert torch.equal(a, b)
+    naive = torch.autograd.grad(attention(q, k, v, causal=causal, backend="naive"), (q, k, v),
+                                dout)
+    qd, kd, vd = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    ref_grads = torch.autograd.grad(reference_attention(qd, kd, vd, causal), (qd, kd, vd),
+                                    dout.cpu().double())
+    for name, g, n, r in zip("qkv", runs[0], naive, ref_grads):
+        check_rule(f"d{name}", g.cpu(), n.cpu(), r, dtype, grad_scale(ref_grads))
