@@ -210,7 +210,8 @@ class TrainConfig:
     beta1: float = 0.9                # AdamW first-moment decay
     beta2: float = 0.99               # AdamW second-moment decay
     grad_clip: float = 1.0            # max global grad norm; 0 disables
-    muon_lr: float = 0.02             # "muon": peak learning rate of the hidden matrices
+    muon_lr_scale: float = 10.0       # "muon": the hidden matrices' learning rate as a multiple
+                                      # of learning_rate (so 0.02 at the default peak)
     muon_momentum: float = 0.9        # "muon": Nesterov momentum
     muon_weight_decay: float = 0.0    # "muon": decoupled weight decay of the hidden matrices
     # evaluation and logging
@@ -263,7 +264,7 @@ class TrainConfig:
                f"must be one of {', '.join(self.LR_SCHEDULES)}")
         _check(owner, self, "cooldown_frac", lambda x: _is_number(x) and 0 < x <= 1,
                "must be in (0, 1]")
-        _check(owner, self, "muon_lr", lambda x: _is_number(x) and x > 0, "must be > 0")
+        _check(owner, self, "muon_lr_scale", lambda x: _is_number(x) and x > 0, "must be > 0")
         _check(owner, self, "muon_momentum", lambda x: _is_number(x) and 0 <= x < 1,
                "must be in [0, 1)")
         for name in ("min_lr", "weight_decay", "grad_clip", "muon_weight_decay", "max_time"):
@@ -342,7 +343,7 @@ TrainConfig = _accept_flat_model_fields(TrainConfig)
 # Presets: overrides of TrainConfig's defaults. Sizes and measured results: see README.md.
 PRESETS: Dict[str, dict] = {
     # A 2-core CPU in under 4 minutes: nanoGPT's CPU recipe (4 layers, 4 heads, 128 wide,
-    # block 64) with RoPE, no dropout, batch 32 and twice the peak learning rate. The defaults.
+    # block 64) with RoPE and QK-norm, no dropout, batch 32, trained with Muon. The defaults.
     "shakespeare_char": {},
     # The same model on GPT-2 BPE tokens (tiktoken): a 50257-token vocabulary.
     "shakespeare": {"tokenizer": "gpt2"},
@@ -351,6 +352,7 @@ PRESETS: Dict[str, dict] = {
     # (nanoGPT's finetune_shakespeare uses 3e-5), so the pretrained weights are adjusted, not
     # overwritten.
     "finetune": {"model": dict(block_size=128), "batch_size": 8, "max_iters": 200,
+                 "optimizer": "adamw", "lr_schedule": "cosine",
                  "learning_rate": 3e-5, "min_lr": 3e-6, "warmup_iters": 10,
                  "eval_interval": 50, "eval_iters": 10},
     # nanoGPT's "baby GPT" for one GPU.

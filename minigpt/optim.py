@@ -10,7 +10,7 @@
 Both give one object with ``param_groups``, ``step``, ``zero_grad``, ``state_dict`` and
 ``load_state_dict`` (Optimizers), so the training loop and the checkpoint treat them alike. Each
 param group carries ``lr_scale``: its learning rate is ``lr_at(...) * lr_scale``, so one schedule
-drives both (Muon's peak is ``muon_lr``, AdamW's ``learning_rate``).
+drives both (AdamW's peak is ``learning_rate``, Muon's ``learning_rate * muon_lr_scale``).
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ def build_optimizer(model: torch.nn.Module, cfg, device_type: str) -> Optimizers
 
     Args:
         model: a minigpt GPT (hidden matrices are the >= 2-d parameters under transformer.h).
-        cfg: a TrainConfig (optimizer, learning_rate, weight_decay, beta1, beta2, muon_lr,
-            muon_momentum, muon_weight_decay).
+        cfg: a TrainConfig (optimizer, learning_rate, weight_decay, beta1, beta2,
+            muon_lr_scale, muon_momentum, muon_weight_decay).
         device_type: "cpu", "cuda", "mps", ...
 
     Raises:
@@ -107,8 +107,8 @@ def build_optimizer(model: torch.nn.Module, cfg, device_type: str) -> Optimizers
     members = [_adamw([g for g in adamw_groups if g["params"]], cfg, device_type)]
     if hidden:
         members.append(torch.optim.Muon(
-            [{"params": hidden, "lr_scale": cfg.muon_lr / cfg.learning_rate}],
-            lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay,
+            [{"params": hidden, "lr_scale": cfg.muon_lr_scale}],
+            lr=cfg.learning_rate * cfg.muon_lr_scale, momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay,
             nesterov=True))
     return Optimizers(members)
 

@@ -21,7 +21,7 @@ def tiny_model(**kw):
 
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     model = tiny_model(qk_norm=True, tie_embeddings=False, bias=True)
-    opt = build_optimizer(model, TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=0.02),
+    opt = build_optimizer(model, TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr_scale=20.0),
                           "cpu")
     adamw, muon = opt.members
     assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
@@ -32,7 +32,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
                        if p.dim() == 2 and n.startswith("transformer.h.")}
     assert in_muon | in_adamw == set(names.values()) and not in_muon & in_adamw
     assert "lm_head.weight" in in_adamw and "transformer.wte.weight" in in_adamw
-    # One schedule drives both: Muon's peak is muon_lr when the schedule is at learning_rate.
+    # One schedule drives both: Muon's rate is muon_lr_scale times AdamW's.
     opt.set_lr(1e-3)
     assert muon.param_groups[0]["lr"] == pytest.approx(0.02)
     assert all(g["lr"] == pytest.approx(1e-3) for g in adamw.param_groups)
@@ -53,7 +53,7 @@ def test_adamw_alone_keeps_a_plain_state_dict_and_a_mismatch_is_refused():
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
 def test_each_optimizer_fits_a_batch(optimizer):
     model = tiny_model(qk_norm=True)
-    cfg = TrainConfig(optimizer=optimizer, learning_rate=3e-3, muon_lr=0.02)
+    cfg = TrainConfig(optimizer=optimizer, learning_rate=3e-3)
     opt = build_optimizer(model, cfg, "cpu")
     opt.set_lr(cfg.learning_rate)
     g = torch.Generator().manual_seed(1)
@@ -74,7 +74,7 @@ def test_a_saved_config_without_the_new_settings_means_what_it_meant():
     today = TrainConfig()
     assert (today.optimizer, today.lr_schedule, today.model.qk_norm) == ("muon", "wsd", True)
     saved = today.to_dict()
-    for key in ("optimizer", "lr_schedule", "cooldown_frac", "max_time", "muon_lr",
+    for key in ("optimizer", "lr_schedule", "cooldown_frac", "max_time", "muon_lr_scale",
                 "muon_momentum", "muon_weight_decay"):
         saved.pop(key)
     saved["model"].pop("qk_norm")
@@ -88,7 +88,7 @@ def test_a_saved_config_without_the_new_settings_means_what_it_meant():
 
 @pytest.mark.parametrize("kw, name", [
     (dict(optimizer="sgd"), "optimizer"), (dict(lr_schedule="step"), "lr_schedule"),
-    (dict(cooldown_frac=0.0), "cooldown_frac"), (dict(muon_lr=0.0), "muon_lr"),
+    (dict(cooldown_frac=0.0), "cooldown_frac"), (dict(muon_lr_scale=0.0), "muon_lr_scale"),
     (dict(muon_momentum=1.0), "muon_momentum"), (dict(max_time=-1.0), "max_time"),
     (dict(activation="tanh"), "activation"), (dict(qk_norm=1), "qk_norm"),
 ])
