@@ -31,7 +31,7 @@ import torch
 from .checkpoint import CheckpointError, checkpoint_file, load_checkpoint
 from .data import BatchSampler, DataError, load_corpus
 from .model import GPT
-from .pretrained import pretrained_state
+from .pretrained import add_model_source_args, pretrained_state
 from .tokenizer import from_state
 from .runtime import DeviceError, pick_device
 
@@ -134,13 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Loss increase when each attention head is masked "
                                             "(Michel et al. 2019).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    model = p.add_mutually_exclusive_group()
-    model.add_argument("--checkpoint", default=None,
-                       help="checkpoint file, or a directory holding ckpt.pt (default: "
-                            "out/ckpt.pt)")
-    model.add_argument("--init-from", metavar="PATH_OR_NAME", default=None,
-                       help="a pretrained model instead: a Hugging Face directory (GPT-2 or "
-                            "Llama-family) or a hub name; needs --data")
+    add_model_source_args(p, "; needs --data")
     p.add_argument("--data", default=None,
                    help="UTF-8 text file to evaluate on, tokenized with the model's "
                         "tokenizer; None = the checkpoint's training data")

@@ -77,6 +77,18 @@ class PretrainedError(ValueError):
 # Finding and reading the files
 
 
+def add_model_source_args(parser, init_from_help: str = "") -> None:
+    """The command lines' choice of model: --checkpoint (a minigpt run) or --init-from (a
+    pretrained model); init_from_help is appended to --init-from's help."""
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--checkpoint", default=None,
+                       help="checkpoint file, or a directory holding ckpt.pt (default: "
+                            "out/ckpt.pt)")
+    model.add_argument("--init-from", metavar="PATH_OR_NAME", default=None,
+                       help="a pretrained model instead: a Hugging Face directory (GPT-2 or "
+                            "Llama-family) or a hub name" + init_from_help)
+
+
 def model_dir(path_or_name: str) -> Path:
     """The local directory of a model: path_or_name itself, or a hub name ("gpt2",
     "HuggingFaceTB/SmolLM-135M") downloaded (or found in the cache) with

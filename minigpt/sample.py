@@ -27,7 +27,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .model import GPT
-from .pretrained import pretrained_state
+from .pretrained import add_model_source_args, pretrained_state
 from .sampling import TextStream, check_sampling_args
 from .tokenizer import from_state
 from .runtime import DeviceError, pick_device
@@ -37,13 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sample.py",
                                 description="Sample text from a minigpt checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    model = p.add_mutually_exclusive_group()
-    model.add_argument("--checkpoint", default=None,
-                       help="checkpoint file, or a directory holding ckpt.pt (default: "
-                            "out/ckpt.pt)")
-    model.add_argument("--init-from", metavar="PATH_OR_NAME", default=None,
-                       help="a pretrained model instead: a Hugging Face directory (GPT-2 or "
-                            "Llama-family) or a hub name")
+    add_model_source_args(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default="\n", help="text to continue")
     src.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 file")
