@@ -20,14 +20,16 @@
 // Neither pass forms the (Tq, Tk) score matrix: each thread holds a few tiles of at most
 // kBlockQ x kBlockK scores, so memory stays linear in sequence length.
 //
-// Work split. The forward runs one work unit per (batch, query head, query tile). The backward
-// follows Alg. 2's outer loop over key tiles: one unit per (batch, kv head, key tile) owns its
-// rows of dK and dV (summed over the query heads of its group, for grouped-query attention), so
-// they need no synchronisation. dQ gathers contributions from every key tile; each worker adds
-// them into its own buffer and the buffers are summed in worker order at the end, which keeps
-// the result deterministic for a given thread count while doing the five tile products of Alg. 2
-// only once. Units are cut into one contiguous range per worker by estimated cost, because
-// causal tiles near the diagonal carry less work than the rest.
+// Work split. Decode steps (Tq <= 4 query rows against many keys) take their own path, split over
+// the keys (flash-decoding; see "Decode" below). Otherwise the forward runs one work unit per
+// (batch, query head, query tile). The backward follows Alg. 2's outer loop over key tiles: one
+// unit per (batch, kv head, key tile) owns its rows of dK and dV (summed over the query heads of
+// its group, for grouped-query attention), so they need no synchronisation. dQ gathers
+// contributions from every key tile; each worker adds them into its own buffer and the buffers are
+// summed in worker order at the end, which keeps the result deterministic for a given thread count
+// while doing the five tile products of Alg. 2 only once. Units are cut into one contiguous range
+// per worker by estimated cost, because causal tiles near the diagonal carry less work than the
+// rest.
 //
 // Vectorisation. The hot loops are the five tile products, done by one register-blocked
 // micro-kernel (kRowBlock rows x 2 vectors of columns held in registers across the inner loop),
@@ -511,7 +513,7 @@ MINIGPT_INLINE void decode_scores(int64_t D, const T* q, const T* k, int64_t ldk
         for (int64_t d = 0; d < kD / W; ++d) a += vload(q + d * W) * vload(kj + d * W);
       } else {
         for (int64_t d = 0; d < nvec; ++d) a += vload(q + d * W) * vload(kj + d * W);
-        for (int64_t d = nvec * W; d < D; ++d) a[0] += q[d] * kj[d];  // head dims not a multiple of W
+        for (int64_t d = nvec * W; d < D; ++d) a[0] += q[d] * kj[d];  // D % W leftovers
       }
       acc[i] = a;
     }
@@ -542,7 +544,8 @@ MINIGPT_INLINE void decode_accumulate(int64_t D, const T* p, const T* v, int64_t
     for (int64_t j = 0; j < n; ++j) {
       const T pj = p[j];
       const T* vj = v + j * ldv;
-      for (int64_t d = 0; d < nvec; ++d) vstore(acc + d * W, vload(acc + d * W) + vload(vj + d * W) * pj);
+      for (int64_t d = 0; d < nvec; ++d)
+        vstore(acc + d * W, vload(acc + d * W) + vload(vj + d * W) * pj);
       for (int64_t d = nvec * W; d < D; ++d) acc[d] += vj[d] * pj;
     }
   }
@@ -631,7 +634,8 @@ MINIGPT_INLINE void decode_units(const AttentionParams& p, const DecodeSplit& sp
       const T inv = l > T(0) ? T(1) / l : T(0);  // no visible key: out 0, lse -inf
       T* o = out + b * os.b + h * os.h + t * os.t;
       for (int64_t d = 0; d < D; ++d) o[d] = acc_r[d] * inv;
-      lse[(b * p.Hq + h) * p.Tq + t] = static_cast<LseT>(l > T(0) ? row_max[r] + std::log(l) : neg_inf);
+      lse[(b * p.Hq + h) * p.Tq + t] =
+          static_cast<LseT>(l > T(0) ? row_max[r] + std::log(l) : neg_inf);
     }
   }
 }
@@ -754,12 +758,15 @@ template <typename T, typename LseT>
 MINIGPT_INLINE void decode_dispatch(const AttentionParams& p, const DecodeSplit& sp, T* out,
                                     const Strides4& os, LseT* lse, T* part_acc, T* part_stat,
                                     T* scratch, int64_t u0, int64_t u1) {
+#define MINIGPT_DECODE(kD) \
+  decode_units<T, LseT, kD>(p, sp, out, os, lse, part_acc, part_stat, scratch, u0, u1)
   switch (p.D) {
-    case 32: return decode_units<T, LseT, 32>(p, sp, out, os, lse, part_acc, part_stat, scratch, u0, u1);
-    case 64: return decode_units<T, LseT, 64>(p, sp, out, os, lse, part_acc, part_stat, scratch, u0, u1);
-    case 128: return decode_units<T, LseT, 128>(p, sp, out, os, lse, part_acc, part_stat, scratch, u0, u1);
-    default: return decode_units<T, LseT, 0>(p, sp, out, os, lse, part_acc, part_stat, scratch, u0, u1);
+    case 32: return MINIGPT_DECODE(32);
+    case 64: return MINIGPT_DECODE(64);
+    case 128: return MINIGPT_DECODE(128);
+    default: return MINIGPT_DECODE(0);
   }
+#undef MINIGPT_DECODE
 }
 
 template <typename T>
@@ -851,7 +858,9 @@ void decode_merge(const AttentionParams& p, const DecodeSplit& sp, const T* part
       const int64_t r = x % R, pair = x / R;
       const int64_t kvh = pair % p.Hkv, b = pair / p.Hkv;
       const int64_t h = kvh * G + r / p.Tq, t = r % p.Tq;
-      auto stat = [&](int64_t c, int i) { return part_stat[2 * ((pair * sp.chunks + c) * R + r) + i]; };
+      auto stat = [&](int64_t c, int i) {  // i = 0: m of chunk c, 1: l
+        return part_stat[2 * ((pair * sp.chunks + c) * R + r) + i];
+      };
       T m = neg_inf;
       for (int64_t c = 0; c < sp.chunks; ++c) m = std::max(m, stat(c, 0));
       T* o = out + b * os.b + h * os.h + t * os.t;

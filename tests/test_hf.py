@@ -247,7 +247,8 @@ def test_mask_plan_of_padding_patterns():
      "start at different keys"),
     (lambda m: m & (torch.arange(6) != 2), "gaps"),
     (lambda m: torch.cat([m, ~m], 1), "differ between heads"),
-    (lambda m: torch.zeros(m.shape).masked_fill(~m, float("-inf")) + 0.5, "additive attention bias"),
+    (lambda m: torch.zeros(m.shape).masked_fill(~m, float("-inf")) + 0.5,
+     "additive attention bias"),
 ])
 def test_mask_plan_refuses_other_patterns(make, pattern):
     with pytest.raises(ValueError, match=pattern):
