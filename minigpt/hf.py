@@ -20,19 +20,20 @@ register() adds one entry under ``name`` to each of transformers' two registries
 What runs, and what is refused (ValueError naming the feature; never silently wrong):
 
 - No mask (None): causal attention, query i seeing keys j <= i + (Tk - Tq), on the kernels in
-  one call.
+  one call; in a non-causal module (an encoder, cross-attention: ``module.is_causal`` False),
+  attention to every key, as under sdpa.
 - A mask: for each sequence of the batch, every query row must see one contiguous range of keys,
   all rows starting at the same key: a causal mask with left padding (the keys before the first
-  real token hidden), right padding, or a static cache's unused slots. Rows whose last visible
-  key moves on by one per row run as one causal call, rows whose last key stays put as one
-  non-causal call, rows that see no key (padding queries) get zeros: one to three calls per
-  sequence. Boolean masks and additive masks of 0 / -inf (or the dtype's minimum) are read.
-  Refused: rows starting at different keys (sliding-window or chunked attention, packed
-  sequences), gaps inside a row's range, masks that differ between heads, additive biases.
-- Refused outright: non-causal modules (encoders, cross-attention, ``is_causal=False``),
-  ``dropout`` > 0 (training with attention dropout), ``softcap``, attention sinks (``s_aux``),
-  ``position_bias``, a ``sliding_window`` shorter than the keys, ``output_attentions=True``
-  (the fused kernels never form the probabilities).
+  real token hidden), right padding, or a static cache's unused slots; a bidirectional mask with
+  padding. Rows whose last visible key moves on by one per row run as one causal call, rows
+  whose last key stays put as one non-causal call, rows that see no key (padding queries) get
+  zeros: one to three calls per sequence. Boolean masks and additive masks of 0 / -inf (or the
+  dtype's minimum) are read. Refused: rows starting at different keys (sliding-window or chunked
+  attention, packed sequences), gaps inside a row's range, masks that differ between heads,
+  additive biases.
+- Refused outright: ``dropout`` > 0 (training with attention dropout), ``softcap``, attention
+  sinks (``s_aux``), ``position_bias``, a ``sliding_window`` shorter than the keys,
+  ``output_attentions=True`` (the fused kernels never form the probabilities).
 
 This module is the only one in minigpt that imports ``transformers``, and only when register()
 is called: ``import minigpt`` does not need it (``pip install minigpt-kernels[hf]`` installs it).
@@ -93,13 +94,13 @@ def _refuse(feature: str, hint: str = "") -> None:
                      f"for this model.")
 
 
-def _check_supported(module, key: torch.Tensor, dropout: float, kwargs: dict) -> None:
+def _is_causal(module, kwargs: dict) -> bool:
+    """The module's causality, as transformers' sdpa implementation reads it."""
     is_causal = kwargs.get("is_causal")
-    if is_causal is None:
-        is_causal = getattr(module, "is_causal", True)
-    if not is_causal:
-        _refuse("non-causal attention (an encoder, cross-attention or is_causal=False)",
-                "its kernels implement causal attention only")
+    return bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+
+
+def _check_supported(module, key: torch.Tensor, dropout: float, kwargs: dict) -> None:
     if dropout and dropout > 0:
         _refuse(f"attention dropout (dropout={dropout})",
                 "the fused kernels never form the probabilities it would drop; set the model's "
@@ -125,8 +126,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     Args:
         module: the model's attention module (read: is_causal, config._attn_implementation).
         query: (B, Hq, Tq, D); key, value: (B, Hkv, Tk, D), Hq a multiple of Hkv.
-        attention_mask: None (plain causal, bottom-right aligned) or the (B or 1, 1 or Hq, Tq,
-            Tk) mask that causal_mask() built: boolean (True = attend) or additive (0 = attend).
+        attention_mask: None (plain causal, bottom-right aligned; every key for a non-causal
+            module) or the (B or 1, 1 or Hq, Tq, Tk) mask that causal_mask() built: boolean
+            (True = attend) or additive (0 = attend).
         scaling: softmax scale; None means 1/sqrt(D).
         dropout: must be 0.
 
@@ -140,7 +142,10 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     backend = _backends.get(_implementation_of(module))
     scale = None if scaling is None else float(scaling)
     if attention_mask is None:
-        out = attention(query, key, value, causal=True, scale=scale, backend=backend)
+        # causal_mask() returns None only for the bottom-right causal mask; a non-causal module
+        # (an encoder, cross-attention) without a mask attends to every key, as under sdpa.
+        out = attention(query, key, value, causal=_is_causal(module, kwargs), scale=scale,
+                        backend=backend)
     else:
         out = _masked_attention(query, key, value, attention_mask, scale, backend)
     return out.transpose(1, 2).contiguous(), None
@@ -155,7 +160,7 @@ def causal_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_o
     """transformers' mask-interface signature: None where the mask is plain causal attention
     aligned bottom-right (query i sees keys j <= i + kv_length - q_length, no padding), which
     attention_forward runs in one kernel call; otherwise the boolean (B, 1, Tq, Tk) mask of
-    transformers' sdpa_mask, which attention_forward reads."""
+    transformers' sdpa_mask (bidirectional masks included), which attention_forward reads."""
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
     plain = (allow_is_causal_skip and mask_function is causal_mask_function
@@ -168,6 +173,9 @@ def causal_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_o
         return None
     if mask_function is None:
         mask_function = causal_mask_function
+    # Never None from here: transformers' bidirectional masks (encoders, and decoders configured
+    # with is_causal=False) would otherwise come back as None, which reads as causal here.
+    kwargs["allow_is_bidirectional_skip"] = False
     return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
                      q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
                      attention_mask=attention_mask, allow_is_causal_skip=False, **kwargs)

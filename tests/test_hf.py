@@ -1,6 +1,6 @@
 """minigpt.hf: our attention as a transformers attention implementation. Tiny random Hugging
 Face models (odd sizes, GQA) built here give the same logits and greedy tokens with it as with
-"sdpa", padded batches included; what it cannot compute is refused by name. Skipped without
+"sdpa", padded batches and encoders included; what it cannot compute is refused by name. Skipped without
 transformers (an optional dependency: pip install 'minigpt-kernels[hf]')."""
 
 import importlib
@@ -29,8 +29,9 @@ def test_import_minigpt_does_not_import_transformers():
 
 if HAVE_HF:
     import transformers
-    from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                              LlamaForCausalLM, MistralConfig, MistralForCausalLM)
+    from transformers import (AutoModelForCausalLM, BertConfig, BertModel, GPT2Config,
+                              GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM)
 
     import minigpt.hf as mhf
 
@@ -179,6 +180,42 @@ def test_gradients_match_sdpa(name):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+@needs_hf
+def test_encoder_and_bidirectional_decoder_match_sdpa(name, calls):
+    """Non-causal attention: a BERT encoder (with and without padding) and a Llama configured
+    with is_causal=False, whose masks transformers builds bidirectional."""
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=101, hidden_size=96, num_hidden_layers=2,
+                                num_attention_heads=6, intermediate_size=136)).eval()
+    x = ids()
+    padded = torch.ones_like(x)
+    padded[1, -5:] = 0
+    for mask in (None, padded):
+        outs = []
+        for impl in (name, "sdpa"):
+            bert.set_attn_implementation(impl)
+            with torch.no_grad():
+                outs.append(bert(x, attention_mask=mask).last_hidden_state)
+        real = torch.ones_like(x, dtype=torch.bool) if mask is None else mask.bool()
+        torch.testing.assert_close(outs[0][real], outs[1][real], atol=1e-5, rtol=1e-5)
+    assert calls and not any(calls)  # non-causal calls only
+    llama = tiny_llama()
+    llama.config.is_causal = False
+    torch.testing.assert_close(logits(llama, name, x), logits(llama, "sdpa", x), atol=1e-5,
+                               rtol=1e-5)
+
+
+@needs_hf
+def test_non_causal_module_without_mask_sees_every_key():
+    q, k, v = torch.randn(1, 6, 5, 16), torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16)
+    module = torch.nn.Module()
+    module.is_causal = False  # cross-attention, say: 5 queries against 7 encoder states
+    out, weights = mhf.attention_forward(module, q, k, v, None, scaling=0.25)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.25, enable_gqa=True)
+    assert weights is None and out.shape == (1, 5, 6, 16)
+    torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-6, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Refusals: never silently wrong.
 
@@ -206,7 +243,6 @@ def test_refuses_attention_dropout_in_training(name):
 
 @needs_hf
 @pytest.mark.parametrize("kwargs, pattern", [
-    ({"is_causal": False}, "non-causal attention"),
     ({"softcap": 30.0}, "softcapping"),
     ({"s_aux": torch.zeros(6)}, "attention sinks"),
     ({"position_bias": torch.zeros(1, 6, 4, 4)}, "position bias"),
