@@ -20,14 +20,16 @@
 // Neither pass forms the (Tq, Tk) score matrix: each thread holds a few tiles of at most
 // kBlockQ x kBlockK scores, so memory stays linear in sequence length.
 //
-// Work split. The forward runs one work unit per (batch, query head, query tile). The backward
-// follows Alg. 2's outer loop over key tiles: one unit per (batch, kv head, key tile) owns its
-// rows of dK and dV (summed over the query heads of its group, for grouped-query attention), so
-// they need no synchronisation. dQ gathers contributions from every key tile; each worker adds
-// them into its own buffer and the buffers are summed in worker order at the end, which keeps
-// the result deterministic for a given thread count while doing the five tile products of Alg. 2
-// only once. Units are cut into one contiguous range per worker by estimated cost, because
-// causal tiles near the diagonal carry less work than the rest.
+// Work split. Decode steps (Tq <= 4 query rows against many keys) take their own path, split over
+// the keys (flash-decoding; see "Decode" below). Otherwise the forward runs one work unit per
+// (batch, query head, query tile). The backward follows Alg. 2's outer loop over key tiles: one
+// unit per (batch, kv head, key tile) owns its rows of dK and dV (summed over the query heads of
+// its group, for grouped-query attention), so they need no synchronisation. dQ gathers
+// contributions from every key tile; each worker adds them into its own buffer and the buffers are
+// summed in worker order at the end, which keeps the result deterministic for a given thread count
+// while doing the five tile products of Alg. 2 only once. Units are cut into one contiguous range
+// per worker by estimated cost, because causal tiles near the diagonal carry less work than the
+// rest.
 //
 // Vectorisation. The hot loops are the five tile products, done by one register-blocked
 // micro-kernel (kRowBlock rows x 2 vectors of columns held in registers across the inner loop),
@@ -399,6 +401,246 @@ MINIGPT_INLINE void forward_units(const AttentionParams& p, T* out, const Stride
 }
 
 // ---------------------------------------------------------------------------------------------
+// Decode: a few query rows against many keys (flash-decoding; Dao, Haziza, Massa and Sizov 2023,
+// "Flash-Decoding for long-context inference"). A decode step (Tq == 1) is a memory-bound read
+// of K and V: the tiled forward above would pad its single query row to a whole vector of query
+// columns, read K by scalar broadcasts and keep one head on one thread. Here the keys of each
+// (batch, kv head) are cut into chunks; one work unit handles one chunk for all G * Tq query rows
+// of that kv head (so K and V are read once per kv head, also under GQA), vectorised over the
+// head dim. Each unit keeps Alg. 1's running max m, sum l and output O~ per row over its chunk;
+// with several chunks the partial results are merged by their log-sum-exp afterwards:
+//   M = max_c m_c,  L = sum_c exp(m_c - M) l_c,  O = sum_c exp(m_c - M) O~_c / L,  lse = M + log L.
+
+// Query rows per head up to which the decode path runs (above it, the tiled forward's query
+// tiles fill its vectors and do fewer operations per key).
+constexpr int64_t kDecodeMaxTq = 4;
+// Keys per tile: K and V of a 32-key tile (16 KiB for D = 64 in float) stay in L1 while every
+// query row of the kv head reads them.
+constexpr int64_t kDecodeBlockK = 32;
+// Fewest keys per chunk: below this, merging partial results costs more than the split saves.
+constexpr int64_t kDecodeMinChunk = 256;
+
+bool use_decode_path(const AttentionParams& p) {
+  return p.Tq > 0 && p.Tq <= kDecodeMaxTq && p.Tk > 0;
+}
+
+// How the keys are cut: chunks per (batch, kv head) and keys per chunk.
+struct DecodeSplit {
+  int64_t chunks = 1;
+  int64_t chunk_len = 0;
+  int64_t rows = 0;  // query rows per kv head, G * Tq; row r is (g, t) = (r / Tq, r % Tq)
+};
+
+// Enough units for about four per thread (so that unequal chunks still balance), but no chunk
+// shorter than kDecodeMinChunk keys. Depends on the thread count only through `threads`.
+DecodeSplit decode_split(const AttentionParams& p, int64_t threads) {
+  DecodeSplit s;
+  const int64_t pairs = p.B * p.Hkv;
+  const int64_t wanted = ceil_div(4 * threads, pairs);
+  s.chunks = std::max<int64_t>(1, std::min(wanted, p.Tk / kDecodeMinChunk));
+  s.chunk_len = ceil_div(p.Tk, s.chunks);
+  s.chunks = ceil_div(p.Tk, s.chunk_len);
+  s.rows = p.group_size() * p.Tq;
+  return s;
+}
+
+int64_t decode_tile_scratch(const DecodeSplit& s, int64_t D) {
+  return s.rows * (kDecodeBlockK + D + 2);
+}
+
+// sum_lanes(a)[i] = the sum of the lanes of a[i]: W vectors reduced to one in log2(W) rounds of
+// pairwise shuffles and adds (the transpose-and-add of a horizontal reduction), instead of W
+// separate horizontal sums. Compilers without __builtin_shufflevector (GCC < 12) sum lane by lane.
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define MINIGPT_HAVE_SHUFFLEVECTOR 1
+#endif
+#endif
+template <typename T>
+MINIGPT_INLINE Vec<T> sum_lanes(const Vec<T> (&a)[kLanes<T>]) {
+#ifdef MINIGPT_HAVE_SHUFFLEVECTOR
+  if constexpr (std::is_same_v<T, float>) {
+    Vec<T> s[4], t[2];
+    for (int i = 0; i < 4; ++i)  // s[i]: lanes 2m, 2m+1 hold a[2i], a[2i+1] summed over a lane pair
+      s[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+             __builtin_shufflevector(a[2 * i], a[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+    for (int i = 0; i < 2; ++i)  // t[i]: lanes e and 4 + e hold a[4i + e] summed over each half
+      t[i] = __builtin_shufflevector(s[2 * i], s[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+             __builtin_shufflevector(s[2 * i], s[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    return __builtin_shufflevector(t[0], t[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(t[0], t[1], 4, 5, 6, 7, 12, 13, 14, 15);
+  } else {
+    Vec<T> s[2];
+    for (int i = 0; i < 2; ++i)
+      s[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 4, 2, 6) +
+             __builtin_shufflevector(a[2 * i], a[2 * i + 1], 1, 5, 3, 7);
+    return __builtin_shufflevector(s[0], s[1], 0, 1, 4, 5) +
+           __builtin_shufflevector(s[0], s[1], 2, 3, 6, 7);
+  }
+#else
+  Vec<T> r;
+  for (int i = 0; i < kLanes<T>; ++i) {
+    T s = 0;
+    for (int l = 0; l < kLanes<T>; ++l) s += a[i][l];
+    r[i] = s;
+  }
+  return r;
+#endif
+}
+
+template <typename T>
+MINIGPT_INLINE T max_lane(Vec<T> v) {
+  T m = v[0];
+  for (int i = 1; i < kLanes<T>; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+// s[0 .. n) = scale * (q . k_j) for the keys j = 0 .. n of a tile (key j at k + j * ldk), in
+// groups of W keys; lanes past n in the last group are -inf. The last group reads key n - 1 in
+// place of the missing keys, so nothing past the tile is touched.
+template <typename T, int kD>
+MINIGPT_INLINE void decode_scores(int64_t D, const T* q, const T* k, int64_t ldk, int64_t n,
+                                  T scale, T* s) {
+  constexpr int W = kLanes<T>;
+  const int64_t nvec = D / W;
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  for (int64_t j0 = 0; j0 < n; j0 += W) {
+    Vec<T> acc[W];
+    for (int i = 0; i < W; ++i) {
+      const T* kj = k + std::min<int64_t>(j0 + i, n - 1) * ldk;
+      Vec<T> a{};
+      if constexpr (kD > 0) {
+        for (int64_t d = 0; d < kD / W; ++d) a += vload(q + d * W) * vload(kj + d * W);
+      } else {
+        for (int64_t d = 0; d < nvec; ++d) a += vload(q + d * W) * vload(kj + d * W);
+        for (int64_t d = nvec * W; d < D; ++d) a[0] += q[d] * kj[d];  // D % W leftovers
+      }
+      acc[i] = a;
+    }
+    Vec<T> sv = sum_lanes<T>(acc) * scale;
+    for (int i = 0; i < W; ++i)
+      if (j0 + i >= n) sv[i] = neg_inf;
+    vstore(s + j0, sv);
+  }
+}
+
+// acc[0 .. D) = alpha * acc + sum_j p[j] v_j over the keys j = 0 .. n of a tile (key j at
+// v + j * ldv).
+template <typename T, int kD>
+MINIGPT_INLINE void decode_accumulate(int64_t D, const T* p, const T* v, int64_t ldv, int64_t n,
+                                      T alpha, T* acc) {
+  constexpr int W = kLanes<T>;
+  if constexpr (kD > 0) {
+    Vec<T> o[kD / W];  // the row's output lives in registers across the tile's keys
+    for (int d = 0; d < kD / W; ++d) o[d] = vload(acc + d * W) * alpha;
+    for (int64_t j = 0; j < n; ++j) {
+      const T pj = p[j];
+      for (int d = 0; d < kD / W; ++d) o[d] += vload(v + j * ldv + d * W) * pj;
+    }
+    for (int d = 0; d < kD / W; ++d) vstore(acc + d * W, o[d]);
+  } else {
+    const int64_t nvec = D / W;
+    for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
+    for (int64_t j = 0; j < n; ++j) {
+      const T pj = p[j];
+      const T* vj = v + j * ldv;
+      for (int64_t d = 0; d < nvec; ++d)
+        vstore(acc + d * W, vload(acc + d * W) + vload(vj + d * W) * pj);
+      for (int64_t d = nvec * W; d < D; ++d) acc[d] += vj[d] * pj;
+    }
+  }
+}
+
+// Units [u0, u1), unit = (b * Hkv + kvh) * chunks + c, with this worker's decode_tile_scratch
+// elements at scratch. With one chunk the rows are finished here (out, lse); otherwise each
+// row's (O~, m, l) goes to part_acc / part_stat at index (unit * rows + r) for decode_merge.
+template <typename T, typename LseT, int kD>
+MINIGPT_INLINE void decode_units(const AttentionParams& p, const DecodeSplit& sp, T* out,
+                                 const Strides4& os, LseT* lse, T* part_acc, T* part_stat,
+                                 T* scratch, int64_t u0, int64_t u1) {
+  constexpr int W = kLanes<T>;
+  const int64_t D = kD > 0 ? kD : p.D;
+  const int64_t G = p.group_size();
+  const int64_t R = sp.rows;
+  const T scale = softmax_scale<T>(p);
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+
+  T* scores = scratch;                    // (R, kDecodeBlockK): one tile's scores, then P~
+  T* acc = scores + R * kDecodeBlockK;    // (R, D): O~
+  T* row_max = acc + R * D;               // (R,)
+  T* row_sum = row_max + R;               // (R,)
+
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t c = u % sp.chunks;
+    const int64_t pair = u / sp.chunks;
+    const int64_t kvh = pair % p.Hkv;
+    const int64_t b = pair / p.Hkv;
+    const int64_t j_begin = c * sp.chunk_len;
+    const int64_t j_end = std::min(p.Tk, j_begin + sp.chunk_len);
+    const T* kh = k + b * p.k_stride.b + kvh * p.k_stride.h;
+    const T* vh = v + b * p.v_stride.b + kvh * p.v_stride.h;
+    std::fill(acc, acc + R * D, T(0));
+    std::fill(row_max, row_max + R, neg_inf);
+    std::fill(row_sum, row_sum + R, T(0));
+
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += kDecodeBlockK) {
+      const int64_t nk = std::min(kDecodeBlockK, j_end - j0);
+      const T* kj = kh + j0 * p.k_stride.t;
+      const T* vj = vh + j0 * p.v_stride.t;
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t g = r / p.Tq, t = r % p.Tq;
+        // Query t sees keys j <= t + offset: a prefix of this tile, possibly empty.
+        const int64_t n =
+            p.causal ? std::clamp<int64_t>(t + p.causal_offset() + 1 - j0, 0, nk) : nk;
+        if (n == 0) continue;
+        const T* qr = q + b * p.q_stride.b + (kvh * G + g) * p.q_stride.h + t * p.q_stride.t;
+        T* s = scores + r * kDecodeBlockK;
+        decode_scores<T, kD>(D, qr, kj, p.k_stride.t, n, scale, s);
+        const int64_t n_pad = round_up(n, W);
+        Vec<T> mv = vload(s);
+        for (int64_t i = W; i < n_pad; i += W) mv = vmax(mv, vload(s + i));
+        const T m_old = row_max[r];
+        const T m_new = std::max(m_old, max_lane<T>(mv));  // finite: n >= 1 visible key
+        const T alpha = m_old == neg_inf ? T(0) : std::exp(m_old - m_new);
+        Vec<T> sum{};
+        for (int64_t i = 0; i < n_pad; i += W) {
+          const Vec<T> pv = vexp(vload(s + i) - m_new);  // exp(-inf) = 0 past n
+          vstore(s + i, pv);
+          sum += pv;
+        }
+        T l = 0;
+        for (int i = 0; i < W; ++i) l += sum[i];
+        row_sum[r] = alpha * row_sum[r] + l;
+        row_max[r] = m_new;
+        decode_accumulate<T, kD>(D, s, vj, p.v_stride.t, n, alpha, acc + r * D);
+      }
+    }
+
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t g = r / p.Tq, t = r % p.Tq;
+      const T* acc_r = acc + r * D;
+      if (sp.chunks > 1) {
+        T* pa = part_acc + (u * R + r) * D;
+        std::copy(acc_r, acc_r + D, pa);
+        part_stat[2 * (u * R + r)] = row_max[r];
+        part_stat[2 * (u * R + r) + 1] = row_sum[r];
+        continue;
+      }
+      const int64_t h = kvh * G + g;
+      const T l = row_sum[r];
+      const T inv = l > T(0) ? T(1) / l : T(0);  // no visible key: out 0, lse -inf
+      T* o = out + b * os.b + h * os.h + t * os.t;
+      for (int64_t d = 0; d < D; ++d) o[d] = acc_r[d] * inv;
+      lse[(b * p.Hq + h) * p.Tq + t] =
+          static_cast<LseT>(l > T(0) ? row_max[r] + std::log(l) : neg_inf);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Backward (Alg. 2) for units [u0, u1), unit = (b * Hkv + kvh) * key_tiles + j, with this
 // worker's backward_tile_scratch(D) elements at scratch. dQ goes to dq_part, this worker's
 // zero-filled buffer covering the (b, kv head) pairs from pair_first on, laid out
@@ -512,6 +754,21 @@ MINIGPT_INLINE void forward_dispatch(const AttentionParams& p, T* out, const Str
   }
 }
 
+template <typename T, typename LseT>
+MINIGPT_INLINE void decode_dispatch(const AttentionParams& p, const DecodeSplit& sp, T* out,
+                                    const Strides4& os, LseT* lse, T* part_acc, T* part_stat,
+                                    T* scratch, int64_t u0, int64_t u1) {
+#define MINIGPT_DECODE(kD) \
+  decode_units<T, LseT, kD>(p, sp, out, os, lse, part_acc, part_stat, scratch, u0, u1)
+  switch (p.D) {
+    case 32: return MINIGPT_DECODE(32);
+    case 64: return MINIGPT_DECODE(64);
+    case 128: return MINIGPT_DECODE(128);
+    default: return MINIGPT_DECODE(0);
+  }
+#undef MINIGPT_DECODE
+}
+
 template <typename T>
 MINIGPT_INLINE void backward_dispatch(const AttentionParams& p, const T* lse, const T* delta,
                                       T* dq_part, T* scratch, int64_t pair_first, int64_t u0,
@@ -533,6 +790,12 @@ void forward_portable(const AttentionParams& p, T* out, const Strides4& os, LseT
   forward_units<T, LseT, 0>(p, out, os, lse, scratch, u0, u1);
 }
 
+template <typename T, typename LseT>
+void decode_portable(const AttentionParams& p, const DecodeSplit& sp, T* out, const Strides4& os,
+                     LseT* lse, T* part_acc, T* part_stat, T* scratch, int64_t u0, int64_t u1) {
+  decode_units<T, LseT, 0>(p, sp, out, os, lse, part_acc, part_stat, scratch, u0, u1);
+}
+
 template <typename T>
 void backward_portable(const AttentionParams& p, const T* lse, const T* delta, T* dq_part,
                        T* scratch, int64_t pair_first, int64_t u0, int64_t u1) {
@@ -546,6 +809,14 @@ __attribute__((target("avx2,fma"))) void forward_avx2(const AttentionParams& p, 
                                                       const Strides4& os, float* lse,
                                                       float* scratch, int64_t u0, int64_t u1) {
   forward_dispatch<float, float>(p, out, os, lse, scratch, u0, u1);
+}
+
+__attribute__((target("avx2,fma"))) void decode_avx2(const AttentionParams& p,
+                                                     const DecodeSplit& sp, float* out,
+                                                     const Strides4& os, float* lse,
+                                                     float* part_acc, float* part_stat,
+                                                     float* scratch, int64_t u0, int64_t u1) {
+  decode_dispatch<float, float>(p, sp, out, os, lse, part_acc, part_stat, scratch, u0, u1);
 }
 
 __attribute__((target("avx2,fma"))) void backward_avx2(const AttentionParams& p, const float* lse,
@@ -575,8 +846,70 @@ bool use_avx2() {
 // ---------------------------------------------------------------------------------------------
 // Host-side drivers: partition, scratch, reductions.
 
+// Merges the chunks' partial rows by their log-sum-exp (see the decode section), in chunk order.
+template <typename T, typename LseT>
+void decode_merge(const AttentionParams& p, const DecodeSplit& sp, const T* part_acc,
+                  const T* part_stat, T* out, const Strides4& os, LseT* lse) {
+  const int64_t R = sp.rows, D = p.D, G = p.group_size();
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  const int64_t grain = std::max<int64_t>(1, 16384 / (sp.chunks * D));
+  at::parallel_for(0, p.B * p.Hkv * R, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t x = begin; x < end; ++x) {
+      const int64_t r = x % R, pair = x / R;
+      const int64_t kvh = pair % p.Hkv, b = pair / p.Hkv;
+      const int64_t h = kvh * G + r / p.Tq, t = r % p.Tq;
+      auto stat = [&](int64_t c, int i) {  // i = 0: m of chunk c, 1: l
+        return part_stat[2 * ((pair * sp.chunks + c) * R + r) + i];
+      };
+      T m = neg_inf;
+      for (int64_t c = 0; c < sp.chunks; ++c) m = std::max(m, stat(c, 0));
+      T* o = out + b * os.b + h * os.h + t * os.t;
+      std::fill(o, o + D, T(0));
+      T l = 0;
+      if (m != neg_inf) {
+        for (int64_t c = 0; c < sp.chunks; ++c) {
+          if (stat(c, 0) == neg_inf) continue;  // a chunk of keys this row does not see
+          const T w = std::exp(stat(c, 0) - m);
+          l += w * stat(c, 1);
+          const T* a = part_acc + ((pair * sp.chunks + c) * R + r) * D;
+          for (int64_t d = 0; d < D; ++d) o[d] += w * a[d];
+        }
+      }
+      const T inv = l > T(0) ? T(1) / l : T(0);
+      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+      lse[(b * p.Hq + h) * p.Tq + t] = static_cast<LseT>(l > T(0) ? m + std::log(l) : neg_inf);
+    }
+  });
+}
+
+template <typename T, typename LseT>
+void run_decode(const AttentionParams& p, T* out, const Strides4& os, LseT* lse) {
+  const DecodeSplit sp = decode_split(p, at::get_num_threads());
+  const int64_t units = p.B * p.Hkv * sp.chunks;
+  Scratch<int64_t> cost(units);
+  std::fill(cost.data(), cost.data() + units, int64_t(1));  // equal chunks, equal cost
+  const std::vector<int64_t> bounds = split_by_cost(cost.data(), units, at::get_num_threads());
+  const int64_t parts = sp.chunks > 1 ? units * sp.rows : 0;
+  Scratch<T> part_acc(parts * p.D);
+  Scratch<T> part_stat(parts * 2);
+  const int64_t tile_scratch = decode_tile_scratch(sp, p.D);
+  Scratch<T> scratch((static_cast<int64_t>(bounds.size()) - 1) * tile_scratch);
+  run_ranges(bounds, [&](int64_t w, int64_t u0, int64_t u1) {
+    T* s = scratch.data() + w * tile_scratch;
+#ifdef MINIGPT_HAVE_AVX2_PATH
+    if constexpr (std::is_same_v<T, float> && std::is_same_v<LseT, float>) {
+      if (use_avx2())
+        return decode_avx2(p, sp, out, os, lse, part_acc.data(), part_stat.data(), s, u0, u1);
+    }
+#endif
+    decode_portable<T, LseT>(p, sp, out, os, lse, part_acc.data(), part_stat.data(), s, u0, u1);
+  });
+  if (sp.chunks > 1) decode_merge<T, LseT>(p, sp, part_acc.data(), part_stat.data(), out, os, lse);
+}
+
 template <typename T, typename LseT>
 void run_forward(const AttentionParams& p, T* out, const Strides4& os, LseT* lse) {
+  if (use_decode_path(p)) return run_decode<T, LseT>(p, out, os, lse);
   const int64_t query_tiles = ceil_div(p.Tq, kBlockQ);
   const int64_t key_tiles = ceil_div(p.Tk, kBlockK);
   const int64_t units = p.B * p.Hq * query_tiles;

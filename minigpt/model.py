@@ -74,14 +74,19 @@ class KVCache:
     first use in the dtype the keys arrive in (autocast may make it bf16). ``length`` tokens are
     filled. A forward with the cache feeds only the new tokens; they attend to the cached ones
     with the bottom-right causal mask (Tq new queries against Tk = length + Tq keys).
+
+    last_logits_only: a forward with this cache returns the logits of the last position only,
+    (B, 1, vocab_size): all that generation reads, and it spares the output head the other
+    positions of a prompt (GPT-2 small's head is a 768 x 50257 matmul per position).
     """
 
-    def __init__(self, config: GPTConfig, batch_size: int):
+    def __init__(self, config: GPTConfig, batch_size: int, last_logits_only: bool = False):
         self.shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
         self.k: list = [None] * config.n_layer
         self.v: list = [None] * config.n_layer
         self.block_size = config.block_size
         self.length = 0
+        self.last_logits_only = last_logits_only
 
     def reset(self) -> None:
         self.length = 0
@@ -105,6 +110,37 @@ class KVCache:
 
     def advance(self, T: int) -> None:
         self.length += T
+
+
+# A decode step multiplies one token's activations by every weight matrix: it is bound by reading
+# the weights. Stored (out, in), as nn.Linear keeps them, F.linear asks BLAS for x @ W^T; MKL runs
+# that product markedly slower for a single row than x @ W with W stored (in, out) -- GPT-2's own
+# Conv1D layout: 1.25x on GPT-2 small's blocks and 2x on its 768 x 50257 output head, measured on
+# an AMD EPYC (python -m minigpt.bench_generate). Switching the layout costs two copies of the
+# weights per generate() call, about what 40 decode steps save, hence the threshold.
+_COLUMN_MAJOR_MIN_TOKENS = 64
+
+
+@contextlib.contextmanager
+def _column_major_linears(model: nn.Module, enabled: bool):
+    """Within the block, every float32 nn.Linear weight of model holds the same (out, in) values
+    stored column-major (W.t() contiguous), so F.linear multiplies by a contiguous (in, out)
+    matrix; each weight is made contiguous again on exit. Weights shared by several modules (the
+    tied output head and token embedding) are switched once."""
+    switched, seen = [], set()
+    if enabled:
+        for module in model.modules():
+            w = getattr(module, "weight", None)
+            if (isinstance(module, nn.Linear) and id(w) not in seen and w.dtype == torch.float32
+                    and w.is_contiguous()):
+                seen.add(id(w))
+                w.data = w.data.t().contiguous().t()  # (out, in), strides (1, out)
+                switched.append(w)
+    try:
+        yield
+    finally:
+        for w in switched:
+            w.data = w.data.contiguous()
 
 
 class CausalSelfAttention(nn.Module):
@@ -322,7 +358,8 @@ class GPT(nn.Module):
                 tokens, which attend to the cached ones.
 
         Returns:
-            (logits, loss): logits (B, T, vocab_size) float; loss a scalar tensor or None.
+            (logits, loss): logits (B, T, vocab_size) float ((B, 1, vocab_size) with a KVCache
+            made with last_logits_only); loss a scalar tensor or None.
 
         Raises:
             ValueError: idx is not a (B, T) int64 tensor with 1 <= T <= block_size.
@@ -337,6 +374,8 @@ class GPT(nn.Module):
             x = block(x, pos, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.advance(T)
+            if kv_cache.last_logits_only:
+                x = x[:, -1:]  # (B, 1, C)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
         loss = None
         if targets is not None:
@@ -463,6 +502,8 @@ class GPT(nn.Module):
         each step recomputes the last block_size tokens (the cache is refilled), which keeps the
         logits equal to a full recompute. Sampling: see minigpt.sampling.sample_next
         (temperature 0 is greedy). callback(step, next_tokens) is called after each new token.
+        On the CPU, for max_new_tokens >= 64, the Linear weights are stored column-major while
+        generating (same values; see _column_major_linears): one-token matmuls run faster so.
 
         Returns:
             (B, T + max_new_tokens) int64 token ids.
@@ -474,17 +515,19 @@ class GPT(nn.Module):
         bs = self.config.block_size
         cache = None
         if use_cache:
-            cache = KVCache(self.config, idx.shape[0])
+            cache = KVCache(self.config, idx.shape[0], last_logits_only=True)
         feed = idx[:, -bs:]
-        for step in range(max_new_tokens):
-            if cache is None or cache.length + feed.shape[1] > bs:
-                feed = idx[:, -bs:]
-                if cache is not None:
-                    cache.reset()
-            logits, _ = self(feed, kv_cache=cache)
-            nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
-            idx = torch.cat((idx, nxt), dim=1)
-            feed = nxt
-            if callback is not None:
-                callback(step, nxt)
+        layout = idx.device.type == "cpu" and max_new_tokens >= _COLUMN_MAJOR_MIN_TOKENS
+        with _column_major_linears(self, layout):
+            for step in range(max_new_tokens):
+                if cache is None or cache.length + feed.shape[1] > bs:
+                    feed = idx[:, -bs:]
+                    if cache is not None:
+                        cache.reset()
+                logits, _ = self(feed, kv_cache=cache)
+                nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+                idx = torch.cat((idx, nxt), dim=1)
+                feed = nxt
+                if callback is not None:
+                    callback(step, nxt)
         return idx

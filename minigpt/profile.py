@@ -10,6 +10,13 @@ verdict of the correctness rule of DESIGN.md (error <= 2x naive's error + 1e-6 f
     python -m minigpt.profile --seq 1024 2048 --heads 8 --batch 2 1
     python -m minigpt.profile --device cuda --dtype bfloat16 --head-dim 64 128 --seq 512 8192
     python -m minigpt.profile --json out.json --csv out.csv --plot out.png --trace trace.json
+    python -m minigpt.profile --decode --seq 1024 4096            # one decode step vs a KV cache
+
+--decode times a decode step instead: Tq = --queries (default 1) new query rows against a KV cache
+of T = --seq keys (B=1, 12 heads, D=64 by default: GPT-2 small), forward only, in microseconds per
+call, with the bandwidth it implies (bytes of K and V read per call / time) and the error of out
+against float64. Whole-model generation speed against Hugging Face transformers is
+``python -m minigpt.bench_generate``.
 
 Timing: on CPU, warm-up runs then the median of --repeats runs timed with time.perf_counter;
 on CUDA, CUDA events around each run, median. FLOPs count the visible (query, key) pairs:
@@ -175,6 +182,70 @@ def run_case(B, H, Hkv, T, D, dtype, causal, device, backends, warmup, repeats, 
     return rows
 
 
+def run_decode_case(B, H, Hkv, Tq, Tk, D, dtype, device, backends, warmup, repeats,
+                    check=True, calls=20, seed=0) -> List[dict]:
+    """Time one decode step, Tq query rows against Tk cached keys (forward only, no grad), on
+    every backend: one row per backend with us per call (median over repeats of `calls` calls,
+    the backends timed in turn within each repeat),
+    the K/V read bandwidth it implies, ratios to sdpa and naive and the error of out."""
+    g = torch.Generator().manual_seed(seed)
+    # The model's layouts: q a (B, Tq, H, D) view transposed, k and v a KV cache (B, Hkv, T, D).
+    q = torch.randn(B, Tq, H, D, generator=g).transpose(1, 2).to(device=device, dtype=dtype)
+    k, v = (torch.randn(B, Hkv, Tk, D, generator=g).to(device=device, dtype=dtype)
+            for _ in range(2))
+    kv_bytes = 2 * k.numel() * k.element_size()
+    ref = attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), causal=True,
+                    backend="naive") if check else None
+    def step(backend):
+        with torch.no_grad():
+            for _ in range(calls):
+                attention(q, k, v, causal=True, backend=backend)
+
+    # Round-robin: every repeat times each backend once, so that a burst of load on a shared
+    # machine hits them alike instead of whichever ran during it.
+    times: Dict[str, List[float]] = {name: [] for name in backends}
+    for _ in range(repeats):
+        for backend in backends:
+            times[backend].append(time_fn(lambda: step(backend), device, warmup, 1))
+    rows = []
+    for backend in backends:
+        t = statistics.median(times[backend]) / calls
+        row = dict(backend=backend, B=B, H=H, Hkv=Hkv, Tq=Tq, T=Tk, D=D, dtype=str(dtype)[6:],
+                   us=t * 1e6, kv_gbps=kv_bytes / t / 1e9)
+        if check:
+            with torch.no_grad():
+                out = attention(q, k, v, causal=True, backend=backend)
+            row["err_out"] = (out.double().cpu() - ref).abs().max().item()
+        rows.append(row)
+    by_name = {r["backend"]: r for r in rows}
+    for r in rows:
+        for base in ("sdpa", "naive"):
+            if base in by_name:
+                r[f"vs_{base}"] = r["us"] / by_name[base]["us"]
+        if check and "naive" in by_name:
+            floor = 1e-6 if dtype == torch.float32 else 0.0
+            r["rule_ok"] = (r["err_out"] <= 2 * by_name["naive"]["err_out"]
+                            + floor * max(1.0, ref.abs().max().item()))
+    return rows
+
+
+def format_decode_table(rows: List[dict]) -> str:
+    head = (f"{'backend':<7} {'B':>2} {'H':>3} {'Hkv':>3} {'Tq':>3} {'T (keys)':>8} {'D':>4} "
+            f"{'dtype':<8} {'us/call':>9} {'K+V GB/s':>9} {'vs sdpa':>8} {'vs naive':>8} "
+            f"{'err out':>8} {'rule':>4}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        def ratio(key):
+            return f"{r[key]:.2f}x" if key in r else "-"
+
+        err = (f"{r['err_out']:>8.1e} {'ok' if r.get('rule_ok', True) else 'FAIL':>4}"
+               if "err_out" in r else f"{'-':>8} {'-':>4}")
+        lines.append(f"{r['backend']:<7} {r['B']:>2} {r['H']:>3} {r['Hkv']:>3} {r['Tq']:>3} "
+                     f"{r['T']:>8} {r['D']:>4} {r['dtype']:<8} {r['us']:>9.1f} "
+                     f"{r['kv_gbps']:>9.1f} {ratio('vs_sdpa'):>8} {ratio('vs_naive'):>8} {err}")
+    return "\n".join(lines)
+
+
 def format_table(rows: List[dict], device: torch.device) -> str:
     unit, div = ("TFLOP/s", 1e3) if device.type == "cuda" else ("GFLOP/s", 1.0)
     head = (f"{'backend':<7} {'B':>2} {'H':>3} {'T':>6} {'D':>4} {'dtype':<8} {'causal':<6} "
@@ -268,9 +339,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                    help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--decode", action="store_true",
+                   help="time a decode step: --queries query rows against a KV cache of --seq "
+                        "keys, forward only (defaults: B=1, 12 heads, T=1024 4096)")
+    p.add_argument("--queries", type=int, default=1, help="Tq of a --decode step")
+    p.add_argument("--calls", type=int, default=20,
+                   help="calls per timed run with --decode (times are per call)")
     p.add_argument("--batch", type=int, nargs="+", default=None,
                    help="B per T (one value, or one per --seq); default keeps B*T fixed")
-    p.add_argument("--heads", type=int, default=None, help="H (default 8 on CPU, 2048/D on CUDA)")
+    p.add_argument("--heads", type=int, default=None,
+                   help="H (default 8 on CPU, 2048/D on CUDA; 12 with --decode)")
     p.add_argument("--kv-heads", type=int, default=None, help="Hkv for GQA (default: H)")
     p.add_argument("--seq", type=int, nargs="+", default=None,
                    help="T values (default CPU: 256 512 1024 2048; CUDA: 512 ... 8192)")
@@ -294,6 +372,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = _DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    if args.decode:
+        return _main_decode(p, args, device, dtype)
     seqs = args.seq or ([256, 512, 1024, 2048] if device.type == "cpu"
                         else [512, 1024, 2048, 4096, 8192])
     # B * T fixed: 2048 tokens per head on CPU (B*H = 16 at T=1024 with H=8), 16k on CUDA
@@ -326,6 +406,20 @@ def main(argv: Optional[List[str]] = None) -> int:
                 text = format_table(case, device)
                 print(text if not rows else text.split("\n", 2)[2], flush=True)
                 rows += case
+    _write_rows(rows, args)
+    if args.plot:
+        plot(rows, args.plot)
+    if args.trace:
+        trace(args.trace, batches[0], *heads_for(args.head_dim[0]), seqs[0], args.head_dim[0],
+              dtype, causals[0], device, backends)
+    failed = [r for r in rows if r.get("rule_ok") is False]
+    if failed:
+        print(f"{len(failed)} row(s) break the correctness rule", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _write_rows(rows: List[dict], args) -> None:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)
@@ -335,11 +429,36 @@ def main(argv: Optional[List[str]] = None) -> int:
             w = csv.DictWriter(fh, fieldnames=keys)
             w.writeheader()
             w.writerows(rows)
-    if args.plot:
-        plot(rows, args.plot)
-    if args.trace:
-        trace(args.trace, batches[0], *heads_for(args.head_dim[0]), seqs[0], args.head_dim[0],
-              dtype, causals[0], device, backends)
+
+
+def _main_decode(p, args, device, dtype) -> int:
+    if args.queries < 1:
+        p.error(f"argument --queries: must be >= 1, got {args.queries}")
+    seqs = args.seq or [1024, 4096]
+    if any(T < args.queries for T in seqs):
+        p.error(f"argument --seq: every T must be >= --queries ({args.queries})")
+    if args.batch and len(args.batch) not in (1, len(seqs)):
+        p.error("argument --batch: give one value or one per --seq value")
+    batches = args.batch * len(seqs) if args.batch and len(args.batch) == 1 else (
+        args.batch or [1] * len(seqs))
+    H = args.heads or 12
+    Hkv = args.kv_heads or H
+    if H % Hkv:
+        p.error(f"argument --kv-heads: {Hkv} must divide --heads {H}")
+    backends = _available_backends(device, dtype, args.backends)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{torch.get_num_threads()} threads")
+    print(f"decode step, device {device} ({where}), torch {torch.__version__}, "
+          f"backends {', '.join(backends)}; median of {args.repeats} runs of {args.calls} calls")
+    rows = []
+    for D in args.head_dim:
+        for B, T in zip(batches, seqs):
+            case = run_decode_case(B, H, Hkv, args.queries, T, D, dtype, device, backends,
+                                   args.warmup, args.repeats, args.check, args.calls)
+            text = format_decode_table(case)
+            print(text if not rows else text.split("\n", 2)[2], flush=True)
+            rows += case
+    _write_rows(rows, args)
     failed = [r for r in rows if r.get("rule_ok") is False]
     if failed:
         print(f"{len(failed)} row(s) break the correctness rule", file=sys.stderr)

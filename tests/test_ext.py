@@ -267,7 +267,7 @@ from minigpt.attention import attention
 from reference import check_rule, grad_scale, rand_qkv, reference_attention
 assert _ext.build_info()["vector_isa"] == "portable", _ext.build_info()
 for shape, causal in [((1, 4, 2, 17, 129, 40), True), ((2, 2, 2, 129, 129, 64), True),
-                      ((1, 2, 1, 33, 20, 80), False)]:
+                      ((1, 2, 1, 33, 20, 80), False), ((1, 4, 1, 2, 700, 40), True)]:
     q, k, v = rand_qkv(*shape, layout="transposed", seed=3)
     ref = reference_attention(q, k, v, causal)
     fast = attention(q, k, v, causal=causal, backend="ext")
@@ -379,3 +379,75 @@ def test_cuda_deterministic_backward(dtype, shape, D, causal):
                                     dout.cpu().double())
     for name, g, n, r in zip("qkv", runs[0], naive, ref_grads):
         check_rule(f"d{name}", g.cpu(), n.cpu(), r, dtype, grad_scale(ref_grads))
+
+
+# ---------------------------------------------------------------------------------------------
+# The decode path (csrc/attention_cpu.cpp, "Decode"): Tq <= 4 query rows against many keys, the
+# keys cut into chunks across threads and the chunks merged by log-sum-exp. How many chunks
+# depends on the thread count and on B * Hkv, so each case runs at 1 and 3 threads; (1, 4, 1, ...)
+# with Tk >= 512 is cut into several chunks at any thread count.
+DECODE_SHAPES = [
+    (1, 12, 12, 1, 1024, 64),  # GPT-2 small's decode step
+    (1, 4, 1, 1, 1000, 64),    # multi-query, several chunks
+    (2, 6, 2, 3, 777, 40),     # GQA, odd Tk, three new rows
+    (1, 8, 4, 4, 4, 128),      # Tq == Tk: the rows see 1 to 4 keys
+    (1, 2, 1, 2, 300, 33),     # head dim not a multiple of the vector width
+    (1, 2, 1, 4, 1300, 80),    # causal rows ending inside the last chunk
+    (3, 3, 3, 1, 1, 16),       # a single key
+]
+
+
+@pytest.fixture(params=[1, 3], ids=lambda n: f"{n}threads")
+def num_threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def _float64_lse(q, k, causal, scale):
+    """log-sum-exp of each query row's visible scores, in float64: (B, Hq, Tq)."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    k = k.double().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    s = torch.einsum("bhid,bhjd->bhij", q.double(), k) * scale
+    if causal:
+        s = s.masked_fill(torch.arange(Tk)[None, :] > torch.arange(Tq)[:, None] + Tk - Tq,
+                          float("-inf"))
+    return torch.logsumexp(s, dim=-1)
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [True, False])
+def test_decode_path_float64_out_and_lse(shape, causal, num_threads):
+    q, k, v = rand_qkv(*shape, dtype=torch.float64, layout="sliced", seed=sum(shape),
+                       requires_grad=False)
+    scale = shape[-1] ** -0.5
+    out, lse = torch.ops.minigpt.attention_forward(q, k, v, causal, scale)
+    assert max_err(out, reference_attention(q, k, v, causal, scale)) < 1e-12
+    assert lse.dtype == torch.float32 and lse.shape == shape[:2] + (shape[3],)
+    torch.testing.assert_close(lse.double(), _float64_lse(q, k, causal, scale), atol=1e-5,
+                               rtol=1e-6)
+    again, _ = torch.ops.minigpt.attention_forward(q, k, v, causal, scale)
+    assert torch.equal(out, again)  # the chunks merge in a fixed order
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [True, False])
+def test_decode_path_float32_rule_with_gradients(shape, causal, num_threads):
+    """out by the decode path, and the gradients of the tiled backward from its lse, within
+    DESIGN.md's rule."""
+    _check_against_reference(shape, causal, "transposed")
+    q, k, v = rand_qkv(*shape, layout="transposed", seed=1, requires_grad=False)
+    _, lse = torch.ops.minigpt.attention_forward(q, k, v, causal, 0.3)
+    torch.testing.assert_close(lse.double(), _float64_lse(q, k, causal, 0.3), atol=2e-6,
+                               rtol=2e-6)
+
+
+@needs_ext
+@pytest.mark.parametrize("causal", [True, False])
+def test_decode_path_gradcheck(causal, num_threads):
+    q, k, v = rand_qkv(1, 4, 2, 3, 9, 8, dtype=torch.float64, seed=5)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: attention(q, k, v, causal=causal, backend="ext"), (q, k, v))
