@@ -212,7 +212,16 @@ def _self_check(device: torch.device, dtype: torch.dtype, head_dim: int,
     return "; ".join(failures) or None
 
 
-@torch._dynamo.assume_constant_result  # under torch.compile: run eagerly, use the result as a constant
+def _assume_constant_result(fn):
+    """torch._dynamo.assume_constant_result (under torch.compile: run fn eagerly and use its
+    result as a constant), without importing torch._dynamo, which takes about a second, when
+    minigpt is imported: that decorator only marks the function, and dynamo reads the mark when
+    it traces. tests/test_platform.py checks that the mark is still the one dynamo sets."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _self_check_failure(key: str) -> Optional[str]:
     """The cached self-check result for key "device|dtype|head_dim|causal" (a string: dynamo
     passes only constants to such a function)."""
@@ -238,7 +247,7 @@ def _self_check_failure(key: str) -> Optional[str]:
     return _self_checks[key]
 
 
-@torch._dynamo.assume_constant_result
+@_assume_constant_result
 def _gpu_reason(device: str) -> Optional[str]:
     """Why kernels of this build cannot run on the GPU device (compute capability, archs)."""
     capability = torch.cuda.get_device_capability(torch.device(device))

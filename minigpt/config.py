@@ -196,7 +196,7 @@ class TrainConfig:
                                       # (see minigpt.optim)
     batch_size: int = 32              # sequences per micro-step (per process)
     grad_accum: int = 1               # micro-steps per optimizer step
-    max_iters: int = 1800             # optimizer steps
+    max_iters: int = 1400             # optimizer steps
     learning_rate: float = 2e-3       # peak learning rate
     min_lr: float = 2e-4              # floor of the cosine decay
     warmup_iters: int = 30            # linear warmup steps
@@ -214,6 +214,8 @@ class TrainConfig:
                                       # of learning_rate (so 0.02 at the default peak)
     muon_momentum: float = 0.9        # "muon": Nesterov momentum
     muon_weight_decay: float = 0.0    # "muon": decoupled weight decay of the hidden matrices
+    muon_ns_steps: int = 5            # "muon": Newton-Schulz iterations that orthogonalise
+                                      # each update
     # evaluation and logging
     eval_interval: int = 300          # steps between evaluations (and checkpoints)
     eval_iters: int = 10              # fixed batches per split per evaluation
@@ -255,6 +257,7 @@ class TrainConfig:
             _check(owner, self, name, lambda x: _is_int(x) and x > 0, "must be > 0")
         _check(owner, self, "lr_decay_iters", lambda x: x is None or (_is_int(x) and x > 0),
                "must be > 0 (or None)")
+        _check(owner, self, "muon_ns_steps", lambda x: _is_int(x) and x > 0, "must be > 0")
         for name in ("max_iters", "warmup_iters", "skip_nonfinite"):
             _check(owner, self, name, lambda x: _is_int(x) and x >= 0, "must be >= 0")
         _check(owner, self, "learning_rate", lambda x: _is_number(x) and x > 0, "must be > 0")
@@ -346,7 +349,9 @@ PRESETS: Dict[str, dict] = {
     # block 64) with RoPE and QK-norm, no dropout, batch 32, trained with Muon. The defaults.
     "shakespeare_char": {},
     # The same model on GPT-2 BPE tokens (tiktoken): a 50257-token vocabulary.
-    "shakespeare": {"tokenizer": "gpt2"},
+    # Each step costs ~8x the char model's (the 50257 x 128 output head), and the corpus is
+    # ~340k tokens (an epoch is ~170 steps), so it is shorter.
+    "shakespeare": {"tokenizer": "gpt2", "max_iters": 300, "eval_interval": 100},
     # Fine-tuning a pretrained model on a CPU (--init-from picks it unless --preset is given):
     # short windows, small batches, and a peak learning rate ~100x below training from scratch
     # (nanoGPT's finetune_shakespeare uses 3e-5), so the pretrained weights are adjusted, not

@@ -85,7 +85,7 @@ def build_optimizer(model: torch.nn.Module, cfg, device_type: str) -> Optimizers
     Args:
         model: a minigpt GPT (hidden matrices are the >= 2-d parameters under transformer.h).
         cfg: a TrainConfig (optimizer, learning_rate, weight_decay, beta1, beta2,
-            muon_lr_scale, muon_momentum, muon_weight_decay).
+            muon_lr_scale, muon_momentum, muon_weight_decay, muon_ns_steps).
         device_type: "cpu", "cuda", "mps", ...
 
     Raises:
@@ -109,7 +109,7 @@ def build_optimizer(model: torch.nn.Module, cfg, device_type: str) -> Optimizers
         members.append(torch.optim.Muon(
             [{"params": hidden, "lr_scale": cfg.muon_lr_scale}],
             lr=cfg.learning_rate * cfg.muon_lr_scale, momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay,
-            nesterov=True))
+            nesterov=True, ns_steps=cfg.muon_ns_steps))
     return Optimizers(members)
 
 

@@ -363,6 +363,21 @@ def test_self_check_under_torch_compile_fullgraph(cpu_self_check, monkeypatch, b
     torch._dynamo.reset()
 
 
+def test_the_constant_mark_is_dynamos_and_import_does_not_load_dynamo():
+    """minigpt marks its self-check functions as dynamo's assume_constant_result does, without
+    importing torch._dynamo (about a second of every command's start-up)."""
+    def f():
+        return 1
+
+    marked = torch._dynamo.assume_constant_result(f)
+    assert vars(marked) == vars(attention_module._assume_constant_result(lambda: 1)) == {
+        "_dynamo_marked_constant": True}
+    code = "import sys, minigpt, minigpt.train; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert out.stdout.strip() == "False", out.stderr
+
+
 # --- devices and precision --------------------------------------------------------------------
 
 def test_unavailable_devices_name_the_available_ones():
