@@ -148,9 +148,13 @@ def _eval_rows(out):
     return [r for r in rows if r.get("event") == "eval"]
 
 
-def test_two_gloo_processes_match_one_process(text_file, tmp_path):
+@pytest.mark.parametrize("optimizer, tol", [("adamw", 1e-4), ("muon", 2e-3)])
+def test_two_gloo_processes_match_one_process(text_file, tmp_path, optimizer, tol):
+    """Two processes of batch 4 follow one process of batch 8. With AdamW to 1e-4; Muon
+    orthogonalises each update in bfloat16 (torch.optim.Muon), which turns the all-reduce's
+    different summation order into ~1e-3 differences of the update, so its bound is looser."""
     common = ["--data", str(text_file), "--max-iters", "20", "--eval-interval", "5",
-              "--dropout", "0"]
+              "--dropout", "0", "--optimizer", optimizer]
     single = _train(common + ["--out-dir", str(tmp_path / "one"), "--batch-size", "8"])
     assert single.returncode == 0, single.stderr
     ddp = subprocess.run(
@@ -162,6 +166,6 @@ def test_two_gloo_processes_match_one_process(text_file, tmp_path):
     one, two = _eval_rows(tmp_path / "one"), _eval_rows(tmp_path / "two")
     assert [r["iter"] for r in one] == [r["iter"] for r in two] == [0, 5, 10, 15, 20]
     for a, b in zip(one, two):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-4)
-        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=tol)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=tol)
     assert one[-1]["val_loss"] < one[0]["val_loss"] - 0.1  # it did learn
