@@ -399,7 +399,9 @@ def lr_at(it: int, cfg: TrainConfig, elapsed: Optional[float] = None) -> float:
     span = cfg.learning_rate - cfg.min_lr
     if cfg.lr_schedule == "wsd":
         stable = 1.0 - cfg.cooldown_frac
-        return cfg.learning_rate if p <= stable else cfg.learning_rate - span * (p - stable) / cfg.cooldown_frac
+        if p <= stable:
+            return cfg.learning_rate
+        return cfg.learning_rate - span * (p - stable) / cfg.cooldown_frac
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * p)) * span
 
 

@@ -94,22 +94,20 @@ def build_optimizer(model: torch.nn.Module, cfg, device_type: str) -> Optimizers
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if cfg.optimizer == "muon":
-        hidden = [p for n, p in named if p.dim() >= 2 and n.startswith("transformer.h.")]
-    else:
-        hidden = []
+    muon = cfg.optimizer == "muon"
+    hidden = [p for n, p in named if muon and p.dim() >= 2 and n.startswith("transformer.h.")]
     hidden_ids = {id(p) for p in hidden}
-    rest = [(n, p) for n, p in named if id(p) not in hidden_ids]
+    rest = [p for _, p in named if id(p) not in hidden_ids]
     adamw_groups = [
-        {"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
     ]
     members = [_adamw([g for g in adamw_groups if g["params"]], cfg, device_type)]
     if hidden:
         members.append(torch.optim.Muon(
             [{"params": hidden, "lr_scale": cfg.muon_lr_scale}],
-            lr=cfg.learning_rate * cfg.muon_lr_scale, momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay,
-            nesterov=True, ns_steps=cfg.muon_ns_steps))
+            lr=cfg.learning_rate * cfg.muon_lr_scale, momentum=cfg.muon_momentum,
+            weight_decay=cfg.muon_weight_decay, nesterov=True, ns_steps=cfg.muon_ns_steps))
     return Optimizers(members)
 
 

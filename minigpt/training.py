@@ -288,13 +288,24 @@ def elapsed(run: Run) -> float:
     return run.elapsed_before + time.perf_counter() - run.t_start
 
 
+def schedule_time(run: Run) -> Optional[float]:
+    """The elapsed time the learning-rate schedule follows with a max_time budget (None without
+    one): the mean over the processes, so every rank sets the same learning rate."""
+    if run.cfg.max_time <= 0:
+        return None
+    t = torch.tensor([elapsed(run)], dtype=torch.float64)
+    if run.dist.enabled and torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    return run.dist.sum(t).item() / run.dist.world_size
+
+
 def evaluate_and_save(run: Run, progress: Progress) -> None:
     """Evaluate, log the losses, and save a checkpoint (except before the first step)."""
     progress.losses = evaluate(run)
     progress.best_val = min(progress.best_val, progress.losses["val"])
     record(run, progress, event="eval", iter=progress.iter_num,
            train_loss=progress.losses["train"], val_loss=progress.losses["val"],
-           lr=lr_at(progress.iter_num, run.cfg, elapsed(run)), time_s=elapsed(run))
+           lr=lr_at(progress.iter_num, run.cfg, schedule_time(run)), time_s=elapsed(run))
     if progress.iter_num > 0:
         save(run, progress, progress.losses["val"])
     if run.dist.master:
@@ -339,7 +350,7 @@ def train_step(run: Run, progress: Progress) -> None:
     (up to cfg.skip_nonfinite times; past that NonFiniteLossError)."""
     cfg, model, scaler, optimizer = run.cfg, run.model, run.scaler, run.optimizer
     t0 = time.perf_counter()
-    lr = lr_at(progress.iter_num, cfg, elapsed(run))
+    lr = lr_at(progress.iter_num, cfg, schedule_time(run))
     optimizer.set_lr(lr)
     for micro in range(cfg.grad_accum):
         x, y = run.train_batches.next(run.device)
