@@ -28,6 +28,13 @@ enum class DType : int { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
 inline constexpr int kCudaHeadDims[] = {32, 64, 96, 128};
 inline constexpr DType kCpuDTypes[] = {DType::Float32, DType::Float64};
 inline constexpr DType kCudaDTypes[] = {DType::BFloat16, DType::Float16, DType::Float32};
+// The optional score terms each device's kernels implement (AttentionParams::alibi_slopes and
+// ::window). The host refuses a term a device's kernels lack; Python routes such calls elsewhere.
+inline constexpr bool kCpuHasAlibi = false, kCpuHasWindow = false;
+#ifndef MINIGPT_CUDA_TERMS
+#define MINIGPT_CUDA_TERMS 0
+#endif
+inline constexpr bool kCudaHasAlibi = MINIGPT_CUDA_TERMS, kCudaHasWindow = MINIGPT_CUDA_TERMS;
 
 constexpr bool cuda_head_dim_supported(int64_t d) {
   for (int h : kCudaHeadDims)
@@ -84,8 +91,20 @@ struct AttentionParams {
   // ~1e-8 relative error); 0 means unset, and they fall back to `scale`.
   double scale_fp64 = 0.0;
 
+  // ALiBi (Press et al. 2022): float32 (Hq,) slopes, or null. Head h adds
+  // -alibi_slopes[h] * (i + causal_offset() - j) to the scaled score of query row i and key j.
+  const float* alibi_slopes = nullptr;
+  // Sliding window (causal only): > 0 lets query row i see keys
+  // i + causal_offset() - window < j <= i + causal_offset(); 0 means no window.
+  int64_t window = 0;
+
   // Offset between query row i and the last key it may see: keys j <= i + causal_offset().
   int64_t causal_offset() const { return Tk - Tq; }
+  // The first key query row i may see (0 without a window).
+  int64_t first_key(int64_t i) const {
+    const int64_t first = i + causal_offset() - window + 1;
+    return window > 0 && first > 0 ? first : 0;
+  }
   int64_t group_size() const { return Hq / Hkv; }  // query heads per kv head (GQA)
 };
 

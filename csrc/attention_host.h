@@ -92,6 +92,36 @@ inline void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k,
               q.sizes(), " and k ", k.sizes());
 }
 
+// The optional score terms: alibi_slopes float32 (Hq,) contiguous on q's device; window >= 0
+// (0 = none) and only with causal. has_alibi / has_window: whether this device's kernels
+// implement them.
+inline void check_terms(const char* op, const at::Tensor& q,
+                        const c10::optional<at::Tensor>& alibi_slopes, int64_t window,
+                        bool causal, bool has_alibi, bool has_window) {
+  if (alibi_slopes.has_value() && alibi_slopes->defined()) {
+    const at::Tensor& s = *alibi_slopes;
+    TORCH_CHECK(has_alibi, op, ": ALiBi (alibi_slopes) is not implemented by the ",
+                q.device().type(), " kernels");
+    TORCH_CHECK(s.dim() == 1 && s.size(0) == q.size(1), op,
+                ": alibi_slopes must have shape (Hq,) = (", q.size(1), ",), got ", s.sizes());
+    TORCH_CHECK(s.scalar_type() == at::kFloat && s.device() == q.device() && s.is_contiguous(),
+                op, ": alibi_slopes must be a contiguous float32 tensor on q's device ",
+                q.device(), ", got ", s.scalar_type(), " on ", s.device());
+  }
+  TORCH_CHECK(window >= 0, op, ": window must be >= 0 (0 = no window), got ", window);
+  TORCH_CHECK(window == 0 || causal, op, ": window needs causal=True, got window=", window);
+  TORCH_CHECK(window == 0 || has_window, op, ": a sliding window is not implemented by the ",
+              q.device().type(), " kernels");
+}
+
+inline void set_terms(AttentionParams& p, const c10::optional<at::Tensor>& alibi_slopes,
+                      int64_t window) {
+  p.alibi_slopes = alibi_slopes.has_value() && alibi_slopes->defined()
+                       ? alibi_slopes->data_ptr<float>()
+                       : nullptr;
+  p.window = window;
+}
+
 // The backward's extra inputs: dout and out of q's shape, lse (B, Hq, Tq) float32 (any strides:
 // the callers make it contiguous).
 inline void check_backward_inputs(const char* op, const at::Tensor& dout, const at::Tensor& out,

@@ -19,13 +19,15 @@ namespace {
 
 const Accepts kCpu = accepts(c10::DeviceType::CPU, kCpuDTypes);
 
-std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k,
-                                                     const at::Tensor& v, bool causal,
-                                                     double scale) {
+std::tuple<at::Tensor, at::Tensor> attention_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale,
+    const c10::optional<at::Tensor>& alibi_slopes, int64_t window) {
   const char* op = "minigpt::attention_forward";
   check_qkv(op, q, k, v, causal, kCpu);
+  check_terms(op, q, alibi_slopes, window, causal, kCpuHasAlibi, kCpuHasWindow);
   auto [out, lse] = empty_forward_outputs(q);
   AttentionParams p = make_params(q, k, v, causal, scale);
+  set_terms(p, alibi_slopes, window);
   p.out = out.data_ptr();
   p.out_stride = strides_of(out);
   p.lse = lse.data_ptr<float>();
@@ -35,13 +37,16 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale) {
+    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale,
+    const c10::optional<at::Tensor>& alibi_slopes, int64_t window) {
   const char* op = "minigpt::attention_backward";
   check_qkv(op, q, k, v, causal, kCpu);
+  check_terms(op, q, alibi_slopes, window, causal, kCpuHasAlibi, kCpuHasWindow);
   check_backward_inputs(op, dout, out, lse, q, kCpu);
 
   auto [dq, dk, dv] = empty_backward_outputs(q, k, v);
   AttentionParams p = make_params(q, k, v, causal, scale);
+  set_terms(p, alibi_slopes, window);
   const at::Tensor lse_c = lse.contiguous();
   set_backward_params(p, out, lse_c, dout, dq, dk, dv);
   p.deterministic = true;  // the CPU backward always is (for a given thread count)
@@ -65,11 +70,12 @@ std::string compiler_name() {
 
 TORCH_LIBRARY(minigpt, m) {
   m.def(
-      "attention_forward(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> "
-      "(Tensor out, Tensor lse)");
+      "attention_forward(Tensor q, Tensor k, Tensor v, bool causal, float scale, "
+      "Tensor? alibi_slopes=None, int window=0) -> (Tensor out, Tensor lse)");
   m.def(
       "attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "bool causal, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "bool causal, float scale, Tensor? alibi_slopes=None, int window=0) -> "
+      "(Tensor dq, Tensor dk, Tensor dv)");
 }
 
 TORCH_LIBRARY_IMPL(minigpt, CPU, m) {
@@ -101,6 +107,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         dtypes["cuda"] = cuda;
 #endif
         info["dtypes"] = dtypes;
+        // The optional score terms per device (attention.h), e.g. {"cpu": ["alibi", "window"]}.
+        pybind11::dict features;
+        auto terms = [](bool alibi, bool window) {
+          pybind11::list l;
+          if (alibi) l.append("alibi");
+          if (window) l.append("window");
+          return l;
+        };
+        features["cpu"] = terms(minigpt::kCpuHasAlibi, minigpt::kCpuHasWindow);
+#ifdef MINIGPT_WITH_CUDA
+        features["cuda"] = terms(minigpt::kCudaHasAlibi, minigpt::kCudaHasWindow);
+#endif
+        info["features"] = features;
         info["cuda_head_dims"] = head_dims;
 #ifdef MINIGPT_WITH_CUDA
         info["cuda"] = true;

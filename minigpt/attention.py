@@ -1,8 +1,15 @@
 """Scaled dot-product attention with a choice of backends.
 
-    attention(q, k, v, *, causal=True, scale=None, backend=None) -> out
+    attention(q, k, v, *, causal=True, scale=None, alibi_slopes=None, window=None,
+              backend=None) -> out
 
-    out = softmax(scale * q @ k^T + mask) @ v            (Vaswani et al. 2017, eq. 1)
+    out = softmax(scale * q @ k^T + bias + mask) @ v      (Vaswani et al. 2017, eq. 1)
+
+bias is ALiBi's linear distance penalty (Press et al. 2022, "Train Short, Test Long", sec. 3):
+head h adds -alibi_slopes[h] * (i' - j) to the score of query i and key j, where i' = i + (Tk - Tq)
+is the query's position aligned bottom-right with the keys. mask is the causal mask and, with
+window=W, the sliding window (Beltagy et al. 2020, "Longformer"; Child et al. 2019): query i sees
+keys i' - W < j <= i', the W most recent keys, itself included.
 
 Backends:
 
@@ -21,6 +28,11 @@ whole KV cache. Example, Tq = 2, Tk = 5 (1 = attended)::
 
     1 1 1 1 0
     1 1 1 1 1
+
+and the same with window=2::
+
+    0 0 1 1 0
+    0 0 0 1 1
 """
 
 from __future__ import annotations
@@ -45,14 +57,23 @@ _ENV_BACKEND = "MINIGPT_ATTENTION_BACKEND"
 # read once when the module loads: device type -> dtypes, and the CUDA head dims.
 _EXT_DTYPES: Dict[str, tuple] = {}
 _EXT_CUDA_HEAD_DIMS: tuple = ()
+# device type -> the optional score terms its kernels implement ("alibi", "window").
+_EXT_FEATURES: Dict[str, tuple] = {}
 
 
 def _read_kernel_support() -> None:
-    global _EXT_DTYPES, _EXT_CUDA_HEAD_DIMS
+    global _EXT_DTYPES, _EXT_CUDA_HEAD_DIMS, _EXT_FEATURES
     info = _ext.build_info()
     _EXT_DTYPES = {device: tuple(getattr(torch, name) for name in names)
                    for device, names in info.get("dtypes", {}).items()}
     _EXT_CUDA_HEAD_DIMS = tuple(info.get("cuda_head_dims", ()))
+    _EXT_FEATURES = {device: tuple(names) for device, names in info.get("features", {}).items()}
+
+
+def features_of(alibi_slopes, window) -> tuple:
+    """The optional terms a call uses, as named in build_info()["features"]."""
+    return (("alibi",) if alibi_slopes is not None else ()) + \
+        (("window",) if window is not None else ())
 
 
 _ext.on_load(_read_kernel_support)
@@ -62,7 +83,7 @@ def _describe(name: str, t: torch.Tensor) -> str:
     return f"{name} of shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
-def _check_inputs(q, k, v, causal, scale) -> None:
+def _check_inputs(q, k, v, causal, scale, alibi_slopes=None, window=None) -> None:
     """Validate the contract of DESIGN.md once, before any kernel runs."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -103,6 +124,55 @@ def _check_inputs(q, k, v, causal, scale) -> None:
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)
                                   and scale > 0):
         raise ValueError(f"attention: scale must be a positive finite number, got {scale!r}")
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor):
+            raise TypeError(f"attention: alibi_slopes must be a torch.Tensor or None, got "
+                            f"{type(alibi_slopes).__name__}")
+        if alibi_slopes.shape != (Hq,) or not alibi_slopes.is_floating_point():
+            raise ValueError(f"attention: alibi_slopes must be a floating (Hq,) = ({Hq},) "
+                             f"tensor, one slope per query head, got "
+                             f"{_describe('alibi_slopes', alibi_slopes)}")
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"attention: alibi_slopes must be on q's device {q.device}, got "
+                             f"{_describe('alibi_slopes', alibi_slopes)}")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"attention: window must be a positive int (the number of most "
+                             f"recent keys a query sees, itself included) or None, got {window!r}")
+        if not causal:
+            raise ValueError("attention: window needs causal=True (the window is the W most "
+                             f"recent keys under the causal mask), got window={window} with "
+                             "causal=False")
+
+
+def slopes_for(alibi_slopes: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """alibi_slopes as the kernels take them: float32, contiguous (None stays None). The slopes
+    are constants: no gradient flows to them."""
+    if alibi_slopes is None:
+        return None
+    return alibi_slopes.detach().to(torch.float32).contiguous()
+
+
+def score_bias(Tq: int, Tk: int, causal: bool, alibi_slopes: Optional[torch.Tensor] = None,
+               window: Optional[int] = None, device=None,
+               dtype: torch.dtype = torch.float32) -> Optional[torch.Tensor]:
+    """What attention adds to scale * q @ k^T: ALiBi's -slope * (i' - j) per head and -inf where
+    the causal mask or the window hides a key. (Hq or 1, Tq, Tk) in dtype, or None when there
+    is nothing to add. i' = i + (Tk - Tq) is query i's position aligned bottom-right."""
+    if not causal and alibi_slopes is None:
+        return None
+    i = torch.arange(Tq, device=device).unsqueeze(1) + (Tk - Tq)
+    j = torch.arange(Tk, device=device).unsqueeze(0)
+    dist = (i - j).to(dtype)  # (Tq, Tk): i' - j
+    bias = torch.zeros(1, Tq, Tk, device=device, dtype=dtype)
+    if alibi_slopes is not None:
+        bias = -alibi_slopes.to(device=device, dtype=dtype).view(-1, 1, 1) * dist
+    if causal:
+        hidden = dist < 0
+        if window is not None:
+            hidden = hidden | (dist >= window)
+        bias = bias.masked_fill(hidden, float("-inf"))
+    return bias
 
 
 def causal_mask(Tq: int, Tk: int, device=None) -> torch.Tensor:
@@ -120,27 +190,35 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(B, Hkv, n_rep, T, D).reshape(B, Hkv * n_rep, T, D)
 
 
-def attention_probs(q, k, causal: bool, scale: float) -> torch.Tensor:
-    """softmax(scale * Q K^T + mask): (B, Hq, Tq, Tk) probabilities, each query row summing to
-    1 over the keys it sees (GQA: each query head against its key head)."""
+def attention_probs(q, k, causal: bool, scale: float, alibi_slopes=None,
+                    window: Optional[int] = None) -> torch.Tensor:
+    """softmax(scale * Q K^T + bias + mask): (B, Hq, Tq, Tk) probabilities, each query row
+    summing to 1 over the keys it sees (GQA: each query head against its key head)."""
     k = _repeat_kv(k, q.shape[1] // k.shape[1])
     att = (q @ k.transpose(-2, -1)) * scale  # (B, Hq, Tq, Tk)
-    if causal:
-        att = att.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    bias = score_bias(q.shape[2], k.shape[2], causal, alibi_slopes, window, q.device, q.dtype)
+    if bias is not None:
+        att = att + bias
     return torch.softmax(att, dim=-1)
 
 
-def naive_attention(q, k, v, causal: bool, scale: float) -> torch.Tensor:
-    """The reference: softmax(scale * Q K^T + mask) V, materialising the (Tq, Tk) scores
+def naive_attention(q, k, v, causal: bool, scale: float, alibi_slopes=None,
+                    window: Optional[int] = None) -> torch.Tensor:
+    """The reference: softmax(scale * Q K^T + bias + mask) V, materialising the (Tq, Tk) scores
     (attention_probs). (B, Hq, Tq, D)."""
-    probs = attention_probs(q, k, causal, scale)
+    probs = attention_probs(q, k, causal, scale, alibi_slopes, window)
     return probs @ _repeat_kv(v, q.shape[1] // k.shape[1])  # (B, Hq, Tq, D)
 
 
-def _sdpa_attention(q, k, v, causal: bool, scale: float) -> torch.Tensor:
+def _sdpa_attention(q, k, v, causal: bool, scale: float, alibi_slopes=None,
+                    window: Optional[int] = None) -> torch.Tensor:
     n_rep = q.shape[1] // k.shape[1]
     k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
     Tq, Tk = q.shape[2], k.shape[2]
+    if alibi_slopes is not None or window is not None:
+        # A float mask of the (Hq, Tq, Tk) bias: correct, but O(Tq * Tk) memory.
+        bias = score_bias(Tq, Tk, causal, alibi_slopes, window, q.device, q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     if causal and Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     # SDPA's is_causal is aligned top-left when Tq != Tk; ours is bottom-right. A decode step
@@ -178,9 +256,10 @@ def within_rule(fast: torch.Tensor, naive: torch.Tensor, ref: torch.Tensor, dtyp
 
 
 def _self_check(device: torch.device, dtype: torch.dtype, head_dim: int,
-                causal: bool) -> Optional[str]:
+                causal: bool, features: tuple = ()) -> Optional[str]:
     """Compare the compiled op with the float64 reference on fresh random inputs (GQA, two key
-    tiles, Tq != Tk). None if every output and gradient meets the rule, else a description."""
+    tiles, Tq != Tk; ALiBi slopes and a window of 23 keys where features names them). None if
+    every output and gradient meets the rule, else a description."""
     g = torch.Generator().manual_seed(20231)
     B, Hq, Hkv, Tq, Tk = 1, 4, 2, 67, 80
     q64 = torch.randn(B, Hq, Tq, head_dim, generator=g, dtype=torch.float64)
@@ -188,19 +267,23 @@ def _self_check(device: torch.device, dtype: torch.dtype, head_dim: int,
     v64 = torch.randn(B, Hkv, Tk, head_dim, generator=g, dtype=torch.float64)
     dout64 = torch.randn(B, Hq, Tq, head_dim, generator=g, dtype=torch.float64)
     scale = 1.0 / math.sqrt(head_dim)
+    slopes = (torch.tensor([0.5, 0.25, 0.0625, 0.0039], device=device)
+              if "alibi" in features else None)
+    window = 23 if "window" in features and causal else None
+    extra = () if slopes is None and window is None else (slopes, window or 0)
 
     def naive_grads(q, k, v, dout):
         q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
-        out = naive_attention(q, k, v, causal, scale)
+        out = naive_attention(q, k, v, causal, scale, slopes, window)
         out.backward(dout)
         return out.detach(), q.grad, k.grad, v.grad
 
     ref = naive_grads(q64, k64, v64, dout64)
     q, k, v, dout = (t.to(device=device, dtype=dtype) for t in (q64, k64, v64, dout64))
     with torch.no_grad():
-        out, lse = torch.ops.minigpt.attention_forward(q, k, v, causal, scale)
+        out, lse = torch.ops.minigpt.attention_forward(q, k, v, causal, scale, *extra)
         fast = (out,) + tuple(torch.ops.minigpt.attention_backward(dout, q, k, v, out, lse,
-                                                                   causal, scale))
+                                                                   causal, scale, *extra))
     naive = naive_grads(q, k, v, dout)
     grad_size = max(t.abs().max().item() for t in ref[1:])
     failures = []
@@ -223,10 +306,11 @@ def _assume_constant_result(fn):
 
 @_assume_constant_result
 def _self_check_failure(key: str) -> Optional[str]:
-    """The cached self-check result for key "device|dtype|head_dim|causal" (a string: dynamo
-    passes only constants to such a function)."""
+    """The cached self-check result for key "device|dtype|head_dim|causal|features" (a string:
+    dynamo passes only constants to such a function; features joined by "+")."""
     if key not in _self_checks:
-        device, dtype, head_dim, causal = key.split("|")
+        device, dtype, head_dim, causal, features = key.split("|")
+        features = tuple(f for f in features.split("+") if f)
         dtype = getattr(torch, dtype.replace("torch.", ""))
         try:
             # The first use may come under no_grad or inference_mode (sampling, profiling): the
@@ -234,12 +318,13 @@ def _self_check_failure(key: str) -> Optional[str]:
             # the caller's mode.
             with torch.inference_mode(False), torch.enable_grad():
                 failure = _self_check(torch.device(device), dtype, int(head_dim),
-                                      causal == "True")
+                                      causal == "True", features)
         except RuntimeError as e:  # a kernel that cannot even run fails the check too
             failure = f"the kernels raised {type(e).__name__}: {str(e).splitlines()[0]}"
         if failure is not None:
             failure = (f"the self-check of the compiled kernels failed on {device} for {dtype}, "
-                       f"head dim {head_dim}, causal={causal}: {failure}")
+                       f"head dim {head_dim}, causal={causal}"
+                       f"{', with ' + ' and '.join(features) if features else ''}: {failure}")
             warnings.warn(f"minigpt: {failure}. Using 'sdpa' for this combination "
                           f"(set {_SELF_CHECK_ENV}=0 to skip the check).", RuntimeWarning,
                           stacklevel=2)
@@ -255,11 +340,11 @@ def _gpu_reason(device: str) -> Optional[str]:
 
 
 def _ext_unavailable_reason(device: torch.device, dtype: torch.dtype,
-                            head_dim: Optional[int] = None,
-                            causal: Optional[bool] = None) -> Optional[str]:
-    """None if the compiled kernels can run on this device, dtype (and head dim), else why not.
-    With head_dim and causal given, on the devices that are self-checked, the first-use
-    self-check's verdict counts too."""
+                            head_dim: Optional[int] = None, causal: Optional[bool] = None,
+                            features: tuple = ()) -> Optional[str]:
+    """None if the compiled kernels can run on this device, dtype (and head dim, with the
+    optional terms in features: "alibi", "window"), else why not. With head_dim and causal
+    given, on the devices that are self-checked, the first-use self-check's verdict counts too."""
     why = _ext.unavailable_reason()
     if why is not None:
         return why
@@ -273,13 +358,16 @@ def _ext_unavailable_reason(device: torch.device, dtype: torch.dtype,
         return f"the compiled kernels on {device.type} support {names}, not {dtype}"
     if device.type == "cuda" and head_dim is not None and head_dim not in _EXT_CUDA_HEAD_DIMS:
         return f"the CUDA kernels support head dims {_EXT_CUDA_HEAD_DIMS}, not {head_dim}"
+    missing = [f for f in features if f not in _EXT_FEATURES.get(device.type, ())]
+    if missing:
+        return f"the compiled kernels on {device.type} do not implement {' or '.join(missing)}"
     if device.type == "cuda":
         why = _gpu_reason(str(device))
         if why is not None:
             return why
     if (device.type in _SELF_CHECK_DEVICES and head_dim is not None and causal is not None
             and os.environ.get(_SELF_CHECK_ENV, "1") != "0"):
-        return _self_check_failure(f"{device}|{dtype}|{head_dim}|{causal}")
+        return _self_check_failure(f"{device}|{dtype}|{head_dim}|{causal}|{'+'.join(features)}")
     return None
 
 
@@ -287,9 +375,10 @@ def _ext_unavailable_reason(device: torch.device, dtype: torch.dtype,
 class Backend:
     """One implementation of the attention contract.
 
-    fn(q, k, v, causal, scale) -> out takes checked inputs (see attention()); unavailable(device,
-    dtype, head_dim, causal) -> None where it can run, else why not (head_dim and causal may be
-    None: "for some head dim").
+    fn(q, k, v, causal, scale, alibi_slopes, window) -> out takes checked inputs (see
+    attention(); alibi_slopes already float32, window None or >= 1); unavailable(device, dtype,
+    head_dim, causal, features=()) -> None where it can run, else why not (head_dim and causal
+    may be None: "for some head dim"; features: the optional terms used, "alibi", "window").
     """
 
     name: str
@@ -298,7 +387,7 @@ class Backend:
     summary: str
 
 
-def _always(device, dtype, head_dim=None, causal=None) -> Optional[str]:
+def _always(device, dtype, head_dim=None, causal=None, features=()) -> Optional[str]:
     return None
 
 
@@ -317,16 +406,17 @@ BACKENDS = tuple(REGISTRY)
 
 
 def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype,
-                       head_dim: Optional[int] = None,
-                       causal: Optional[bool] = None) -> Optional[str]:
-    """None if backend name can run on this device, dtype (and head dim), else why not.
+                       head_dim: Optional[int] = None, causal: Optional[bool] = None,
+                       features: tuple = ()) -> Optional[str]:
+    """None if backend name can run on this device, dtype (and head dim, with the optional
+    terms in features: "alibi", "window"), else why not.
 
     Raises:
         ValueError: an unknown backend name.
     """
     if name not in REGISTRY:
         raise ValueError(f"attention: backend must be one of {BACKENDS}, got {name!r}")
-    return REGISTRY[name].unavailable(device, dtype, head_dim, causal)
+    return REGISTRY[name].unavailable(device, dtype, head_dim, causal, features)
 
 
 def available_backends(device: torch.device, dtype: torch.dtype,
@@ -339,7 +429,8 @@ _warned_fallback = False
 
 
 def resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype,
-                    head_dim: Optional[int] = None, causal: Optional[bool] = None) -> str:
+                    head_dim: Optional[int] = None, causal: Optional[bool] = None,
+                    features: tuple = ()) -> str:
     """The backend attention() runs for tensors of this device, dtype and head dim: backend
     itself if given (else $MINIGPT_ATTENTION_BACKEND), "ext" where available, else "sdpa".
 
@@ -354,14 +445,14 @@ def resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.d
         raise ValueError(f"attention: {source} must be one of {BACKENDS} or None, "
                          f"got {requested!r}")
     if requested == "ext":
-        why = _ext_unavailable_reason(device, dtype, head_dim, causal)
+        why = _ext_unavailable_reason(device, dtype, head_dim, causal, features)
         if why is not None:
             hint = f" {_ext.BUILD_HINT}" if _ext.unavailable_reason() is not None else ""
             raise RuntimeError(f"attention: backend 'ext' is not available: {why}.{hint}")
         return "ext"
     if requested is not None:
         return requested
-    why = _ext_unavailable_reason(device, dtype, head_dim, causal)
+    why = _ext_unavailable_reason(device, dtype, head_dim, causal, features)
     if why is None:
         return "ext"
     if _ext.unavailable_reason() is not None and not _warned_fallback:
@@ -373,7 +464,8 @@ def resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.d
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
-              scale: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
+              scale: Optional[float] = None, alibi_slopes: Optional[torch.Tensor] = None,
+              window: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
     """Multi-head scaled dot-product attention (Vaswani et al. 2017, eq. 1).
 
     Args:
@@ -384,10 +476,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         causal: mask future keys, aligned bottom-right: query i sees keys j <= i + (Tk - Tq).
             Default True.
         scale: softmax scale, default 1/sqrt(D).
+        alibi_slopes: None (default) or a floating (Hq,) tensor on q's device: ALiBi (Press et
+            al. 2022, sec. 3) adds -alibi_slopes[h] * (i' - j) to the scaled score of query i
+            and key j in head h, i' = i + (Tk - Tq). Used as float32 constants: no gradient
+            flows to them (minigpt.model.alibi_slopes gives the paper's geometric sequence).
+        window: None (default) or an int W >= 1, with causal=True: query i sees only keys
+            i' - W < j <= i', its W most recent keys, itself included (sliding-window attention,
+            Beltagy et al. 2020). The compiled kernels skip key tiles outside the window, so the
+            cost grows as Tq * W rather than Tq * Tk.
         backend: "ext", "sdpa", "naive" or None (default: $MINIGPT_ATTENTION_BACKEND, else
             "ext" where the compiled kernels support the device, GPU, dtype and head dim and,
-            on CUDA, passed their first-use self-check for this dtype/head dim/causal; else
-            "sdpa").
+            on CUDA, implement alibi_slopes/window and passed their first-use self-check for
+            this dtype/head dim/causal/terms; else "sdpa", which builds the (Hq, Tq, Tk) bias
+            as a float mask when alibi_slopes or window is given).
 
     Returns:
         out: (B, Hq, Tq, D), q's dtype and device. Differentiable in q, k and v.
@@ -400,17 +501,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         TypeError: a non-tensor argument, an integer dtype, or mixed dtypes.
         ValueError: wrong rank, mismatched batch/head/dim sizes, k and v of different shapes,
             Hq not a multiple of Hkv, causal with Tq > Tk, tensors on different devices, a
-            non-positive scale, or an unknown backend name.
+            non-positive scale, alibi_slopes not of shape (Hq,) or not on q's device, window
+            not a positive int or given with causal=False, or an unknown backend name.
         RuntimeError: backend="ext" when the compiled kernels are not available here (not
             built, a GPU older than compute capability 8.0 or of an arch the build lacks, an
             unsupported dtype or head dim, a failed self-check); the message says why.
     """
-    _check_inputs(q, k, v, causal, scale)
+    _check_inputs(q, k, v, causal, scale, alibi_slopes, window)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     scale = float(scale)
-    name = resolve_backend(backend, q.device, q.dtype, q.shape[-1], causal)
-    return REGISTRY[name].fn(q, k, v, causal, scale)
+    name = resolve_backend(backend, q.device, q.dtype, q.shape[-1], causal,
+                           features_of(alibi_slopes, window))
+    return REGISTRY[name].fn(q, k, v, causal, scale, slopes_for(alibi_slopes), window)
 
 
 def attention_backends() -> dict:

@@ -55,12 +55,12 @@ void check_code(const char* op, int code, const at::Tensor& q, const at::Tensor&
               q.scalar_type(), "): ", attention_cuda_error_string(code), " [code ", code, "]");
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_forward_cuda_op(const at::Tensor& q_in,
-                                                             const at::Tensor& k_in,
-                                                             const at::Tensor& v_in, bool causal,
-                                                             double scale) {
+std::tuple<at::Tensor, at::Tensor> attention_forward_cuda_op(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, bool causal,
+    double scale, const c10::optional<at::Tensor>& alibi_slopes, int64_t window) {
   const char* op = "minigpt::attention_forward";
   check_qkv_cuda(op, q_in, k_in, v_in, causal);
+  check_terms(op, q_in, alibi_slopes, window, causal, kCudaHasAlibi, kCudaHasWindow);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = rows_16b_aligned(q_in);
   const at::Tensor k = rows_16b_aligned(k_in);
@@ -68,6 +68,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda_op(const at::Tensor& q
 
   auto [out, lse] = empty_forward_outputs(q);
   AttentionParams p = make_params(q, k, v, causal, scale);
+  set_terms(p, alibi_slopes, window);
   p.out = out.data_ptr();
   p.out_stride = strides_of(out);
   p.lse = lse.data_ptr<float>();
@@ -79,9 +80,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda_op(const at::Tensor& q
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda_op(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in, bool causal,
-    double scale) {
+    double scale, const c10::optional<at::Tensor>& alibi_slopes, int64_t window) {
   const char* op = "minigpt::attention_backward";
   check_qkv_cuda(op, q_in, k_in, v_in, causal);
+  check_terms(op, q_in, alibi_slopes, window, causal, kCudaHasAlibi, kCudaHasWindow);
   TORCH_CHECK(dout_in.dim() == 4, op, ": dout must be 4-d (B, H, T, D), got shape ",
               dout_in.sizes());
   // Gradients handed over by autograd can be expanded (stride 0) or otherwise odd; one copy here
@@ -104,6 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda_op(
   at::Tensor dq_accum = deterministic ? at::Tensor() : at::zeros(q.sizes(), f32);
 
   AttentionParams p = make_params(q, k, v, causal, scale);
+  set_terms(p, alibi_slopes, window);
   set_backward_params(p, out_in, lse, dout, dq, dk, dv);
   p.delta = delta.data_ptr<float>();
   p.dq_accum = deterministic ? nullptr : dq_accum.data_ptr<float>();
