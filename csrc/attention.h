@@ -30,7 +30,7 @@ inline constexpr DType kCpuDTypes[] = {DType::Float32, DType::Float64};
 inline constexpr DType kCudaDTypes[] = {DType::BFloat16, DType::Float16, DType::Float32};
 // The optional score terms each device's kernels implement (AttentionParams::alibi_slopes and
 // ::window). The host refuses a term a device's kernels lack; Python routes such calls elsewhere.
-inline constexpr bool kCpuHasAlibi = false, kCpuHasWindow = false;
+inline constexpr bool kCpuHasAlibi = true, kCpuHasWindow = true;
 #ifndef MINIGPT_CUDA_TERMS
 #define MINIGPT_CUDA_TERMS 0
 #endif

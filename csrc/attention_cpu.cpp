@@ -295,10 +295,28 @@ int64_t visible_key_end(const AttentionParams& p, int64_t r0, int64_t nr) {
   return std::clamp<int64_t>(r0 + nr + p.causal_offset(), 0, p.Tk);
 }
 
-// First query tile with a row that sees key j0 (query tiles from there on see it too).
+// First query tile with a row that sees key j0 (without a window, query tiles from there on see
+// it too).
 int64_t first_query_tile(const AttentionParams& p, int64_t j0) {
   if (!p.causal) return 0;
   return std::max<int64_t>(0, j0 - p.causal_offset()) / kBlockQ;
+}
+
+// One past the last query tile with a row that sees a key of [j0, j0 + nk): a window hides key j
+// from the rows more than window - 1 positions after it.
+int64_t query_tile_end(const AttentionParams& p, int64_t j0, int64_t nk) {
+  const int64_t tiles = ceil_div(p.Tq, kBlockQ);
+  if (p.window <= 0) return tiles;
+  const int64_t last_row = j0 + nk - 1 - p.causal_offset() + p.window - 1;
+  return last_row < 0 ? 0 : std::min(tiles, last_row / kBlockQ + 1);
+}
+
+// ALiBi (Press et al. 2022): head h's score of query row i and key j becomes
+// scale * s - slope * (i + causal_offset() - j). The kernels apply it to a tile of raw scores s
+// in place, scale included, and then use a scale of 1 for that tile.
+template <typename T>
+MINIGPT_INLINE T alibi_score(T s, T scale, T slope, int64_t distance) {
+  return s * scale - slope * static_cast<T>(distance);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -349,11 +367,23 @@ MINIGPT_INLINE void forward_units(const AttentionParams& p, T* out, const Stride
     std::fill(row_sum, row_sum + nr_pad, T(0));
     std::fill(acc, acc + nr * D, T(0));
 
+    // Keys [key_begin, key_end) are visible to some row of the tile: with a window, the key
+    // tiles before the first row's window are never visited, so the cost is ~ Tq * window.
     const int64_t key_end = visible_key_end(p, r0, nr);
-    for (int64_t j0 = 0; j0 < key_end; j0 += kBlockK) {
+    const int64_t key_begin = p.first_key(r0);
+    const bool alibi = p.alibi_slopes != nullptr;
+    const T slope = alibi ? static_cast<T>(p.alibi_slopes[h]) : T(0);
+    const Vec<T> score_scale = vset(alibi ? T(1) : scale);  // ALiBi tiles come scaled
+    for (int64_t j0 = key_begin; j0 < key_end; j0 += kBlockK) {
       const int64_t nk = std::min(kBlockK, key_end - j0);
       gemm<T, ALayout::RowMajor>(nk, nr_pad, D, kh + j0 * p.k_stride.t, p.k_stride.t, qt, kBlockQ,
                                  st, kBlockQ, false);
+      if (alibi) {
+        for (int64_t kk = 0; kk < nk; ++kk)
+          for (int64_t r = 0; r < nr_pad; ++r)
+            st[kk * kBlockQ + r] = alibi_score(st[kk * kBlockQ + r], scale, slope,
+                                               r0 + r + p.causal_offset() - j0 - kk);
+      }
       // Causal mask, only on tiles that cross the diagonal: key j0 + kk is visible to query
       // r0 + r iff r >= j0 + kk - offset - r0.
       if (p.causal && j0 + nk - 1 > r0 + p.causal_offset()) {
@@ -363,18 +393,27 @@ MINIGPT_INLINE void forward_units(const AttentionParams& p, T* out, const Stride
           std::fill(st + kk * kBlockQ, st + kk * kBlockQ + first_visible, neg_inf);
         }
       }
+      // Window mask, only on tiles that start before the last row's window: key j0 + kk is
+      // hidden from query r0 + r iff r >= j0 + kk - offset + window - r0.
+      if (p.window > 0 && j0 < p.first_key(r0 + nr - 1)) {
+        for (int64_t kk = 0; kk < nk; ++kk) {
+          const int64_t first_hidden = std::clamp<int64_t>(
+              j0 + kk - p.causal_offset() + p.window - r0, 0, nr_pad);
+          std::fill(st + kk * kBlockQ + first_hidden, st + kk * kBlockQ + nr_pad, neg_inf);
+        }
+      }
       for (int64_t c = 0; c < nr_pad; c += W) {
         const Vec<T> m_old = vload(row_max + c);
         Vec<T> m_new = m_old;
         for (int64_t kk = 0; kk < nk; ++kk)
-          m_new = vmax(m_new, vload(st + kk * kBlockQ + c) * scale);
+          m_new = vmax(m_new, vload(st + kk * kBlockQ + c) * score_scale);
         // A row that has seen only masked keys keeps m = -inf; subtracting 0 instead of -inf
         // keeps its probabilities at exp(-inf) = 0 rather than NaN.
         const Vec<T> m_safe = m_new == neg_inf ? Vec<T>{} : m_new;
         const Vec<T> alpha = vexp(m_old - m_safe);
         Vec<T> sum{};
         for (int64_t kk = 0; kk < nk; ++kk) {
-          const Vec<T> pk = vexp(vload(st + kk * kBlockQ + c) * scale - m_safe);
+          const Vec<T> pk = vexp(vload(st + kk * kBlockQ + c) * score_scale - m_safe);
           vstore(st + kk * kBlockQ + c, pk);
           sum += pk;
         }
@@ -426,6 +465,7 @@ bool use_decode_path(const AttentionParams& p) {
 
 // How the keys are cut: chunks per (batch, kv head) and keys per chunk.
 struct DecodeSplit {
+  int64_t key_begin = 0;  // first key any row sees (a window hides the ones before)
   int64_t chunks = 1;
   int64_t chunk_len = 0;
   int64_t rows = 0;  // query rows per kv head, G * Tq; row r is (g, t) = (r / Tq, r % Tq)
@@ -437,9 +477,11 @@ DecodeSplit decode_split(const AttentionParams& p, int64_t threads) {
   DecodeSplit s;
   const int64_t pairs = p.B * p.Hkv;
   const int64_t wanted = ceil_div(4 * threads, pairs);
-  s.chunks = std::max<int64_t>(1, std::min(wanted, p.Tk / kDecodeMinChunk));
-  s.chunk_len = ceil_div(p.Tk, s.chunks);
-  s.chunks = ceil_div(p.Tk, s.chunk_len);
+  s.key_begin = p.first_key(0);
+  const int64_t keys = p.Tk - s.key_begin;  // >= 1: every row sees at least itself
+  s.chunks = std::max<int64_t>(1, std::min(wanted, keys / kDecodeMinChunk));
+  s.chunk_len = ceil_div(keys, s.chunks);
+  s.chunks = ceil_div(keys, s.chunk_len);
   s.rows = p.group_size() * p.Tq;
   return s;
 }
@@ -578,7 +620,7 @@ MINIGPT_INLINE void decode_units(const AttentionParams& p, const DecodeSplit& sp
     const int64_t pair = u / sp.chunks;
     const int64_t kvh = pair % p.Hkv;
     const int64_t b = pair / p.Hkv;
-    const int64_t j_begin = c * sp.chunk_len;
+    const int64_t j_begin = sp.key_begin + c * sp.chunk_len;
     const int64_t j_end = std::min(p.Tk, j_begin + sp.chunk_len);
     const T* kh = k + b * p.k_stride.b + kvh * p.k_stride.h;
     const T* vh = v + b * p.v_stride.b + kvh * p.v_stride.h;
@@ -592,13 +634,21 @@ MINIGPT_INLINE void decode_units(const AttentionParams& p, const DecodeSplit& sp
       const T* vj = vh + j0 * p.v_stride.t;
       for (int64_t r = 0; r < R; ++r) {
         const int64_t g = r / p.Tq, t = r % p.Tq;
-        // Query t sees keys j <= t + offset: a prefix of this tile, possibly empty.
-        const int64_t n =
+        // Query t sees keys first_key(t) <= j <= t + offset: a range of this tile, possibly
+        // empty; keys lo .. hi of the tile.
+        const int64_t hi =
             p.causal ? std::clamp<int64_t>(t + p.causal_offset() + 1 - j0, 0, nk) : nk;
-        if (n == 0) continue;
+        const int64_t lo = std::clamp<int64_t>(p.first_key(t) - j0, 0, nk);
+        if (hi <= lo) continue;
+        const int64_t n = hi - lo;
         const T* qr = q + b * p.q_stride.b + (kvh * G + g) * p.q_stride.h + t * p.q_stride.t;
         T* s = scores + r * kDecodeBlockK;
-        decode_scores<T, kD>(D, qr, kj, p.k_stride.t, n, scale, s);
+        decode_scores<T, kD>(D, qr, kj + lo * p.k_stride.t, p.k_stride.t, n, scale, s);
+        if (p.alibi_slopes != nullptr) {
+          const T slope = static_cast<T>(p.alibi_slopes[kvh * G + g]);
+          for (int64_t i = 0; i < n; ++i)
+            s[i] -= slope * static_cast<T>(t + p.causal_offset() - (j0 + lo + i));
+        }
         const int64_t n_pad = round_up(n, W);
         Vec<T> mv = vload(s);
         for (int64_t i = W; i < n_pad; i += W) mv = vmax(mv, vload(s + i));
@@ -615,7 +665,8 @@ MINIGPT_INLINE void decode_units(const AttentionParams& p, const DecodeSplit& sp
         for (int i = 0; i < W; ++i) l += sum[i];
         row_sum[r] = alpha * row_sum[r] + l;
         row_max[r] = m_new;
-        decode_accumulate<T, kD>(D, s, vj, p.v_stride.t, n, alpha, acc + r * D);
+        decode_accumulate<T, kD>(D, s, vj + lo * p.v_stride.t, p.v_stride.t, n, alpha,
+                                 acc + r * D);
       }
     }
 
@@ -653,7 +704,6 @@ MINIGPT_INLINE void backward_units(const AttentionParams& p, const T* lse, const
   const int64_t D = kD > 0 ? kD : p.D;
   const int64_t G = p.group_size();
   const int64_t key_tiles = ceil_div(p.Tk, kBlockK);
-  const int64_t query_tiles = ceil_div(p.Tq, kBlockQ);
   const T scale = softmax_scale<T>(p);
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
@@ -695,7 +745,11 @@ MINIGPT_INLINE void backward_units(const AttentionParams& p, const T* lse, const
       const int64_t h = kvh * G + g;
       const int64_t row_base = (b * p.Hq + h) * p.Tq;
       T* dq_h = dq_part + ((pair - pair_first) * G + g) * p.Tq * D;
-      for (int64_t i = first_query_tile(p, j0); i < query_tiles; ++i) {
+      const bool alibi = p.alibi_slopes != nullptr;
+      const T slope = alibi ? static_cast<T>(p.alibi_slopes[h]) : T(0);
+      const Vec<T> score_scale = vset(alibi ? T(1) : scale);  // as in the forward
+      const int64_t tile_end = query_tile_end(p, j0, nk);
+      for (int64_t i = first_query_tile(p, j0); i < tile_end; ++i) {
         const int64_t r0 = i * kBlockQ;
         const int64_t nr = std::min(kBlockQ, p.Tq - r0);
         const T* qi = q + b * p.q_stride.b + h * p.q_stride.h + r0 * p.q_stride.t;
@@ -710,17 +764,27 @@ MINIGPT_INLINE void backward_units(const AttentionParams& p, const T* lse, const
           const Vec<T> delta_r = vset(delta[row_base + r0 + r]);
           T* p_row = pt + r * kBlockK;
           T* ds_row = ds + r * kBlockK;
+          if (alibi) {
+            for (int64_t c = 0; c < nk_pad; ++c)
+              p_row[c] = alibi_score(p_row[c], scale, slope, r0 + r + p.causal_offset() - j0 - c);
+          }
           for (int64_t c = 0; c < nk_pad; c += W) {
-            const Vec<T> pv = vexp(vload(p_row + c) * scale - lse_r);
+            const Vec<T> pv = vexp(vload(p_row + c) * score_scale - lse_r);
             vstore(p_row + c, pv);
             vstore(ds_row + c, pv * (vload(ds_row + c) - delta_r) * scale);
           }
           // Zero the padding columns and, on diagonal tiles, the keys this row may not see
           // (key j0 + c is visible to row r0 + r iff c <= r0 + r + offset - j0).
+          // With a window, also the keys before the row's window (c < first_key - j0).
           const int64_t visible =
               p.causal ? std::clamp<int64_t>(r0 + r + p.causal_offset() - j0 + 1, 0, nk) : nk;
           std::fill(p_row + visible, p_row + nk_pad, T(0));
           std::fill(ds_row + visible, ds_row + nk_pad, T(0));
+          if (p.window > 0) {
+            const int64_t hidden = std::clamp<int64_t>(p.first_key(r0 + r) - j0, 0, visible);
+            std::fill(p_row, p_row + hidden, T(0));
+            std::fill(ds_row, ds_row + hidden, T(0));
+          }
         }
         gemm<T, ALayout::Transposed>(nk, D, nr, pt, kBlockK, doi, p.dout_stride.t, dv_acc, D,
                                      true);
@@ -917,7 +981,8 @@ void run_forward(const AttentionParams& p, T* out, const Strides4& os, LseT* lse
   for (int64_t u = 0; u < units; ++u) {
     const int64_t r0 = (u % query_tiles) * kBlockQ;
     const int64_t tiles =
-        p.causal ? ceil_div(visible_key_end(p, r0, std::min(kBlockQ, p.Tq - r0)), kBlockK)
+        p.causal ? ceil_div(visible_key_end(p, r0, std::min(kBlockQ, p.Tq - r0)) -
+                                p.first_key(r0), kBlockK)
                  : key_tiles;
     cost.data()[u] = 1 + tiles;  // + 1: the tile's setup and final normalisation
   }
@@ -972,13 +1037,13 @@ void run_backward(const AttentionParams& p) {
   });
 
   const int64_t key_tiles = ceil_div(p.Tk, kBlockK);
-  const int64_t query_tiles = ceil_div(p.Tq, kBlockQ);
   const int64_t pairs = p.B * p.Hkv;
   const int64_t units = pairs * key_tiles;
   Scratch<int64_t> cost(units);
   for (int64_t u = 0; u < units; ++u) {
     const int64_t j0 = (u % key_tiles) * kBlockK;
-    cost.data()[u] = 1 + G * (query_tiles - std::min(query_tiles, first_query_tile(p, j0)));
+    const int64_t end = query_tile_end(p, j0, std::min(kBlockK, p.Tk - j0));
+    cost.data()[u] = 1 + G * std::max<int64_t>(0, end - first_query_tile(p, j0));
   }
   const std::vector<int64_t> bounds = split_by_cost(cost.data(), units, at::get_num_threads());
   const int64_t workers = static_cast<int64_t>(bounds.size()) - 1;
