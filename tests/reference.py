@@ -5,19 +5,31 @@ import math
 import torch
 
 
-def reference_attention(q, k, v, causal=True, scale=None):
-    """softmax(scale * QK^T + mask) V in float64, written independently of minigpt."""
-    q, k, v = q.double(), k.double(), v.double()
+def reference_scores(q, k, causal=True, scale=None, alibi_slopes=None, window=None):
+    """scale * QK^T - slope_h * (i + Tk - Tq - j), masked with -inf (causal: j > i + Tk - Tq;
+    window W: also j <= i + Tk - Tq - W), in float64, written independently of minigpt."""
+    q, k = q.double(), k.double()
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     k = k.repeat_interleave(Hq // Hkv, dim=1)
-    v = v.repeat_interleave(Hq // Hkv, dim=1)
     s = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+    i = torch.arange(Tq, device=q.device)[:, None] + (Tk - Tq)
+    distance = (i - torch.arange(Tk, device=q.device)[None, :]).double()
+    if alibi_slopes is not None:
+        s = s - alibi_slopes.double().to(q.device)[:, None, None] * distance
     if causal:
-        i = torch.arange(Tq)[:, None]
-        j = torch.arange(Tk)[None, :]
-        s = s.masked_fill(j > i + (Tk - Tq), float("-inf"))
+        s = s.masked_fill(distance < 0, float("-inf"))
+    if window is not None:
+        s = s.masked_fill(distance >= window, float("-inf"))
+    return s
+
+
+def reference_attention(q, k, v, causal=True, scale=None, alibi_slopes=None, window=None):
+    """softmax(scale * QK^T + ALiBi bias + mask) V in float64, written independently of
+    minigpt (see reference_scores)."""
+    s = reference_scores(q, k, causal, scale, alibi_slopes, window)
+    v = v.double().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     return torch.einsum("bhij,bhjd->bhid", torch.softmax(s, dim=-1), v)
 
 
