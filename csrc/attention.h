@@ -31,10 +31,7 @@ inline constexpr DType kCudaDTypes[] = {DType::BFloat16, DType::Float16, DType::
 // The optional score terms each device's kernels implement (AttentionParams::alibi_slopes and
 // ::window). The host refuses a term a device's kernels lack; Python routes such calls elsewhere.
 inline constexpr bool kCpuHasAlibi = true, kCpuHasWindow = true;
-#ifndef MINIGPT_CUDA_TERMS
-#define MINIGPT_CUDA_TERMS 0
-#endif
-inline constexpr bool kCudaHasAlibi = MINIGPT_CUDA_TERMS, kCudaHasWindow = MINIGPT_CUDA_TERMS;
+inline constexpr bool kCudaHasAlibi = true, kCudaHasWindow = true;
 
 constexpr bool cuda_head_dim_supported(int64_t d) {
   for (int h : kCudaHeadDims)

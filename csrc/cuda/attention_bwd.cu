@@ -10,6 +10,9 @@
 //   dQ_i = s * sum_j dS_ij K_j                      (line 15)
 //   dK_j = s * sum_i dS_ij Q_i                      (line 16)
 // Grouped-query attention: dK and dV of a kv head sum over the G query heads of its group.
+// ALiBi's bias is a constant of S (no gradient of its own): P is recomputed with it, as in the
+// forward. With a window, the dK/dV kernels visit only the query tiles that can see their key
+// tile, and the dQ kernels only the key tiles their queries can see.
 //
 // Kernels (bf16/fp16 on tensor cores, mma.sync m16n8k16 with fp32 accumulators):
 //   1. delta: one warp per row.
@@ -114,10 +117,12 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const Attention
   const int64_t group = p.Hq / p.Hkv;
   const int64_t offset = p.Tk - p.Tq;
 
-  // Causal: query i sees key j iff j <= i + offset, so no query before n0 - offset sees this tile.
+  // Causal: query i sees key j iff j <= i + offset, so no query before n0 - offset sees this tile;
+  // with a window also j > i + offset - window, so none from q_end on.
   const int64_t q_first = CAUSAL ? max64(0, n0 - offset) : 0;
+  const int64_t q_end = window_query_end<CAUSAL>(p, n0, BN);
   const int64_t qt_begin = q_first / BM;
-  const int64_t per_head = q_first < p.Tq ? ceil_div(p.Tq, BM) - qt_begin : 0;
+  const int64_t per_head = q_first < q_end ? ceil_div(q_end, BM) - qt_begin : 0;
   const int64_t n_iters = group * per_head;  // (query head, query tile) steps
 
   // K and V tiles: loaded once.
@@ -171,6 +176,7 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const Attention
     for (int e = 0; e < 4; ++e) dk[dt][e] = dv[dt][e] = 0.f;
   const float scale_log2 = p.scale * kLog2e;
   const bool accumulate_dq = !p.deterministic;
+  const bool alibi = p.alibi_slopes != nullptr;
 
   for (int64_t it = 0; it < n_iters; ++it) {
     const int stage = static_cast<int>(it & 1);
@@ -204,19 +210,29 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const Attention
       }
     }
 
-    // P^T = exp(s S^T - L) (line 11); entries past Tq / Tk or above the causal diagonal are 0.
+    // P^T = exp(s S^T + bias - L) (line 11); entries past Tq / Tk, above the causal diagonal or
+    // outside the window are 0.
     const bool need_mask =
-        m0 + BM > p.Tq || n0 + BN > p.Tk || (CAUSAL && n0 + BN - 1 > m0 + offset);
+        m0 + BM > p.Tq || n0 + BN > p.Tk || (CAUSAL && n0 + BN - 1 > m0 + offset) ||
+        (CAUSAL && p.window > 0 && n0 <= min64(m0 + BM, p.Tq) - 1 + offset - p.window);
+    const float slope = alibi_slope_log2(p, hq);
+    // j - i' of this thread's key row g and query column 2 tq (ALiBi).
+    const float dist0 = static_cast<float>(n0 + warp * 16 + g - m0 - 2 * tq - offset);
 #pragma unroll
     for (int nt = 0; nt < BM / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int ql = nt * 8 + 2 * tq + (e & 1);
-        float pv = exp2f(st[nt][e] * scale_log2 - cLse[ql]);
+        float x = st[nt][e] * scale_log2;
+        if (alibi)
+          x = fmaf(slope, dist0 + static_cast<float>(8 * (e >> 1) - nt * 8 - (e & 1)), x);
+        float pv = exp2f(x - cLse[ql]);
         if (need_mask) {
           const int64_t i = m0 + ql;
           const int64_t j = n0 + warp * 16 + g + 8 * (e >> 1);
-          if (i >= p.Tq || j >= p.Tk || (CAUSAL && j > i + offset)) pv = 0.f;
+          if (i >= p.Tq || j >= p.Tk ||
+              (CAUSAL && (j > i + offset || (p.window > 0 && j <= i + offset - p.window))))
+            pv = 0.f;
         }
         st[nt][e] = pv;
       }
@@ -379,6 +395,10 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_kernel(const AttentionPa
   const int64_t offset = p.Tk - p.Tq;
   const int64_t kv_end = CAUSAL ? min64(p.Tk, min64(m0 + BM, p.Tq) + offset) : p.Tk;
   const int n_tiles = kv_end > 0 ? static_cast<int>(ceil_div(kv_end, BN)) : 0;
+  // The window: row m0 sees the earliest keys; earlier tiles are skipped, and tiles before the
+  // last row's first key need the mask.
+  const int n_begin = CAUSAL ? static_cast<int>(first_key(p, m0) / BN) : 0;
+  const int64_t window_mask_below = CAUSAL ? first_key(p, min64(m0 + BM, p.Tq) - 1) : 0;
 
   {
     const T* qb = static_cast<const T*>(p.q) + b * p.q_stride.b + hq * p.q_stride.h;
@@ -407,7 +427,7 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_kernel(const AttentionPa
       cp_async_16(dv + row * kS + ch * 8, valid ? vbase + j * p.v_stride.t + ch * 8 : vbase, valid);
     }
   };
-  if (n_tiles > 0) load_kv(0, 0);
+  if (n_begin < n_tiles) load_kv(n_begin, 0);
   cp_async_commit();
 
   cp_async_wait<1>();  // Q and dO have landed
@@ -420,16 +440,19 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_kernel(const AttentionPa
   }
 
   // Rows past Tq are computed on zeros and never stored; their L and D only need to be finite.
-  int64_t row_i[2];
+  int64_t row_i[2], first_vis[2];
   float lse2[2], delta[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     row_i[h] = m0 + warp * 16 + g + 8 * h;
+    first_vis[h] = CAUSAL ? first_key(p, row_i[h]) : 0;
     const bool valid = row_i[h] < p.Tq;
     const int64_t idx = (b * p.Hq + hq) * p.Tq + row_i[h];
     lse2[h] = valid ? p.lse[idx] * kLog2e : 0.f;
     delta[h] = valid ? p.delta[idx] : 0.f;
   }
+  const bool alibi = p.alibi_slopes != nullptr;
+  const float slope = alibi_slope_log2(p, hq);
 
   float dq[D / 8][4];
 #pragma unroll
@@ -438,8 +461,8 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_kernel(const AttentionPa
     for (int e = 0; e < 4; ++e) dq[dt][e] = 0.f;
   const float scale_log2 = p.scale * kLog2e;
 
-  for (int n = 0; n < n_tiles; ++n) {
-    const int stage = n & 1;
+  for (int n = n_begin; n < n_tiles; ++n) {
+    const int stage = (n - n_begin) & 1;
     if (n + 1 < n_tiles) load_kv(n + 1, stage ^ 1);
     cp_async_commit();
     cp_async_wait<1>();
@@ -469,15 +492,22 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_kernel(const AttentionPa
 
     // dS = P * (dP - D) (line 14), in place of S.
     const int64_t n0 = static_cast<int64_t>(n) * BN;
-    const bool need_mask = n0 + BN > p.Tk || (CAUSAL && n0 + BN - 1 > m0 + offset);
+    const bool need_mask = n0 + BN > p.Tk || (CAUSAL && n0 + BN - 1 > m0 + offset) ||
+                           n0 < window_mask_below;
+    // j - i' of column 2 tq of this tile for each of the two rows (ALiBi).
+    const float dist0[2] = {static_cast<float>(n0 + 2 * tq - row_i[0] - offset),
+                            static_cast<float>(n0 + 2 * tq - row_i[1] - offset)};
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float pv = exp2f(s[nt][e] * scale_log2 - lse2[e >> 1]);
+        float x = s[nt][e] * scale_log2;
+        if (alibi) x = fmaf(slope, dist0[e >> 1] + static_cast<float>(nt * 8 + (e & 1)), x);
+        float pv = exp2f(x - lse2[e >> 1]);
         if (need_mask) {
           const int64_t j = n0 + nt * 8 + 2 * tq + (e & 1);
-          if (j >= p.Tk || (CAUSAL && j > row_i[e >> 1] + offset)) pv = 0.f;
+          if (j >= p.Tk || (CAUSAL && (j > row_i[e >> 1] + offset || j < first_vis[e >> 1])))
+            pv = 0.f;
         }
         s[nt][e] = pv * (dp[nt][e] - delta[e >> 1]);
       }
@@ -549,8 +579,9 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_f32_kernel(const Atten
   const int64_t group = p.Hq / p.Hkv;
   const int64_t offset = p.Tk - p.Tq;
   const int64_t q_first = CAUSAL ? max64(0, n0 - offset) : 0;
+  const int64_t q_end = window_query_end<CAUSAL>(p, n0, BN);
   const int64_t qt_begin = q_first / BM;
-  const int64_t per_head = q_first < p.Tq ? ceil_div(p.Tq, BM) - qt_begin : 0;
+  const int64_t per_head = q_first < q_end ? ceil_div(q_end, BM) - qt_begin : 0;
   const int64_t n_iters = group * per_head;
 
   const float* kb = static_cast<const float*>(p.k) + b * p.k_stride.b + hkv * p.k_stride.h;
@@ -571,6 +602,7 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_f32_kernel(const Atten
 #pragma unroll
   for (int c = 0; c < D / 8; ++c) dk[c] = dv[c] = 0.f;
   const float scale_log2 = p.scale * kLog2e;
+  const bool alibi = p.alibi_slopes != nullptr;
 
   for (int64_t it = 0; it < n_iters; ++it) {
     const int64_t hq = hkv * group + it / per_head;
@@ -598,6 +630,7 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_f32_kernel(const Atten
 
     // Warp w: keys w, w + 4, w + 8, w + 12; lane: query m0 + lane.
     const int64_t i = m0 + lane;
+    const float slope = alibi_slope_log2(p, hq);
 #pragma unroll
     for (int kr = 0; kr < 4; ++kr) {
       const int kl = warp + 4 * kr;
@@ -608,8 +641,12 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_f32_kernel(const Atten
         sv += sK[kl * kS + d] * sQ[lane * kS + d];
         dpv += sV[kl * kS + d] * sdO[lane * kS + d];
       }
-      float pv = exp2f(sv * scale_log2 - sLse[lane]);
-      if (i >= p.Tq || j >= p.Tk || (CAUSAL && j > i + offset)) pv = 0.f;
+      float x = sv * scale_log2;
+      if (alibi) x = fmaf(slope, static_cast<float>(j - i - offset), x);
+      float pv = exp2f(x - sLse[lane]);
+      if (i >= p.Tq || j >= p.Tk ||
+          (CAUSAL && (j > i + offset || (p.window > 0 && j <= i + offset - p.window))))
+        pv = 0.f;
       sP[kl * kP + lane] = pv;
       sdS[kl * kP + lane] = pv * (dpv - sDelta[lane]);
     }
@@ -690,6 +727,7 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_f32_kernel(const Attenti
   const int64_t offset = p.Tk - p.Tq;
   const int64_t kv_end = CAUSAL ? min64(p.Tk, min64(m0 + BM, p.Tq) + offset) : p.Tk;
   const int n_tiles = kv_end > 0 ? static_cast<int>(ceil_div(kv_end, BN)) : 0;
+  const int n_begin = CAUSAL ? static_cast<int>(first_key(p, m0) / BN) : 0;  // the window
 
   const float* qb = static_cast<const float*>(p.q) + b * p.q_stride.b + hq * p.q_stride.h;
   const float* ob = static_cast<const float*>(p.dout) + b * p.dout_stride.b + hq * p.dout_stride.h;
@@ -721,8 +759,10 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_f32_kernel(const Attenti
   const float* kb = static_cast<const float*>(p.k) + b * p.k_stride.b + hkv * p.k_stride.h;
   const float* vb = static_cast<const float*>(p.v) + b * p.v_stride.b + hkv * p.v_stride.h;
   const float scale_log2 = p.scale * kLog2e;
+  const bool alibi = p.alibi_slopes != nullptr;
+  const float slope = alibi_slope_log2(p, hq);
 
-  for (int n = 0; n < n_tiles; ++n) {
+  for (int n = n_begin; n < n_tiles; ++n) {
     const int64_t n0 = static_cast<int64_t>(n) * BN;
     __syncthreads();
     for (int c = tid; c < BN * D; c += kThreads) {
@@ -746,8 +786,12 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_f32_kernel(const Attenti
         sv += sQ[row * kS + d] * sK[lane * kS + d];
         dpv += sdO[row * kS + d] * sV[lane * kS + d];
       }
-      float pv = exp2f(sv * scale_log2 - lse2[kr]);
-      if (i >= p.Tq || j >= p.Tk || (CAUSAL && j > i + offset)) pv = 0.f;
+      float x = sv * scale_log2;
+      if (alibi) x = fmaf(slope, static_cast<float>(j - i - offset), x);
+      float pv = exp2f(x - lse2[kr]);
+      if (i >= p.Tq || j >= p.Tk ||
+          (CAUSAL && (j > i + offset || (p.window > 0 && j <= i + offset - p.window))))
+        pv = 0.f;
       sdS[row * kP + lane] = pv * (dpv - delta[kr]);
     }
     __syncthreads();

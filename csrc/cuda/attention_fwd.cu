@@ -2,8 +2,9 @@
 // Attention with Better Parallelism and Work Partitioning"), Algorithm 1.
 //
 // For one query row q_i (natural-log softmax with scale s; keys j in order, tile by tile):
-//   S_ij = s * q_i . k_j                                   (masked: -inf when j >= Tk or, causal,
-//                                                            j > i + Tk - Tq)
+//   S_ij = s * q_i . k_j + b_ij                            (masked: -inf when j >= Tk or, causal,
+//                                                            j > i + Tk - Tq or, with a window W,
+//                                                            j <= i + Tk - Tq - W)
 //   m_i^(n) = max(m_i^(n-1), rowmax(S_i,tile n))           (Alg. 1 line 10)
 //   P_ij    = exp(S_ij - m_i^(n))
 //   l_i^(n) = exp(m_i^(n-1) - m_i^(n)) l_i^(n-1) + rowsum(P_i,tile n)
@@ -11,6 +12,8 @@
 //   O_i = O_i^(last) / l_i^(last),  L_i = m_i^(last) + log l_i^(last)    (lines 12-13)
 // The kernels work in base 2: S is multiplied by s * log2(e) so every exp is one exp2f, and
 // L_i = ln(2) * m2_i + ln(l_i). L (lse) is stored as float32 (B, Hq, Tq) for the backward.
+// b_ij is ALiBi's bias (0 without it); with a window, only the key tiles that some row of a block
+// can see are loaded (key_tiles in common.cuh).
 //
 // bf16/fp16: one CTA per (tile of BM packed rows, kv head, batch); 4 warps (BM = 64) or 1 warp
 // (BM = 16, for decode-sized problems), each warp owning 16 rows. S = Q K^T and O += P V run on
@@ -71,8 +74,10 @@ __global__ void __launch_bounds__(BM / 16 * 32)
   const bool straddle = r0 / p.Tq != r_last / p.Tq;
   const int64_t i_min = straddle ? 0 : r0 % p.Tq;
   const int64_t i_max = straddle ? p.Tq - 1 : r_last % p.Tq;
-  const int64_t kv_end = CAUSAL ? min64(p.Tk, i_max + offset + 1) : p.Tk;
-  const int n_tiles = kv_end > 0 ? static_cast<int>(ceil_div(kv_end, BN)) : 0;
+  const TileRuns tiles = key_tiles<CAUSAL>(p, r0, r_last, BN);
+  const int n_steps = tiles.count();
+  // Keys before this are hidden from some row by the window: tiles starting earlier need the mask.
+  const int64_t window_mask_below = CAUSAL && p.window > 0 ? first_key(p, i_max) : 0;
 
   // Q tile: one cp.async group.
   const T* q_base = static_cast<const T*>(p.q) + b * p.q_stride.b;
@@ -104,7 +109,7 @@ __global__ void __launch_bounds__(BM / 16 * 32)
       cp_async_16(dv + row * kS + ch * 8, valid ? v_base + j * p.v_stride.t + ch * 8 : v_base, valid);
     }
   };
-  if (n_tiles > 0) load_kv(0, 0);
+  if (n_steps > 0) load_kv(tiles.at(0), 0);
   cp_async_commit();
 
   cp_async_wait<1>();  // the Q group has landed
@@ -114,13 +119,17 @@ __global__ void __launch_bounds__(BM / 16 * 32)
   for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(qf[kk], sQ + lds_row_a(warp * 16, kk * 16, kS, lane));
 
   // The two rows this thread holds in C fragments: h = 0 -> row g, h = 1 -> row g + 8.
-  int64_t last_key[2];
+  int64_t last_key[2], first_vis[2];
+  float slope[2];  // ALiBi slope * log2(e) of the row's head
+  const bool alibi = p.alibi_slopes != nullptr;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t r = r0 + warp * 16 + g + 8 * h;
     // Rows past the end are computed on zeros and never stored; any finite limit will do.
-    const int64_t i = r < rows ? r % p.Tq : p.Tq - 1;
-    last_key[h] = i + offset;
+    const PackedRow pr = unpack_row(r < rows ? r : rows - 1, hkv, group, p.Tq);
+    last_key[h] = pr.i + offset;
+    first_vis[h] = CAUSAL ? first_key(p, pr.i) : 0;
+    slope[h] = alibi_slope_log2(p, pr.head);
   }
 
   float o[D / 8][4];
@@ -132,11 +141,11 @@ __global__ void __launch_bounds__(BM / 16 * 32)
   float l_run[2] = {0.f, 0.f};              // this thread's part of the running row sum
   const float scale_log2 = p.scale * kLog2e;
 
-  for (int n = 0; n < n_tiles; ++n) {
-    const int stage = n & 1;
-    if (n + 1 < n_tiles) load_kv(n + 1, stage ^ 1);
+  for (int step = 0; step < n_steps; ++step) {
+    const int stage = step & 1;
+    if (step + 1 < n_steps) load_kv(tiles.at(step + 1), stage ^ 1);
     cp_async_commit();
-    cp_async_wait<1>();  // tile n has landed
+    cp_async_wait<1>();  // this step's tile has landed
     __syncthreads();
     const T* cK = sK + stage * BN * kS;
     const T* cV = sV + stage * BN * kS;
@@ -159,17 +168,23 @@ __global__ void __launch_bounds__(BM / 16 * 32)
     }
 
     // Online softmax (Alg. 1 line 10), base 2.
-    const int64_t n0 = static_cast<int64_t>(n) * BN;
-    const bool need_mask = n0 + BN > p.Tk || (CAUSAL && n0 + BN - 1 > i_min + offset);
+    const int64_t n0 = static_cast<int64_t>(tiles.at(step)) * BN;
+    const bool need_mask = n0 + BN > p.Tk || (CAUSAL && n0 + BN - 1 > i_min + offset) ||
+                           n0 < window_mask_below;
+    // j - i' of column 2 tq of this tile for each of the two rows (ALiBi).
+    const float dist0[2] = {static_cast<float>(n0 + 2 * tq - last_key[0]),
+                            static_cast<float>(n0 + 2 * tq - last_key[1])};
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         float x = s[nt][e] * scale_log2;
+        if (alibi) x = fmaf(slope[e >> 1], dist0[e >> 1] + static_cast<float>(nt * 8 + (e & 1)), x);
         if (need_mask) {
           const int64_t j = n0 + nt * 8 + 2 * tq + (e & 1);
-          if (j >= p.Tk || (CAUSAL && j > last_key[e >> 1])) x = -INFINITY;
+          if (j >= p.Tk || (CAUSAL && (j > last_key[e >> 1] || j < first_vis[e >> 1])))
+            x = -INFINITY;
         }
         s[nt][e] = x;
         mx[e >> 1] = fmaxf(mx[e >> 1], x);
@@ -272,10 +287,8 @@ __global__ void __launch_bounds__(128) attention_fwd_f32_kernel(const AttentionP
   const int64_t offset = p.Tk - p.Tq;
 
   const int64_t r_last = min64(r0 + BM, rows) - 1;
-  const bool straddle = r0 / p.Tq != r_last / p.Tq;
-  const int64_t i_max = straddle ? p.Tq - 1 : r_last % p.Tq;
-  const int64_t kv_end = CAUSAL ? min64(p.Tk, i_max + offset + 1) : p.Tk;
-  const int n_tiles = kv_end > 0 ? static_cast<int>(ceil_div(kv_end, BN)) : 0;
+  const TileRuns tiles = key_tiles<CAUSAL>(p, r0, r_last, BN);
+  const int n_steps = tiles.count();
 
   const float* q = static_cast<const float*>(p.q);
   for (int c = tid; c < BM * D; c += kThreads) {
@@ -291,14 +304,18 @@ __global__ void __launch_bounds__(128) attention_fwd_f32_kernel(const AttentionP
   }
 
   // Warp w owns rows w, w + 4, w + 8, w + 12 for the softmax; its lanes hold identical stats.
-  float m_run[4], l_run[4];
-  int64_t last_key[4];
+  float m_run[4], l_run[4], slope[4];
+  int64_t last_key[4], first_vis[4];
+  const bool alibi = p.alibi_slopes != nullptr;
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     m_run[k] = -INFINITY;
     l_run[k] = 0.f;
     const int64_t r = r0 + warp + 4 * k;
-    last_key[k] = (r < rows ? r % p.Tq : p.Tq - 1) + offset;
+    const PackedRow pr = unpack_row(r < rows ? r : rows - 1, hkv, group, p.Tq);
+    last_key[k] = pr.i + offset;
+    first_vis[k] = CAUSAL ? first_key(p, pr.i) : 0;
+    slope[k] = alibi_slope_log2(p, pr.head);
   }
   // Thread owns output row tid / 8, columns tid % 8 + 8 c.
   const int orow = tid / 8;
@@ -311,8 +328,8 @@ __global__ void __launch_bounds__(128) attention_fwd_f32_kernel(const AttentionP
   const float* v = static_cast<const float*>(p.v) + b * p.v_stride.b + hkv * p.v_stride.h;
   const float scale_log2 = p.scale * kLog2e;
 
-  for (int n = 0; n < n_tiles; ++n) {
-    const int64_t n0 = static_cast<int64_t>(n) * BN;
+  for (int step = 0; step < n_steps; ++step) {
+    const int64_t n0 = static_cast<int64_t>(tiles.at(step)) * BN;
     __syncthreads();  // Q is stored / the previous step's readers are done
     for (int c = tid; c < BN * D; c += kThreads) {
       const int row = c / D;
@@ -332,7 +349,8 @@ __global__ void __launch_bounds__(128) attention_fwd_f32_kernel(const AttentionP
 #pragma unroll 8
       for (int d = 0; d < D; ++d) x += sQ[row * kS + d] * sK[lane * kS + d];
       x *= scale_log2;
-      if (j >= p.Tk || (CAUSAL && j > last_key[kr])) x = -INFINITY;
+      if (alibi) x = fmaf(slope[kr], static_cast<float>(j - last_key[kr]), x);
+      if (j >= p.Tk || (CAUSAL && (j > last_key[kr] || j < first_vis[kr]))) x = -INFINITY;
       const float m_new = fmaxf(m_run[kr], warp_max(x));
       const float base = m_new == -INFINITY ? 0.f : m_new;
       const float pr = exp2f(x - base);

@@ -326,5 +326,77 @@ __device__ __forceinline__ PackedRow unpack_row(int64_t r, int64_t hkv, int64_t 
   return {hkv * group + r / tq, r % tq};
 }
 
+// ---------------------------------------------------------------------------------------------
+// The optional score terms (AttentionParams::alibi_slopes and ::window).
+//
+// ALiBi adds -slope_h * (i' - j) = slope_h * (j - i') to the scaled score, i' = i + Tk - Tq. The
+// kernels' scores are in base 2 (multiplied by log2(e)), so they take the slope in base 2 too and
+// add slope_log2 * (j - i'), with j - i' formed exactly in float from small integers. The forward
+// and the backward add the bias the same way, so the backward's P = exp2(S + bias - L) matches the
+// forward's lse (which is logsumexp over the visible keys of scale * q.k + bias).
+//
+// The window hides keys j <= i' - window. Key tiles (forward, dQ) and query tiles (dK/dV) that are
+// wholly hidden are never visited: the loop bounds below skip them, so the cost grows as T * window.
+
+// Query head h's ALiBi slope times log2(e); 0 without ALiBi.
+__device__ __forceinline__ float alibi_slope_log2(const AttentionParams& p, int64_t h) {
+  return p.alibi_slopes != nullptr ? p.alibi_slopes[h] * kLog2e : 0.f;
+}
+
+// The first key query position i may see (AttentionParams::first_key for device code): 0 without
+// a window.
+__host__ __device__ __forceinline__ int64_t first_key(const AttentionParams& p, int64_t i) {
+  const int64_t first = i + (p.Tk - p.Tq) - p.window + 1;
+  return p.window > 0 && first > 0 ? first : 0;
+}
+
+// One past the last query position that sees any key of the tile n0 .. n0 + BN - 1 (the dK/dV
+// kernels' bound on their query tiles): query i sees key j only if j > i + Tk - Tq - window.
+template <bool CAUSAL>
+__device__ __forceinline__ int64_t window_query_end(const AttentionParams& p, int64_t n0, int BN) {
+  if (!CAUSAL || p.window <= 0) return p.Tq;
+  const int64_t j_last = min64(n0 + BN, p.Tk) - 1;
+  return max64(0, min64(p.Tq, j_last + p.window - (p.Tk - p.Tq)));
+}
+
+// The key tiles a block of query rows visits, in order: the runs [b0, e0) and then [b1, e1)
+// (e0 <= b1; the second run is empty unless the block's rows straddle two heads of a GQA group
+// whose windows leave a gap between them).
+struct TileRuns {
+  int b0, e0, b1, e1;
+  __device__ __forceinline__ int count() const { return (e0 - b0) + (e1 - b1); }
+  __device__ __forceinline__ int at(int step) const {
+    return step < e0 - b0 ? b0 + step : b1 + (step - (e0 - b0));
+  }
+};
+
+// The key tiles of size BN seen by the packed rows r0 .. r_last (see PackedRow) of one kv head.
+// Causal: a row at position i sees keys first_key(i) .. i + Tk - Tq. Rows of one head are
+// consecutive positions; a block that straddles two heads holds the first head's last positions
+// (which see first_key(i0) .. Tk - 1) and the second head's first ones (first_key(0) .. i1 + Tk - Tq),
+// two key ranges with a gap between them when the window is short; a block that covers a whole
+// head sees every key from first_key(0) on.
+template <bool CAUSAL>
+__device__ __forceinline__ TileRuns key_tiles(const AttentionParams& p, int64_t r0, int64_t r_last,
+                                              int BN) {
+  const int n_all = static_cast<int>(ceil_div(p.Tk, BN));
+  if (!CAUSAL) return {0, n_all, n_all, n_all};
+  const int64_t offset = p.Tk - p.Tq;
+  const int64_t h0 = r0 / p.Tq, h1 = r_last / p.Tq;
+  const int64_t i0 = r0 % p.Tq, i1 = r_last % p.Tq;
+  auto first_tile = [&](int64_t i) { return static_cast<int>(first_key(p, i) / BN); };
+  auto end_tile = [&](int64_t i) {  // one past the tile of row i's last key
+    return static_cast<int>(ceil_div(min64(p.Tk, i + offset + 1), BN));
+  };
+  if (h0 == h1) {
+    const int b = first_tile(i0), e = end_tile(i1);
+    return {b, e, e, e};
+  }
+  if (h1 - h0 >= 2) return {first_tile(0), n_all, n_all, n_all};
+  const int b_second = first_tile(0), e_second = end_tile(i1), b_first = first_tile(i0);
+  if (e_second >= b_first) return {b_second, n_all, n_all, n_all};
+  return {b_second, e_second, b_first, n_all};
+}
+
 }  // namespace gpu
 }  // namespace minigpt
