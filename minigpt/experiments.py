@@ -184,7 +184,8 @@ def positions(encodings: Sequence[str], out_dir: str, data: Optional[str], *,
         model = GPT.from_checkpoint(load_checkpoint(result.checkpoint)).to(device).eval()
         losses = eval_at_lengths(model, val, lengths, eval_tokens, device)
         row = dict(name=name, change=ENCODINGS[name], iters=result.iters,
-                   tokens_per_s=round(result.tokens_per_s), wall_time_s=round(result.wall_time_s, 1),
+                   tokens_per_s=round(result.tokens_per_s),
+                   wall_time_s=round(result.wall_time_s, 1),
                    val_loss={str(L): round(v, 4) for L, v in losses.items()})
         log(f"{name}: {result.iters} steps, {row['tokens_per_s']:,} tokens/s; val loss "
             + ", ".join(f"{v:.4f} at {L}" for L, v in losses.items()))
