@@ -74,8 +74,12 @@ class GPTConfig:
     mlp_bias: Optional[bool] = None   # biases in the MLP's c_fc and c_proj; None = bias
     norm_bias: Optional[bool] = None  # biases in the LayerNorms; None = bias (RMSNorm has none)
     pos_embedding: str = "rope"   # "rope" (rotary, applied to q and k in every layer; Su et al.
-                                  # 2021) or "learned" (a block_size x n_embd table added to the
-                                  # token embeddings; GPT-2)
+                                  # 2021), "learned" (a block_size x n_embd table added to the
+                                  # token embeddings; GPT-2), "sinusoidal" (fixed sin/cos
+                                  # encodings added to them; Vaswani et al. 2017, sec. 3.5),
+                                  # "alibi" (a per-head linear distance penalty on the attention
+                                  # scores; Press et al. 2022) or "none" (NoPE: only the causal
+                                  # mask tells positions apart)
     rope_theta: float = 10000.0   # RoPE base: frequencies theta^(-2i/head_dim)
     norm: str = "layernorm"       # "layernorm" (Ba et al. 2016) or "rmsnorm" (Zhang & Sennrich
                                   # 2019; Llama)
@@ -93,14 +97,17 @@ class GPTConfig:
                                   # Wolf 2017); False gives the head its own matrix
     zero_init_proj: bool = False  # start the residual projections (attention and MLP c_proj)
                                   # and an untied output head at zero (modded-nanogpt)
+    window: Optional[int] = None  # sliding-window attention in every layer: each token sees
+                                  # its window most recent tokens, itself included (Beltagy et
+                                  # al. 2020); None = the whole causal context
     attn_backend: Optional[str] = None  # minigpt.attention backend; None picks the best
 
     TUNABLE: ClassVar[Tuple[str, ...]] = ("dropout", "attn_backend")
     ACTIVATIONS: ClassVar[Tuple[str, ...]] = ("gelu", "gelu_tanh", "silu", "relu2")
-    # Where positions enter: "rope" rotates q and k inside attention; "learned" adds a table to
-    # the input. Absolute kinds (a fixed sinusoidal table) would join "learned" in GPT._embed,
-    # relative ones in CausalSelfAttention.qkv.
-    POS_EMBEDDINGS: ClassVar[Tuple[str, ...]] = ("rope", "learned")
+    # Where positions enter: absolute kinds ("learned", "sinusoidal") are added to the input in
+    # GPT._embed; "rope" rotates q and k in CausalSelfAttention.qkv; "alibi" biases the scores
+    # inside attention(); "none" adds nothing.
+    POS_EMBEDDINGS: ClassVar[Tuple[str, ...]] = ("rope", "learned", "sinusoidal", "alibi", "none")
     NORMS: ClassVar[Tuple[str, ...]] = ("layernorm", "rmsnorm")
     MLPS: ClassVar[Tuple[str, ...]] = ("standard", "glu")
 
@@ -126,6 +133,9 @@ class GPTConfig:
                    f"{self.n_head} unless given)")
         _check(owner, self, "n_head", lambda x: x % self.n_kv_head == 0,
                f"must be a multiple of n_kv_head ({self.n_kv_head})")
+        _check(owner, self, "window", lambda x: x is None or (_is_int(x) and x > 0),
+               "must be a positive int (the number of most recent tokens each token attends "
+               "to, itself included) or None")
         _check(owner, self, "dropout", lambda x: _is_number(x) and 0.0 <= x < 1.0,
                "must be in [0, 1)")
         _check(owner, self, "rope_theta", lambda x: _is_number(x) and x > 0, "must be positive")

@@ -14,6 +14,13 @@ References:
   Sennrich 2019, "Root Mean Square Layer Normalization") and SwiGLU MLP (Shazeer 2020, "GLU
   Variants Improve Transformer", eq. 6) with its own intermediate size and head_dim, the norm
   epsilon, and biases per layer kind.
+- Position encodings (GPTConfig.pos_embedding): RoPE (default), GPT-2's learned table, fixed
+  sinusoids (Vaswani et al. 2017, "Attention Is All You Need", sec. 3.5), ALiBi (Press et al.
+  2022, "Train Short, Test Long: Attention with Linear Biases Enables Input Length
+  Extrapolation") or none (NoPE; Haviv et al. 2022, "Transformer Language Models without
+  Positional Encodings Still Learn Positional Information"); and sliding-window attention
+  (GPTConfig.window; Beltagy et al. 2020, "Longformer"). GPT.with_block_size gives a copy for a
+  longer context, to measure length extrapolation.
 
 Attention goes through minigpt.attention (our compiled kernels, or a PyTorch fallback).
 """
@@ -21,6 +28,8 @@ Attention goes through minigpt.attention (our compiled kernels, or a PyTorch fal
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import functools
 import math
 from typing import Optional
@@ -65,6 +74,51 @@ class RotaryEmbedding(nn.Module):
         x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, T, H, hd/2) each
         out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B,T,H,hd/2,2)
         return out.flatten(-2)  # (B, T, H, hd)
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """ALiBi's head-specific slopes (Press et al. 2022, "Train Short, Test Long", sec. 3 and
+    their reference code's get_slopes): for n_head a power of 2, the geometric sequence
+    slope_h = 2^(-8h / n_head), h = 1..n_head (8 heads: 1/2, 1/4, ..., 1/256). Otherwise, with
+    n the largest power of 2 below n_head: the n slopes of that sequence, then the first
+    n_head - n of every other slope of the sequence for 2n (6 heads: 1/4, 1/16, 1/64, 1/256,
+    then 1/2, 1/8).
+
+    Returns:
+        (n_head,) float32 tensor on the CPU, computed in float64; head h of a layer adds
+        -slopes[h] * (i - j) to the score of query i and key j (minigpt.attention's
+        alibi_slopes). With GQA these are per query head.
+
+    Raises:
+        ValueError: n_head is not a positive int.
+    """
+    if isinstance(n_head, bool) or not isinstance(n_head, int) or n_head < 1:
+        raise ValueError(f"alibi_slopes: n_head must be a positive int, got {n_head!r}")
+
+    def power_of_2(n):
+        return [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
+
+    n = 1 << (n_head.bit_length() - 1)  # the largest power of 2 <= n_head
+    slopes = power_of_2(n) + power_of_2(2 * n)[0::2][:n_head - n]
+    return torch.tensor(slopes, dtype=torch.float64).to(torch.float32)
+
+
+def sinusoidal_encoding(pos: torch.Tensor, dim: int) -> torch.Tensor:
+    """The fixed absolute position encodings of Vaswani et al. 2017, sec. 3.5:
+    PE[p, 2i] = sin(p / 10000^(2i/dim)), PE[p, 2i+1] = cos(p / 10000^(2i/dim)).
+
+    Args:
+        pos: (T,) integer positions (any value: the formula has no table to run out of).
+        dim: the encoding's width (n_embd); an odd dim ends with a sine column.
+
+    Returns:
+        (T, dim) on pos's device, float64 (float32 on MPS, which has no float64).
+    """
+    dtype = RotaryEmbedding.angle_dtype(pos.device)
+    two_i = torch.arange(0, dim, 2, dtype=dtype, device=pos.device)  # (ceil(dim/2),)
+    angles = pos.to(dtype)[:, None] / 10000.0 ** (two_i / dim)[None, :]  # (T, ceil(dim/2))
+    pe = torch.stack((angles.sin(), angles.cos()), dim=-1)  # (T, ceil(dim/2), 2)
+    return pe.flatten(-2)[:, :dim]  # (T, dim): sin, cos, sin, cos, ...
 
 
 class KVCache:
@@ -154,9 +208,18 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd,
                                 bias=config.attn_bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        # Positions enter here only for relative kinds (RoPE); absolute ones are in GPT._embed.
+        # Positions enter here only for relative kinds (RoPE, ALiBi); absolute ones are in
+        # GPT._embed.
         self.rotary = (RotaryEmbedding(config.head_dim, config.rope_theta)
                        if config.pos_embedding == "rope" else None)
+        # ALiBi: one slope per query head (with GQA, heads sharing keys keep their own slopes).
+        # A buffer, so it follows the model's device; not persistent: a function of n_head,
+        # not a weight, so state dicts are the same for every position encoding but "learned".
+        if config.pos_embedding == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
+        else:
+            self.alibi_slopes = None
+        self.window = config.window  # sliding window: the most recent keys each query sees
         self.backend = config.attn_backend
         if config.qk_norm:
             self.q_norm = nn.RMSNorm(config.head_dim, eps=1e-6)
@@ -186,7 +249,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x, pos)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nkv, Tk, hd), Tk = cached + T
-        y = attention(q, k, v, causal=True, backend=self.backend)  # (B, nh, T, hd)
+        y = attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes, window=self.window,
+                      backend=self.backend)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hd): head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -331,6 +395,47 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def with_block_size(self, block_size: int,
+                        generator: Optional[torch.Generator] = None) -> "GPT":
+        """A copy of this model (same weights, same device and dtype; this one is unchanged)
+        whose config has block_size, so that it takes contexts up to that length: the way to
+        evaluate a model beyond the context it was trained on (length extrapolation).
+
+        "rope", "sinusoidal", "alibi" and "none" compute positions from a formula, so nothing
+        but the limit changes. "learned" has one trained row per position seen in training:
+        the table is cut to block_size, or extended with rows drawn as at initialisation
+        (normal, std 0.02; from generator, default one seeded with 0) that no training ever
+        updated. That is why learned absolute positions cannot extrapolate (Press et al. 2022,
+        sec. 2): a position past the training context gets an arbitrary vector.
+
+        Args:
+            block_size: the new longest context, a positive int (larger or smaller).
+            generator: a CPU torch.Generator for the new rows of a learned table.
+
+        Returns:
+            a new GPT, in this model's training/eval mode.
+
+        Raises:
+            ValueError: block_size is not a positive int.
+        """
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"GPT.with_block_size: block_size must be a positive int, got "
+                             f"{block_size!r}")
+        model = copy.deepcopy(self)
+        model.config = dataclasses.replace(self.config, block_size=block_size)
+        if self.config.pos_embedding == "learned":
+            old = self.transformer.wpe.weight.detach()  # (old block_size, C)
+            rows = torch.empty(block_size, old.shape[1], dtype=old.dtype)
+            n = min(block_size, old.shape[0])
+            rows[n:].normal_(0.0, 0.02, generator=generator or torch.Generator().manual_seed(0))
+            wpe = nn.Embedding(block_size, old.shape[1], device=old.device, dtype=old.dtype)
+            with torch.no_grad():
+                wpe.weight.copy_(rows.to(old.device))
+                wpe.weight[:n] = old[:n]
+            wpe.weight.requires_grad_(self.transformer.wpe.weight.requires_grad)
+            model.transformer.wpe = wpe
+        return model
+
     def num_params(self) -> int:
         """Number of parameters (a tied embedding counted once)."""
         return sum(p.numel() for p in self.parameters())
@@ -343,7 +448,8 @@ class GPT(nn.Module):
         T = idx.shape[1]
         if T == 0 or T > self.config.block_size:
             raise ValueError(f"GPT: sequence length T={T} must be in [1, block_size="
-                             f"{self.config.block_size}]")
+                             f"{self.config.block_size}] (GPT.with_block_size makes a copy for "
+                             f"a longer context)")
         if kv_cache is not None:
             kv_cache.check_room(T)
 
@@ -419,11 +525,16 @@ class GPT(nn.Module):
                 handle.remove()
 
     def _embed(self, idx, pos):
-        """Token embeddings of idx (B, T), plus the position table's rows pos (T,) with learned
-        positions: (B, T, C)."""
+        """Token embeddings of idx (B, T), plus the absolute encodings of positions pos (T,):
+        the learned table's rows, or the sinusoids (to which the token embeddings are scaled by
+        sqrt(n_embd), as Vaswani et al. 2017 do in sec. 3.4, so that unit-amplitude encodings
+        do not drown embeddings initialised at std 0.02). (B, T, C)."""
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.config.pos_embedding == "learned":
             x = x + self.transformer.wpe(pos)  # (T, C) broadcast over the batch
+        elif self.config.pos_embedding == "sinusoidal":
+            pe = sinusoidal_encoding(pos, self.config.n_embd).to(x.dtype)  # (T, C)
+            x = x * math.sqrt(self.config.n_embd) + pe
         return self.transformer.drop(x)
 
     @staticmethod
@@ -445,7 +556,7 @@ class GPT(nn.Module):
 
         Returns:
             (n_layer, n_head, T, T) float32 probabilities: row i (a query) sums to 1 over the
-            keys j <= i; entries above the diagonal are 0.
+            keys j <= i (with a window W, i - W < j <= i); the other entries are 0.
 
         Raises:
             ValueError: idx is not one int64 sequence of 1 <= T <= block_size tokens (feed the
@@ -466,7 +577,8 @@ class GPT(nn.Module):
             maps = []
             for block in self.transformer.h:
                 q, k, _ = block.attn.qkv(block.ln_1(x), pos)
-                probs = attention_probs(q, k, True, 1.0 / math.sqrt(self.config.head_dim))
+                probs = attention_probs(q, k, True, 1.0 / math.sqrt(self.config.head_dim),
+                                        block.attn.alibi_slopes, block.attn.window)
                 maps.append(probs[0].float())  # (n_head, T, T)
                 block.attn.backend = "naive"  # the next layer's input by the same explicit path
                 x = block(x, pos)

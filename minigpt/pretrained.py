@@ -338,6 +338,8 @@ def export_architecture(cfg: GPTConfig) -> str:
     shared = []
     if cfg.qk_norm:
         shared.append("qk_norm=True (neither has query/key normalisation)")
+    if cfg.window is not None:
+        shared.append(f"window={cfg.window} (neither has sliding-window attention)")
     act = _ACT_TO_HF["gpt2"]
     gpt2 = [why for bad, why in [
         (cfg.pos_embedding != "learned", f"pos_embedding={cfg.pos_embedding!r} (GPT-2: 'learned')"),

@@ -8,6 +8,8 @@
   (Michel et al. 2019, "Are Sixteen Heads Really Better than One?").
 - read_metrics / plot_curves / plot_metrics_file: train/val loss and learning rate against
   iterations from a training run's metrics.jsonl (see `python -m minigpt.plot`).
+- plot_extrapolation: validation loss against evaluation length, one line per position
+  encoding (`python -m minigpt.experiments positions`).
 
 Figures are built with matplotlib's object API (matplotlib.figure.Figure, saved through the Agg
 canvas): no display, no pyplot state, and the caller's backend is left alone.
@@ -404,3 +406,31 @@ def _saved_train_config(ckpt: Path) -> Optional[dict]:
         return load_checkpoint(ckpt).get("train_config")
     except CheckpointError:
         return None
+
+
+def plot_extrapolation(results: dict, path, dpi: int = 110) -> Path:
+    """Validation loss against evaluation length (log2 axis), one line per position encoding,
+    with the training context marked; saved to path.
+
+    Args:
+        results: as minigpt.experiments.positions returns it: "block_size", "lengths",
+            "eval_tokens" and "rows" of {"name", "val_loss": {str(length): loss}}.
+    """
+    lengths, bs = results["lengths"], results["block_size"]
+    fig = Figure(figsize=(7.0, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for r in results["rows"]:
+        ax.plot(lengths, [r["val_loss"][str(L)] for L in lengths], "o-", ms=4, label=r["name"])
+    ax.axvline(bs, color="gray", ls="--", lw=1, label=f"training context ({bs})")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [f"{L}\n({L // bs}x)" for L in lengths])
+    ax.minorticks_off()
+    ax.set_xlabel("evaluation length (tokens)")
+    ax.set_ylabel("val loss (nats/token)")
+    ax.set_title(f"Length extrapolation: trained at {bs} tokens, "
+                 f"{results['eval_tokens']:,} val tokens per length", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    return path

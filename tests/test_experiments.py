@@ -29,3 +29,44 @@ def test_ablation_runs_each_variant_for_the_budget(text_file, tmp_path, capsys, 
     table = (out / "results.md").read_text()
     assert table.strip() in printed
     assert table.count("\n| `") == 3 and ABLATIONS["adamw"][0] in table
+
+
+def test_positions_trains_each_encoding_and_evaluates_four_lengths(text_file, tmp_path, capsys,
+                                                                   monkeypatch):
+    small = apply_overrides(default_settings(), {"model": {"n_layer": 1, "n_embd": 32},
+                                                 "batch_size": 4, "eval_iters": 1})
+    monkeypatch.setattr(experiments, "default_settings", lambda: small)
+    out = tmp_path / "positions"
+    assert main(["positions", "--block-size", "8", "--max-iters", "3", "--eval-tokens", "300",
+                 "--data", str(text_file), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["lengths"] == [8, 16, 32, 64] and results["eval_tokens"] == 256
+    assert [r["name"] for r in results["rows"]] == list(experiments.ENCODINGS)
+    for r in results["rows"]:
+        assert r["iters"] == 3 and set(r["val_loss"]) == {"8", "16", "32", "64"}
+        assert all(0 < v < 10 for v in r["val_loss"].values())
+        saved = json.loads((out / r["name"] / "config.json").read_text())
+        assert saved["model"]["pos_embedding"] == r["name"] and saved["model"]["block_size"] == 8
+    table = (out / "results.md").read_text()
+    assert table.count("\n| `") == 5 and "| 64 (8x) |" in table
+    assert table.strip() in capsys.readouterr().out
+    assert (out / "positions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Every length predicts the same tokens: a model that ignores its context scores the same
+    # at each.
+    import numpy as np
+    import torch
+
+    from minigpt.model import GPT, GPTConfig
+
+    class Unigram(GPT):
+        def forward(self, idx, targets=None, kv_cache=None):
+            return self.lm_head.weight[:, 0].expand(*idx.shape, -1), None
+
+    model = Unigram(GPTConfig(vocab_size=7, block_size=4, n_layer=1, n_head=1, n_embd=4))
+    tokens = np.random.default_rng(0).integers(0, 7, 100)
+    losses = experiments.eval_at_lengths(model, tokens, [4, 8, 16, 32], 64)
+    assert max(losses.values()) - min(losses.values()) < 1e-6
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(
+            model.lm_head.weight[:, 0].expand(64, -1), torch.from_numpy(tokens[1:65]))
+    assert abs(losses[4] - want.item()) < 1e-6

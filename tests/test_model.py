@@ -264,7 +264,7 @@ def test_activations_are_the_named_functions():
 
 @pytest.mark.parametrize("kw, pattern", [
     (dict(norm="rmsnorm", norm_bias=True), "RMSNorm has no bias"),
-    (dict(pos_embedding="alibi"), "pos_embedding"),
+    (dict(pos_embedding="xpos"), "pos_embedding"),
     (dict(head_dim=9), "even for RoPE"),
     (dict(mlp="moe"), "mlp"),
     (dict(norm_eps=0.0), "norm_eps"),
