@@ -214,11 +214,13 @@ def draw_attention(model, tokenizer, ids: Sequence[int], path, *, layer: int = -
         raise ValueError(f"layer {layer} is out of range for a model with {cfg.n_layer} layers "
                          f"(0..{cfg.n_layer - 1}, or negative from the end)")
     layer %= cfg.n_layer
-    heads = list(range(cfg.n_head)) if not heads else [int(h) for h in heads]
+    n_head = cfg.heads(layer)[0]  # fewer than cfg.n_head in a pruned layer
+    heads = list(range(n_head)) if not heads else [int(h) for h in heads]
     for h in heads:
-        if not 0 <= h < cfg.n_head:
-            raise ValueError(f"head {h} is out of range for a model with {cfg.n_head} heads "
-                             f"(0..{cfg.n_head - 1})")
+        if not 0 <= h < n_head:
+            raise ValueError(f"head {h} is out of range for a model with {n_head} heads "
+                             f"(0..{n_head - 1})" + (f" in layer {layer}" if n_head != cfg.n_head
+                                                     else ""))
     max_tokens = default_max_tokens(tokenizer) if max_tokens is None else max_tokens
     if max_tokens < 1 or len(ids) == 0:
         raise ValueError(f"draw_attention: need max_tokens >= 1 and at least one token, got "
