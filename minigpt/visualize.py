@@ -5,7 +5,8 @@
   from GPT.attention_maps, i.e. the explicit softmax(QK^T / sqrt(d)) path (Vaswani et al.
   2017, eq. 1) of the same weights: the fused kernels never store probabilities.
 - plot_head_importance: the layers x heads grid of loss increases from minigpt.heads
-  (Michel et al. 2019, "Are Sixteen Heads Really Better than One?").
+  (Michel et al. 2019, "Are Sixteen Heads Really Better than One?"); plot_prune_curve: the
+  val loss against the number of heads removed by minigpt.heads --prune.
 - read_metrics / plot_curves / plot_metrics_file: train/val loss and learning rate against
   iterations from a training run's metrics.jsonl (see `python -m minigpt.plot`).
 
@@ -287,6 +288,39 @@ def plot_head_importance(increase, path, *, base_loss: float, masked=None,
     ax.set_ylabel("layer")
     fig.colorbar(image, ax=ax, label="val loss increase (nats/token)")
     ax.set_title(title or f"Loss increase when one head is masked (base loss {base_loss:.4f})",
+                 fontsize=10)
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+def plot_prune_curve(removed: Sequence[int], losses: Sequence[float], path, *,
+                     finetuned: Optional[float] = None, labels: Optional[Sequence[str]] = None,
+                     title: Optional[str] = None, dpi: int = 110) -> Path:
+    """Validation loss against the number of attention heads removed by greedy pruning
+    (minigpt.heads --prune; Michel et al. 2019, fig. 3 plots the same for their models).
+
+    Args:
+        removed: heads removed so far at each point, starting at 0. losses: the loss at each.
+        path: output file (.png). finetuned: the loss after fine-tuning the final model, drawn
+            as a star at the last point (None: not drawn). labels: optional text per point
+            after the first (the heads removed at that step, e.g. "L2H1").
+    """
+    fig = Figure(figsize=(7.0, 4.2), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(removed, losses, "o-", ms=4, color="tab:blue", label="pruned (greedy, no training)")
+    for x, y, text in zip(removed[1:], losses[1:], labels or []):
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(0, 6), ha="center",
+                    fontsize=7)
+    if finetuned is not None:
+        ax.plot([removed[-1]], [finetuned], "*", ms=12, color="tab:red",
+                label=f"after fine-tuning: {finetuned:.4f}")
+    ax.set_xlabel("attention heads removed")
+    ax.set_ylabel("val loss (nats/token)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title or f"Val loss as heads are pruned: {losses[0]:.4f} -> {losses[-1]:.4f}",
                  fontsize=10)
     path = Path(path)
     fig.savefig(path, dpi=dpi)
