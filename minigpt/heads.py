@@ -530,7 +530,11 @@ def run_prune(args, state: dict, model: GPT, batches, source: str, plot_path: Pa
         except (DataError, RunDirError, CheckpointError, ConfigError, DeviceError) as e:
             print(f"error: --finetune-iters: {e}", file=sys.stderr)
             return 2
-        tuned = GPT.from_checkpoint(load_checkpoint(out_dir / "ckpt.pt")).to(device).eval()
+        tuned_state = load_checkpoint(out_dir / "ckpt.pt")
+        # Training wrote its own checkpoint: carry over what pruning removed.
+        tuned_state["pruned"] = dict(info, finetune_iters=args.finetune_iters)
+        save_checkpoint(tuned_state, out_dir / "ckpt.pt")
+        tuned = GPT.from_checkpoint(tuned_state).to(device).eval()
         loss_ft, ft_iters = evaluate_loss(tuned, batches), ft.iters
         print(f"fine-tuned for {args.finetune_iters} steps (to step {ft.iters}); the checkpoint "
               f"in {out_dir} now holds the fine-tuned model")
