@@ -1,8 +1,10 @@
-"""Head importance: how much the validation loss rises when one attention head is masked.
+"""Head importance: how much the validation loss rises when one attention head is masked; and
+head pruning, which removes the least important heads from the weights.
 
     python -m minigpt.heads --checkpoint out/ckpt.pt
     python -m minigpt.heads --checkpoint out/ --mask 3:1 --mask 0:2 --json heads.json
     python -m minigpt.heads --init-from DIR --data my.txt   # a pretrained GPT-2 or Llama
+    python -m minigpt.heads --checkpoint out/ --prune 6 --out pruned/ --finetune-iters 100
 
 Each head's output is multiplied by a gate before the layer's output projection c_proj
 (GPT.gated_heads); a gate of 0 removes the head. The loss on a fixed set of
@@ -13,6 +15,27 @@ little loss), on our small model. --mask L:H masks heads by hand first: the base
 row are then measured with those heads already removed.
 
 Prints a layers x heads grid and a table sorted by increase, and writes a heatmap PNG (--out).
+
+--prune N --out DIR: greedy pruning (greedy_prune). Measure the loss with each removable unit
+masked, remove the unit of lowest loss, and measure again with it removed, until N query heads
+are gone: re-measuring after every removal, since a head's importance changes once another head
+is gone (Michel et al. 2019 prune heads in order of an importance score; here the score is the
+ablation itself).
+A unit is one head, except in grouped-query layers (prune_units): the query heads sharing a
+key/value head must stay in equal, contiguous groups (minigpt.attention maps query head h to
+key/value head h // group), so such a layer loses one query head per group at a time until
+the groups are single heads; a key/value head goes only when its last query head does. A layer
+never loses its last head: once down to one, it is skipped. Then prune_heads cuts the removed
+heads' rows out of c_attn (q, and k and v of removed key/value heads) and their columns out of
+c_proj: the layers now compute fewer heads (GPTConfig.layer_heads, layer_kv_heads), and the
+model's logits are those of the full model with the heads gated to 0. Reported: parameters,
+forward tokens/s (before and after, timed alternately on one batch, median of --timing-runs
+passes after 2 warmup) and the loss before and after; --finetune-iters K then trains the pruned
+checkpoint K steps with minigpt.training (the checkpoint's settings, at its final learning rate)
+and reports the loss after that. Writes DIR/ckpt.pt (GPT.from_checkpoint, sample.py and
+train.py --resume read it), the loss-against-heads-removed curve (--prune-plot, default
+DIR/prune.png) and --json. The loss is measured on the same fixed batches throughout.
+
 Exit codes: 0 done, 2 bad input (arguments, checkpoint, data).
 """
 
@@ -176,7 +199,7 @@ def greedy_prune(cfg, n: int, loss_fn: Callable[[torch.Tensor], float],
     Each step measures, with the heads removed so far already masked, the loss with each
     removable unit (prune_units) masked as well, and removes the unit whose loss is lowest
     (smallest increase; ties go to the lower layer, then head). This is Michel et al. 2019's
-    ablation ("Are Sixteen Heads Really Better than One?", sec. 3) applied iteratively: a head
+    single-head ablation ("Are Sixteen Heads Really Better than One?") applied iteratively: a head
     that looked important may become redundant once another is gone, and the reverse.
     Units larger than the heads still to remove are skipped; if none fits, pruning stops early
     (only in GQA layers, whose units hold one head per group).
@@ -516,8 +539,9 @@ def run_prune(args, state: dict, model: GPT, batches, source: str, plot_path: Pa
             "split": args.split, "base_loss": result["base_loss"], "loss": loss_after}
     save_checkpoint(pruned_checkpoint(state, pruned, info), out_dir / "ckpt.pt")
     print(f"\npruned checkpoint: {out_dir / 'ckpt.pt'} (heads per layer "
-          f"{list(pruned.config.layer_heads)}, key/value heads {list(pruned.config.layer_kv_heads)};"
-          f" removed {', '.join(head_name(*h) for h in removed)})")
+          f"{list(pruned.config.layer_heads)}, key/value heads "
+          f"{list(pruned.config.layer_kv_heads)}; removed "
+          f"{', '.join(head_name(*h) for h in removed)})")
 
     loss_ft, ft_iters = None, 0
     if args.finetune_iters:

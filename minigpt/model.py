@@ -70,10 +70,11 @@ class RotaryEmbedding(nn.Module):
 class KVCache:
     """Keys and values of every layer for incremental decoding.
 
-    Holds up to block_size tokens, (B, n_kv_head, block_size, head_dim) per layer (that layer's
-    key/value heads with GPTConfig.layer_kv_heads), allocated on first use in the dtype the keys arrive in (autocast may make it bf16). ``length`` tokens are
+    Holds up to block_size tokens, (B, n_kv_head, block_size, head_dim) per layer, allocated on
+    first use in the dtype the keys arrive in (autocast may make it bf16). ``length`` tokens are
     filled. A forward with the cache feeds only the new tokens; they attend to the cached ones
     with the bottom-right causal mask (Tq new queries against Tk = length + Tq keys).
+    With GPTConfig.layer_kv_heads, each layer holds its own number of key/value heads.
 
     last_logits_only: a forward with this cache returns the logits of the last position only,
     (B, 1, vocab_size): all that generation reads, and it spares the output head the other

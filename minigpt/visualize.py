@@ -298,7 +298,7 @@ def plot_prune_curve(removed: Sequence[int], losses: Sequence[float], path, *,
                      finetuned: Optional[float] = None, labels: Optional[Sequence[str]] = None,
                      title: Optional[str] = None, dpi: int = 110) -> Path:
     """Validation loss against the number of attention heads removed by greedy pruning
-    (minigpt.heads --prune; Michel et al. 2019, fig. 3 plots the same for their models).
+    (minigpt.heads --prune; Michel et al. 2019 draw such curves for their models).
 
     Args:
         removed: heads removed so far at each point, starting at 0. losses: the loss at each.
