@@ -101,6 +101,12 @@ class GPTConfig:
                                   # its window most recent tokens, itself included (Beltagy et
                                   # al. 2020); None = the whole causal context
     attn_backend: Optional[str] = None  # minigpt.attention backend; None picks the best
+    layer_heads: Optional[Tuple[int, ...]] = None  # query heads of each layer, each in
+                                  # 1..n_head (head pruning writes it: python -m minigpt.heads
+                                  # --prune); None = n_head in every layer
+    layer_kv_heads: Optional[Tuple[int, ...]] = None  # key/value heads of each layer, each
+                                  # dividing that layer's query heads; None = n_kv_head in every
+                                  # layer, or layer_heads itself when n_kv_head == n_head (MHA)
 
     TUNABLE: ClassVar[Tuple[str, ...]] = ("dropout", "attn_backend")
     ACTIVATIONS: ClassVar[Tuple[str, ...]] = ("gelu", "gelu_tanh", "silu", "relu2")
@@ -161,6 +167,44 @@ class GPTConfig:
         for name in ("attn_bias", "mlp_bias", "norm_bias", "qk_norm", "tie_embeddings",
                      "zero_init_proj"):
             _check(owner, self, name, lambda x: isinstance(x, bool), "must be a bool")
+        self._check_layer_heads()
+
+    def _check_layer_heads(self) -> None:
+        """Validate layer_heads and layer_kv_heads (stored as tuples; a JSON config gives
+        lists). layer_kv_heads None with layer_heads given resolves to layer_heads (MHA) or
+        stays None (n_kv_head in every layer)."""
+        owner = "GPTConfig"
+        for name in ("layer_heads", "layer_kv_heads"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                setattr(self, name, tuple(value))
+            _check(owner, self, name, lambda x: x is None or (
+                isinstance(x, tuple) and len(x) == self.n_layer and all(_is_int(h) for h in x)),
+                f"must be None or {self.n_layer} ints (one per layer, n_layer={self.n_layer})")
+        if self.layer_heads is None:
+            _check(owner, self, "layer_kv_heads", lambda x: x is None,
+                   "must be None when layer_heads is None")
+            return
+        _check(owner, self, "layer_heads", lambda x: all(1 <= h <= self.n_head for h in x),
+               f"must hold query head counts in 1..n_head ({self.n_head})")
+        # ALiBi's slopes are a function of a head's index among n_head: a pruned layer would
+        # need to record which heads it kept.
+        _check(owner, self, "layer_heads", lambda x: self.pos_embedding != "alibi",
+               "is not supported with pos_embedding='alibi' (each head's slope depends on its "
+               "index among n_head)")
+        if self.layer_kv_heads is None and self.n_kv_head == self.n_head:
+            self.layer_kv_heads = self.layer_heads
+        kv = self.layer_kv_heads or (self.n_kv_head,) * self.n_layer
+        _check(owner, self, "layer_kv_heads" if self.layer_kv_heads else "n_kv_head",
+               lambda x: all(k >= 1 and q % k == 0 for q, k in zip(self.layer_heads, kv)),
+               f"must divide each layer's query heads (layer_heads={self.layer_heads})")
+
+    def heads(self, layer: int) -> Tuple[int, int]:
+        """(query heads, key/value heads) of layer (0 <= layer < n_layer)."""
+        if self.layer_heads is None:
+            return self.n_head, self.n_kv_head
+        kv = self.layer_kv_heads[layer] if self.layer_kv_heads else self.n_kv_head
+        return self.layer_heads[layer], kv
 
     def to_dict(self) -> dict:
         return asdict(self)

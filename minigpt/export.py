@@ -7,7 +7,9 @@
 tokenizer_config.json) for transformers' AutoModelForCausalLM / AutoTokenizer, as a
 GPT2LMHeadModel (learned positions, LayerNorm, standard MLP, no GQA) or a LlamaForCausalLM
 (RoPE, RMSNorm, GLU MLP); minigpt.pretrained.export_architecture says which, or why neither
-computes the same function (then use --format safetensors). The weights are mapped by the same
+computes the same function (then use --format safetensors). A head-pruned model (per-layer head
+counts, GPTConfig.layer_heads; python -m minigpt.heads --prune) is refused: both configurations
+hold one head count for all layers. The weights are mapped by the same
 table that loads them (minigpt.pretrained): GPT-2's matrices transposed to Conv1D, biases our
 model lacks written as zeros; Llama's q/k rows permuted back to rotate_half order. A "gpt2"
 tokenizer is written as a byte-level BPE tokenizer.json built from tiktoken's ranks (the merges

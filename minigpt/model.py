@@ -128,6 +128,7 @@ class KVCache:
     first use in the dtype the keys arrive in (autocast may make it bf16). ``length`` tokens are
     filled. A forward with the cache feeds only the new tokens; they attend to the cached ones
     with the bottom-right causal mask (Tq new queries against Tk = length + Tq keys).
+    With GPTConfig.layer_kv_heads, each layer holds its own number of key/value heads.
 
     last_logits_only: a forward with this cache returns the logits of the last position only,
     (B, 1, vocab_size): all that generation reads, and it spares the output head the other
@@ -135,7 +136,8 @@ class KVCache:
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, last_logits_only: bool = False):
-        self.shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
+        self.shapes = [(batch_size, config.heads(layer)[1], config.block_size, config.head_dim)
+                       for layer in range(config.n_layer)]
         self.k: list = [None] * config.n_layer
         self.v: list = [None] * config.n_layer
         self.block_size = config.block_size
@@ -155,8 +157,8 @@ class KVCache:
         """Append k, v (B, Hkv, T, hd) of one layer; return that layer's cached (B, Hkv, Tk, hd)."""
         T = k.shape[2]
         if self.k[layer] is None:
-            self.k[layer] = k.new_empty(self.shape)
-            self.v[layer] = v.new_empty(self.shape)
+            self.k[layer] = k.new_empty(self.shapes[layer])
+            self.v[layer] = v.new_empty(self.shapes[layer])
         self.k[layer][:, :, self.length:self.length + T] = k
         self.v[layer][:, :, self.length:self.length + T] = v
         end = self.length + T
@@ -199,13 +201,15 @@ def _column_major_linears(model: nn.Module, enabled: bool):
 
 class CausalSelfAttention(nn.Module):
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        # layer's own head counts: n_head / n_kv_head, or GPTConfig.layer_heads after pruning
+        self.n_head, self.n_kv_head = config.heads(layer)
+        self.head_dim = config.head_dim
         # q, k, v projections in one matmul: n_head query heads, n_kv_head key and value heads
-        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) *
+        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) *
                                 config.head_dim, bias=config.attn_bias)
-        self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd,
+        self.c_proj = nn.Linear(self.n_head * config.head_dim, config.n_embd,
                                 bias=config.attn_bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         # Positions enter here only for relative kinds (RoPE, ALiBi); absolute ones are in
@@ -306,10 +310,10 @@ def make_norm(config: GPTConfig) -> nn.Module:
 
 class Block(nn.Module):
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
         self.ln_1 = make_norm(config)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
@@ -327,7 +331,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
             ln_f=make_norm(config),
         ))
         if config.pos_embedding == "learned":
@@ -497,7 +501,8 @@ class GPT(nn.Module):
 
         Args:
             head_mask: (n_layer, n_head) float gates; 0 removes a head, 1 keeps it. Gradients
-                flow to it.
+                flow to it. A layer with fewer heads (GPTConfig.layer_heads) reads its first
+                ones: head_mask[l, :layer_heads[l]].
 
         Raises:
             ValueError: head_mask is not a tensor of shape (n_layer, n_head).
@@ -506,13 +511,15 @@ class GPT(nn.Module):
         if not isinstance(head_mask, torch.Tensor) or tuple(head_mask.shape) != shape:
             raise ValueError(f"GPT: head_mask must be a tensor of shape (n_layer, n_head) = "
                              f"{shape}, got {tuple(getattr(head_mask, 'shape', ()))}")
-        nh, hd = self.config.n_head, self.config.head_dim
+        hd = self.config.head_dim
 
         def gate(layer):
+            nh = self.config.heads(layer)[0]
+
             def hook(module, args):
                 y = args[0]  # (B, T, C = nh * hd): the heads' outputs side by side
                 B, T, C = y.shape
-                g = head_mask[layer].to(device=y.device, dtype=y.dtype).view(1, 1, nh, 1)
+                g = head_mask[layer, :nh].to(device=y.device, dtype=y.dtype).view(1, 1, nh, 1)
                 return ((y.view(B, T, nh, hd) * g).view(B, T, C),)
             return hook
 
@@ -556,7 +563,8 @@ class GPT(nn.Module):
 
         Returns:
             (n_layer, n_head, T, T) float32 probabilities: row i (a query) sums to 1 over the
-            keys j <= i (with a window W, i - W < j <= i); the other entries are 0.
+            keys j <= i (with a window W, i - W < j <= i); the other entries are 0. A layer
+            with fewer heads (GPTConfig.layer_heads) fills its first maps; the others are NaN.
 
         Raises:
             ValueError: idx is not one int64 sequence of 1 <= T <= block_size tokens (feed the
@@ -579,7 +587,9 @@ class GPT(nn.Module):
                 q, k, _ = block.attn.qkv(block.ln_1(x), pos)
                 probs = attention_probs(q, k, True, 1.0 / math.sqrt(self.config.head_dim),
                                         block.attn.alibi_slopes, block.attn.window)
-                maps.append(probs[0].float())  # (n_head, T, T)
+                probs = probs[0].float()  # (layer's heads, T, T)
+                missing = self.config.n_head - probs.shape[0]
+                maps.append(F.pad(probs, (0, 0, 0, 0, 0, missing), value=float("nan")))
                 block.attn.backend = "naive"  # the next layer's input by the same explicit path
                 x = block(x, pos)
         finally:

@@ -340,6 +340,9 @@ def export_architecture(cfg: GPTConfig) -> str:
         shared.append("qk_norm=True (neither has query/key normalisation)")
     if cfg.window is not None:
         shared.append(f"window={cfg.window} (neither has sliding-window attention)")
+    if cfg.layer_heads is not None:
+        shared.append(f"layer_heads={list(cfg.layer_heads)} (per-layer head counts, as head "
+                      f"pruning leaves them; both have one head count for every layer)")
     act = _ACT_TO_HF["gpt2"]
     gpt2 = [why for bad, why in [
         (cfg.pos_embedding != "learned", f"pos_embedding={cfg.pos_embedding!r} (GPT-2: 'learned')"),

@@ -138,10 +138,13 @@ def check_attention_args(parser, args, model_cfg) -> None:
     if not -model_cfg.n_layer <= args.layer < model_cfg.n_layer:
         parser.error(f"argument --layer: the model has {model_cfg.n_layer} layers "
                      f"(0..{model_cfg.n_layer - 1}, or negative from the end), got {args.layer}")
+    n_head = model_cfg.heads(args.layer % model_cfg.n_layer)[0]  # per layer once pruned
     for h in args.head or []:
-        if not 0 <= h < model_cfg.n_head:
-            parser.error(f"argument --head: the model has {model_cfg.n_head} heads "
-                         f"(0..{model_cfg.n_head - 1}), got {h}")
+        if not 0 <= h < n_head:
+            parser.error(f"argument --head: the model has {n_head} heads "
+                         f"(0..{n_head - 1})"
+                         + (f" in layer {args.layer}" if n_head != model_cfg.n_head else "")
+                         + f", got {h}")
     if args.max_tokens is not None and args.max_tokens < 1:
         parser.error(f"argument --max-tokens: must be >= 1, got {args.max_tokens}")
     from .visualize import image_path_error

@@ -63,6 +63,15 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _ints(text: str) -> Tuple[int, ...]:
+    """A comma-separated list of ints ("4,2,4") as a tuple, for fields typed Tuple[int, ...]."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, e.g. 4,2,4; got "
+                                         f"{text!r}") from None
+
+
 def _add_fields(group, cls, defaults: dict) -> None:
     """One flag per field of cls, typed from its annotation, its help from its comment."""
     hints = typing.get_type_hints(cls)
@@ -78,6 +87,9 @@ def _add_fields(group, cls, defaults: dict) -> None:
         if kind is bool:
             group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                default=None, help=help_text)
+        elif typing.get_origin(kind) is tuple:
+            group.add_argument(_flag(f.name), dest=f.name, type=_ints, default=None,
+                               help=help_text, metavar="N,N,...")
         else:
             group.add_argument(_flag(f.name), dest=f.name, type=kind, default=None,
                                choices=_CHOICES.get(f.name), help=help_text,

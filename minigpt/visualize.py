@@ -5,7 +5,8 @@
   from GPT.attention_maps, i.e. the explicit softmax(QK^T / sqrt(d)) path (Vaswani et al.
   2017, eq. 1) of the same weights: the fused kernels never store probabilities.
 - plot_head_importance: the layers x heads grid of loss increases from minigpt.heads
-  (Michel et al. 2019, "Are Sixteen Heads Really Better than One?").
+  (Michel et al. 2019, "Are Sixteen Heads Really Better than One?"); plot_prune_curve: the
+  val loss against the number of heads removed by minigpt.heads --prune.
 - read_metrics / plot_curves / plot_metrics_file: train/val loss and learning rate against
   iterations from a training run's metrics.jsonl (see `python -m minigpt.plot`).
 - plot_extrapolation: validation loss against evaluation length, one line per position
@@ -216,11 +217,13 @@ def draw_attention(model, tokenizer, ids: Sequence[int], path, *, layer: int = -
         raise ValueError(f"layer {layer} is out of range for a model with {cfg.n_layer} layers "
                          f"(0..{cfg.n_layer - 1}, or negative from the end)")
     layer %= cfg.n_layer
-    heads = list(range(cfg.n_head)) if not heads else [int(h) for h in heads]
+    n_head = cfg.heads(layer)[0]  # fewer than cfg.n_head in a pruned layer
+    heads = list(range(n_head)) if not heads else [int(h) for h in heads]
     for h in heads:
-        if not 0 <= h < cfg.n_head:
-            raise ValueError(f"head {h} is out of range for a model with {cfg.n_head} heads "
-                             f"(0..{cfg.n_head - 1})")
+        if not 0 <= h < n_head:
+            raise ValueError(f"head {h} is out of range for a model with {n_head} heads "
+                             f"(0..{n_head - 1})" + (f" in layer {layer}" if n_head != cfg.n_head
+                                                     else ""))
     max_tokens = default_max_tokens(tokenizer) if max_tokens is None else max_tokens
     if max_tokens < 1 or len(ids) == 0:
         raise ValueError(f"draw_attention: need max_tokens >= 1 and at least one token, got "
@@ -287,6 +290,39 @@ def plot_head_importance(increase, path, *, base_loss: float, masked=None,
     ax.set_ylabel("layer")
     fig.colorbar(image, ax=ax, label="val loss increase (nats/token)")
     ax.set_title(title or f"Loss increase when one head is masked (base loss {base_loss:.4f})",
+                 fontsize=10)
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+def plot_prune_curve(removed: Sequence[int], losses: Sequence[float], path, *,
+                     finetuned: Optional[float] = None, labels: Optional[Sequence[str]] = None,
+                     title: Optional[str] = None, dpi: int = 110) -> Path:
+    """Validation loss against the number of attention heads removed by greedy pruning
+    (minigpt.heads --prune; Michel et al. 2019 draw such curves for their models).
+
+    Args:
+        removed: heads removed so far at each point, starting at 0. losses: the loss at each.
+        path: output file (.png). finetuned: the loss after fine-tuning the final model, drawn
+            as a star at the last point (None: not drawn). labels: optional text per point
+            after the first (the heads removed at that step, e.g. "L2H1").
+    """
+    fig = Figure(figsize=(7.0, 4.2), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(removed, losses, "o-", ms=4, color="tab:blue", label="pruned (greedy, no training)")
+    for x, y, text in zip(removed[1:], losses[1:], labels or []):
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(0, 6), ha="center",
+                    fontsize=7)
+    if finetuned is not None:
+        ax.plot([removed[-1]], [finetuned], "*", ms=12, color="tab:red",
+                label=f"after fine-tuning: {finetuned:.4f}")
+    ax.set_xlabel("attention heads removed")
+    ax.set_ylabel("val loss (nats/token)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title or f"Val loss as heads are pruned: {losses[0]:.4f} -> {losses[-1]:.4f}",
                  fontsize=10)
     path = Path(path)
     fig.savefig(path, dpi=dpi)
