@@ -48,3 +48,32 @@ def tiktoken_available() -> bool:
         return True
     except Exception:
         return False
+
+
+def train_tiny_run(base: Path, n_head: int = 2):
+    """Train a tiny char model (2 layers, n_head heads, 32 wide) for 12 steps on generated text
+    under base; returns its TrainConfig (checkpoint in cfg.out_dir)."""
+    from minigpt.training import TrainConfig, train
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 6)))
+             for _ in range(50)]
+    text = base / "corpus.txt"
+    text.write_text("\n".join(" ".join(rng.choice(words) for _ in range(10))
+                              for _ in range(300)) + "\n", encoding="utf-8")
+    cfg = TrainConfig(data=str(text), out_dir=str(base / "out"), n_layer=2, n_head=n_head,
+                      n_embd=32, block_size=16, batch_size=4, max_iters=12, warmup_iters=2,
+                      eval_interval=6, eval_iters=2, learning_rate=3e-3, min_lr=3e-4,
+                      progress=False, attn_backend="sdpa", seed=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINIGPT_CACHE_DIR", str(base / "cache"))
+        train(cfg, log=lambda *a: None)
+    return cfg
+
+
+@pytest.fixture(params=[1, 3], ids=lambda n: f"{n}threads")
+def num_threads(request):
+    """Run the test with torch at 1 and at 3 threads (the kernels split work by thread count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)

@@ -397,14 +397,6 @@ DECODE_SHAPES = [
 ]
 
 
-@pytest.fixture(params=[1, 3], ids=lambda n: f"{n}threads")
-def num_threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 def _float64_lse(q, k, causal, scale):
     """log-sum-exp of each query row's visible scores, in float64: (B, Hq, Tq)."""
     Tq, Tk = q.shape[2], k.shape[2]

@@ -4,7 +4,6 @@ layers stay valid, and the written checkpoint loads, samples, resumes and fine-t
 
 import json
 import os
-import random
 import subprocess
 import sys
 from dataclasses import replace
@@ -18,6 +17,8 @@ from minigpt.checkpoint import load_checkpoint
 from minigpt.config import ConfigError
 from minigpt.model import GPT, GPTConfig, KVCache
 from minigpt.training import TrainConfig, train
+
+from conftest import train_tiny_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -176,19 +177,7 @@ def test_attention_maps_and_export_of_a_pruned_model():
 def tiny_ckpt(tmp_path_factory):
     """A tiny char model (2 layers x 4 heads) trained for a few steps on generated text."""
     base = tmp_path_factory.mktemp("prune_run")
-    rng = random.Random(0)
-    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 6)))
-             for _ in range(50)]
-    text = base / "corpus.txt"
-    text.write_text("\n".join(" ".join(rng.choice(words) for _ in range(10))
-                              for _ in range(300)) + "\n", encoding="utf-8")
-    cfg = TrainConfig(data=str(text), out_dir=str(base / "out"), n_layer=2, n_head=4,
-                      n_embd=32, block_size=16, batch_size=4, max_iters=12, warmup_iters=2,
-                      eval_interval=6, eval_iters=2, learning_rate=3e-3, min_lr=3e-4,
-                      progress=False, attn_backend="sdpa", seed=1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MINIGPT_CACHE_DIR", str(base / "cache"))
-        train(cfg, log=lambda *a: None)
+    train_tiny_run(base, n_head=4)
     return base / "out"
 
 

@@ -104,14 +104,6 @@ def test_gradcheck(shape):
         lambda q, k, v: attention(q, k, v, alibi_slopes=s, window=4, backend="ext"), (q, k, v))
 
 
-@pytest.fixture(params=[1, 3], ids=lambda n: f"{n}threads")
-def num_threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 @needs_ext
 @pytest.mark.parametrize("Tq", [1, 4])
 @pytest.mark.parametrize("window", [None, 300, 2000])

@@ -22,7 +22,7 @@ from minigpt.training import TrainConfig, train
 from minigpt.visualize import (display_token, draw_attention, plot_head_importance,
                                read_metrics, token_labels)
 
-from conftest import tiktoken_available
+from conftest import tiktoken_available, train_tiny_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -256,20 +256,7 @@ def test_plot_reads_the_last_run_of_a_metrics_log(tmp_path, capsys):
 def tiny_run(tmp_path_factory):
     """A tiny char model trained for a few steps on generated text (shared by the CLI tests)."""
     base = tmp_path_factory.mktemp("tiny_run")
-    rng = random.Random(0)
-    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 6)))
-             for _ in range(50)]
-    text = base / "corpus.txt"
-    text.write_text("\n".join(" ".join(rng.choice(words) for _ in range(10))
-                              for _ in range(300)) + "\n", encoding="utf-8")
-    cfg = TrainConfig(data=str(text), out_dir=str(base / "out"), n_layer=2, n_head=2,
-                      n_embd=32, block_size=16, batch_size=4, max_iters=12, warmup_iters=2,
-                      eval_interval=6, eval_iters=2, learning_rate=3e-3, min_lr=3e-4,
-                      progress=False, attn_backend="sdpa", seed=1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MINIGPT_CACHE_DIR", str(base / "cache"))
-        train(cfg, log=lambda *a: None)
-        draw_curves(cfg, log=lambda *a: None)
+    draw_curves(train_tiny_run(base), log=lambda *a: None)
     return base / "out"
 
 
