@@ -477,8 +477,9 @@ def plot_extrapolation(results: dict, path, dpi: int = 110) -> Path:
 def plot_window_cost(results: dict, path, dpi: int = 110) -> Path:
     """Full causal against sliding-window attention on log-log axes, one line per variant:
     attention forward+backward time and peak memory against T, and (when measured) the time
-    of one training step against T. Light dotted lines mark the T^2 and T slopes, through the
-    full line's and the smallest window's last point. Saved to path.
+    of one training step against T. On the attention time panel, light dotted lines mark the T^2
+    and T slopes through the last points of the full line and of the widest window's. Saved to
+    path.
 
     Args:
         results: as ``python -m minigpt.experiments window`` writes it: "setup" (with
@@ -498,7 +499,7 @@ def plot_window_cost(results: dict, path, dpi: int = 110) -> Path:
             rs = sorted((r for r in rows if r["variant"] == name), key=lambda r: r["T"])
             if rs:
                 ax.plot([r["T"] for r in rs], [r[key] for r in rs], "o-", ms=4, label=name)
-        if key == "ms":
+        if part == "attention" and key == "ms":
             for name, power, label in ((names[0], 2, "∝ T²"), (names[-1], 1, "∝ T")):
                 rs = sorted((r for r in rows if r["variant"] == name), key=lambda r: r["T"])
                 if len(rs) < 2:
