@@ -230,7 +230,7 @@ LOSS_BLOCK_SIZE = 256
 # 8 sequences of 256 tokens: the default preset's 2048 tokens per step (32 x 64).
 LOSS_BATCH_SIZE = 8
 TRAIN_ITERS = 200
-# --quick: shorter sequences, fewer repeats and steps (about a minute on 2 CPU cores).
+# --quick: shorter sequences, fewer repeats and steps (under a minute on 2 CPU cores).
 WINDOW_QUICK = dict(seqs=(256, 512, 1024, 2048), step_max_seq=512, train_iters=30, repeats=3)
 
 
@@ -506,7 +506,7 @@ def main(argv=None) -> int:
                    help=f"timed runs of each variant, median reported (default 5; "
                         f"{WINDOW_QUICK['repeats']} with --quick)")
     w.add_argument("--quick", action="store_true",
-                   help="shorter sequences, fewer repeats and training steps: about a minute "
+                   help="shorter sequences, fewer repeats and training steps: under a minute "
                         "on 2 CPU cores")
     w.add_argument("--data", default=None, help="UTF-8 text file (default: tiny Shakespeare)")
     w.add_argument("--out", "--out-dir", dest="out", default="runs/window",
