@@ -11,6 +11,8 @@
   iterations from a training run's metrics.jsonl (see `python -m minigpt.plot`).
 - plot_extrapolation: validation loss against evaluation length, one line per position
   encoding (`python -m minigpt.experiments positions`).
+- plot_window_cost: attention time and memory, and training-step time, against sequence length,
+  full causal against sliding windows (`python -m minigpt.experiments window`).
 
 Figures are built with matplotlib's object API (matplotlib.figure.Figure, saved through the Agg
 canvas): no display, no pyplot state, and the caller's backend is left alone.
@@ -467,6 +469,56 @@ def plot_extrapolation(results: dict, path, dpi: int = 110) -> Path:
                  f"{results['eval_tokens']:,} val tokens per length", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+def plot_window_cost(results: dict, path, dpi: int = 110) -> Path:
+    """Full causal against sliding-window attention on log-log axes, one line per variant:
+    attention forward+backward time and peak memory against T, and (when measured) the time
+    of one training step against T. On the attention time panel, light dotted lines mark the T^2
+    and T slopes through the last points of the full line and of the widest window's. Saved to
+    path.
+
+    Args:
+        results: as ``python -m minigpt.experiments window`` writes it: "setup" (with
+            "windows", "backend"), "attention" and "step" rows of {"T", "variant", "ms"}
+            ("peak_mib" for attention).
+    """
+    panels = [("attention", "ms", "attention forward + backward", "ms (median)"),
+              ("attention", "peak_mib", "attention forward + backward peak memory", "MiB")]
+    if results.get("step"):
+        panels.append(("step", "ms", "one training step (batch 1)", "ms (median)"))
+    fig = Figure(figsize=(5.0 * len(panels), 4.3), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    names = ["full"] + [f"window {W}" for W in results["setup"]["windows"]]
+    for ax, (part, key, title, ylabel) in zip(axes, panels):
+        rows = results[part]
+        for name in names:
+            rs = sorted((r for r in rows if r["variant"] == name), key=lambda r: r["T"])
+            if rs:
+                ax.plot([r["T"] for r in rs], [r[key] for r in rs], "o-", ms=4, label=name)
+        if part == "attention" and key == "ms":
+            for name, power, label in ((names[0], 2, "∝ T²"), (names[-1], 1, "∝ T")):
+                rs = sorted((r for r in rows if r["variant"] == name), key=lambda r: r["T"])
+                if len(rs) < 2:
+                    continue
+                Ts = np.array([r["T"] for r in rs], dtype=float)
+                ref = rs[-1][key] * (Ts / Ts[-1]) ** power
+                ax.plot(Ts, ref, ":", color="gray", lw=1, alpha=0.7)
+                ax.annotate(label, (Ts[0], ref[0]), color="gray", fontsize=8,
+                            textcoords="offset points", xytext=(0, 4))
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length T")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    s = results["setup"]
+    fig.suptitle(f"Sliding-window attention: {s['n_head']} heads x {s['head_dim']}, "
+                 f"{s['dtype']}, backend {s['backend']}, {s['device']}", fontsize=10)
     path = Path(path)
     fig.savefig(path, dpi=dpi)
     return path

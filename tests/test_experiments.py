@@ -1,4 +1,5 @@
-"""python -m minigpt.experiments: the ablation runs every variant to the same time budget."""
+"""python -m minigpt.experiments: the ablation runs every variant to the same time budget; positions
+and window write their tables and figures."""
 
 import json
 
@@ -70,3 +71,58 @@ def test_positions_trains_each_encoding_and_evaluates_four_lengths(text_file, tm
         want = torch.nn.functional.cross_entropy(
             model.lm_head.weight[:, 0].expand(64, -1), torch.from_numpy(tokens[1:65]))
     assert abs(losses[4] - want.item()) < 1e-6
+
+
+def test_window_measures_cost_and_loss_and_writes_three_files(text_file, tmp_path, capsys,
+                                                              monkeypatch):
+    small = apply_overrides(default_settings(), {"model": {"n_layer": 1, "n_embd": 32,
+                                                           "n_head": 2},
+                                                 "eval_iters": 1})
+    monkeypatch.setattr(experiments, "default_settings", lambda: small)
+    out = tmp_path / "window"
+    assert main(["window", "--seq", "32", "64", "--windows", "16", "--step-max-seq", "32",
+                 "--loss-windows", "4", "--block-size", "16", "--batch-size", "4",
+                 "--train-iters", "3", "--warmup", "0", "--repeats", "1", "--threads", "1",
+                 "--data", str(text_file), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["setup"]["n_head"] == 2 and results["setup"]["head_dim"] == 16
+    att = [(r["T"], r["variant"]) for r in results["attention"]]
+    assert att == [(32, "full"), (32, "window 16"), (64, "full"), (64, "window 16")]
+    for r in results["attention"]:
+        assert r["ms"] > 0 and r["peak_mib"] > 0
+        assert r["ms_vs_full"] > 0 and (r["window"] is not None or r["ms_vs_full"] == 1.0)
+    assert [(r["T"], r["variant"]) for r in results["step"]] == [(32, "full"), (32, "window 16")]
+    loss = results["loss"]
+    assert (loss["block_size"], loss["batch_size"], loss["max_iters"]) == (16, 4, 3)
+    assert [r["variant"] for r in loss["rows"]] == ["full", "window 4"]
+    assert all(r["iters"] == 3 and 0 < r["final_val_loss"] < 10 for r in loss["rows"])
+    saved = json.loads((out / "window_4" / "config.json").read_text())
+    assert saved["model"]["window"] == 4 and saved["model"]["block_size"] == 16
+    table = (out / "results.md").read_text()
+    assert "| 64 |" in table and "| window 16 ms |" in table and "| window 4 |" in table
+    assert table.strip() in capsys.readouterr().out
+    assert (out / "window.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_window_times_the_windowed_attention():
+    """The function attention_cost times computes attention with the window, not without."""
+    import torch
+
+    from minigpt.attention import attention, unavailable_reason
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(1, 2, 40, 8, generator=g, dtype=torch.float64)
+                     for _ in range(4))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = attention(*leaves, window=5, backend="naive")
+    want_grads = torch.autograd.grad(want, leaves, dout)
+    full = attention(q, k, v, backend="naive")
+    backends = ["naive", "sdpa"]
+    if unavailable_reason("ext", q.device, q.dtype, 8, True, ("window",)) is None:
+        backends.append("ext")
+    for backend in backends:
+        out, grads = experiments.attention_step(q, k, v, dout, 5, backend)()
+        assert torch.allclose(out, want) and not torch.allclose(out, full)
+        assert all(torch.allclose(a, b) for a, b in zip(grads, want_grads))
+    out, _ = experiments.attention_step(q, k, v, dout, None, "naive")()
+    assert torch.allclose(out, full)
