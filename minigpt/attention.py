@@ -196,10 +196,12 @@ def attention_probs(q, k, causal: bool, scale: float, alibi_slopes=None,
     summing to 1 over the keys it sees (GQA: each query head against its key head)."""
     k = _repeat_kv(k, q.shape[1] // k.shape[1])
     att = (q @ k.transpose(-2, -1)) * scale  # (B, Hq, Tq, Tk)
+    if alibi_slopes is None and window is None:
+        if causal:
+            att = att.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+        return torch.softmax(att, dim=-1)
     bias = score_bias(q.shape[2], k.shape[2], causal, alibi_slopes, window, q.device, q.dtype)
-    if bias is not None:
-        att = att + bias
-    return torch.softmax(att, dim=-1)
+    return torch.softmax(att + bias, dim=-1)
 
 
 def naive_attention(q, k, v, causal: bool, scale: float, alibi_slopes=None,

@@ -220,7 +220,7 @@ def _fake_cuda_build(monkeypatch, capability):
     monkeypatch.setattr(_ext, "build_info", lambda: {
         "cuda": True, "cuda_archs": "8.0_9.0+PTX", "cuda_head_dims": [32, 64, 96, 128],
         "dtypes": {"cpu": ["float32", "float64"], "cuda": ["bfloat16", "float16", "float32"]}})
-    for name in ("_EXT_DTYPES", "_EXT_CUDA_HEAD_DIMS"):  # restored after the test
+    for name in ("_EXT_DTYPES", "_EXT_CUDA_HEAD_DIMS", "_EXT_FEATURES"):  # restored after
         monkeypatch.setattr(attention_module, name, getattr(attention_module, name))
     attention_module._read_kernel_support()
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
