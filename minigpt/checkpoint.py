@@ -51,6 +51,12 @@ def atomic_write(path, write: Callable[[BinaryIO], None]) -> None:
         os.close(dir_fd)
 
 
+def atomic_write_text(path, text: str) -> None:
+    """Write text (UTF-8) to path atomically (atomic_write)."""
+    data = text.encode("utf-8")
+    atomic_write(path, lambda fh: fh.write(data))
+
+
 def save_checkpoint(state: dict, path) -> None:
     """Atomically write state to path with torch.save (see atomic_write)."""
     atomic_write(path, lambda fh: torch.save(state, fh))

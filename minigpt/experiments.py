@@ -44,6 +44,7 @@ from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from .checkpoint import atomic_write_text
 from .config import GPTConfig, TrainConfig, apply_overrides, default_settings
 
 # name -> (what changes against the default, overrides of TrainConfig fields). The default
@@ -520,13 +521,24 @@ def main(argv=None) -> int:
     if args.max_time <= 0:
         p.error(f"argument --max-time: must be > 0, got {args.max_time}")
     rows = ablation(args.max_time, args.out_dir, args.data, args.runs)
-    table = markdown(rows, args.max_time)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out / "results.md").write_text(table + "\n")
-    print(table)
+    write_results(args.out_dir, rows, markdown(rows, args.max_time))
     return 0
+
+
+def write_results(out_dir, results, table: str, plot=None, png_name: str = "") -> None:
+    """An experiment's outputs in out_dir: results.json (results), results.md (table) and, with
+    plot, png_name drawn by plot(results, path); each file written atomically. Prints the table
+    and the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "results.md", out / "results.json"]
+    atomic_write_text(paths[0], table + "\n")
+    atomic_write_text(paths[1], json.dumps(results, indent=2) + "\n")
+    if plot is not None:
+        paths.append(out / png_name)
+        plot(results, paths[-1])
+    print(table)
+    print(", ".join(str(path) for path in paths))
 
 
 def _positions_main(p: argparse.ArgumentParser, args) -> int:
@@ -545,16 +557,10 @@ def _positions_main(p: argparse.ArgumentParser, args) -> int:
     results = positions(args.encodings, args.out, args.data, block_size=args.block_size,
                         max_iters=max_iters, max_time=args.max_time, eval_tokens=eval_tokens,
                         window=args.window)
-    table = positions_markdown(results)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(table + "\n")
     from .visualize import plot_extrapolation
 
-    plot_extrapolation(results, out / "positions.png")
-    print(table)
-    print(f"{out / 'results.md'}, {out / 'results.json'}, {out / 'positions.png'}")
+    write_results(args.out, results, positions_markdown(results), plot_extrapolation,
+                  "positions.png")
     return 0
 
 
@@ -617,16 +623,9 @@ def _window_main(p: argparse.ArgumentParser, args) -> int:
                                                   block_size=args.block_size,
                                                   batch_size=args.batch_size,
                                                   max_iters=train_iters, device=args.device))
-    table = window_markdown(results)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(table + "\n")
     from .visualize import plot_window_cost
 
-    plot_window_cost(results, out / "window.png")
-    print(table)
-    print(f"{out / 'results.md'}, {out / 'results.json'}, {out / 'window.png'}")
+    write_results(args.out, results, window_markdown(results), plot_window_cost, "window.png")
     return 0
 
 

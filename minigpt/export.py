@@ -35,7 +35,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .checkpoint import CheckpointError, atomic_write, load_checkpoint
+from .checkpoint import CheckpointError, atomic_write, atomic_write_text, load_checkpoint
 from .config import GPTConfig
 from .pretrained import (GPT2_VOCAB, PretrainedError, export_architecture, pretrained_state,
                          to_hf_config, to_hf_weights)
@@ -54,8 +54,7 @@ def _serialize(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> by
 
 
 def _write_json(path: Path, obj) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _bpe_parts(token: bytes, ranks: Dict[bytes, int], max_rank: int) -> List[bytes]:
@@ -124,7 +123,7 @@ def _write_tokenizer(tokenizer: Optional[dict], out: Path) -> Optional[str]:
         text, special = tokenizer["json"], {}
     else:
         return None
-    atomic_write(out / "tokenizer.json", lambda fh: fh.write(text.encode("utf-8")))
+    atomic_write_text(out / "tokenizer.json", text)
     _write_json(out / "tokenizer_config.json",
                 {"tokenizer_class": "PreTrainedTokenizerFast", **special})
     return f"{kind} tokenizer as tokenizer.json"

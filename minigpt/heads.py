@@ -54,7 +54,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .checkpoint import (CheckpointError, atomic_write, checkpoint_file, load_checkpoint,
+from .checkpoint import (CheckpointError, atomic_write_text, checkpoint_file, load_checkpoint,
                          save_checkpoint)
 from .data import BatchSampler, DataError, load_corpus
 from .model import GPT
@@ -439,9 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def write_json(path, obj) -> None:
-    """obj as indented JSON, written atomically (minigpt.checkpoint.atomic_write)."""
-    text = json.dumps(obj, indent=1) + "\n"
-    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+    """obj as indented JSON, written atomically (minigpt.checkpoint.atomic_write_text)."""
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def check_prune_args(parser: argparse.ArgumentParser, args) -> None:

@@ -57,9 +57,9 @@ def register() -> None:
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal, ctx.scale = causal, scale
-        ctx.terms_all = terms
-        # ALiBi slopes and window (absent when the op was called with five arguments).
-        ctx.terms = tuple(terms) if terms and (terms[0] is not None or terms[1]) else ()
+        ctx.n_terms = len(terms)  # trailing arguments given, each gets a None gradient
+        # ALiBi slopes and window, passed on only when used (op_terms' five-argument form).
+        ctx.terms = op_terms(terms[0], terms[1] or None) if terms else ()
         ctx.set_materialize_grads(False)  # an unused lse gets no zero-filled gradient
 
     def backward(ctx, dout, dlse):
@@ -81,7 +81,7 @@ def register() -> None:
                 *ctx.terms)
             dq = dq + ctx.scale * dlse.unsqueeze(-1).to(q.dtype) * pk
             dk = dk + ctx.scale * pq
-        return (dq, dk, dv, None, None) + (None,) * len(ctx.terms_all)
+        return (dq, dk, dv, None, None) + (None,) * ctx.n_terms
 
     torch.library.register_autograd("minigpt::attention_forward", backward,
                                     setup_context=setup_context)
