@@ -465,6 +465,11 @@ def resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.d
     return "sdpa"
 
 
+def _cpu_autocast(device: torch.device) -> bool:
+    """Whether device is the CPU and torch.autocast("cpu") is on."""
+    return device.type == "cpu" and torch.is_autocast_enabled("cpu")
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
               scale: Optional[float] = None, alibi_slopes: Optional[torch.Tensor] = None,
               window: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
@@ -493,11 +498,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             as a float mask when alibi_slopes or window is given).
 
     Returns:
-        out: (B, Hq, Tq, D), q's dtype and device. Differentiable in q, k and v.
+        out: (B, Hq, Tq, D), q's dtype and device (float32 under CPU autocast, below).
+        Differentiable in q, k and v.
 
     dtypes: every backend takes float32 and float64 on CPU (and the dtypes torch supports
     for "sdpa"/"naive"); "ext" implements float32/float64 on CPU and bfloat16/float16/float32
-    on CUDA.
+    on CUDA. Inside ``torch.autocast("cpu")``, bfloat16/float16 CPU inputs are computed in
+    float32 and the output is float32, as autocast does for its float32 ops (softmax,
+    layer_norm): the CPU kernels accumulate in float32 anyway, and it keeps "ext" for them.
 
     Raises:
         TypeError: a non-tensor argument, an integer dtype, or mixed dtypes.
@@ -510,6 +518,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             unsupported dtype or head dim, a failed self-check); the message says why.
     """
     _check_inputs(q, k, v, causal, scale, alibi_slopes, window)
+    if q.dtype in (torch.bfloat16, torch.float16) and _cpu_autocast(q.device):
+        q, k, v = q.float(), k.float(), v.float()
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     scale = float(scale)

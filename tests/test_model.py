@@ -274,3 +274,25 @@ def test_option_errors(kw, pattern):
         GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=4, n_embd=32, **kw)
     assert GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=4, n_embd=32, head_dim=9,
                      pos_embedding="learned").head_dim == 9
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_rope_complex_form_matches_the_real_form(dtype):
+    # forward() multiplies complex pairs; rotate_real (MPS's path) is the textbook real form
+    # (Su et al. 2021, eq. 34). Same values, and gradients through both.
+    g = torch.Generator().manual_seed(11)
+    rope = RotaryEmbedding(32, 10000.0)
+    pos = torch.arange(1000, 1000 + 9)
+    x = torch.randn(2, 9, 3, 32, generator=g, dtype=torch.float64)
+    angles = pos.double()[:, None] * 10000.0 ** (-torch.arange(0, 32, 2).double() / 32)
+    want = RotaryEmbedding.rotate_real(x, angles)  # float64 reference
+    xd = x.to(dtype).requires_grad_()
+    got = rope(xd, pos)
+    assert got.dtype == dtype
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=0)
+    w = torch.randn(got.shape, generator=g, dtype=torch.float64)
+    (got.double() * w).sum().backward()
+    # the rotation is orthogonal: the gradient is w rotated back by -angles
+    back = RotaryEmbedding.rotate_real(w, -angles)
+    torch.testing.assert_close(xd.grad.double(), back, atol=tol, rtol=0)
