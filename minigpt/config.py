@@ -277,8 +277,9 @@ class TrainConfig:
     # system
     device: str = "auto"              # "auto" (cuda, then mps, then cpu), "cpu", "cuda", ...
     dtype: str = "auto"               # "auto" (bf16 autocast on CUDA GPUs with bf16, float16
-                                      # autocast + GradScaler on older ones, else float32),
-                                      # "float32", "bfloat16", "float16"
+                                      # autocast + GradScaler on older ones; bf16 autocast on
+                                      # CPUs with bf16 instructions (AVX512_BF16 or AMX); else
+                                      # float32), "float32", "bfloat16", "float16"
     compile: bool = False             # torch.compile the model
     seed: int = 1337                  # seeds the model's init, the batches and dropout
     resume: bool = False              # continue from out_dir/ckpt.pt with its saved settings

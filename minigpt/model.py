@@ -71,18 +71,22 @@ class RotaryEmbedding(nn.Module):
         complex multiply instead of the four real products, a subtraction, an addition and a
         stack of the real form (about 2.5x faster forward and backward on a CPU; the same
         values in float32). bfloat16/float16 pairs are rotated in float32. MPS has no complex
-        dtypes: there the real form runs.
+        dtypes and torch.compile's inductor generates no code for them: there the real form
+        (rotate_real) runs.
         """
         dtype = self.angle_dtype(pos.device)
         exponent = torch.arange(0, self.head_dim, 2, dtype=dtype, device=pos.device)
         inv_freq = self.theta ** (-exponent / self.head_dim)  # (hd/2,)
         angles = pos.to(dtype)[:, None] * inv_freq[None, :]  # (T, hd/2)
-        if x.device.type == "mps":
-            return self.rotate_real(x, angles)
+        if x.device.type == "mps" or torch.compiler.is_compiling():
+            return self.rotate_real(x, angles)  # inductor generates no code for complex ops
         real = torch.float64 if x.dtype == torch.float64 else torch.float32
         rotation = torch.polar(torch.ones_like(angles), angles)  # (T, hd/2) e^(i angle)
         rotation = rotation.to(torch.complex128 if real == torch.float64 else torch.complex64)
-        pairs = torch.view_as_complex(x.to(real).unflatten(-1, (-1, 2)))  # (B, T, H, hd/2)
+        xr = x.to(real)
+        if xr.stride(-1) != 1 or xr.storage_offset() % 2 or any(st % 2 for st in xr.stride()[:-1]):
+            xr = xr.contiguous()  # view_as_complex needs pairs adjacent and aligned
+        pairs = torch.view_as_complex(xr.unflatten(-1, (-1, 2)))  # (B, T, H, hd/2)
         out = torch.view_as_real(pairs * rotation[None, :, None, :])  # (B, T, H, hd/2, 2)
         return out.flatten(-2).to(x.dtype)  # (B, T, H, hd)
 

@@ -206,8 +206,9 @@ def setup(cfg: TrainConfig, resume_state: Optional[dict], log) -> "tuple[Run, Pr
         config_text = json.dumps(cfg.to_dict(), indent=2) + "\n"
         atomic_write(out_dir / CONFIG_NAME, lambda fh: fh.write(config_text.encode()))
         metrics = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
-        backend = resolve_backend(model_cfg.attn_backend, device,
-                                  precision.autocast_dtype or torch.float32,
+        # Under CPU autocast, attention() computes in float32 (see minigpt.attention).
+        attn_dtype = (precision.autocast_dtype if device.type != "cpu" else None) or torch.float32
+        backend = resolve_backend(model_cfg.attn_backend, device, attn_dtype,
                                   model_cfg.head_dim, causal=True)
         log(f"minigpt: {raw_model.num_params() / 1e6:.2f}M parameters"
             + (f" (pretrained: {pretrained['source']})" if pretrained is not None else "")

@@ -419,7 +419,15 @@ def test_scripts_exit_2_with_one_line_on_a_missing_device(script, tmp_path, text
 def test_precision_auto_picks_bf16_or_float16_with_a_scaler(monkeypatch):
     from minigpt import runtime
 
-    assert resolve_precision("auto", torch.device("cpu")).autocast_dtype is None
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert not runtime.bf16_supported(cpu)
+    assert resolve_precision("auto", cpu).autocast_dtype is None  # no bf16 instructions
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    p = resolve_precision("auto", cpu)  # AVX512_BF16 (Zen 4, Cooper Lake)
+    assert p.autocast_dtype is torch.bfloat16 and not p.needs_grad_scaler
+    assert resolve_precision("auto", torch.device("mps")).autocast_dtype is None
     cuda = torch.device("cuda")
     monkeypatch.setattr(runtime, "bf16_supported", lambda d: True)
     p = resolve_precision("auto", cuda)
