@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from minigpt.config import ConfigError, GPTConfig, TrainConfig
 from minigpt.model import GPT
-from minigpt.optim import Optimizers, build_optimizer
+from minigpt.optim import Muon, Optimizers, build_optimizer
 
 
 def tiny_model(**kw):
@@ -24,7 +24,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     opt = build_optimizer(model, TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr_scale=20.0),
                           "cpu")
     adamw, muon = opt.members
-    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, Muon)
     names = {id(p): n for n, p in model.named_parameters()}
     in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
     in_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
@@ -140,3 +140,35 @@ def test_relu2_untied_and_zero_init():
     # Untied: the head is a second V x C matrix.
     tied = tiny_model()
     assert fresh.num_params() == tied.num_params() + 50 * 32
+
+
+@pytest.mark.parametrize("nesterov, weight_decay, adjust", [(True, 0.0, None),
+                                                            (False, 0.1, "match_rms_adamw")])
+def test_batched_muon_matches_torch_muon(nesterov, weight_decay, adjust):
+    """minigpt.optim.Muon batches same-shaped matrices; its steps are torch.optim.Muon's (both
+    orthogonalise in bfloat16, so agreement is to bfloat16 rounding of the update)."""
+    from minigpt.optim import Muon
+
+    g = torch.Generator().manual_seed(5)
+    shapes = [(24, 8), (8, 24), (8, 24), (16, 16), (24, 8), (5, 7)]  # tall, wide, square, odd
+    start = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
+    kw = dict(lr=0.02, momentum=0.9, nesterov=nesterov, weight_decay=weight_decay,
+              adjust_lr_fn=adjust)
+    ours = [p.clone().requires_grad_() for p in start]
+    theirs = [p.clone().requires_grad_() for p in start]
+    opt_ours, opt_theirs = Muon(ours, **kw), torch.optim.Muon(theirs, **kw)
+    for step in grads:
+        for p, q, gr in zip(ours, theirs, step):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        opt_ours.step()
+        opt_theirs.step()
+    for p, q, p0 in zip(ours, theirs, start):
+        moved = (q - p0).abs().max().item()
+        assert moved > 1e-3  # the steps did something
+        torch.testing.assert_close(p, q, atol=0.02 * moved, rtol=0)
+    # Same state layout: a checkpoint of one loads into the other.
+    opt_theirs.load_state_dict(opt_ours.state_dict())
+    for p, q in zip(ours, theirs):
+        assert torch.equal(opt_ours.state[p]["momentum_buffer"],
+                           opt_theirs.state[q]["momentum_buffer"])
