@@ -269,7 +269,12 @@ class CausalSelfAttention(nn.Module):
         model uses it): q (B, nh, T, hd), k and v (B, nkv, T, hd), as views of one projection."""
         B, T, C = x.size()  # batch, time, channels (n_embd)
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.c_attn(x).split([nh * hd, nkv * hd, nkv * hd], dim=2)
+        qkv = self.c_attn(x)  # (B, T, (nh + 2 nkv) hd)
+        if qkv.dtype != torch.float32 and qkv.is_cpu and torch.is_autocast_enabled("cpu"):
+            # attention() computes in float32 under CPU autocast: cast once, before the norms
+            # and RoPE, instead of q, k and v each on the way in.
+            qkv = qkv.float()
+        q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=2)
         q = self.q_norm(q.view(B, T, nh, hd))  # (B, T, nh, hd)
         k = self.k_norm(k.view(B, T, nkv, hd))  # (B, T, nkv, hd)
         if self.rotary is not None:
