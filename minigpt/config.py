@@ -264,8 +264,6 @@ class TrainConfig:
     beta1: float = 0.9                # AdamW first-moment decay
     beta2: float = 0.99               # AdamW second-moment decay
     grad_clip: float = 1.0            # max global grad norm; 0 disables
-    embedding_lr_scale: float = 1.0   # the token embedding's AdamW learning rate (and so the
-                                      # tied output head's) as a multiple of learning_rate
     muon_lr_scale: float = 10.0       # "muon": the hidden matrices' learning rate as a multiple
                                       # of learning_rate (so 0.02 at the default peak)
     muon_momentum: float = 0.9        # "muon": Nesterov momentum
@@ -324,8 +322,7 @@ class TrainConfig:
                f"must be one of {', '.join(self.LR_SCHEDULES)}")
         _check(owner, self, "cooldown_frac", lambda x: _is_number(x) and 0 < x <= 1,
                "must be in (0, 1]")
-        for name in ("muon_lr_scale", "embedding_lr_scale"):
-            _check(owner, self, name, lambda x: _is_number(x) and x > 0, "must be > 0")
+        _check(owner, self, "muon_lr_scale", lambda x: _is_number(x) and x > 0, "must be > 0")
         _check(owner, self, "muon_momentum", lambda x: _is_number(x) and 0 <= x < 1,
                "must be in [0, 1)")
         for name in ("min_lr", "weight_decay", "grad_clip", "muon_weight_decay", "max_time"):

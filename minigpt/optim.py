@@ -171,17 +171,10 @@ def build_optimizer(model: torch.nn.Module, cfg, device_type: str) -> Optimizers
     muon = cfg.optimizer == "muon"
     hidden = [p for n, p in named if muon and p.dim() >= 2 and n.startswith("transformer.h.")]
     hidden_ids = {id(p) for p in hidden}
-    # The token embedding has a group of its own only when its rate differs, so that runs
-    # without embedding_lr_scale keep two AdamW groups (and their checkpoints' layout).
-    embedding = [p for n, p in named
-                 if n == "transformer.wte.weight" and cfg.embedding_lr_scale != 1.0]
-    skip = hidden_ids | {id(p) for p in embedding}
-    rest = [p for _, p in named if id(p) not in skip]
+    rest = [p for _, p in named if id(p) not in hidden_ids]
     adamw_groups = [
         {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
-        {"params": embedding, "weight_decay": cfg.weight_decay,
-         "lr_scale": cfg.embedding_lr_scale},
     ]
     members = [_adamw([g for g in adamw_groups if g["params"]], cfg, device_type)]
     if hidden:
