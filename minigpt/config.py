@@ -251,7 +251,7 @@ class TrainConfig:
     batch_size: int = 32              # sequences per micro-step (per process)
     grad_accum: int = 1               # micro-steps per optimizer step
     max_iters: int = 1400             # optimizer steps
-    learning_rate: float = 2e-3       # peak learning rate
+    learning_rate: float = 3e-3       # peak learning rate
     min_lr: float = 2e-4              # floor of the cosine decay
     warmup_iters: int = 30            # linear warmup steps
     lr_decay_iters: Optional[int] = None  # length of the schedule; None = max_iters
@@ -265,7 +265,7 @@ class TrainConfig:
     beta2: float = 0.99               # AdamW second-moment decay
     grad_clip: float = 1.0            # max global grad norm; 0 disables
     muon_lr_scale: float = 10.0       # "muon": the hidden matrices' learning rate as a multiple
-                                      # of learning_rate (so 0.02 at the default peak)
+                                      # of learning_rate (so 0.03 at the default peak)
     muon_momentum: float = 0.9        # "muon": Nesterov momentum
     muon_weight_decay: float = 0.0    # "muon": decoupled weight decay of the hidden matrices
     muon_ns_steps: int = 5            # "muon": Newton-Schulz iterations that orthogonalise

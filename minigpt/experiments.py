@@ -62,12 +62,15 @@ ABLATIONS: Dict[str, tuple] = {
     "relu2": ("ReLU^2 MLP instead of GELU (So et al. 2021)", {"model": {"activation": "relu2"}}),
     "untied_zero_init": ("untied output head, residual projections and head zero-initialised",
                          {"model": {"tie_embeddings": False, "zero_init_proj": True}}),
+    "lr_2e-3": ("peak learning rate 2e-3 (Muon 0.02) instead of 3e-3 (Muon 0.03)",
+                {"learning_rate": 2e-3}),
     "float32": ("float32 instead of bf16 autocast (dtype auto on a CPU with bf16 "
                 "instructions)", {"dtype": "float32"}),
     "previous_default": ("the previous default: AdamW, cosine, 100 warmup steps, no QK-norm, "
                          "float32",
                          {"optimizer": "adamw", "lr_schedule": "cosine", "warmup_iters": 100,
-                          "dtype": "float32", "model": {"qk_norm": False}}),
+                          "learning_rate": 2e-3, "dtype": "float32",
+                          "model": {"qk_norm": False}}),
 }
 
 
