@@ -144,3 +144,29 @@ def test_unknown_backend():
     q, k, v = rand_qkv(1, 2, 2, 4, 4, 16, requires_grad=False)
     with pytest.raises(ValueError, match=r"backend must be one of"):
         attention(q, k, v, backend="flash")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_autocast_computes_in_float32(dtype, monkeypatch):
+    """Under torch.autocast("cpu"), low-precision CPU inputs run in float32 (on "ext" where it
+    is built) and give float32 out; the float64 reference of the same (rounded) inputs agrees
+    to float32 accuracy, and gradients come back in the inputs' dtype."""
+    q, k, v = rand_qkv(2, 4, 2, 33, 33, 32, dtype=dtype, seed=4)
+    import dataclasses
+
+    from minigpt.attention import REGISTRY
+
+    calls = []
+    default = minigpt.attention_backends()["default"]  # "ext" where built
+    entry = REGISTRY[default]
+    monkeypatch.setitem(REGISTRY, default, dataclasses.replace(
+        entry, fn=lambda *a: calls.append(a[0].dtype) or entry.fn(*a)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v, causal=True)
+    assert calls == [torch.float32] and out.dtype == torch.float32
+    ref = reference_attention(q.double(), k.double(), v.double(), causal=True)
+    assert max_err(out, ref) < 1e-5
+    dq, dk, dv = _grads(out, (q, k, v))
+    assert dq.dtype == dk.dtype == dv.dtype == dtype
+    # Outside autocast the inputs' dtype is kept (and "ext", float32/float64 only, is not used).
+    assert attention(q, k, v, causal=True).dtype == dtype
