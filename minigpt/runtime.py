@@ -190,6 +190,11 @@ class Distributed:
             torch.distributed.all_reduce(t)
         return t
 
+    def barrier(self) -> None:
+        """Wait until every rank gets here (nothing when alone)."""
+        if self.enabled:
+            torch.distributed.barrier()
+
     def close(self) -> None:
         if self.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

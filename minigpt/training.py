@@ -138,6 +138,9 @@ def train(cfg: TrainConfig, log=print, resume_state: Optional[dict] = None) -> T
                         save_interrupted(run, progress)
                         break
                     train_step(run, progress)
+            # Every rank tears the process group down together: a rank that closed its gloo
+            # connections while another was still saving made that one abort at exit.
+            run.dist.barrier()
         finally:
             teardown(run)
         return summarize(run, progress)
