@@ -270,7 +270,8 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()  # batch, time, channels (n_embd)
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.c_attn(x)  # (B, T, (nh + 2 nkv) hd)
-        if qkv.dtype != torch.float32 and qkv.is_cpu and torch.is_autocast_enabled("cpu"):
+        if qkv.dtype in (torch.bfloat16, torch.float16) and qkv.is_cpu and \
+                torch.is_autocast_enabled("cpu"):
             # attention() computes in float32 under CPU autocast: cast once, before the norms
             # and RoPE, instead of q, k and v each on the way in.
             qkv = qkv.float()
