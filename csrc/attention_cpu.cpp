@@ -1105,6 +1105,9 @@ void run_backward(const AttentionParams& p) {
 const char* attention_cpu_isa() { return use_avx2() ? "avx2+fma" : "portable"; }
 
 void attention_forward_cpu(const AttentionParams& p) {
+  // No query rows (B, Hq or Tq is 0): out and lse are empty. The work splits below divide by
+  // these sizes, so they must never see them.
+  if (p.B == 0 || p.Hq == 0 || p.Tq == 0) return;
   if (p.dtype == DType::Float32)
     run_forward<float, float>(p, static_cast<float*>(p.out), p.out_stride, p.lse);
   else
@@ -1112,6 +1115,9 @@ void attention_forward_cpu(const AttentionParams& p) {
 }
 
 void attention_backward_cpu(const AttentionParams& p) {
+  // An empty batch has empty gradients. (Tq == 0 with keys is not empty: dK and dV are zeros,
+  // which the kernels below write.)
+  if (p.B == 0 || p.Hq == 0) return;
   if (p.dtype == DType::Float32)
     run_backward<float>(p);
   else

@@ -66,7 +66,7 @@ inline void check_bhtd(const char* op, const char* name, const at::Tensor& t,
               t.scalar_type(), " but q has ", q.scalar_type(), " (shape ", t.sizes(), ")");
   TORCH_CHECK(t.device() == q.device(), op, ": ", name, " is on ", t.device(), " but q is on ",
               q.device(), " (shape ", t.sizes(), ")");
-  TORCH_CHECK(t.stride(3) == 1 || t.size(3) <= 1, op, ": ", name,
+  TORCH_CHECK(t.stride(3) == 1 || t.size(3) <= 1 || t.numel() == 0, op, ": ", name,
               " must have a contiguous last dimension, got shape ", t.sizes(), " and strides ",
               t.strides());
 }

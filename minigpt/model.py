@@ -294,7 +294,7 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.update(layer, k, v)  # (B, nkv, Tk, hd), Tk = cached + T
         y = attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes, window=self.window,
                       backend=self.backend)  # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hd): head outputs side by side
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh * hd)
         return self.resid_dropout(self.c_proj(y))
 
 

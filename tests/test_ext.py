@@ -443,3 +443,37 @@ def test_decode_path_gradcheck(causal, num_threads):
     q, k, v = rand_qkv(1, 4, 2, 3, 9, 8, dtype=torch.float64, seed=5)
     assert torch.autograd.gradcheck(
         lambda q, k, v: attention(q, k, v, causal=causal, backend="ext"), (q, k, v))
+
+
+@needs_ext
+def test_empty_batch_and_empty_query_rows():
+    """B = 0 (every Tq, the decode path's Tq <= 4 included) and Tq = 0 give empty or zero
+    results on every backend, never a crash. A subprocess, because the failure this guards
+    against was SIGFPE (an integer division by B * Hkv), which kills the interpreter."""
+    code = r"""
+import torch, minigpt
+from minigpt.model import GPT, GPTConfig
+for backend in ("ext", "sdpa", "naive"):
+    for B, H, Tq, Tk in ((0, 2, 3, 3), (0, 2, 9, 9), (0, 2, 1, 300)):
+        q = torch.randn(B, H, Tq, 16, requires_grad=True)
+        k = torch.randn(B, H, Tk, 16, requires_grad=True)
+        out = minigpt.attention(q, k, k, backend=backend)
+        assert out.shape == q.shape, (backend, out.shape)
+        out.sum().backward()
+        assert q.grad.shape == q.shape and k.grad.shape == k.shape
+    q = torch.randn(1, 2, 0, 16, requires_grad=True)
+    k = torch.randn(1, 2, 5, 16, requires_grad=True)
+    out = minigpt.attention(q, k, k, causal=False, backend=backend)
+    out.sum().backward()
+    assert out.shape == (1, 2, 0, 16) and torch.equal(k.grad, torch.zeros_like(k)), backend
+out, lse = torch.ops.minigpt.attention_forward(*(torch.randn(0, 2, 3, 16),) * 3, True, 0.25)
+assert out.shape == (0, 2, 3, 16) and lse.shape == (0, 2, 3)
+model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=32))
+for T in (3, 7):
+    assert model(torch.zeros(0, T, dtype=torch.long))[0].shape == (0, T, 50)
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (
+        f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
