@@ -26,7 +26,8 @@ enum class DType : int { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
 // template instances (csrc/cuda/common.cuh, which static_asserts it matches) and
 // minigpt._C.build_info() (which Python reads) all derive from these lists.
 inline constexpr int kCudaHeadDims[] = {32, 64, 96, 128};
-inline constexpr DType kCpuDTypes[] = {DType::Float32, DType::Float64};
+inline constexpr DType kCpuDTypes[] = {DType::Float32, DType::Float64, DType::BFloat16,
+                                       DType::Float16};
 inline constexpr DType kCudaDTypes[] = {DType::BFloat16, DType::Float16, DType::Float32};
 // The optional score terms each device's kernels implement (AttentionParams::alibi_slopes and
 // ::window). The host refuses a term a device's kernels lack; Python routes such calls elsewhere.
@@ -105,9 +106,16 @@ struct AttentionParams {
   int64_t group_size() const { return Hq / Hkv; }  // query heads per kv head (GQA)
 };
 
-// CPU kernels (csrc/attention_cpu.cpp). They read p.dtype (Float32 or Float64 on CPU).
+// CPU kernels (csrc/attention_cpu.cpp). They read p.dtype: any of kCpuDTypes (BFloat16 and
+// Float16 go to the kernels below).
 void attention_forward_cpu(const AttentionParams& p);
 void attention_backward_cpu(const AttentionParams& p);
+// The BFloat16/Float16 CPU kernels (csrc/attention_cpu_bf16.cpp), and how their tile products
+// run: "brgemm-vnni" (oneDNN micro-kernel on VNNI-packed operands, AMX where the CPU has it) or
+// "brgemm" (ATen's 16-bit GEMM on plain operands).
+void attention_forward_cpu16(const AttentionParams& p);
+void attention_backward_cpu16(const AttentionParams& p);
+const char* attention_cpu_gemm16(DType dtype);
 // Instruction set the CPU kernels use on this machine: "avx2+fma" or "portable".
 const char* attention_cpu_isa();
 

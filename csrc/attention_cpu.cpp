@@ -1108,6 +1108,7 @@ void attention_forward_cpu(const AttentionParams& p) {
   // No query rows (B, Hq or Tq is 0): out and lse are empty. The work splits below divide by
   // these sizes, so they must never see them.
   if (p.B == 0 || p.Hq == 0 || p.Tq == 0) return;
+  if (p.dtype == DType::BFloat16 || p.dtype == DType::Float16) return attention_forward_cpu16(p);
   if (p.dtype == DType::Float32)
     run_forward<float, float>(p, static_cast<float*>(p.out), p.out_stride, p.lse);
   else
@@ -1118,6 +1119,7 @@ void attention_backward_cpu(const AttentionParams& p) {
   // An empty batch has empty gradients. (Tq == 0 with keys is not empty: dK and dV are zeros,
   // which the kernels below write.)
   if (p.B == 0 || p.Hq == 0) return;
+  if (p.dtype == DType::BFloat16 || p.dtype == DType::Float16) return attention_backward_cpu16(p);
   if (p.dtype == DType::Float32)
     run_backward<float>(p);
   else

@@ -1,0 +1,512 @@
+// minigpt attention: CPU forward and backward for bfloat16 and float16.
+//
+// Same algorithm as the float32 kernels (csrc/attention_cpu.cpp: FlashAttention-2, Dao 2023,
+// Alg. 1 and 2), with the tile products done by ATen's CPU batch-reduce GEMM,
+// at::native::cpublas::brgemm: 16-bit inputs, float32 accumulation. Where the CPU has AMX tiles
+// (or another oneDNN micro-kernel), brgemm runs oneDNN's micro-kernel on operands packed in the
+// VNNI layout (pairs of reduction rows interleaved, cpublas::pack); elsewhere it runs ATen's
+// 16-bit GEMM on plain row-major operands (AVX512-BF16 dot products where the CPU has them).
+// PyTorch's own CPU flash attention multiplies its tiles the same way.
+//
+// Precision: scores, the online softmax (m, l), lse, delta and every accumulator (O~, dK, dV,
+// dQ) are float32. P and dS are rounded to the input dtype before their products, as
+// FlashAttention-2 does on GPUs; the error stays within the project's rule (at most 2x the naive
+// computation's error in the same dtype, both against float64).
+//
+// Work split (as in the float32 kernels, so GQA reads K and V once per kv head):
+//   forward: one unit per (batch, kv head, query tile); its rows are the tile's query rows of all
+//     G query heads of the group, stacked (row r is head g = r / nr, position r0 + r % nr).
+//   backward: one unit per (batch, kv head, key tile), owning its rows of dK and dV; dQ is summed
+//     in per-worker float32 buffers, reduced in worker order at the end (deterministic).
+#include "attention.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "attention_cpu_common.h"
+
+namespace minigpt {
+namespace {
+
+namespace cpublas = at::native::cpublas;
+
+// Query rows per head in a forward unit, keys per forward tile, and the backward's square tiles.
+// 128 keys keep a tile's float32 scores (G * 64 x 128) in L2 and give brgemm long rows.
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 128;
+constexpr int64_t kBwdBlock = 64;
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+template <typename T>
+constexpr at::ScalarType scalar_type_of() {
+  return std::is_same_v<T, at::BFloat16> ? at::kBFloat16 : at::kHalf;
+}
+
+// VNNI layout wanted (and the micro-kernel available) for this dtype on this CPU. Decided once:
+// MINIGPT_CPU_VNNI=0 turns it off (plain row-major operands and ATen's GEMM).
+template <typename T>
+bool use_vnni() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("MINIGPT_CPU_VNNI");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+    return cpublas::could_pack(scalar_type_of<T>());
+  }();
+  return enabled;
+}
+
+// exp for float, written for the auto-vectoriser (no branches, no calls): Cephes expf's range
+// reduction and polynomial, as vexp in attention_cpu.cpp. exp(-inf) and anything below -87 give 0.
+inline float exp_poly(float x) {
+  const float xc = std::min(std::max(x, -87.0f), 88.0f);
+  const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds
+  const float n = (xc * 1.44269504088896341f + round_magic) - round_magic;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return x < -87.0f ? 0.0f : y * two_n;
+}
+
+#define MINIGPT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+// p[c] = exp(s[c] - m) for c < n, stored as float and as T; returns the sum of the floats.
+template <typename T>
+MINIGPT_CLONES float exp_row(const float* s, float m, int64_t n, float* p, T* pt) {
+  float sum = 0.0f;
+#pragma GCC ivdep
+  for (int64_t c = 0; c < n; ++c) {
+    const float e = exp_poly(s[c] - m);
+    p[c] = e;
+    sum += e;
+  }
+  for (int64_t c = 0; c < n; ++c) pt[c] = static_cast<T>(p[c]);
+  return sum;
+}
+
+MINIGPT_CLONES float max_row(const float* s, int64_t n, float m) {
+  for (int64_t c = 0; c < n; ++c) m = std::max(m, s[c]);
+  return m;
+}
+
+MINIGPT_CLONES void scale_row(float* x, int64_t n, float a) {
+  for (int64_t c = 0; c < n; ++c) x[c] *= a;
+}
+
+// ds[c] = scale * p[c] * (dp[c] - delta), as T.
+template <typename T>
+MINIGPT_CLONES void ds_row(const float* p, const float* dp, float delta, float scale, int64_t n,
+                           T* ds) {
+  for (int64_t c = 0; c < n; ++c) ds[c] = static_cast<T>(scale * p[c] * (dp[c] - delta));
+}
+
+// The scores of one row of a tile, in place: scale (and ALiBi), then -inf on keys the row may not
+// see. Row position t (in query coordinates), keys j0 .. j0 + n - 1.
+void transform_row(const AttentionParams& p, float* s, int64_t n, int64_t t, int64_t j0,
+                   float slope, bool alibi) {
+  const float scale = p.scale;
+  if (alibi) {
+    for (int64_t c = 0; c < n; ++c)
+      s[c] = s[c] * scale - slope * static_cast<float>(t + p.causal_offset() - j0 - c);
+  } else {
+    scale_row(s, n, scale);
+  }
+  if (p.causal) {
+    const int64_t last = t + p.causal_offset();  // last visible key
+    for (int64_t c = std::max<int64_t>(0, last - j0 + 1); c < n; ++c) s[c] = kNegInf;
+    const int64_t first = p.first_key(t);  // window
+    for (int64_t c = 0; c < std::min<int64_t>(n, first - j0); ++c) s[c] = kNegInf;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile products. C[M x N] (+)= A[M x K] B[K x N], float32 C. A is row-major with leading dim
+// lda; B is a Operand prepared by prepare_b. In the VNNI layout the reduction dim K is padded to
+// even, and A must then have a zero (or at least finite) column K: prepare_a copies A when K is
+// odd.
+
+template <typename T>
+struct Operand {
+  const T* ptr;
+  int64_t ld;
+};
+
+// B (K x N, row-major, leading dim ld) as brgemm wants it: as it is, or packed into `packed`
+// (room for round_up(K, 2) * N elements; `tmp` the same) when the VNNI layout is in use.
+template <typename T>
+Operand<T> prepare_b(int64_t K, int64_t N, const T* b, int64_t ld, T* packed, T* tmp) {
+  if (!use_vnni<T>()) return {b, ld};
+  const int64_t Kp = round_up(K, 2);
+  for (int64_t k = 0; k < K; ++k) std::memcpy(tmp + k * N, b + k * ld, N * sizeof(T));
+  if (Kp != K) std::fill(tmp + K * N, tmp + Kp * N, T(0));
+  cpublas::pack(Kp, N, N, N, scalar_type_of<T>(), scalar_type_of<T>(), tmp, packed);
+  return {packed, N};
+}
+
+// A (M x K, leading dim lda), with K padded to even by a zero column when the VNNI layout needs
+// it (copied into tmp, room for M * (K + 1)).
+template <typename T>
+Operand<T> prepare_a(int64_t M, int64_t K, const T* a, int64_t lda, T* tmp) {
+  if (!use_vnni<T>() || K % 2 == 0) return {a, lda};
+  for (int64_t m = 0; m < M; ++m) {
+    std::memcpy(tmp + m * (K + 1), a + m * lda, K * sizeof(T));
+    tmp[m * (K + 1) + K] = T(0);
+  }
+  return {tmp, K + 1};
+}
+
+template <typename T>
+void tile_gemm(int64_t M, int64_t N, int64_t K, Operand<T> a, Operand<T> b, float* c, int64_t ldc,
+               bool accumulate) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (!accumulate)
+      for (int64_t m = 0; m < M; ++m) std::fill(c + m * ldc, c + m * ldc + N, 0.0f);
+    return;
+  }
+  const bool vnni = use_vnni<T>();
+  cpublas::brgemm(M, N, vnni ? round_up(K, 2) : K, a.ld, b.ld, ldc, accumulate, a.ptr, b.ptr, c,
+                  vnni);
+}
+
+// Transposes rows x cols of src (leading dim lds) into dst (cols x rows, leading dim ldd).
+template <typename T>
+void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst, int64_t ldd) {
+  constexpr int64_t kB = 16;  // cache blocking
+  for (int64_t r0 = 0; r0 < rows; r0 += kB)
+    for (int64_t c0 = 0; c0 < cols; c0 += kB)
+      for (int64_t r = r0; r < std::min(rows, r0 + kB); ++r)
+        for (int64_t c = c0; c < std::min(cols, c0 + kB); ++c) dst[c * ldd + r] = src[r * lds + c];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward.
+
+template <typename T>
+void run_forward(const AttentionParams& p) {
+  const int64_t D = p.D, G = p.group_size(), Tk = p.Tk;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  T* out = static_cast<T*>(p.out);
+  const bool vnni = use_vnni<T>();
+  const bool alibi = p.alibi_slopes != nullptr;
+
+  // K^T of every (batch, kv head), (D, Tk) row-major: the B operand of S = Q K^T.
+  const int64_t pairs = p.B * p.Hkv;
+  at::Tensor kt_buf = at::empty({pairs * D * Tk}, at::TensorOptions().dtype(scalar_type_of<T>()));
+  T* kt = kt_buf.data_ptr<T>();
+  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t b = pair / p.Hkv, h = pair % p.Hkv;
+      transpose(Tk, D, k + b * p.k_stride.b + h * p.k_stride.h, p.k_stride.t, kt + pair * D * Tk,
+                Tk);
+    }
+  });
+
+  const int64_t query_tiles = ceil_div(p.Tq, kBlockQ);
+  const int64_t units = pairs * query_tiles;
+  std::vector<int64_t> cost(units);
+  for (int64_t u = 0; u < units; ++u) {
+    const int64_t r0 = (u % query_tiles) * kBlockQ, nr = std::min(kBlockQ, p.Tq - r0);
+    cost[u] = 1 + ceil_div(visible_key_end(p, r0, nr) - p.first_key(r0), kBlockK);
+  }
+  const std::vector<int64_t> bounds = split_by_cost(cost.data(), units, at::get_num_threads());
+  const int64_t workers = static_cast<int64_t>(bounds.size()) - 1;
+
+  // Per-worker scratch. T: the gathered Q rows (R x Dp), P (R x Kp + 2), the packed K^T and V
+  // tiles and a staging buffer for packing. float: S then P (R x Kp), O~ (R x D), m and l.
+  const int64_t R = G * kBlockQ, Dp = round_up(D, 2), Kp = kBlockK;
+  const int64_t t_elems = R * Dp + R * (Kp + 2) + Dp * Kp + Kp * D + std::max(Dp * Kp, Kp * D);
+  const int64_t f_elems = R * Kp + R * D + 2 * R;
+  at::Tensor t_scratch =
+      at::empty({workers * t_elems}, at::TensorOptions().dtype(scalar_type_of<T>()));
+  at::Tensor f_scratch = at::empty({workers * f_elems}, at::TensorOptions().dtype(at::kFloat));
+
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      T* ts = t_scratch.data_ptr<T>() + w * t_elems;
+      T* qbuf = ts;                      // (R, Dp)
+      T* pbuf = qbuf + R * Dp;           // (R, Kp + 2): P as T, even-padded columns
+      T* kt_packed = pbuf + R * (Kp + 2);
+      T* v_packed = kt_packed + Dp * Kp;
+      T* tmp = v_packed + Kp * D;
+      float* s = f_scratch.data_ptr<float>() + w * f_elems;  // (R, Kp) scores, then P
+      float* acc = s + R * Kp;                               // (R, D): O~
+      float* row_max = acc + R * D;
+      float* row_sum = row_max + R;
+
+      for (int64_t u = bounds[w]; u < bounds[w + 1]; ++u) {
+        const int64_t i = u % query_tiles, pair = u / query_tiles;
+        const int64_t b = pair / p.Hkv, kvh = pair % p.Hkv;
+        const int64_t r0 = i * kBlockQ, nr = std::min(kBlockQ, p.Tq - r0), rows = G * nr;
+        // Stack the tile's rows of the G query heads; pad D to even for the VNNI layout.
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t h = kvh * G + r / nr, t = r0 + r % nr;
+          std::memcpy(qbuf + r * Dp, q + b * p.q_stride.b + h * p.q_stride.h + t * p.q_stride.t,
+                      D * sizeof(T));
+          if (Dp != D) qbuf[r * Dp + D] = T(0);
+        }
+        std::fill(row_max, row_max + rows, kNegInf);
+        std::fill(row_sum, row_sum + rows, 0.0f);
+        std::fill(acc, acc + rows * D, 0.0f);
+
+        const int64_t key_end = visible_key_end(p, r0, nr), key_begin = p.first_key(r0);
+        const T* kt_pair = kt + pair * D * Tk;
+        const T* v_pair = v + b * p.v_stride.b + kvh * p.v_stride.h;
+        for (int64_t j0 = key_begin; j0 < key_end; j0 += kBlockK) {
+          const int64_t nk = std::min(kBlockK, key_end - j0), nkp = vnni ? round_up(nk, 2) : nk;
+          // S = Q K_j^T: B is the (D, nk) block of K^T.
+          const Operand<T> kt_b = prepare_b<T>(D, nk, kt_pair + j0, Tk, kt_packed, tmp);
+          tile_gemm<T>(rows, nk, D, {qbuf, Dp}, kt_b, s, Kp, false);
+          // Online softmax per row (Alg. 1), P written as T for the product with V.
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t h = kvh * G + r / nr, t = r0 + r % nr;
+            float* sr = s + r * Kp;
+            transform_row(p, sr, nk, t, j0, alibi ? p.alibi_slopes[h] : 0.0f, alibi);
+            const float m_old = row_max[r];
+            const float m_new = max_row(sr, nk, m_old);
+            // A row that has seen only masked keys keeps m = -inf; use 0 to keep exp(-inf) = 0.
+            const float m_safe = m_new == kNegInf ? 0.0f : m_new;
+            const float alpha = exp_poly(m_old - m_safe);
+            T* pr = pbuf + r * (Kp + 2);
+            const float sum = exp_row<T>(sr, m_safe, nk, sr, pr);
+            if (nkp != nk) pr[nk] = T(0);
+            row_sum[r] = alpha * row_sum[r] + sum;
+            row_max[r] = m_new;
+            if (alpha != 1.0f) scale_row(acc + r * D, D, alpha);
+          }
+          // O~ += P V_j.
+          const Operand<T> vb =
+              prepare_b<T>(nk, D, v_pair + j0 * p.v_stride.t, p.v_stride.t, v_packed, tmp);
+          tile_gemm<T>(rows, D, nk, {pbuf, Kp + 2}, vb, acc, D, true);
+        }
+
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t h = kvh * G + r / nr, t = r0 + r % nr;
+          const float l = row_sum[r], inv = l > 0.0f ? 1.0f / l : 0.0f;
+          T* o = out + b * p.out_stride.b + h * p.out_stride.h + t * p.out_stride.t;
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[r * D + d] * inv);
+          p.lse[(b * p.Hq + h) * p.Tq + t] = l > 0.0f ? row_max[r] + std::log(l) : kNegInf;
+        }
+      }
+    }
+    if (vnni) cpublas::brgemm_release(true);  // this thread's AMX tile state
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward (Alg. 2).
+
+template <typename T>
+void run_backward(const AttentionParams& p) {
+  const int64_t D = p.D, G = p.group_size(), Dp = round_up(D, 2);
+  const int64_t rows = p.B * p.Hq * p.Tq;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T* out = static_cast<const T*>(p.out);
+  const T* dout = static_cast<const T*>(p.dout);
+  const bool alibi = p.alibi_slopes != nullptr;
+  const bool vnni = use_vnni<T>();
+
+  // delta_i = rowsum(dO_i * O_i), summed in double (dP - delta cancels).
+  std::vector<float> delta(rows);
+  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t t = row % p.Tq, h = (row / p.Tq) % p.Hq, b = row / (p.Tq * p.Hq);
+      const T* o = out + b * p.out_stride.b + h * p.out_stride.h + t * p.out_stride.t;
+      const T* g = dout + b * p.dout_stride.b + h * p.dout_stride.h + t * p.dout_stride.t;
+      double sum = 0;
+      for (int64_t d = 0; d < D; ++d) sum += static_cast<double>(o[d]) * static_cast<float>(g[d]);
+      delta[row] = static_cast<float>(sum);
+    }
+  });
+
+  constexpr int64_t BK = kBwdBlock, BQ = kBwdBlock;
+  const int64_t key_tiles = ceil_div(p.Tk, BK);
+  const int64_t pairs = p.B * p.Hkv;
+  const int64_t units = pairs * key_tiles;
+  std::vector<int64_t> cost(units);
+  for (int64_t u = 0; u < units; ++u) {
+    const int64_t j0 = (u % key_tiles) * BK;
+    const int64_t end = query_tile_end(p, j0, std::min(BK, p.Tk - j0), BQ);
+    cost[u] = 1 + G * std::max<int64_t>(0, end - first_query_tile(p, j0, BQ));
+  }
+  const std::vector<int64_t> bounds = split_by_cost(cost.data(), units, at::get_num_threads());
+  const int64_t workers = static_cast<int64_t>(bounds.size()) - 1;
+  const int64_t head_size = p.Tq * D;
+
+  // Worker w's float32 dQ part covers the (batch, kv head) pairs its units touch.
+  auto pair_first = [&](int64_t w) { return bounds[w] / key_tiles; };
+  auto pair_last = [&](int64_t w) { return (bounds[w + 1] - 1) / key_tiles; };
+  std::vector<int64_t> part_offset(workers + 1, 0);
+  for (int64_t w = 0; w < workers; ++w)
+    part_offset[w + 1] = part_offset[w] + (bounds[w] == bounds[w + 1]
+                                               ? 0
+                                               : (pair_last(w) - pair_first(w) + 1) * G * head_size);
+  at::Tensor dq_parts = at::zeros({part_offset[workers]}, at::TensorOptions().dtype(at::kFloat));
+
+  // Per-worker scratch. T: K_j^T and V_j^T (Dp x BK) and their packed forms, K_j, Q_i and dO_i
+  // packed, a staging buffer for packing, P and dS (BQ x BK + 2) and their transposes
+  // (BK x BQ + 2), Q_i and dO_i with D padded (VNNI, odd D). float: S then P, dP (BQ x BK), and
+  // the dK and dV accumulators (BK x D).
+  const int64_t KT = Dp * BK, PB = BQ * (BK + 2), PT = BK * (BQ + 2);
+  const int64_t t_elems = 4 * KT + BK * D + 2 * BQ * D + std::max(KT, BK * D) + 2 * PB + 2 * PT +
+                          2 * BQ * (Dp + 1);
+  const int64_t f_elems = 2 * BQ * BK + 2 * BK * D;
+  at::Tensor t_scratch =
+      at::empty({workers * t_elems}, at::TensorOptions().dtype(scalar_type_of<T>()));
+  at::Tensor f_scratch = at::empty({workers * f_elems}, at::TensorOptions().dtype(at::kFloat));
+
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      if (bounds[w] == bounds[w + 1]) continue;
+      float* part = dq_parts.data_ptr<float>() + part_offset[w];
+      T* kt = t_scratch.data_ptr<T>() + w * t_elems;  // (D, nk) K_j^T
+      T* vt = kt + KT;                                // (D, nk) V_j^T
+      T* kt_packed = vt + KT;
+      T* vt_packed = kt_packed + KT;
+      T* k_packed = vt_packed + KT;
+      T* q_packed = k_packed + BK * D;
+      T* do_packed = q_packed + BQ * D;
+      T* tmp = do_packed + BQ * D;
+      T* pb = tmp + std::max(KT, BK * D);  // (nq, BK + 2) P as T
+      T* dsb = pb + PB;                     // (nq, BK + 2) dS as T
+      T* pbt = dsb + PB;                    // (nk, BQ + 2) P^T
+      T* dsbt = pbt + PT;                   // (nk, BQ + 2) dS^T
+      T* a_tmp = dsbt + PT;                 // Q_i and dO_i with D padded
+      float* s = f_scratch.data_ptr<float>() + w * f_elems;  // (nq, BK) S, then P
+      float* dp = s + BQ * BK;                               // (nq, BK) dP
+      float* dk_acc = dp + BQ * BK;
+      float* dv_acc = dk_acc + BK * D;
+
+      for (int64_t u = bounds[w]; u < bounds[w + 1]; ++u) {
+        const int64_t pair = u / key_tiles, b = pair / p.Hkv, kvh = pair % p.Hkv;
+        const int64_t j0 = (u % key_tiles) * BK, nk = std::min(BK, p.Tk - j0);
+        const int64_t nkp = vnni ? round_up(nk, 2) : nk;
+        const T* kj = k + b * p.k_stride.b + kvh * p.k_stride.h + j0 * p.k_stride.t;
+        const T* vj = v + b * p.v_stride.b + kvh * p.v_stride.h + j0 * p.v_stride.t;
+        // B operands of this key tile: K_j^T and V_j^T (D x nk), and K_j.
+        transpose(nk, D, kj, p.k_stride.t, kt, nk);
+        transpose(nk, D, vj, p.v_stride.t, vt, nk);
+        const Operand<T> ktb = prepare_b<T>(D, nk, kt, nk, kt_packed, tmp);
+        const Operand<T> vtb = prepare_b<T>(D, nk, vt, nk, vt_packed, tmp);
+        const Operand<T> kb = prepare_b<T>(nk, D, kj, p.k_stride.t, k_packed, tmp);
+        std::fill(dk_acc, dk_acc + nk * D, 0.0f);
+        std::fill(dv_acc, dv_acc + nk * D, 0.0f);
+
+        const int64_t i_begin = first_query_tile(p, j0, BQ), i_end = query_tile_end(p, j0, nk, BQ);
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t h = kvh * G + g;
+          const float slope = alibi ? p.alibi_slopes[h] : 0.0f;
+          float* dq_head = part + ((pair - pair_first(w)) * G + g) * head_size;
+          for (int64_t i = i_begin; i < i_end; ++i) {
+            const int64_t r0 = i * BQ, nq = std::min(BQ, p.Tq - r0);
+            const int64_t nqp = vnni ? round_up(nq, 2) : nq;
+            const T* qi = q + b * p.q_stride.b + h * p.q_stride.h + r0 * p.q_stride.t;
+            const T* doi = dout + b * p.dout_stride.b + h * p.dout_stride.h + r0 * p.dout_stride.t;
+            const Operand<T> qa = prepare_a<T>(nq, D, qi, p.q_stride.t, a_tmp);
+            const Operand<T> doa = prepare_a<T>(nq, D, doi, p.dout_stride.t, a_tmp + BQ * (Dp + 1));
+            // S = Q_i K_j^T and dP = dO_i V_j^T.
+            tile_gemm<T>(nq, nk, D, qa, ktb, s, BK, false);
+            tile_gemm<T>(nq, nk, D, doa, vtb, dp, BK, false);
+            const int64_t row0 = (b * p.Hq + h) * p.Tq + r0;
+            for (int64_t r = 0; r < nq; ++r) {
+              float* sr = s + r * BK;
+              transform_row(p, sr, nk, r0 + r, j0, slope, alibi);
+              const float lse = p.lse[row0 + r];
+              // P = exp(S - lse); a row with no visible key (lse = -inf) has P = 0.
+              const float m = lse == kNegInf ? std::numeric_limits<float>::infinity() : lse;
+              T* pr = pb + r * (BK + 2);
+              exp_row<T>(sr, m, nk, sr, pr);
+              ds_row<T>(sr, dp + r * BK, delta[row0 + r], p.scale, nk, dsb + r * (BK + 2));
+              if (nkp != nk) pr[nk] = dsb[r * (BK + 2) + nk] = T(0);
+            }
+            transpose(nq, nk, pb, BK + 2, pbt, BQ + 2);
+            transpose(nq, nk, dsb, BK + 2, dsbt, BQ + 2);
+            if (nqp != nq)
+              for (int64_t c = 0; c < nk; ++c) pbt[c * (BQ + 2) + nq] = dsbt[c * (BQ + 2) + nq] = T(0);
+            // dV_j += P^T dO_i, dK_j += dS^T Q_i (dS carries the scale), dQ_i += dS K_j.
+            const Operand<T> dob = prepare_b<T>(nq, D, doi, p.dout_stride.t, do_packed, tmp);
+            tile_gemm<T>(nk, D, nq, {pbt, BQ + 2}, dob, dv_acc, D, true);
+            const Operand<T> qb = prepare_b<T>(nq, D, qi, p.q_stride.t, q_packed, tmp);
+            tile_gemm<T>(nk, D, nq, {dsbt, BQ + 2}, qb, dk_acc, D, true);
+            tile_gemm<T>(nq, D, nk, {dsb, BK + 2}, kb, dq_head + r0 * D, D, true);
+          }
+        }
+        T* dkj = static_cast<T*>(p.dk) + b * p.dk_stride.b + kvh * p.dk_stride.h +
+                 j0 * p.dk_stride.t;
+        T* dvj = static_cast<T*>(p.dv) + b * p.dv_stride.b + kvh * p.dv_stride.h +
+                 j0 * p.dv_stride.t;
+        for (int64_t c = 0; c < nk; ++c)
+          for (int64_t d = 0; d < D; ++d) {
+            dkj[c * p.dk_stride.t + d] = static_cast<T>(dk_acc[c * D + d]);
+            dvj[c * p.dv_stride.t + d] = static_cast<T>(dv_acc[c * D + d]);
+          }
+      }
+    }
+    if (vnni) cpublas::brgemm_release(true);  // this thread's AMX tile state
+  });
+
+  // dQ = sum over workers, in worker order, of the parts covering each (batch, kv head) pair.
+  T* dq = static_cast<T*>(p.dq);
+  const float* parts_base = dq_parts.data_ptr<float>();
+  at::parallel_for(0, pairs * G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> sum(head_size);
+    for (int64_t pg = begin; pg < end; ++pg) {
+      const int64_t pair = pg / G, g = pg % G;
+      const int64_t h = (pair % p.Hkv) * G + g, b = pair / p.Hkv;
+      std::fill(sum.begin(), sum.end(), 0.0f);
+      for (int64_t w = 0; w < workers; ++w) {
+        if (bounds[w] == bounds[w + 1] || pair < pair_first(w) || pair > pair_last(w)) continue;
+        const float* part = parts_base + part_offset[w] + ((pair - pair_first(w)) * G + g) * head_size;
+        for (int64_t x = 0; x < head_size; ++x) sum[x] += part[x];
+      }
+      T* dq_h = dq + b * p.dq_stride.b + h * p.dq_stride.h;
+      for (int64_t t = 0; t < p.Tq; ++t)
+        for (int64_t d = 0; d < D; ++d) dq_h[t * p.dq_stride.t + d] = static_cast<T>(sum[t * D + d]);
+    }
+  });
+}
+
+}  // namespace
+
+const char* attention_cpu_gemm16(DType dtype) {
+  const bool vnni = dtype == DType::Float16 ? use_vnni<at::Half>() : use_vnni<at::BFloat16>();
+  return vnni ? "brgemm-vnni" : "brgemm";
+}
+
+void attention_forward_cpu16(const AttentionParams& p) {
+  if (p.dtype == DType::BFloat16)
+    run_forward<at::BFloat16>(p);
+  else
+    run_forward<at::Half>(p);
+}
+
+void attention_backward_cpu16(const AttentionParams& p) {
+  if (p.dtype == DType::BFloat16)
+    run_backward<at::BFloat16>(p);
+  else
+    run_backward<at::Half>(p);
+}
+
+}  // namespace minigpt
