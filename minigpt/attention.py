@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _build, _ext, ops
+from .runtime import bf16_supported
 
 __all__ = ["attention", "attention_backends", "BACKENDS", "Backend", "REGISTRY",
            "resolve_backend", "unavailable_reason", "available_backends"]
@@ -470,6 +471,23 @@ def _cpu_autocast(device: torch.device) -> bool:
     return device.type == "cpu" and torch.is_autocast_enabled("cpu")
 
 
+def cpu_autocast_dtype(dtype: torch.dtype, backend: Optional[str] = None) -> torch.dtype:
+    """The dtype attention() computes bfloat16/float16 CPU inputs in under torch.autocast("cpu"),
+    for the backend asked for (None: the default): bfloat16 itself where that backend is "ext",
+    its bfloat16 kernels are built and the CPU has bf16 dot-product instructions
+    (runtime.bf16_supported: AVX512_BF16 or AMX), where they run at the bf16 GEMM rate;
+    float32 otherwise (float16 always: CPUs without AMX-FP16 emulate it). The model calls
+    this too, to cast its projections once."""
+    cpu = torch.device("cpu")
+    if dtype == torch.bfloat16 and bf16_supported(cpu):
+        try:
+            if resolve_backend(backend, cpu, dtype) == "ext":
+                return dtype
+        except RuntimeError:  # "ext" forced where it cannot run: attention() says so
+            return dtype
+    return torch.float32
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
               scale: Optional[float] = None, alibi_slopes: Optional[torch.Tensor] = None,
               window: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
@@ -502,10 +520,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         Differentiable in q, k and v.
 
     dtypes: every backend takes float32 and float64 on CPU (and the dtypes torch supports
-    for "sdpa"/"naive"); "ext" implements float32/float64 on CPU and bfloat16/float16/float32
-    on CUDA. Inside ``torch.autocast("cpu")``, bfloat16/float16 CPU inputs are computed in
+    for "sdpa"/"naive"); "ext" implements float32/float64/bfloat16/float16 on CPU and
+    bfloat16/float16/float32 on CUDA. Inside ``torch.autocast("cpu")``, bfloat16/float16 CPU
+    inputs are computed in the dtype ``cpu_autocast_dtype`` gives: bfloat16 stays bfloat16 where
+    "ext" runs it on a CPU with bf16 dot-product instructions; otherwise they are computed in
     float32 and the output is float32, as autocast does for its float32 ops (softmax,
-    layer_norm): the CPU kernels accumulate in float32 anyway, and it keeps "ext" for them.
+    layer_norm).
 
     Raises:
         TypeError: a non-tensor argument, an integer dtype, or mixed dtypes.
@@ -519,7 +539,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     """
     _check_inputs(q, k, v, causal, scale, alibi_slopes, window)
     if q.dtype in (torch.bfloat16, torch.float16) and _cpu_autocast(q.device):
-        q, k, v = q.float(), k.float(), v.float()
+        dtype = cpu_autocast_dtype(q.dtype, backend)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     scale = float(scale)

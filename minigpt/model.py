@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention, attention_probs
+from .attention import attention, attention_probs, cpu_autocast_dtype
 from .config import GPTConfig
 
 
@@ -272,9 +272,9 @@ class CausalSelfAttention(nn.Module):
         qkv = self.c_attn(x)  # (B, T, (nh + 2 nkv) hd)
         if qkv.dtype in (torch.bfloat16, torch.float16) and qkv.is_cpu and \
                 torch.is_autocast_enabled("cpu"):
-            # attention() computes in float32 under CPU autocast: cast once, before the norms
-            # and RoPE, instead of q, k and v each on the way in.
-            qkv = qkv.float()
+            # Cast once to the dtype attention() computes in under CPU autocast, before the
+            # norms and RoPE, instead of q, k and v each on the way in.
+            qkv = qkv.to(cpu_autocast_dtype(qkv.dtype, self.backend))
         q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=2)
         q = self.q_norm(q.view(B, T, nh, hd))  # (B, T, nh, hd)
         k = self.k_norm(k.view(B, T, nkv, hd))  # (B, T, nkv, hd)
