@@ -35,7 +35,7 @@ def attention_inputs(draw):
     Hq = Hkv * draw(st.integers(1, 3))
     Tq, Tk = draw(SEQ), draw(SEQ)
     D = draw(HEAD_DIM)
-    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]))
     layout = draw(st.sampled_from(["contiguous", "transposed", "sliced"]))
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
@@ -77,7 +77,11 @@ def test_matches_reference_or_raises(case):
         check_rule(f"{backend} out", out, naive, ref, q.dtype)
         for name, g, n, r in zip("qkv", grads, naive_grads, ref_grads):
             assert torch.isfinite(g).all()
-            check_rule(f"{backend} d{name}", g, n, r, q.dtype, grad_scale(ref_grads))
+            # A 16-bit naive gradient can be exactly 0 (every row sees one key: P = 1); the
+            # kernels form dP and delta in float32 in different orders: float32's floor there.
+            exact = q.dtype in (torch.bfloat16, torch.float16) and max_err(n, r) == 0.0
+            check_rule(f"{backend} d{name}", g, n, r, torch.float32 if exact else q.dtype,
+                       grad_scale(ref_grads))
 
 
 @SETTINGS
