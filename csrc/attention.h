@@ -110,12 +110,9 @@ struct AttentionParams {
 // Float16 go to the kernels below).
 void attention_forward_cpu(const AttentionParams& p);
 void attention_backward_cpu(const AttentionParams& p);
-// The BFloat16/Float16 CPU kernels (csrc/attention_cpu_bf16.cpp), and how their tile products
-// run: "brgemm-vnni" (oneDNN micro-kernel on VNNI-packed operands, AMX where the CPU has it) or
-// "brgemm" (ATen's 16-bit GEMM on plain operands).
+// The BFloat16/Float16 CPU kernels (csrc/attention_cpu_bf16.cpp).
 void attention_forward_cpu16(const AttentionParams& p);
 void attention_backward_cpu16(const AttentionParams& p);
-const char* attention_cpu_gemm16(DType dtype);
 // Instruction set the CPU kernels use on this machine: "avx2+fma" or "portable".
 const char* attention_cpu_isa();
 

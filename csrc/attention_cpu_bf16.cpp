@@ -2,11 +2,12 @@
 //
 // Same algorithm as the float32 kernels (csrc/attention_cpu.cpp: FlashAttention-2, Dao 2023,
 // Alg. 1 and 2), with the tile products done by ATen's CPU batch-reduce GEMM,
-// at::native::cpublas::brgemm: 16-bit inputs, float32 accumulation. Where the CPU has AMX tiles
-// (or another oneDNN micro-kernel), brgemm runs oneDNN's micro-kernel on operands packed in the
-// VNNI layout (pairs of reduction rows interleaved, cpublas::pack); elsewhere it runs ATen's
-// 16-bit GEMM on plain row-major operands (AVX512-BF16 dot products where the CPU has them).
-// PyTorch's own CPU flash attention multiplies its tiles the same way.
+// at::native::cpublas::brgemm: 16-bit inputs, float32 accumulation, plain row-major operands
+// with any leading dimension (so q, k, v, dout are read in place, strided or not). On plain
+// operands brgemm runs ATen's 16-bit GEMM (oneDNN's bf16 matmul: AVX512-BF16 dot products on AMD
+// Zen 4, AMX on Intel Sapphire Rapids and later). oneDNN's micro-kernel on VNNI-packed operands,
+// which PyTorch's own CPU flash attention uses where AMX is present, is not used: it could not be
+// verified on a machine without AMX.
 //
 // Precision: scores, the online softmax (m, l), lse, delta and every accumulator (O~, dK, dV,
 // dQ) are float32. P and dS are rounded to the input dtype before their products, as
@@ -28,7 +29,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -53,18 +53,6 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 template <typename T>
 constexpr at::ScalarType scalar_type_of() {
   return std::is_same_v<T, at::BFloat16> ? at::kBFloat16 : at::kHalf;
-}
-
-// VNNI layout wanted (and the micro-kernel available) for this dtype on this CPU. Decided once:
-// MINIGPT_CPU_VNNI=0 turns it off (plain row-major operands and ATen's GEMM).
-template <typename T>
-bool use_vnni() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("MINIGPT_CPU_VNNI");
-    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-    return cpublas::could_pack(scalar_type_of<T>());
-  }();
-  return enabled;
 }
 
 // exp for float, written for the auto-vectoriser (no branches, no calls): Cephes expf's range
@@ -167,53 +155,18 @@ void transform_row(const AttentionParams& p, float* s, int64_t n, int64_t t, int
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tile products. C[M x N] (+)= A[M x K] B[K x N], float32 C. A is row-major with leading dim
-// lda; B is a Operand prepared by prepare_b. In the VNNI layout the reduction dim K is padded to
-// even, and A must then have a zero (or at least finite) column K: prepare_a copies A when K is
-// odd.
-
+// Tile products: C[M x N] (+)= A[M x K] B[K x N], A and B row-major 16-bit with leading dims lda
+// and ldb, C float32 with leading dim ldc.
 template <typename T>
-struct Operand {
-  const T* ptr;
-  int64_t ld;
-};
-
-// B (K x N, row-major, leading dim ld) as brgemm wants it: as it is, or packed into `packed`
-// (room for round_up(K, 2) * N elements; `tmp` the same) when the VNNI layout is in use.
-template <typename T>
-Operand<T> prepare_b(int64_t K, int64_t N, const T* b, int64_t ld, T* packed, T* tmp) {
-  if (!use_vnni<T>()) return {b, ld};
-  const int64_t Kp = round_up(K, 2);
-  for (int64_t k = 0; k < K; ++k) std::memcpy(tmp + k * N, b + k * ld, N * sizeof(T));
-  if (Kp != K) std::fill(tmp + K * N, tmp + Kp * N, T(0));
-  cpublas::pack(Kp, N, N, N, scalar_type_of<T>(), scalar_type_of<T>(), tmp, packed);
-  return {packed, N};
-}
-
-// A (M x K, leading dim lda), with K padded to even by a zero column when the VNNI layout needs
-// it (copied into tmp, room for M * (K + 1)).
-template <typename T>
-Operand<T> prepare_a(int64_t M, int64_t K, const T* a, int64_t lda, T* tmp) {
-  if (!use_vnni<T>() || K % 2 == 0) return {a, lda};
-  for (int64_t m = 0; m < M; ++m) {
-    std::memcpy(tmp + m * (K + 1), a + m * lda, K * sizeof(T));
-    tmp[m * (K + 1) + K] = T(0);
-  }
-  return {tmp, K + 1};
-}
-
-template <typename T>
-void tile_gemm(int64_t M, int64_t N, int64_t K, Operand<T> a, Operand<T> b, float* c, int64_t ldc,
-               bool accumulate) {
+void tile_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb,
+               float* c, int64_t ldc, bool accumulate) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     if (!accumulate)
       for (int64_t m = 0; m < M; ++m) std::fill(c + m * ldc, c + m * ldc + N, 0.0f);
     return;
   }
-  const bool vnni = use_vnni<T>();
-  cpublas::brgemm(M, N, vnni ? round_up(K, 2) : K, a.ld, b.ld, ldc, accumulate, a.ptr, b.ptr, c,
-                  vnni);
+  cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/false);
 }
 
 // Transposes rows x cols of src (leading dim lds) into dst (cols x rows, leading dim ldd).
@@ -330,7 +283,6 @@ void run_forward(const AttentionParams& p) {
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   T* out = static_cast<T*>(p.out);
-  const bool vnni = use_vnni<T>();
   const bool alibi = p.alibi_slopes != nullptr;
 
   // K^T of every (batch, kv head), (D, Tk) row-major: the B operand of S = Q K^T.
@@ -355,25 +307,21 @@ void run_forward(const AttentionParams& p) {
   const std::vector<int64_t> bounds = split_by_cost(cost.data(), units, at::get_num_threads());
   const int64_t workers = static_cast<int64_t>(bounds.size()) - 1;
 
-  // Per-worker scratch. T: the gathered Q rows (R x Dp), P (R x Kp + 2), the packed K^T and V
-  // tiles and a staging buffer for packing. float: S then P (R x Kp), O~ (R x D), m and l.
-  const int64_t R = G * kBlockQ, Dp = round_up(D, 2), Kp = kBlockK;
-  const int64_t t_elems = R * Dp + R * (Kp + 2) + Dp * Kp + Kp * D + std::max(Dp * Kp, Kp * D);
-  const int64_t f_elems = R * Kp + R * D + 2 * R;
+  // Per-worker scratch. T: the gathered Q rows (R x D) and P (R x kBlockK). float: S then P
+  // (R x kBlockK), O~ (R x D), m and l.
+  const int64_t R = G * kBlockQ, BK = kBlockK;
+  const int64_t t_elems = R * D + R * BK;
+  const int64_t f_elems = R * BK + R * D + 2 * R;
   at::Tensor t_scratch =
       at::empty({workers * t_elems}, at::TensorOptions().dtype(scalar_type_of<T>()));
   at::Tensor f_scratch = at::empty({workers * f_elems}, at::TensorOptions().dtype(at::kFloat));
 
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
-      T* ts = t_scratch.data_ptr<T>() + w * t_elems;
-      T* qbuf = ts;                      // (R, Dp)
-      T* pbuf = qbuf + R * Dp;           // (R, Kp + 2): P as T, even-padded columns
-      T* kt_packed = pbuf + R * (Kp + 2);
-      T* v_packed = kt_packed + Dp * Kp;
-      T* tmp = v_packed + Kp * D;
-      float* s = f_scratch.data_ptr<float>() + w * f_elems;  // (R, Kp) scores, then P
-      float* acc = s + R * Kp;                               // (R, D): O~
+      T* qbuf = t_scratch.data_ptr<T>() + w * t_elems;       // (R, D)
+      T* pbuf = qbuf + R * D;                                // (R, BK): P as T
+      float* s = f_scratch.data_ptr<float>() + w * f_elems;  // (R, BK) scores, then P
+      float* acc = s + R * BK;                               // (R, D): O~
       float* row_max = acc + R * D;
       float* row_sum = row_max + R;
 
@@ -381,12 +329,11 @@ void run_forward(const AttentionParams& p) {
         const int64_t i = u % query_tiles, pair = u / query_tiles;
         const int64_t b = pair / p.Hkv, kvh = pair % p.Hkv;
         const int64_t r0 = i * kBlockQ, nr = std::min(kBlockQ, p.Tq - r0), rows = G * nr;
-        // Stack the tile's rows of the G query heads; pad D to even for the VNNI layout.
+        // Stack the tile's rows of the G query heads (row r: head kvh * G + r / nr).
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t h = kvh * G + r / nr, t = r0 + r % nr;
-          std::memcpy(qbuf + r * Dp, q + b * p.q_stride.b + h * p.q_stride.h + t * p.q_stride.t,
+          std::memcpy(qbuf + r * D, q + b * p.q_stride.b + h * p.q_stride.h + t * p.q_stride.t,
                       D * sizeof(T));
-          if (Dp != D) qbuf[r * Dp + D] = T(0);
         }
         std::fill(row_max, row_max + rows, kNegInf);
         std::fill(row_sum, row_sum + rows, 0.0f);
@@ -396,31 +343,27 @@ void run_forward(const AttentionParams& p) {
         const T* kt_pair = kt + pair * D * Tk;
         const T* v_pair = v + b * p.v_stride.b + kvh * p.v_stride.h;
         for (int64_t j0 = key_begin; j0 < key_end; j0 += kBlockK) {
-          const int64_t nk = std::min(kBlockK, key_end - j0), nkp = vnni ? round_up(nk, 2) : nk;
+          const int64_t nk = std::min(BK, key_end - j0);
           // S = Q K_j^T: B is the (D, nk) block of K^T.
-          const Operand<T> kt_b = prepare_b<T>(D, nk, kt_pair + j0, Tk, kt_packed, tmp);
-          tile_gemm<T>(rows, nk, D, {qbuf, Dp}, kt_b, s, Kp, false);
+          tile_gemm<T>(rows, nk, D, qbuf, D, kt_pair + j0, Tk, s, BK, false);
           // Online softmax per row (Alg. 1), P written as T for the product with V.
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t h = kvh * G + r / nr, t = r0 + r % nr;
-            float* sr = s + r * Kp;
+            float* sr = s + r * BK;
             transform_row(p, sr, nk, t, j0, alibi ? p.alibi_slopes[h] : 0.0f, alibi);
             const float m_old = row_max[r];
             const float m_new = max_row(sr, nk, m_old);
             // A row that has seen only masked keys keeps m = -inf; use 0 to keep exp(-inf) = 0.
             const float m_safe = m_new == kNegInf ? 0.0f : m_new;
             const float alpha = exp_poly(m_old - m_safe);
-            T* pr = pbuf + r * (Kp + 2);
-            const float sum = exp_row<T>(sr, m_safe, nk, pr);
-            if (nkp != nk) pr[nk] = T(0);
+            const float sum = exp_row<T>(sr, m_safe, nk, pbuf + r * BK);
             row_sum[r] = alpha * row_sum[r] + sum;
             row_max[r] = m_new;
             if (alpha != 1.0f) scale_row(acc + r * D, D, alpha);
           }
           // O~ += P V_j.
-          const Operand<T> vb =
-              prepare_b<T>(nk, D, v_pair + j0 * p.v_stride.t, p.v_stride.t, v_packed, tmp);
-          tile_gemm<T>(rows, D, nk, {pbuf, Kp + 2}, vb, acc, D, true);
+          tile_gemm<T>(rows, D, nk, pbuf, BK, v_pair + j0 * p.v_stride.t, p.v_stride.t, acc, D,
+                       true);
         }
 
         for (int64_t r = 0; r < rows; ++r) {
@@ -432,7 +375,6 @@ void run_forward(const AttentionParams& p) {
         }
       }
     }
-    if (vnni) cpublas::brgemm_release(true);  // this thread's AMX tile state
   });
 }
 
@@ -441,7 +383,7 @@ void run_forward(const AttentionParams& p) {
 
 template <typename T>
 void run_backward(const AttentionParams& p) {
-  const int64_t D = p.D, G = p.group_size(), Dp = round_up(D, 2);
+  const int64_t D = p.D, G = p.group_size();
   const int64_t rows = p.B * p.Hq * p.Tq;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
@@ -449,7 +391,6 @@ void run_backward(const AttentionParams& p) {
   const T* out = static_cast<const T*>(p.out);
   const T* dout = static_cast<const T*>(p.dout);
   const bool alibi = p.alibi_slopes != nullptr;
-  const bool vnni = use_vnni<T>();
 
   // delta_i = rowsum(dO_i * O_i), summed in double (dP - delta cancels).
   std::vector<float> delta(rows);
@@ -488,13 +429,9 @@ void run_backward(const AttentionParams& p) {
                                                : (pair_last(w) - pair_first(w) + 1) * G * head_size);
   at::Tensor dq_parts = at::zeros({part_offset[workers]}, at::TensorOptions().dtype(at::kFloat));
 
-  // Per-worker scratch. T: K_j^T and V_j^T (Dp x BK) and their packed forms, K_j, Q_i and dO_i
-  // packed, a staging buffer for packing, P and dS (BQ x BK + 2) and their transposes
-  // (BK x BQ + 2), Q_i and dO_i with D padded (VNNI, odd D). float: S then P, dP (BQ x BK), and
-  // the dK and dV accumulators (BK x D).
-  const int64_t KT = Dp * BK, PB = BQ * (BK + 2), PT = BK * (BQ + 2);
-  const int64_t t_elems = 4 * KT + BK * D + 2 * BQ * D + std::max(KT, BK * D) + 2 * PB + 2 * PT +
-                          2 * BQ * (Dp + 1);
+  // Per-worker scratch. T: K_j^T and V_j^T (D x BK), P and dS (BQ x BK) and their transposes
+  // (BK x BQ). float: S then P, dP (BQ x BK), and the dK and dV accumulators (BK x D).
+  const int64_t t_elems = 2 * D * BK + 4 * BQ * BK;
   const int64_t f_elems = 2 * BQ * BK + 2 * BK * D;
   at::Tensor t_scratch =
       at::empty({workers * t_elems}, at::TensorOptions().dtype(scalar_type_of<T>()));
@@ -505,18 +442,11 @@ void run_backward(const AttentionParams& p) {
       if (bounds[w] == bounds[w + 1]) continue;
       float* part = dq_parts.data_ptr<float>() + part_offset[w];
       T* kt = t_scratch.data_ptr<T>() + w * t_elems;  // (D, nk) K_j^T
-      T* vt = kt + KT;                                // (D, nk) V_j^T
-      T* kt_packed = vt + KT;
-      T* vt_packed = kt_packed + KT;
-      T* k_packed = vt_packed + KT;
-      T* q_packed = k_packed + BK * D;
-      T* do_packed = q_packed + BQ * D;
-      T* tmp = do_packed + BQ * D;
-      T* pb = tmp + std::max(KT, BK * D);  // (nq, BK + 2) P as T
-      T* dsb = pb + PB;                     // (nq, BK + 2) dS as T
-      T* pbt = dsb + PB;                    // (nk, BQ + 2) P^T
-      T* dsbt = pbt + PT;                   // (nk, BQ + 2) dS^T
-      T* a_tmp = dsbt + PT;                 // Q_i and dO_i with D padded
+      T* vt = kt + D * BK;                            // (D, nk) V_j^T
+      T* pb = vt + D * BK;                            // (nq, BK) P as T
+      T* dsb = pb + BQ * BK;                          // (nq, BK) dS as T
+      T* pbt = dsb + BQ * BK;                         // (nk, BQ) P^T
+      T* dsbt = pbt + BQ * BK;                        // (nk, BQ) dS^T
       float* s = f_scratch.data_ptr<float>() + w * f_elems;  // (nq, BK) S, then P
       float* dp = s + BQ * BK;                               // (nq, BK) dP
       float* dk_acc = dp + BQ * BK;
@@ -525,15 +455,11 @@ void run_backward(const AttentionParams& p) {
       for (int64_t u = bounds[w]; u < bounds[w + 1]; ++u) {
         const int64_t pair = u / key_tiles, b = pair / p.Hkv, kvh = pair % p.Hkv;
         const int64_t j0 = (u % key_tiles) * BK, nk = std::min(BK, p.Tk - j0);
-        const int64_t nkp = vnni ? round_up(nk, 2) : nk;
         const T* kj = k + b * p.k_stride.b + kvh * p.k_stride.h + j0 * p.k_stride.t;
         const T* vj = v + b * p.v_stride.b + kvh * p.v_stride.h + j0 * p.v_stride.t;
-        // B operands of this key tile: K_j^T and V_j^T (D x nk), and K_j.
+        // B operands of this key tile: K_j^T and V_j^T (D x nk); K_j is read in place.
         transpose(nk, D, kj, p.k_stride.t, kt, nk);
         transpose(nk, D, vj, p.v_stride.t, vt, nk);
-        const Operand<T> ktb = prepare_b<T>(D, nk, kt, nk, kt_packed, tmp);
-        const Operand<T> vtb = prepare_b<T>(D, nk, vt, nk, vt_packed, tmp);
-        const Operand<T> kb = prepare_b<T>(nk, D, kj, p.k_stride.t, k_packed, tmp);
         std::fill(dk_acc, dk_acc + nk * D, 0.0f);
         std::fill(dv_acc, dv_acc + nk * D, 0.0f);
 
@@ -544,14 +470,11 @@ void run_backward(const AttentionParams& p) {
           float* dq_head = part + ((pair - pair_first(w)) * G + g) * head_size;
           for (int64_t i = i_begin; i < i_end; ++i) {
             const int64_t r0 = i * BQ, nq = std::min(BQ, p.Tq - r0);
-            const int64_t nqp = vnni ? round_up(nq, 2) : nq;
             const T* qi = q + b * p.q_stride.b + h * p.q_stride.h + r0 * p.q_stride.t;
             const T* doi = dout + b * p.dout_stride.b + h * p.dout_stride.h + r0 * p.dout_stride.t;
-            const Operand<T> qa = prepare_a<T>(nq, D, qi, p.q_stride.t, a_tmp);
-            const Operand<T> doa = prepare_a<T>(nq, D, doi, p.dout_stride.t, a_tmp + BQ * (Dp + 1));
             // S = Q_i K_j^T and dP = dO_i V_j^T.
-            tile_gemm<T>(nq, nk, D, qa, ktb, s, BK, false);
-            tile_gemm<T>(nq, nk, D, doa, vtb, dp, BK, false);
+            tile_gemm<T>(nq, nk, D, qi, p.q_stride.t, kt, nk, s, BK, false);
+            tile_gemm<T>(nq, nk, D, doi, p.dout_stride.t, vt, nk, dp, BK, false);
             const int64_t row0 = (b * p.Hq + h) * p.Tq + r0;
             for (int64_t r = 0; r < nq; ++r) {
               float* sr = s + r * BK;
@@ -559,21 +482,15 @@ void run_backward(const AttentionParams& p) {
               const float lse = p.lse[row0 + r];
               // P = exp(S - lse); a row with no visible key (lse = -inf) has P = 0.
               const float m = lse == kNegInf ? std::numeric_limits<float>::infinity() : lse;
-              T* pr = pb + r * (BK + 2);
-              exp_row<T>(sr, m, nk, pr);
-              ds_row<T>(sr, dp + r * BK, delta[row0 + r], p.scale, nk, dsb + r * (BK + 2));
-              if (nkp != nk) pr[nk] = dsb[r * (BK + 2) + nk] = T(0);
+              exp_row<T>(sr, m, nk, pb + r * BK);
+              ds_row<T>(sr, dp + r * BK, delta[row0 + r], p.scale, nk, dsb + r * BK);
             }
-            transpose(nq, nk, pb, BK + 2, pbt, BQ + 2);
-            transpose(nq, nk, dsb, BK + 2, dsbt, BQ + 2);
-            if (nqp != nq)
-              for (int64_t c = 0; c < nk; ++c) pbt[c * (BQ + 2) + nq] = dsbt[c * (BQ + 2) + nq] = T(0);
+            transpose(nq, nk, pb, BK, pbt, BQ);
+            transpose(nq, nk, dsb, BK, dsbt, BQ);
             // dV_j += P^T dO_i, dK_j += dS^T Q_i (dS carries the scale), dQ_i += dS K_j.
-            const Operand<T> dob = prepare_b<T>(nq, D, doi, p.dout_stride.t, do_packed, tmp);
-            tile_gemm<T>(nk, D, nq, {pbt, BQ + 2}, dob, dv_acc, D, true);
-            const Operand<T> qb = prepare_b<T>(nq, D, qi, p.q_stride.t, q_packed, tmp);
-            tile_gemm<T>(nk, D, nq, {dsbt, BQ + 2}, qb, dk_acc, D, true);
-            tile_gemm<T>(nq, D, nk, {dsb, BK + 2}, kb, dq_head + r0 * D, D, true);
+            tile_gemm<T>(nk, D, nq, pbt, BQ, doi, p.dout_stride.t, dv_acc, D, true);
+            tile_gemm<T>(nk, D, nq, dsbt, BQ, qi, p.q_stride.t, dk_acc, D, true);
+            tile_gemm<T>(nq, D, nk, dsb, BK, kj, p.k_stride.t, dq_head + r0 * D, D, true);
           }
         }
         T* dkj = static_cast<T*>(p.dk) + b * p.dk_stride.b + kvh * p.dk_stride.h +
@@ -587,7 +504,6 @@ void run_backward(const AttentionParams& p) {
           }
       }
     }
-    if (vnni) cpublas::brgemm_release(true);  // this thread's AMX tile state
   });
 
   // dQ = sum over workers, in worker order, of the parts covering each (batch, kv head) pair.
@@ -612,11 +528,6 @@ void run_backward(const AttentionParams& p) {
 }
 
 }  // namespace
-
-const char* attention_cpu_gemm16(DType dtype) {
-  const bool vnni = dtype == DType::Float16 ? use_vnni<at::Half>() : use_vnni<at::BFloat16>();
-  return vnni ? "brgemm-vnni" : "brgemm";
-}
 
 void attention_forward_cpu16(const AttentionParams& p) {
   if (p.dtype == DType::BFloat16)

@@ -96,7 +96,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         info["openmp"] = false;
 #endif
         info["vector_isa"] = std::string(minigpt::attention_cpu_isa());
-        info["cpu_gemm16"] = std::string(minigpt::attention_cpu_gemm16(minigpt::DType::BFloat16));
         // What the kernels implement (attention.h), so Python never restates it.
         pybind11::dict dtypes;
         pybind11::list cpu, cuda, head_dims;

@@ -97,7 +97,6 @@ def test_opcheck(dtype):
 @needs_ext
 def test_default_backend_and_build_info():
     assert {"bfloat16", "float16"} <= set(_ext.build_info()["dtypes"]["cpu"])
-    assert _ext.build_info()["cpu_gemm16"] in ("brgemm", "brgemm-vnni")
     assert minigpt.attention_backends()["default"] == "ext"
     calls = []
     entry = REGISTRY["ext"]
