@@ -143,6 +143,13 @@ def _cpu_feature(name: str) -> Optional[bool]:
         return None
 
 
+def _load_average() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # Windows has no load average
+        return None
+
+
 def machine_info(device: torch.device) -> dict:
     """What a speed figure depends on (STYLE.md 22): CPU model, threads, the ISA torch's kernels
     dispatch to and the vector ISA our kernels were built for, torch's version; the GPU on CUDA.
@@ -153,7 +160,9 @@ def machine_info(device: torch.device) -> dict:
     ({"avx2", "avx512", "avx512_bf16", "amx_tile", "amx_fp16", "vnni": bool}, those this torch
     can report), ext_vector_isa and ext_dtypes (minigpt._C's build_info(): the vector ISA of our
     CPU kernels and the dtypes they implement per device; None / {} when it is not built),
-    torch; on CUDA also gpu (name) and gpu_capability ("sm_90").
+    torch, load_avg (the 1-minute load average when the run started, os.getloadavg(); None
+    where the OS has none: figures taken with it above logical_cpus shared the cores); on
+    CUDA also gpu (name) and gpu_capability ("sm_90").
     """
     try:
         capability = torch.backends.cpu.get_cpu_capability()
@@ -167,7 +176,7 @@ def machine_info(device: torch.device) -> dict:
                 cpu_capability=capability,
                 cpu_features={n: v for n, v in features.items() if v is not None},
                 ext_vector_isa=build.get("vector_isa"), ext_dtypes=build.get("dtypes", {}),
-                torch=torch.__version__)
+                torch=torch.__version__, load_avg=_load_average())
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         info.update(gpu=torch.cuda.get_device_name(device), gpu_capability=f"sm_{major}{minor}")
@@ -184,23 +193,31 @@ def format_machine(info: dict) -> str:
     ext_dtypes = "; ".join(f"{dev} {', '.join(names)}" for dev, names in info["ext_dtypes"].items())
     ext = f"ext kernels: vector ISA {ext_isa}" + (f", dtypes {ext_dtypes}" if ext_dtypes else "")
     gpu = f"GPU {info['gpu']} ({info['gpu_capability']}); " if "gpu" in info else ""
-    return f"machine: {gpu}{cpu}; {ext}; torch {info['torch']}"
+    load = f"; load average {info['load_avg']:.1f}" if info.get("load_avg") is not None else ""
+    return f"machine: {gpu}{cpu}; {ext}; torch {info['torch']}{load}"
 
 
-def gemm_rate(dtype: torch.dtype, device: torch.device, m: int = 2048, n: Optional[int] = None,
-              k: Optional[int] = None, batch: int = 1, warmup: int = 1, repeats: int = 5,
-              seed: int = 0) -> float:
-    """GFLOP/s of torch.matmul of (batch, m, k) by (batch, k, n) random normal matrices in dtype
-    on device: 2 * batch * m * n * k FLOPs over the median time of `repeats` runs after
-    `warmup` (time_fn). n and k default to m: a square m x m x m GEMM, the ceiling each
-    backend's rate is quoted against. Raises what torch.matmul raises for an unsupported dtype."""
+def gemm_fn(dtype: torch.dtype, device: torch.device, m: int, n: Optional[int] = None,
+            k: Optional[int] = None, batch: int = 1, seed: int = 0):
+    """(fn, flops): fn() runs torch.matmul of (batch, m, k) by (batch, k, n) random normal
+    matrices in dtype on device (into a preallocated output); flops = 2 * batch * m * n * k.
+    n and k default to m."""
     n, k = n or m, k or m
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(batch, m, k, generator=g).to(device=device, dtype=dtype)
     b = torch.randn(batch, k, n, generator=g).to(device=device, dtype=dtype)
     out = torch.empty(batch, m, n, device=device, dtype=dtype)
-    seconds = time_fn(lambda: torch.matmul(a, b, out=out), device, warmup, repeats)
-    return 2 * batch * m * n * k / seconds / 1e9
+    return (lambda: torch.matmul(a, b, out=out)), 2 * batch * m * n * k
+
+
+def gemm_rate(dtype: torch.dtype, device: torch.device, m: int = 2048, n: Optional[int] = None,
+              k: Optional[int] = None, batch: int = 1, warmup: int = 1, repeats: int = 5,
+              seed: int = 0) -> float:
+    """GFLOP/s of gemm_fn's matmul: its FLOPs over the median time of `repeats` runs after
+    `warmup` (time_fn). n and k default to m: a square m x m x m GEMM, the ceiling each
+    backend's rate is quoted against. Raises what torch.matmul raises for an unsupported dtype."""
+    fn, flops = gemm_fn(dtype, device, m, n, k, batch, seed)
+    return flops / time_fn(fn, device, warmup, repeats) / 1e9
 
 
 def measure_gemm(dtype: torch.dtype, device: torch.device, size: int, head_dims: List[int],
@@ -219,8 +236,9 @@ def format_gemm(gemm: dict, device: torch.device) -> str:
     unit, div = ("TFLOP/s", 1e3) if device.type == "cuda" else ("GFLOP/s", 1.0)
     qk = ", ".join(f"D={D} {rate / div:.1f}" for D, rate in gemm["qk_gflops"].items())
     return (f"GEMM {gemm['dtype']} on {device.type}, median of {gemm['repeats']}: "
-            f"{gemm['size']}^3 matmul {gemm['square_gflops'] / div:.1f} {unit} (the % GEMM "
-            f"columns' base); QK^T-shaped 16 x (1024 x D) x (D x 1024): {qk} {unit}")
+            f"{gemm['size']}^3 matmul {gemm['square_gflops'] / div:.1f} {unit} (timed again in "
+            f"each shape's rounds: the %GEMM columns' base); QK^T-shaped 16 x (1024 x D) x "
+            f"(D x 1024): {qk} {unit}")
 
 
 # --layout: how q, k and v are laid out in memory (their values are the same either way).
@@ -277,17 +295,19 @@ def backend_support(name: str, device: torch.device, dtype: torch.dtype, head_di
 
 
 def run_case(B, H, Hkv, T, D, dtype, causal, device, backends, warmup, repeats, check=True,
-             seed=0, layout="model", gemm_gflops: Optional[float] = None) -> List[dict]:
+             seed=0, layout="model", gemm_gflops: Optional[float] = None,
+             gemm_size: Optional[int] = None) -> List[dict]:
     """Benchmark one shape on every backend of `backends`: one result row per backend, in order.
 
     q, k, v are laid out as `layout` says (LAYOUTS). A backend that cannot run this device,
     dtype and head dim (backend_support) gets a row with "skipped": the reason. The timing
     alternates: after `warmup` untimed runs of each backend, every one of the `repeats` rounds
     times each backend's forward, then each one's forward+backward, once in turn, so that a
-    burst of load on a shared machine hits them alike; the median is kept. With gemm_gflops
-    (the same-dtype GEMM rate of this run, GFLOP/s) each row also gets fwd_pct_gemm and
-    fwd_bwd_pct_gemm, its achieved rate as a percentage of it. With check, err_out and err_grad
-    are the max abs errors against float64, naive_err_out / naive_err_grad naive's in the same
+    burst of load on a shared machine hits them alike; the median is kept. With gemm_size N,
+    an N x N x N matmul in the same dtype is timed in every round too, and each row gets its
+    rate, gemm_gflops, and fwd_pct_gemm and fwd_bwd_pct_gemm, the row's achieved rates as a
+    percentage of it; gemm_gflops (GFLOP/s) gives that base rate instead. With check, err_out
+    and err_grad are the max abs errors against float64, naive_err_out / naive_err_grad naive's in the same
     dtype, and rule_ok DESIGN.md's verdict (<= 2x naive's error + rule_floor(dtype)).
     """
     q, k, v, dout = _inputs(B, H, Hkv, T, D, dtype, device, seed, layout)
@@ -322,7 +342,13 @@ def run_case(B, H, Hkv, T, D, dtype, causal, device, backends, warmup, repeats, 
         except (torch.OutOfMemoryError, MemoryError):
             rows[backend] = dict(backend=backend, **shape, error="out of memory")
     times: Dict[str, Dict[str, List[float]]] = {b: {"fwd": [], "fwd_bwd": []} for b in fns}
+    gemm_run, gemm_flops = gemm_fn(dtype, device, gemm_size) if gemm_size and fns else (None, 0)
+    gemm_times: List[float] = []
+    if gemm_run is not None:
+        gemm_run()  # warm-up
     for _ in range(repeats):
+        if gemm_run is not None:
+            gemm_times.append(time_fn(gemm_run, device, 0, 1))
         for kind in ("fwd", "fwd_bwd"):
             for backend in list(fns):
                 try:
@@ -330,12 +356,15 @@ def run_case(B, H, Hkv, T, D, dtype, causal, device, backends, warmup, repeats, 
                 except (torch.OutOfMemoryError, MemoryError):
                     rows[backend] = dict(backend=backend, **shape, error="out of memory")
                     del fns[backend]
+    if gemm_times:
+        gemm_gflops = gemm_flops / statistics.median(gemm_times) / 1e9
     for backend in fns:
         r = rows[backend]
         t_fwd, t_fb = (statistics.median(times[backend][kind]) for kind in ("fwd", "fwd_bwd"))
         r.update(fwd_ms=t_fwd * 1e3, fwd_bwd_ms=t_fb * 1e3, fwd_gflops=flops_fwd / t_fwd / 1e9,
                  fwd_bwd_gflops=3.5 * flops_fwd / t_fb / 1e9)
         if gemm_gflops:
+            r["gemm_gflops"] = gemm_gflops
             r["fwd_pct_gemm"] = 100 * r["fwd_gflops"] / gemm_gflops
             r["fwd_bwd_pct_gemm"] = 100 * r["fwd_bwd_gflops"] / gemm_gflops
     timed = [rows[b] for b in fns]
@@ -666,7 +695,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             for B, T in zip(batches, seqs):
                 case = run_case(B, H, Hkv, T, D, dtype, causal, device, backends, args.warmup,
                                 args.repeats, args.check, layout=args.layout,
-                                gemm_gflops=meta["gemm"]["square_gflops"])
+                                gemm_size=args.gemm_size if meta["gemm"]["square_gflops"]
+                                else None)
                 text = format_table(case, device)
                 print(text if not rows else text.split("\n", 2)[2], flush=True)
                 rows += case
