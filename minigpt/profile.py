@@ -307,8 +307,9 @@ def run_case(B, H, Hkv, T, D, dtype, causal, device, backends, warmup, repeats, 
     an N x N x N matmul in the same dtype is timed in every round too, and each row gets its
     rate, gemm_gflops, and fwd_pct_gemm and fwd_bwd_pct_gemm, the row's achieved rates as a
     percentage of it; gemm_gflops (GFLOP/s) gives that base rate instead. With check, err_out
-    and err_grad are the max abs errors against float64, naive_err_out / naive_err_grad naive's in the same
-    dtype, and rule_ok DESIGN.md's verdict (<= 2x naive's error + rule_floor(dtype)).
+    and err_grad are the max abs errors against float64, naive_err_out / naive_err_grad
+    naive's in the same dtype (computed whether or not naive is timed), and rule_ok DESIGN.md's
+    verdict (<= 2x naive's error + rule_floor(dtype), relative to max(1, max |ref|)).
     """
     q, k, v, dout = _inputs(B, H, Hkv, T, D, dtype, device, seed, layout)
     flops_fwd = 4 * B * H * visible_pairs(T, T, causal) * D
