@@ -288,8 +288,9 @@ def test_layout_option_reaches_the_backends(monkeypatch, tmp_path, capsys, layou
 def test_bfloat16_on_cpu_skips_what_cannot_run_and_applies_the_rule(tmp_path, capsys):
     """A backend without bf16 CPU kernels is listed as skipped with the registry's reason; the
     others are timed and judged by the rule in bf16 (<= 2x naive's bf16 error vs float64)."""
-    path = tmp_path / "p.json"
-    assert profile.main(_TINY + ["--dtype", "bfloat16", "--json", str(path)]) == 0
+    path, trace = tmp_path / "p.json", tmp_path / "trace.json"
+    assert profile.main(_TINY + ["--dtype", "bfloat16", "--json", str(path),
+                                 "--trace", str(trace)]) == 0
     out = capsys.readouterr().out
     meta = json.loads(path.read_text())
     assert meta["gemm"]["dtype"] == "bfloat16" and meta["gemm"]["square_gflops"] > 0
@@ -304,6 +305,9 @@ def test_bfloat16_on_cpu_skips_what_cannot_run_and_applies_the_rule(tmp_path, ca
             assert r["dtype"] == "bfloat16" and r["fwd_ms"] > 0 and r["rule_ok"] is True
             assert r["err_out"] <= 2 * r["naive_err_out"] and r["err_out"] > 1e-4  # bf16, not fp32
     assert "skipped" not in rows["sdpa"] and "skipped" not in rows["naive"]
+    regions = {e["name"] for e in json.loads(trace.read_text())["traceEvents"]
+               if e.get("name", "").startswith("attention[")}
+    assert regions == {f"attention[{n}]" for n, r in rows.items() if "skipped" not in r}
 
 
 def test_a_failing_trial_call_skips_the_backend(monkeypatch):
