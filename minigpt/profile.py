@@ -1,13 +1,23 @@
 """Attention benchmark and correctness table: ``python -m minigpt.profile``.
 
-Times the forward and forward+backward of every available backend ("ext", "sdpa", "naive") on
-the same fresh random inputs over a grid of (B, H, T, D), dtype and causal, and prints per row:
-median time (ms), achieved GFLOP/s (TFLOP/s on CUDA), peak memory, speedup against "sdpa" and
-"naive", and the max error of out and of the gradients against a float64 reference, with the
-verdict of the correctness rule of DESIGN.md (error <= 2x naive's error + 1e-6 for float32).
+Times the forward and forward+backward of every backend ("ext", "sdpa", "naive") on the same
+fresh random inputs over a grid of (B, H, T, D), dtype and causal, and prints per row: median
+time (ms), achieved GFLOP/s (TFLOP/s on CUDA) and its percentage of the same-dtype GEMM rate,
+peak memory, speedup against "sdpa" and "naive", and the max error of out and of the gradients
+against a float64 reference, with the verdict of the correctness rule of DESIGN.md (error <= 2x
+naive's error in the same dtype, + 1e-6 for float32). A backend that cannot run the dtype on the
+device (the registry says so, or a tiny trial call raises) is listed as skipped with the reason.
+
+Above the table: the machine (CPU model name, threads, torch's CPU capability and ISA flags, the
+vector ISA of our kernels, torch's version, the load average; the GPU on CUDA), the GEMM rates
+(a --gemm-size cube and a QK^T-shaped batch, in the profiled dtype on the profiled device) and
+the layout of q, k, v (--layout model: (B, T, H, D) buffers viewed as (B, H, T, D), as the model
+makes them; contiguous: (B, H, T, D)). --json writes {"machine", "gemm", "layout", "rows"}
+(--decode: the list of rows); --markdown prints the README's table.
 
     python -m minigpt.profile                                     # CPU defaults: fp32, causal, D=64
     python -m minigpt.profile --seq 1024 2048 --heads 8 --batch 2 1
+    python -m minigpt.profile --dtype bfloat16 --layout contiguous   # bf16 on the CPU
     python -m minigpt.profile --device cuda --dtype bfloat16 --head-dim 64 128 --seq 512 8192
     python -m minigpt.profile --json out.json --csv out.csv --plot out.png --trace trace.json
     python -m minigpt.profile --decode --seq 1024 4096            # one decode step vs a KV cache
@@ -18,8 +28,9 @@ call, with the bandwidth it implies (bytes of K and V read per call / time) and 
 against float64. Whole-model generation speed against Hugging Face transformers is
 ``python -m minigpt.bench_generate``.
 
-Timing: on CPU, warm-up runs then the median of --repeats runs timed with time.perf_counter;
-on CUDA, CUDA events around each run, median. FLOPs count the visible (query, key) pairs:
+Timing: warm-up runs, then --repeats rounds, each timing every backend once in turn (and the
+GEMM, the base of the % GEMM columns), median; on CPU with time.perf_counter, on CUDA with CUDA
+events around each run. FLOPs count the visible (query, key) pairs:
 forward 4 * B * H * pairs * D (QK^T and PV), forward+backward 3.5x that (FlashAttention-2's
 convention: the backward does 2.5x the forward's matmul work). Peak memory is measured in a
 separate untimed run: on CUDA with torch.cuda.max_memory_allocated, on CPU from the allocation
