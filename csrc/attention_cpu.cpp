@@ -110,10 +110,25 @@ class Scratch {
 // Per-worker tile buffers of the forward and the backward, in elements (layouts in
 // forward_units and backward_units).
 int64_t forward_tile_scratch(int64_t D) {
-  return D * kBlockQ + kBlockK * kBlockQ + kBlockQ * D + 3 * kBlockQ + 2 * kBlockK * D;
+  return D * kBlockQ + kBlockK * kBlockQ + kBlockQ * D + 3 * kBlockQ;
 }
 int64_t backward_tile_scratch(int64_t D) {
-  return 2 * D * kBlockK + 2 * kBlockQ * kBlockK + 3 * kBlockK * D + 2 * kBlockQ * D;
+  return 2 * D * kBlockK + 2 * kBlockQ * kBlockK + 3 * kBlockK * D;
+}
+
+// Whether the forward copies K and V rows side by side (rows of a head not adjacent in memory,
+// as in the model's (B, T, H, D) layout), and the backward Q and dO rows; then each worker also
+// holds one kv head's K and V (forward) or one group's Q and dO (backward), after its tile
+// buffers.
+bool packs_kv(const AttentionParams& p) { return p.k_stride.t != p.D || p.v_stride.t != p.D; }
+bool packs_q_dout(const AttentionParams& p) {
+  return p.q_stride.t != p.D || p.dout_stride.t != p.D;
+}
+int64_t forward_worker_scratch(const AttentionParams& p) {
+  return forward_tile_scratch(p.D) + (packs_kv(p) ? 2 * p.Tk * p.D : 0);
+}
+int64_t backward_worker_scratch(const AttentionParams& p) {
+  return backward_tile_scratch(p.D) + (packs_q_dout(p) ? 2 * p.group_size() * p.Tq * p.D : 0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -452,7 +467,7 @@ void run_forward(const AttentionParams& p, T* out, const Strides4& os, LseT* lse
     cost.data()[u] = 1 + tiles;  // + 1: the tile's setup and final normalisation
   }
   const std::vector<int64_t> bounds = split_by_cost(cost.data(), units, at::get_num_threads());
-  const int64_t tile_scratch = forward_tile_scratch(p.D);
+  const int64_t tile_scratch = forward_worker_scratch(p);
   Scratch<T> scratch((static_cast<int64_t>(bounds.size()) - 1) * tile_scratch);
   const auto kernel = forward_kernel<T, LseT>();  // on this thread: it may throw
   run_ranges(bounds, [&](int64_t w, int64_t u0, int64_t u1) {
@@ -521,7 +536,7 @@ void run_backward(const AttentionParams& p) {
     part_offset[w + 1] = part_offset[w] + size;
   }
   Scratch<T> dq_parts(part_offset[workers]);
-  const int64_t tile_scratch = backward_tile_scratch(D);
+  const int64_t tile_scratch = backward_worker_scratch(p);
   Scratch<T> scratch(workers * tile_scratch);
   const auto kernel = backward_kernel<T>();  // on this thread: it may throw
   run_ranges(bounds, [&](int64_t w, int64_t u0, int64_t u1) {

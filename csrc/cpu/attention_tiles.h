@@ -191,6 +191,23 @@ __attribute__((noinline)) void gemm(int64_t M, int64_t N, int64_t K, const T* a,
 // softmax runs down columns and every query row's max and sum live in one vector lane: no
 // horizontal reductions. The scale is applied exactly as the backward applies it when it
 // rebuilds P from lse (s * scale - lse), so that both passes round the scores alike. O~ += P V_j then reads P^T through the transposed A layout.
+// Copies rows [r0, r1) of D elements, ld apart, from src to dst (row r at dst + r * D), and
+// asks for the rows up to `ahead` (exclusive; ahead >= r1) to be fetched into cache a few rows
+// before they are copied. Rows a power of two apart in memory defeat the hardware prefetcher,
+// which stops at 4 KiB page boundaries: the model's layout puts two rows of a head on a page
+// (H * D = 512 floats apart for H = 8, D = 64).
+template <typename T>
+MINIGPT_INLINE void pack_rows(const T* src, int64_t ld, int64_t r0, int64_t r1, int64_t ahead,
+                              int64_t D, T* dst) {
+  constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
+  constexpr int64_t kDistance = 8;           // rows
+  for (int64_t r = r0; r < r1; ++r) {
+    if (r + kDistance < ahead)
+      for (int64_t d = 0; d < D; d += kLine) __builtin_prefetch(src + (r + kDistance) * ld + d);
+    std::copy(src + r * ld, src + r * ld + D, dst + r * D);
+  }
+}
+
 template <typename T, typename LseT, int kD>
 MINIGPT_INLINE void forward_units(const AttentionParams& p, T* out, const Strides4& os, LseT* lse,
                                   T* scratch, int64_t u0, int64_t u1) {
@@ -211,13 +228,17 @@ MINIGPT_INLINE void forward_units(const AttentionParams& p, T* out, const Stride
   T* row_max = acc + kBlockQ * D;
   T* row_sum = row_max + kBlockQ;
   T* rescale = row_sum + kBlockQ;
-  T* k_pack = rescale + kBlockQ;    // (kBlockK, D): K_j, rows contiguous
-  T* v_pack = k_pack + kBlockK * D;  // (kBlockK, D): V_j
   // K and V rows in the model's layout, (B, T, H, D) viewed as (B, H, T, D), lie H * D elements
-  // apart: the tile products would then read rows a power of two apart, which fall in the same
-  // few L1 sets and evict each other. Copying a tile's rows side by side costs 2 D loads and
-  // stores per key against the tile products' 2 * kBlockQ * D multiply-adds.
-  const bool pack_k = p.k_stride.t != D, pack_v = p.v_stride.t != D;
+  // apart, a power of two: a tile's rows then share a few L1 sets and evict each other, and the
+  // hardware prefetcher does not follow them. With such strides, the kv head's rows are copied
+  // side by side (forward_head_scratch) as the units reach them, once per kv head per worker:
+  // this worker's units run through the query tiles of a head in order, and each reads the head's
+  // keys again, so the copy costs one read of K and V, and every tile product reads contiguous
+  // rows.
+  const bool pack = packs_kv(p);
+  T* k_head = scratch + forward_tile_scratch(D);  // (Tk, D), rows [key_begin, packed_end) valid
+  T* v_head = k_head + (pack ? p.Tk * D : 0);     // (Tk, D)
+  int64_t packed_pair = -1, packed_end = 0;
 
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t i = u % query_tiles;
@@ -230,10 +251,12 @@ MINIGPT_INLINE void forward_units(const AttentionParams& p, T* out, const Stride
     const T* kh = k + b * p.k_stride.b + (h / G) * p.k_stride.h;
     const T* vh = v + b * p.v_stride.b + (h / G) * p.v_stride.h;
 
-    for (int64_t d = 0; d < D; ++d) {
-      for (int64_t r = 0; r < nr; ++r) qt[d * kBlockQ + r] = qi[r * p.q_stride.t + d];
+    // Row by row: each source row is read once, whole. (Column by column, the model's layout
+    // would keep 64 rows H * D elements apart in flight, more than L1's ways hold.)
+    for (int64_t r = 0; r < nr; ++r)
+      for (int64_t d = 0; d < D; ++d) qt[d * kBlockQ + r] = qi[r * p.q_stride.t + d];
+    for (int64_t d = 0; d < D; ++d)
       for (int64_t r = nr; r < nr_pad; ++r) qt[d * kBlockQ + r] = T(0);
-    }
     std::fill(row_max, row_max + nr_pad, neg_inf);
     std::fill(row_sum, row_sum + nr_pad, T(0));
     std::fill(acc, acc + nr * D, T(0));
@@ -245,20 +268,25 @@ MINIGPT_INLINE void forward_units(const AttentionParams& p, T* out, const Stride
     const bool alibi = p.alibi_slopes != nullptr;
     const T slope = alibi ? static_cast<T>(p.alibi_slopes[h]) : T(0);
     const Vec<T> score_scale = vset(alibi ? T(1) : scale);  // ALiBi tiles come scaled
+    if (pack && b * p.Hkv + h / G != packed_pair) {
+      packed_pair = b * p.Hkv + h / G;
+      packed_end = key_begin;  // later units of this head start at key_begin or after it
+    }
     for (int64_t j0 = key_begin; j0 < key_end; j0 += kBlockK) {
       const int64_t nk = std::min(kBlockK, key_end - j0);
       const T* kj = kh + j0 * p.k_stride.t;
       const T* vj = vh + j0 * p.v_stride.t;
       int64_t ldk = p.k_stride.t, ldv = p.v_stride.t;
-      if (pack_k) {
-        for (int64_t kk = 0; kk < nk; ++kk) std::copy(kj + kk * ldk, kj + kk * ldk + D, k_pack + kk * D);
-        kj = k_pack;
-        ldk = D;
-      }
-      if (pack_v) {
-        for (int64_t kk = 0; kk < nk; ++kk) std::copy(vj + kk * ldv, vj + kk * ldv + D, v_pack + kk * D);
-        vj = v_pack;
-        ldv = D;
+      if (pack) {
+        if (j0 + nk > packed_end) {
+          const int64_t from = std::max(packed_end, j0);
+          pack_rows(kh, p.k_stride.t, from, j0 + nk, key_end, D, k_head);
+          pack_rows(vh, p.v_stride.t, from, j0 + nk, key_end, D, v_head);
+          packed_end = j0 + nk;
+        }
+        kj = k_head + j0 * D;
+        vj = v_head + j0 * D;
+        ldk = ldv = D;
       }
       gemm<T, ALayout::RowMajor>(nk, nr_pad, D, kj, ldk, qt, kBlockQ, st, kBlockQ, false);
       if (alibi) {
@@ -556,12 +584,14 @@ MINIGPT_INLINE void backward_units(const AttentionParams& p, const T* lse, const
   T* ds = pt + kBlockQ * kBlockK;    // (kBlockQ, kBlockK): dP, then scale * dS
   T* dk_acc = ds + kBlockQ * kBlockK;  // (kBlockK, D)
   T* dv_acc = dk_acc + kBlockK * D;    // (kBlockK, D)
-  // Rows of K_j, Q_i and dO_i side by side when their tensors' rows are not (see forward_units).
-  T* k_pack = dv_acc + kBlockK * D;    // (kBlockK, D)
-  T* q_pack = k_pack + kBlockK * D;    // (kBlockQ, D)
-  T* do_pack = q_pack + kBlockQ * D;   // (kBlockQ, D)
-  const bool pack_k = p.k_stride.t != D, pack_q = p.q_stride.t != D;
-  const bool pack_do = p.dout_stride.t != D;
+  T* k_pack = dv_acc + kBlockK * D;    // (kBlockK, D): K_j, rows side by side
+  // Q and dO with rows not side by side (the model's layout; see forward_units) are copied,
+  // G query heads of a (batch, kv head) pair at once, when this worker's units reach the pair:
+  // every key tile of the pair reads them again.
+  const bool pack_k = p.k_stride.t != D, pack = packs_q_dout(p);
+  T* q_group = scratch + backward_tile_scratch(D);      // (G, Tq, D)
+  T* do_group = q_group + (pack ? G * p.Tq * D : 0);   // (G, Tq, D)
+  int64_t packed_pair = -1;
 
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t j = u % key_tiles;
@@ -574,19 +604,29 @@ MINIGPT_INLINE void backward_units(const AttentionParams& p, const T* lse, const
     const T* kj = k + b * p.k_stride.b + kvh * p.k_stride.h + j0 * p.k_stride.t;
     const T* vj = v + b * p.v_stride.b + kvh * p.v_stride.h + j0 * p.v_stride.t;
 
-    for (int64_t d = 0; d < D; ++d) {
-      for (int64_t c = 0; c < nk; ++c) {
+    for (int64_t c = 0; c < nk; ++c)  // row by row, as in forward_units
+      for (int64_t d = 0; d < D; ++d) {
         kt[d * kBlockK + c] = kj[c * p.k_stride.t + d];
         vt[d * kBlockK + c] = vj[c * p.v_stride.t + d];
       }
+    for (int64_t d = 0; d < D; ++d)
       for (int64_t c = nk; c < nk_pad; ++c) kt[d * kBlockK + c] = vt[d * kBlockK + c] = T(0);
-    }
     const T* kr = kj;  // K_j row-major, rows ldk apart
     int64_t ldk = p.k_stride.t;
     if (pack_k) {
-      for (int64_t c = 0; c < nk; ++c) std::copy(kj + c * ldk, kj + c * ldk + D, k_pack + c * D);
+      pack_rows(kj, ldk, 0, nk, nk, D, k_pack);
       kr = k_pack;
       ldk = D;
+    }
+    if (pack && pair != packed_pair) {
+      packed_pair = pair;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = kvh * G + g;
+        pack_rows(q + b * p.q_stride.b + h * p.q_stride.h, p.q_stride.t, 0, p.Tq, p.Tq, D,
+                  q_group + g * p.Tq * D);
+        pack_rows(dout + b * p.dout_stride.b + h * p.dout_stride.h, p.dout_stride.t, 0, p.Tq,
+                  p.Tq, D, do_group + g * p.Tq * D);
+      }
     }
     std::fill(dk_acc, dk_acc + nk * D, T(0));
     std::fill(dv_acc, dv_acc + nk * D, T(0));
@@ -605,16 +645,10 @@ MINIGPT_INLINE void backward_units(const AttentionParams& p, const T* lse, const
         const T* qi = q + b * p.q_stride.b + h * p.q_stride.h + r0 * p.q_stride.t;
         const T* doi = dout + b * p.dout_stride.b + h * p.dout_stride.h + r0 * p.dout_stride.t;
         int64_t ldq = p.q_stride.t, lddo = p.dout_stride.t;
-        if (pack_q) {
-          for (int64_t r = 0; r < nr; ++r) std::copy(qi + r * ldq, qi + r * ldq + D, q_pack + r * D);
-          qi = q_pack;
-          ldq = D;
-        }
-        if (pack_do) {
-          for (int64_t r = 0; r < nr; ++r)
-            std::copy(doi + r * lddo, doi + r * lddo + D, do_pack + r * D);
-          doi = do_pack;
-          lddo = D;
+        if (pack) {
+          qi = q_group + (g * p.Tq + r0) * D;
+          doi = do_group + (g * p.Tq + r0) * D;
+          ldq = lddo = D;
         }
 
         gemm<T, ALayout::RowMajor>(nr, nk_pad, D, qi, ldq, kt, kBlockK, pt, kBlockK,
