@@ -113,7 +113,10 @@ void attention_backward_cpu(const AttentionParams& p);
 // The BFloat16/Float16 CPU kernels (csrc/attention_cpu_bf16.cpp).
 void attention_forward_cpu16(const AttentionParams& p);
 void attention_backward_cpu16(const AttentionParams& p);
-// Instruction set the CPU kernels use on this machine: "avx2+fma" or "portable".
+// Vector path the CPU kernels use in this process: "avx512", "avx2+fma" or "portable". The best
+// the CPU supports, or the one MINIGPT_CPU_ISA=avx512|avx2|portable asks for (a path the CPU
+// lacks falls back to the best it has, with a warning). Throws (c10::Error) for any other value
+// of MINIGPT_CPU_ISA. Read once per process.
 const char* attention_cpu_isa();
 
 // CUDA kernels (csrc/cuda/*.cu): launched on `stream` (a cudaStream_t passed as void* so this

@@ -1,0 +1,83 @@
+"""Each vector path of the CPU kernels (AVX-512, AVX2+FMA, portable), forced with
+MINIGPT_CPU_ISA in a process of its own, passes the same float64-reference checks
+(tests/cpu_isa_check.py). A path this CPU lacks is skipped after checking that asking for it
+falls back to a path the CPU has instead of crashing."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigpt import _ext
+
+from conftest import ext_required
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+EXT = _ext.unavailable_reason() is None
+needs_ext = pytest.mark.skipif(not EXT and not ext_required(),
+                               reason=f"minigpt._C unavailable: {_ext.unavailable_reason()}")
+
+# MINIGPT_CPU_ISA value -> build_info()["vector_isa"] when the path runs.
+PATHS = {"avx512": "avx512", "avx2": "avx2+fma", "portable": "portable"}
+RANK = {"portable": 0, "avx2+fma": 1, "avx512": 2}
+
+
+def _cpu_has(isa):
+    """Whether this CPU runs `isa`, by torch's own detection (ATen's AVX512 kernels need the same
+    AVX-512 F/BW/VL/DQ subset as ours)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return {"avx512": capability == "AVX512",
+            "avx2": capability in ("AVX2", "AVX512"), "portable": True}[isa]
+
+
+def _run(args, isa, timeout=600):
+    env = {**os.environ, "MINIGPT_CPU_ISA": isa}
+    return subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", list(PATHS))
+def test_vector_path_against_reference(isa):
+    r = _run([str(TESTS / "cpu_isa_check.py")], isa)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.split()
+    used = lines[0]
+    if not _cpu_has(isa):
+        assert RANK[used] < RANK[PATHS[isa]], f"asked for {isa}, ran {used}"
+        pytest.skip(f"this CPU lacks {isa}; the checks passed on {used}")
+    assert used == PATHS[isa], f"MINIGPT_CPU_ISA={isa} ran {used}"
+    assert lines[-1] == "ok"
+
+
+INFO = """
+from minigpt import _ext
+print(_ext.build_info()["vector_isa"])
+"""
+
+
+@needs_ext
+def test_default_is_the_best_path():
+    best = "avx512" if _cpu_has("avx512") else "avx2" if _cpu_has("avx2") else "portable"
+    r = _run(["-c", INFO], "")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == PATHS[best]
+
+
+CALL = """
+import torch
+from minigpt.attention import attention
+q = torch.randn(1, 1, 4, 8)
+attention(q, q, q, backend="ext")
+"""
+
+
+@needs_ext
+def test_unknown_path_is_refused():
+    r = _run(["-c", CALL], "avx3")
+    assert r.returncode != 0
+    assert "MINIGPT_CPU_ISA='avx3' is not one of avx512, avx2, portable" in r.stderr
