@@ -155,7 +155,7 @@ def test_torch_compile_fullgraph_trains_like_eager():
     (lambda q, k, v: (q[:, :3], k, v, True, 0.1), r"multiple"),
     (lambda q, k, v: (q, k, v[:, :, :5], True, 0.1), r"k and v must have the same shape"),
     (lambda q, k, v: (q, k.double(), v.double(), True, 0.1), r"dtype"),
-    (lambda q, k, v: (q.int(), k.int(), v.int(), True, 0.1), r"float32 or float64"),
+    (lambda q, k, v: (q.int(), k.int(), v.int(), True, 0.1), r"float32, float64, bfloat16 or float16"),
     (lambda q, k, v: (q.transpose(2, 3), k, v, False, 0.1), r"contiguous last dimension"),
     (lambda q, k, v: (torch.cat([q, q], 2), k, v, True, 0.1), r"Tq <= Tk"),
     (lambda q, k, v: (q[..., :8], k, v, True, 0.1), r"head dim"),
