@@ -32,6 +32,7 @@ from typing import List, Optional
 import torch
 
 from .model import GPT, GPTConfig
+from .runtime import cli_main
 
 
 def _time_generate(fn) -> float:
@@ -40,6 +41,7 @@ def _time_generate(fn) -> float:
     return time.perf_counter() - t0
 
 
+@cli_main
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m minigpt.bench_generate",
                                 description="Greedy generation speed: minigpt against "

@@ -60,7 +60,7 @@ from .data import BatchSampler, DataError, load_corpus
 from .model import GPT
 from .pretrained import add_model_source_args, pretrained_state
 from .tokenizer import from_state
-from .runtime import DeviceError, pick_device
+from .runtime import DeviceError, cli_main, pick_device
 
 
 def parse_mask(specs: Sequence[str], n_layer: int, n_head: int,
@@ -607,6 +607,7 @@ def run_prune(args, state: dict, model: GPT, batches, source: str, plot_path: Pa
     return 0
 
 
+@cli_main
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -14,7 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from .runtime import cli_main
 
+
+@cli_main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minigpt.plot",
                                      description="Plot loss and learning-rate curves from a "
