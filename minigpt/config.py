@@ -592,6 +592,7 @@ _FIELD_LINE = re.compile(r"^\s+(\w+)\s*:[^#]*#\s?(.*)$")
 _COMMENT_LINE = re.compile(r"^\s+#\s?(.*)$")
 
 
+@functools.lru_cache(maxsize=None)
 def field_help(cls) -> Dict[str, str]:
     """{field: its trailing comment}, comment-only lines right after a field joined to it: the
     help text the command line shows for each field of a config dataclass."""

@@ -270,8 +270,8 @@ def main(argv=None) -> int:
         if args.format == "hf":
             check_dir_target(args.dest, "dest")
         else:
-            check_file_target(args.dest, "dest")
-            check_file_target(args.dest.with_suffix(".json"), "dest")
+            check_file_target(args.dest, "dest", make_parents=True)
+            check_file_target(args.dest.with_suffix(".json"), "dest", make_parents=True)
     except PathError as e:
         parser.error(f"argument {e}")
     problem = destination_problem(args.format, args.dest, source)

@@ -82,20 +82,24 @@ def check_dir_target(path, what: str) -> Path:
     return path
 
 
-def check_file_target(path, what: str) -> Path:
+def check_file_target(path, what: str, make_parents: bool = False) -> Path:
     """Check, without creating anything, that a file can be written at path: path is not a
-    directory (an existing regular file is replaced), and its directory exists or can be made,
-    and is writable.
+    directory (an existing regular file is replaced), and its directory exists (or, with
+    make_parents, can be made) and is writable.
 
     Raises:
-        PathError: path is a directory or a special file, or its place is not writable.
+        PathError: path is a directory or a special file, its directory is missing (without
+            make_parents), or its place is not writable.
     """
     path = Path(path)
     if path.is_dir():
         raise PathError(f"{what} {path}: is a directory; give a file name")
     if path.exists() and not path.is_file():
         raise PathError(f"{what} {path}: is not a regular file")
-    _writable_place(what, path, _nearest_existing(path.parent))
+    parent = Path(os.path.abspath(path)).parent
+    if not make_parents and not parent.exists():
+        raise PathError(f"{what} {path}: the directory {parent} does not exist")
+    _writable_place(what, path, _nearest_existing(parent))
     return path
 
 

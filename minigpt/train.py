@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "flags override it (default: None)")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the settings, paths, corpus file, device and logger, print "
-                             "the resolved settings and exit without writing anything")
+                             "the resolved settings and exit without writing anything (default: off)")
     defaults = default_settings()
     _add_fields(parser.add_argument_group("training (TrainConfig)"), TrainConfig, defaults)
     _add_fields(parser.add_argument_group("model (GPTConfig; the shape is fixed on --resume)"),
