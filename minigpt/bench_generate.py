@@ -32,7 +32,7 @@ from typing import List, Optional
 import torch
 
 from .model import GPT, GPTConfig
-from .runtime import cli_main
+from .runtime import PathError, check_file_target, cli_main
 
 
 def _time_generate(fn) -> float:
@@ -64,6 +64,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results as JSON to this file")
     args = p.parse_args(argv)
+    if args.json:
+        try:
+            check_file_target(args.json, "--json")
+        except PathError as e:
+            p.error(f"argument {e}")
     if args.prompt < 1 or args.new < 1 or args.prompt + args.new > args.block:
         p.error(f"need 1 <= --prompt and 1 <= --new with --prompt + --new <= --block "
                 f"({args.block}), got {args.prompt} + {args.new}")
