@@ -115,7 +115,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
     Raises:
         CheckpointError: with a one-line message naming the file, if it does not exist, is a
-            directory, cannot be unpickled safely (truncated, corrupted, foreign), or lacks the
+            directory or another non-regular file (a FIFO), cannot be unpickled safely (truncated, corrupted, foreign), or lacks the
             keys of a minigpt checkpoint.
     """
     path = checkpoint_file(path)
@@ -123,6 +123,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint {path}: no such file")
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path}: is a directory without a ckpt.pt")
+    if not path.is_file():  # a FIFO or a device: reading it could block for ever
+        raise CheckpointError(f"checkpoint {path}: not a regular file")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:

@@ -268,7 +268,8 @@ def draw_curves(cfg: TrainConfig, log=print) -> Optional[Path]:
 
 
 def _out_of_memory(e: BaseException) -> bool:
-    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5
+    return isinstance(e, (MemoryError, oom)) or (
         isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
 

@@ -10,6 +10,12 @@ train() reads top to bottom: set up (Run: what stays fixed; Progress: what the l
 then evaluate / save / train_step until max_iters or a stop signal. Each step is a named
 function of (run, progress); nothing closes over loop state. The loss curves are drawn by the
 caller afterwards (minigpt.visualize.plot_metrics_file; train.py does it).
+
+Before anything is written, check_targets refuses what cannot work (out_dir, the cache, the
+corpus file, the device, the logger's package). Every log_interval steps a "train" row (loss,
+lr, grad_norm, tokens_per_s) joins the "eval" rows of metrics.jsonl; with cfg.logger they are
+mirrored to TensorBoard or W&B (minigpt.loggers). Between steps the run checks that its
+directory and lock are still there (RunDir.lost); if not, it saves again and stops.
 """
 
 from __future__ import annotations
