@@ -32,7 +32,7 @@ from typing import List, Optional
 import torch
 
 from .model import GPT, GPTConfig
-from .runtime import PathError, check_file_target, cli_main
+from .runtime import ArgumentParser, PathError, check_file_target, cli_main
 
 
 def _time_generate(fn) -> float:
@@ -43,7 +43,7 @@ def _time_generate(fn) -> float:
 
 @cli_main
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minigpt.bench_generate",
+    p = ArgumentParser(prog="python -m minigpt.bench_generate",
                                 description="Greedy generation speed: minigpt against "
                                             "transformers' GPT2LMHeadModel, side by side.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)

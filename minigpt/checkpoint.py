@@ -115,8 +115,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
     Raises:
         CheckpointError: with a one-line message naming the file, if it does not exist, is a
-            directory or another non-regular file (a FIFO), cannot be unpickled safely (truncated, corrupted, foreign), or lacks the
-            keys of a minigpt checkpoint.
+            directory or another non-regular file (a FIFO), cannot be unpickled safely
+            (truncated, corrupted, foreign), or lacks the keys of a minigpt checkpoint.
     """
     path = checkpoint_file(path)
     if not path.exists():

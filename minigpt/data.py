@@ -34,8 +34,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .runtime import (PathError, cache_dir, check_cache_dir, check_input_file, cli_main,
-                      os_error_message)
+from .runtime import (ArgumentParser, PathError, cache_dir, check_cache_dir,
+                      check_input_file, cli_main, os_error_message)
 from .checkpoint import atomic_write
 from .tokenizer import CharTokenizer, GPT2Tokenizer
 
@@ -293,7 +293,7 @@ class BatchSampler:
 
 @cli_main
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minigpt.data",
+    parser = ArgumentParser(prog="python -m minigpt.data",
                                      description="Fetch tiny Shakespeare into minigpt's cache.")
     parser.add_argument("--import-file", metavar="PATH",
                         help="copy this local tiny Shakespeare file into the cache (sha256 "

@@ -46,7 +46,7 @@ from typing import Dict, List, Optional, Sequence
 
 from .checkpoint import atomic_write_text
 from .config import ConfigError, GPTConfig, TrainConfig, apply_overrides, default_settings
-from .runtime import (DeviceError, PathError, check_cache_dir, check_dir_target,
+from .runtime import (ArgumentParser, DeviceError, PathError, check_cache_dir, check_dir_target,
                       check_input_file, cli_main, os_error_message)
 
 # name -> (what changes against the default, overrides of TrainConfig fields). The default
@@ -487,7 +487,7 @@ def _check_paths(p: argparse.ArgumentParser, data, out, out_flag: str) -> None:
 
 
 def _main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minigpt.experiments",
+    p = ArgumentParser(prog="python -m minigpt.experiments",
                                 description="Experiments on minigpt's own model.")
     sub = p.add_subparsers(dest="experiment", required=True)
     a = sub.add_parser("ablation", help="each training option on and off at a fixed wall time")

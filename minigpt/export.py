@@ -43,7 +43,7 @@ import torch
 from .checkpoint import (CheckpointError, atomic_write, atomic_write_text, checkpoint_file,
                          load_checkpoint)
 from .config import GPTConfig
-from .runtime import (PathError, check_dir_target, check_file_target, cli_main,
+from .runtime import (ArgumentParser, PathError, check_dir_target, check_file_target, cli_main,
                       os_error_message)
 from .pretrained import (GPT2_VOCAB, PretrainedError, export_architecture, pretrained_state,
                          to_hf_config, to_hf_weights)
@@ -216,7 +216,7 @@ def load_safetensors(path) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minigpt.export",
+    p = ArgumentParser(prog="python -m minigpt.export",
                                 description="Export a minigpt model for transformers (--format "
                                             "hf) or as safetensors plus a JSON config.")
     src = p.add_mutually_exclusive_group()

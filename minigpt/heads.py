@@ -60,7 +60,8 @@ from .data import BatchSampler, DataError, load_corpus
 from .model import GPT
 from .pretrained import add_model_source_args, pretrained_state
 from .tokenizer import from_state
-from .runtime import DeviceError, PathError, check_file_target, cli_main, pick_device
+from .runtime import (ArgumentParser, DeviceError, PathError, check_file_target, cli_main,
+                      pick_device)
 
 
 def parse_mask(specs: Sequence[str], n_layer: int, n_head: int,
@@ -399,7 +400,7 @@ def format_table(result: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minigpt.heads",
+    p = ArgumentParser(prog="python -m minigpt.heads",
                                 description="Loss increase when each attention head is masked "
                                             "(Michel et al. 2019).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)

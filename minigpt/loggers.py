@@ -25,8 +25,9 @@ from typing import Callable, Dict, Optional
 
 from .config import ConfigError
 
-INSTALL = {"tensorboard": 'pip install "minigpt-kernels[tensorboard]" (or: pip install tensorboard)',
-           "wandb": 'pip install "minigpt-kernels[wandb]" (or: pip install wandb)'}
+INSTALL = {
+    "tensorboard": 'pip install "minigpt-kernels[tensorboard]" (or: pip install tensorboard)',
+    "wandb": 'pip install "minigpt-kernels[wandb]" (or: pip install wandb)'}
 WANDB_HOST = ("api.wandb.ai", 443)
 
 

@@ -44,7 +44,7 @@ import torch
 
 from .attention import BACKENDS, attention, unavailable_reason
 from .checkpoint import atomic_write_text
-from .runtime import PathError, check_file_target, cli_main
+from .runtime import ArgumentParser, PathError, check_file_target, cli_main
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
            "float16": torch.float16}
@@ -355,7 +355,7 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
 
 @cli_main
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minigpt.profile",
+    p = ArgumentParser(prog="python -m minigpt.profile",
                                 description="Benchmark attention backends side by side.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

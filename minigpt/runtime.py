@@ -8,6 +8,7 @@ This is a low module: it imports torch and nothing of minigpt.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import functools
@@ -152,6 +153,15 @@ def os_error_message(e: OSError) -> str:
         return os_error_reason(e)
     where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
     return f"{where}: {os_error_reason(e)}"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with one-line errors: "prog: error: argument --seed: ... (see prog
+    --help)", exit code 2, without the usage block (which for train.py's ~60 flags buries
+    the error)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def cli_main(main: Callable[..., int]) -> Callable[..., int]:

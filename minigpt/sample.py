@@ -31,13 +31,13 @@ from .model import GPT
 from .pretrained import add_model_source_args, pretrained_state
 from .sampling import TextStream, check_sampling_args
 from .tokenizer import from_state
-from .runtime import DeviceError, cli_main, pick_device
+from .runtime import ArgumentParser, DeviceError, cli_main, pick_device
 
 MAX_SEED = 2 ** 63 - 1  # torch.Generator.manual_seed's range (int64 and beyond wraps)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sample.py",
+    p = ArgumentParser(prog="sample.py",
                                 description="Sample text from a minigpt checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_source_args(p)

@@ -58,8 +58,8 @@ from .config import (PRESETS, ConfigError, GPTConfig, TrainConfig, apply_overrid
 from .data import DataError
 from .pretrained import PretrainedError
 from .rundir import RunDirError, RunDirLostError
-from .runtime import (DTYPES, DeviceError, Distributed, PathError, check_input_file, cli_main,
-                      os_error_message)
+from .runtime import (DTYPES, ArgumentParser, DeviceError, Distributed, PathError,
+                      check_input_file, cli_main, os_error_message)
 from .tokenizer import TOKENIZERS
 from .training import NonFiniteLossError, check_targets, train
 
@@ -108,15 +108,8 @@ def _add_fields(group, cls, defaults: dict) -> None:
                                metavar=None if f.name in _CHOICES else kind.__name__.upper())
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (the usage of ~60 flags would bury them)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="train.py", description=__doc__.split("\n\n")[0],
         epilog="Settings resolve as defaults < --preset < --config < flags; with --resume, the "
                "checkpoint's settings replace defaults and preset.")
@@ -128,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "flags override it (default: None)")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the settings, paths, corpus file, device and logger, print "
-                             "the resolved settings and exit without writing anything (default: off)")
+                             "the resolved settings and exit without writing anything "
+                             "(default: off)")
     defaults = default_settings()
     _add_fields(parser.add_argument_group("training (TrainConfig)"), TrainConfig, defaults)
     _add_fields(parser.add_argument_group("model (GPTConfig; the shape is fixed on --resume)"),
@@ -197,7 +191,8 @@ def _resolve(parser, argv):
         try:
             raw = read_config_file(args.config)
         except (OSError, ValueError) as e:
-            parser.error(f"argument --config: {os_error_message(e) if isinstance(e, OSError) else e}")
+            reason = os_error_message(e) if isinstance(e, OSError) else e
+            parser.error(f"argument --config: {reason}")
         try:
             from_file = check_settings(raw)
         except ConfigError as e:
