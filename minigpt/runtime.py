@@ -164,11 +164,20 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether e is an allocation failure: MemoryError, torch's OutOfMemoryError (CUDA, MPS),
+    or the CPU allocator's RuntimeError ("can't allocate memory")."""
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5
+    return isinstance(e, (MemoryError, oom)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
 def cli_main(main: Callable[..., int]) -> Callable[..., int]:
     """Wrap a command line's main(argv) -> exit code so that ordinary events end it quietly:
     Ctrl-C (KeyboardInterrupt) prints one line and returns 130 (128 + SIGINT); a closed output
     pipe (BrokenPipeError, e.g. ``| head``) returns 141 (128 + SIGPIPE) with nothing printed,
-    stdout pointed at /dev/null so that the interpreter's final flush cannot raise again."""
+    stdout pointed at /dev/null so that the interpreter's final flush cannot raise again; an
+    allocation failure (sizes too large for this machine) prints one line and returns 1."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
@@ -181,6 +190,12 @@ def cli_main(main: Callable[..., int]) -> Callable[..., int]:
         except BrokenPipeError:
             _quiet_stdout()
             return 141
+        except (MemoryError, RuntimeError) as e:
+            if not out_of_memory(e):
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            print(f"error: out of memory ({first}); try smaller sizes", file=sys.stderr)
+            return 1
 
     return wrapper
 

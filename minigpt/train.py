@@ -49,8 +49,6 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Optional, Tuple
 
-import torch
-
 from .attention import BACKENDS
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import (PRESETS, ConfigError, GPTConfig, TrainConfig, apply_overrides,
@@ -59,7 +57,7 @@ from .data import DataError
 from .pretrained import PretrainedError
 from .rundir import RunDirError, RunDirLostError
 from .runtime import (DTYPES, ArgumentParser, DeviceError, Distributed, PathError,
-                      check_input_file, cli_main, os_error_message)
+                      check_input_file, cli_main, os_error_message, out_of_memory)
 from .tokenizer import TOKENIZERS
 from .training import NonFiniteLossError, check_targets, train
 
@@ -262,12 +260,6 @@ def draw_curves(cfg: TrainConfig, log=print) -> Optional[Path]:
     return None
 
 
-def _out_of_memory(e: BaseException) -> bool:
-    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5
-    return isinstance(e, (MemoryError, oom)) or (
-        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
-
-
 @cli_main
 def main(argv=None) -> int:
     cfg, state, args = _resolve(build_parser(), argv)
@@ -292,7 +284,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError) as e:
-        if not _out_of_memory(e):
+        if not out_of_memory(e):
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         print(f"error: out of memory ({first}); try a smaller batch_size, block_size or "
