@@ -258,3 +258,16 @@ def test_wandb_logger_goes_offline_without_a_network(text_file, tmp_path, monkey
     rows = _metrics(out)
     assert [step for step, _ in calls["log"]] == [r["iter"] for r in rows]
     assert calls["log"][-1][1]["eval/val_loss"] == pytest.approx(rows[-1]["val_loss"])
+
+
+def test_sizes_too_large_for_the_machine_are_one_line(monkeypatch, capsys):
+    from minigpt import profile
+
+    def allocate(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 1024000000000 bytes.")
+
+    monkeypatch.setattr(profile, "run_case", allocate)
+    assert profile.main(["--seq", "4000000000", "--backends", "sdpa"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: out of memory"), err
