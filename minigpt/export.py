@@ -22,8 +22,8 @@ file's metadata (key "minigpt") and beside it (FILE with the suffix .json). load
 reads it back into a checkpoint dict (GPT.from_checkpoint builds the model).
 
 Nothing is overwritten unasked: an export onto its own source checkpoint (or its .json beside it),
-or into a training run's directory (one holding ckpt.pt, config.json of a run, metrics.jsonl or
-run.lock), is refused unless --force; the destination is checked before the checkpoint is read.
+or into a training run's directory (one holding ckpt.pt, metrics.jsonl or run.lock, whose
+config.json an hf export would replace), is refused unless --force; the destination is checked before the checkpoint is read.
 
 Exit codes: 0 written, 2 bad input (checkpoint, model, unsupported configuration, paths, a file
 system that refused the write).
