@@ -136,6 +136,12 @@ def _check_inputs(q, k, v, causal, scale, alibi_slopes=None, window=None) -> Non
         if alibi_slopes.device != q.device:
             raise ValueError(f"attention: alibi_slopes must be on q's device {q.device}, got "
                              f"{_describe('alibi_slopes', alibi_slopes)}")
+        # A NaN or infinite slope makes every score of its head NaN (the kernels would return
+        # NaN rows silently). Checked on real tensors only: not while tracing.
+        if (alibi_slopes.device.type != "meta" and not torch.compiler.is_compiling()
+                and not bool(torch.isfinite(alibi_slopes).all())):
+            raise ValueError(f"attention: alibi_slopes must be finite, got "
+                             f"{alibi_slopes.tolist()}")
     if window is not None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"attention: window must be a positive int (the number of most "

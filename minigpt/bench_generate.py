@@ -32,6 +32,7 @@ from typing import List, Optional
 import torch
 
 from .model import GPT, GPTConfig
+from .runtime import ArgumentParser, PathError, check_file_target, cli_main
 
 
 def _time_generate(fn) -> float:
@@ -40,8 +41,9 @@ def _time_generate(fn) -> float:
     return time.perf_counter() - t0
 
 
+@cli_main
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minigpt.bench_generate",
+    p = ArgumentParser(prog="python -m minigpt.bench_generate",
                                 description="Greedy generation speed: minigpt against "
                                             "transformers' GPT2LMHeadModel, side by side.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -62,6 +64,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results as JSON to this file")
     args = p.parse_args(argv)
+    if args.json:
+        try:
+            check_file_target(args.json, "--json")
+        except PathError as e:
+            p.error(f"argument {e}")
     if args.prompt < 1 or args.new < 1 or args.prompt + args.new > args.block:
         p.error(f"need 1 <= --prompt and 1 <= --new with --prompt + --new <= --block "
                 f"({args.block}), got {args.prompt} + {args.new}")

@@ -6,17 +6,27 @@ help text (``field_help`` reads it for the command line). Each config checks its
 ``__post_init__`` and raises ConfigError naming the field and the value. Presets are overrides
 of TrainConfig's defaults, nested like the config (``{"model": {"n_layer": 6}, ...}``).
 
-This is a low module: it imports nothing of minigpt but runtime and tokenizer (names only).
+Every field is checked against its declared type first (``check_types``: a bool must be a real
+bool, not the string "false"; an int an int; a float a number; Optional[X] None or X; a tuple of
+ints a list or tuple of ints), so a TOML/JSON file cannot slip a string into a bool and change
+what a run does. Then each range and choice.
+
+This is a low module: it imports nothing of minigpt but runtime, tokenizer and attention (names
+only: the backend registry).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+import os
 import re
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Dict, Optional, Tuple
 
+from .attention import BACKENDS
 from .runtime import DTYPES
 from .tokenizer import TOKENIZERS
 
@@ -46,6 +56,72 @@ def _is_int(x) -> bool:
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+INT_RANGE = (-2 ** 63, 2 ** 63 - 1)  # int64, what torch (and TOML) hold
+# The most parameters a GPTConfig may describe: 2^40 (4.4 TB in float32). A config above it is a
+# typo (vocab_size = 2**40 would start allocating 35 TB); refused before anything is allocated.
+MAX_PARAMS = 2 ** 40
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_requirement(kind, value):
+    """(ok, value converted, requirement) of value against the annotation kind: bool, int,
+    float (an int is accepted and converted), str, Optional[X], Tuple[int, ...] (a list is
+    accepted and converted) or a dataclass (GPTConfig)."""
+    if typing.get_origin(kind) is typing.Union:
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if value is None:
+            return True, None, ""
+        ok, value, need = _type_requirement(args[0], value)
+        return ok, value, need + " or None"
+    if typing.get_origin(kind) is typing.Literal:
+        choices = typing.get_args(kind)
+        return value in choices, value, "must be one of " + ", ".join(map(str, choices))
+    if kind is bool:
+        return isinstance(value, bool), value, "must be a bool (true or false)"
+    if kind is int:
+        ok = _is_int(value) and INT_RANGE[0] <= value <= INT_RANGE[1]
+        return ok, value, "must be an int in [-2^63, 2^63)"
+    if kind is float:
+        if _is_int(value):
+            try:
+                return True, float(value), ""
+            except OverflowError:
+                return False, value, "must be a number"
+        return isinstance(value, float), value, "must be a number"
+    if kind is str:
+        if isinstance(value, os.PathLike):  # a pathlib.Path for out_dir or data
+            value = os.fspath(value)
+        return isinstance(value, str) and value != "", value, "must be a non-empty string"
+    if typing.get_origin(kind) is tuple:
+        ok = isinstance(value, (list, tuple)) and all(
+            _type_requirement(int, v)[0] for v in value)
+        return ok, tuple(value) if ok else value, "must be a list of ints"
+    if isinstance(kind, type):
+        return isinstance(value, kind), value, f"must be a {kind.__name__}"
+    return True, value, ""
+
+
+def check_types(obj) -> None:
+    """Check every field of the dataclass instance obj against its annotation (see
+    _type_requirement); ints given for floats become floats, lists for tuples tuples.
+
+    Raises:
+        ConfigError: naming the first field whose value is not of its type.
+    """
+    owner = type(obj).__name__
+    for name, kind in _hints(type(obj)).items():
+        if typing.get_origin(kind) is ClassVar or name not in {f.name for f in fields(obj)}:
+            continue
+        ok, value, need = _type_requirement(kind, getattr(obj, name))
+        if not ok:
+            raise ConfigError(owner, name, getattr(obj, name), need)
+        setattr(obj, name, value)
 
 
 @dataclass
@@ -120,12 +196,18 @@ class GPTConfig:
     def __post_init__(self):
         """Resolves the None defaults (n_kv_head, head_dim, the three biases, intermediate_size).
 
-        Raises ConfigError (a ValueError) naming the first field out of range."""
+        Raises ConfigError (a ValueError) naming the first field out of range or of the wrong
+        type, or a model of more than MAX_PARAMS parameters."""
+        check_types(self)
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         owner = "GPTConfig"
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             _check(owner, self, name, lambda x: _is_int(x) and x > 0, "must be a positive int")
+        _check(owner, self, "vocab_size", lambda x: x <= 2 ** 32,
+               "must be at most 2^32 (token ids are stored as uint32)")
+        _check(owner, self, "attn_backend", lambda x: x is None or x in BACKENDS,
+               f"must be one of {', '.join(BACKENDS)} (or None: the best available)")
         if self.head_dim is None:
             _check(owner, self, "n_embd", lambda x: x % self.n_head == 0,
                    f"must be divisible by n_head ({self.n_head}), or head_dim given")
@@ -168,6 +250,34 @@ class GPTConfig:
                      "zero_init_proj"):
             _check(owner, self, name, lambda x: isinstance(x, bool), "must be a bool")
         self._check_layer_heads()
+        self._check_size()
+
+    def num_params_estimate(self) -> Tuple[int, int]:
+        """(embedding and head parameters, the blocks' parameters), without biases and norms:
+        what building this config would allocate, to within a few percent."""
+        C = self.n_embd
+        embed = self.vocab_size * C * (1 if self.tie_embeddings else 2)
+        if self.pos_embedding == "learned":
+            embed += self.block_size * C
+        mlp = C * self.intermediate_size * (3 if self.mlp == "glu" else 2)
+        blocks = 0
+        for layer in range(self.n_layer if self.layer_heads is not None else 1):
+            hq, hkv = self.heads(layer)
+            blocks += C * (hq + 2 * hkv) * self.head_dim + hq * self.head_dim * C + mlp
+        if self.layer_heads is None:
+            blocks *= self.n_layer
+        return embed, blocks
+
+    def _check_size(self) -> None:
+        embed, blocks = self.num_params_estimate()
+        if embed + blocks > MAX_PARAMS:
+            name = "vocab_size" if embed >= blocks else ("n_layer" if self.n_layer > self.n_embd
+                                                         else "n_embd")
+            raise ConfigError("GPTConfig", name, getattr(self, name),
+                              f"gives a model of {embed + blocks:.3g} parameters (vocab_size="
+                              f"{self.vocab_size}, n_layer={self.n_layer}, n_embd={self.n_embd}, "
+                              f"intermediate_size={self.intermediate_size}), more than "
+                              f"{MAX_PARAMS:.3g} (2^40)")
 
     def _check_layer_heads(self) -> None:
         """Validate layer_heads and layer_kv_heads (stored as tuples; a JSON config gives
@@ -288,19 +398,31 @@ class TrainConfig:
     skip_nonfinite: int = 0           # skip up to this many steps whose loss or gradient is
                                       # NaN/inf (counted in the log); past it, stop
     progress: bool = True             # tqdm progress bar
+    logger: str = "none"              # also log the metrics.jsonl scalars (losses, learning
+                                      # rate, tokens/s, grad norm) to "tensorboard"
+                                      # (out_dir/tensorboard, via torch.utils.tensorboard) or
+                                      # "wandb" (Weights & Biases; offline without a network);
+                                      # "none": metrics.jsonl only. Rank 0 only under torchrun
 
     # Settings that a resumed run takes from its checkpoint and cannot change (with the model's
     # fields other than GPTConfig.TUNABLE).
     FIXED_ON_RESUME: ClassVar[Tuple[str, ...]] = ("tokenizer", "optimizer", "init_from")
     OPTIMIZERS: ClassVar[Tuple[str, ...]] = ("adamw", "muon")
     LR_SCHEDULES: ClassVar[Tuple[str, ...]] = ("cosine", "wsd")
+    LOGGERS: ClassVar[Tuple[str, ...]] = ("none", "tensorboard", "wandb")
+    MAX_SEED: ClassVar[int] = 2 ** 62  # seed + rank and seed + 1_000_003 stay in torch's range
 
     def __post_init__(self):
-        """Raises ConfigError (a ValueError) naming the first field out of range."""
+        """Raises ConfigError (a ValueError) naming the first field out of range or of the
+        wrong type."""
         if isinstance(self.model, dict):
             self.model = GPTConfig.from_dict({**DEFAULT_MODEL, **self.model})
+        check_types(self)
         owner = "TrainConfig"
-        _check(owner, self, "model", lambda x: isinstance(x, GPTConfig), "must be a GPTConfig")
+        _check(owner, self, "logger", lambda x: x in self.LOGGERS,
+               f"must be one of {', '.join(self.LOGGERS)}")
+        _check(owner, self, "seed", lambda x: 0 <= x <= self.MAX_SEED,
+               "must be in [0, 2^62]")
         _check(owner, self, "tokenizer", lambda x: x in TOKENIZERS,
                f"must be one of {', '.join(TOKENIZERS)}")
         _check(owner, self, "tokenizer", lambda x: x != "hf" or self.init_from,
@@ -357,8 +479,14 @@ class TrainConfig:
         Raises:
             ConfigError: a field out of range; with strict, also a key that is not a field.
         """
+        if not isinstance(d, dict):
+            raise ConfigError("TrainConfig", "settings", d, "must be a table (a dict of settings)")
         d = dict(d)
-        model = dict(d.pop("model", None) or {})
+        model = d.pop("model", None)
+        if model is not None and not isinstance(model, dict):
+            raise ConfigError("TrainConfig", "model", model,
+                              "must be a table of the model's settings ([model] in TOML)")
+        model = dict(model or {})
         model_names = {f.name for f in fields(GPTConfig)}
         train_names = {f.name for f in fields(cls)} - {"model"}
         for key in list(d):
@@ -464,6 +592,7 @@ _FIELD_LINE = re.compile(r"^\s+(\w+)\s*:[^#]*#\s?(.*)$")
 _COMMENT_LINE = re.compile(r"^\s+#\s?(.*)$")
 
 
+@functools.lru_cache(maxsize=None)
 def field_help(cls) -> Dict[str, str]:
     """{field: its trailing comment}, comment-only lines right after a field joined to it: the
     help text the command line shows for each field of a config dataclass."""
@@ -485,6 +614,54 @@ def field_help(cls) -> Dict[str, str]:
     return docs
 
 
+def check_settings(d: Any) -> dict:
+    """Type-check a partial, nested settings dict such as a --config file holds ({"seed": 1,
+    "model": {"n_layer": 2}}; the model's keys may also stand flat), before any of it is used:
+    each key must be a field of TrainConfig or GPTConfig and each value of that field's
+    declared type (check_types). Ranges are checked later, by the configs themselves.
+
+    Returns a copy with ints given for floats made floats and lists for tuples made tuples.
+
+    Raises:
+        ConfigError: d is not a dict, "model" is not a dict, a key is not a setting (the owner
+            and the key are named: "GPTConfig.foo is not a setting"), or a value is of the
+            wrong type.
+    """
+    if not isinstance(d, dict):
+        raise ConfigError("TrainConfig", "settings", d, "must be a table (a dict of settings)")
+    model = d.get("model", {})
+    if not isinstance(model, dict):
+        raise ConfigError("TrainConfig", "model", model,
+                          "must be a table of the model's settings ([model] in TOML)")
+    train_hints, model_hints = _hints(TrainConfig), _hints(GPTConfig)
+    train_names = {f.name for f in fields(TrainConfig)} - {"model"}
+    model_names = {f.name for f in fields(GPTConfig)}
+
+    def checked(cls_name, hints, key, value):
+        ok, value, need = _type_requirement(hints[key], value)
+        if not ok:
+            raise ConfigError(cls_name, key, value, need)
+        return value
+
+    out = {}
+    for key, value in d.items():
+        if key == "model":
+            continue
+        if key in train_names:
+            out[key] = checked("TrainConfig", train_hints, key, value)
+        elif key in model_names:
+            out[key] = checked("GPTConfig", model_hints, key, value)
+        else:
+            raise ConfigError("TrainConfig", key, value, "is not a setting")
+    if "model" in d:
+        out["model"] = {}
+        for key, value in model.items():
+            if key not in model_names:
+                raise ConfigError("GPTConfig", key, value, "is not a setting")
+            out["model"][key] = checked("GPTConfig", model_hints, key, value)
+    return out
+
+
 def apply_overrides(base: dict, overrides: dict) -> dict:
     """base updated by overrides, the "model" sub-dict merged key by key (both nested dicts as
     TrainConfig.to_dict writes them; flat model keys in overrides go into "model")."""
@@ -492,6 +669,9 @@ def apply_overrides(base: dict, overrides: dict) -> dict:
     model_names = {f.name for f in fields(GPTConfig)}
     for key, value in overrides.items():
         if key == "model":
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError("TrainConfig", "model", value,
+                                  "must be a table of the model's settings ([model] in TOML)")
             out["model"].update(value or {})
         elif key in model_names:
             out["model"][key] = value
@@ -509,4 +689,6 @@ def fixed_on_resume() -> Tuple[str, ...]:
 
 
 __all__ = ["ConfigError", "GPTConfig", "TrainConfig", "PRESETS", "DEFAULT_MODEL", "lr_at",
-           "field_help", "apply_overrides", "default_settings", "fixed_on_resume"]
+           "field_help", "apply_overrides", "default_settings", "fixed_on_resume", "check_types",
+           "check_settings",
+           "MAX_PARAMS"]

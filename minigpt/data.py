@@ -8,14 +8,19 @@ file with ``--data PATH``.
 
 Tokens are stored as memmaps (uint16, or uint32 for vocabularies over 65,536 tokens such as
 Llama 3's), split 90/10 into train/val, and cached under a key made of the corpus's sha256 and
-the tokenizer, so a second run does not tokenize again.
+the tokenizer, so a second run does not tokenize again. The cache's meta.json records the sha256
+of the source text and the size and sha256 of train.bin and val.bin; a cache entry that
+disagrees with it (a file truncated, emptied, overwritten) is rebuilt from the text, with a line
+saying so.
+
+A corpus must be a regular readable file: a FIFO or a device is refused (reading one would
+block or never end).
 
 Usage: python -m minigpt.data [--import-file PATH]
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -28,7 +33,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .runtime import cache_dir
+from .runtime import (ArgumentParser, PathError, cache_dir, check_cache_dir,
+                      check_input_file, cli_main, os_error_message)
 from .checkpoint import atomic_write
 from .tokenizer import CharTokenizer, GPT2Tokenizer
 
@@ -56,7 +62,17 @@ def shakespeare_path() -> Path:
 
 
 def import_shakespeare(src) -> Path:
-    """Copy a local tiny Shakespeare file into the cache after checking its sha256."""
+    """Copy a local tiny Shakespeare file into the cache after checking its sha256.
+
+    Raises:
+        DataError: src is not a regular readable file, or not tiny Shakespeare; the cache
+            directory cannot be used.
+    """
+    try:
+        check_input_file(src, "--import-file")
+        check_cache_dir()
+    except PathError as e:
+        raise DataError(str(e)) from None
     data = Path(src).read_bytes()
     if _sha256(data) != SHAKESPEARE_SHA256:
         raise DataError(f"{src} is not tiny Shakespeare: its sha256 is {_sha256(data)}, "
@@ -93,12 +109,13 @@ def download_shakespeare(timeout: float = 30.0) -> Path:
 
 
 def read_text(path) -> tuple:
-    """(text, sha256) of a UTF-8 text file, or DataError naming the file and the problem."""
+    """(text, sha256) of a UTF-8 text file, or DataError naming the file and the problem
+    (missing, a directory, a FIFO or other non-regular file, unreadable, empty, not UTF-8)."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"corpus file {path}: no such file")
-    if path.is_dir():
-        raise DataError(f"corpus file {path}: is a directory; give a UTF-8 text file")
+    try:
+        check_input_file(path, "corpus file")
+    except PathError as e:
+        raise DataError(str(e).replace("give a file", "give a UTF-8 text file")) from None
     raw = path.read_bytes()
     if not raw:
         raise DataError(f"corpus file {path}: the file is empty")
@@ -139,7 +156,37 @@ def _tokenizer_key(tok) -> str:
     return tok.name if tok.name in ("char", "gpt2") else f"{tok.name}-{_sha256(state)[:12]}"
 
 
-def load_corpus(data: Optional[str] = None, tokenizer: Union[str, object] = "char") -> Corpus:
+def _cache_problem(key_dir: Path, digest: str, dtype: np.dtype) -> Optional[str]:
+    """None if the cache entry in key_dir is complete and agrees with its meta.json (the
+    source's sha256, each token file's size and sha256), else what is wrong, in words."""
+    meta_path = key_dir / "meta.json"
+    if not meta_path.is_file():
+        return None if not key_dir.exists() else "meta.json is missing"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        files = meta["files"]
+        if meta["sha256"] != digest or meta["dtype"] != dtype.name:
+            return "meta.json describes another source"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "meta.json is unreadable or from an older minigpt (no sizes or hashes)"
+    for name in ("train.bin", "val.bin"):
+        path = key_dir / name
+        want = files.get(name) if isinstance(files, dict) else None
+        if not isinstance(want, dict):
+            return f"meta.json has no entry for {name}"
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            return f"{name} cannot be read ({e.strerror or e})"
+        if len(raw) != want.get("bytes"):
+            return f"{name} has {len(raw):,} bytes, meta.json says {want.get('bytes'):,}"
+        if _sha256(raw) != want.get("sha256"):
+            return f"{name}'s sha256 differs from meta.json's"
+    return None
+
+
+def load_corpus(data: Optional[str] = None, tokenizer: Union[str, object] = "char",
+                log=None) -> Corpus:
     """Tokenize (or load the cached tokens of) a corpus.
 
     Args:
@@ -147,15 +194,22 @@ def load_corpus(data: Optional[str] = None, tokenizer: Union[str, object] = "cha
         tokenizer: "char" (vocabulary built from the whole text) or "gpt2" (tiktoken BPE); or a
             tokenizer object (minigpt.tokenizer), used as it is: a pretrained model's, so that
             fine-tuning data is tokenized as the model was.
+        log: called with one line when a damaged token cache is rebuilt (default: print to
+            stderr).
 
     Raises:
-        DataError: unusable file (missing, directory, empty, not UTF-8), offline without a
+        DataError: unusable file (missing, directory, FIFO, empty, not UTF-8), the cache
+            directory unusable (MINIGPT_CACHE_DIR a file, read-only), offline without a
             cached corpus, a vocabulary too large for uint32, text that a given char tokenizer
             cannot encode, or a split too short to hold a single token.
     """
     if isinstance(tokenizer, str) and tokenizer not in ("char", "gpt2"):
         raise ValueError(f"tokenizer must be 'char', 'gpt2' or a tokenizer object, got "
                          f"{tokenizer!r}")
+    try:
+        check_cache_dir()
+    except PathError as e:
+        raise DataError(str(e)) from None
     path = download_shakespeare() if data is None else Path(data)
     text, digest = read_text(path)
     if isinstance(tokenizer, str):
@@ -171,6 +225,11 @@ def load_corpus(data: Optional[str] = None, tokenizer: Union[str, object] = "cha
         key += "-" + _sha256("".join(tok.chars).encode())[:12]  # another text's vocabulary
     key_dir = cache_dir() / "tokens" / f"{digest[:16]}-{key}"
     meta_path = key_dir / "meta.json"
+    problem = _cache_problem(key_dir, digest, dtype)
+    if problem is not None:
+        (log or (lambda line: print(line, file=sys.stderr)))(
+            f"minigpt: token cache {key_dir}: {problem}; rebuilding it from {path}")
+        meta_path.unlink(missing_ok=True)
     if not meta_path.is_file():
         try:
             ids = np.array(tok.encode(text), dtype=dtype)
@@ -180,12 +239,15 @@ def load_corpus(data: Optional[str] = None, tokenizer: Union[str, object] = "cha
         if n_train < 1 or len(ids) - n_train < 1:
             raise DataError(f"corpus file {path}: only {len(ids)} tokens; too short for a "
                             f"train/val split")
-        atomic_write_bytes(key_dir / "train.bin", ids[:n_train].tobytes())
-        atomic_write_bytes(key_dir / "val.bin", ids[n_train:].tobytes())
+        files = {}
+        for name, part in (("train.bin", ids[:n_train]), ("val.bin", ids[n_train:])):
+            raw = part.tobytes()
+            atomic_write_bytes(key_dir / name, raw)
+            files[name] = {"bytes": len(raw), "sha256": _sha256(raw)}
         # meta.json last: its presence marks a complete cache entry.
         atomic_write_bytes(meta_path, json.dumps({"source": str(path), "sha256": digest,
-                                                  "tokenizer": tok.name,
-                                                  "dtype": dtype.name}).encode())
+                                                  "tokenizer": tok.name, "dtype": dtype.name,
+                                                  "files": files}).encode())
     train = np.memmap(key_dir / "train.bin", dtype=dtype, mode="r")
     val = np.memmap(key_dir / "val.bin", dtype=dtype, mode="r")
     return Corpus(train=train, val=val, tokenizer=tok, source=str(path))
@@ -228,8 +290,9 @@ class BatchSampler:
         self.generator.set_state(state["generator"])
 
 
+@cli_main
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minigpt.data",
+    parser = ArgumentParser(prog="python -m minigpt.data",
                                      description="Fetch tiny Shakespeare into minigpt's cache.")
     parser.add_argument("--import-file", metavar="PATH",
                         help="copy this local tiny Shakespeare file into the cache (sha256 "
@@ -238,8 +301,11 @@ def main(argv=None) -> int:
     try:
         path = (import_shakespeare(args.import_file) if args.import_file
                 else download_shakespeare())
-    except (DataError, OSError) as e:
+    except DataError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
         return 2
     print(path)
     return 0

@@ -45,7 +45,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .checkpoint import atomic_write_text
-from .config import GPTConfig, TrainConfig, apply_overrides, default_settings
+from .config import ConfigError, GPTConfig, TrainConfig, apply_overrides, default_settings
+from .runtime import (ArgumentParser, DeviceError, PathError, check_cache_dir, check_dir_target,
+                      check_input_file, cli_main, os_error_message)
 
 # name -> (what changes against the default, overrides of TrainConfig fields). The default
 # turns on Muon (Jordan et al. 2024), QK-norm (Henry et al. 2020), a 30-step warmup and the
@@ -78,8 +80,6 @@ def ablation(max_time: float, out_dir: str, data: Optional[str], names: List[str
              log=print) -> List[dict]:
     """Train each named variant of the default for max_time seconds; return one row per run
     (name, change, final_val_loss, iters, tokens_per_s, wall_time_s)."""
-    from .training import train
-
     base = default_settings()
     rows = []
     for name in names:
@@ -88,7 +88,7 @@ def ablation(max_time: float, out_dir: str, data: Optional[str], names: List[str
         cfg = TrainConfig.from_dict(settings)
         cfg = replace(cfg, data=data, out_dir=str(Path(out_dir) / name), max_time=max_time,
                       max_iters=10**9, eval_interval=100, progress=False, overwrite=True)
-        result = train(cfg, log=lambda message: None)
+        result = _train(cfg)
         row = dict(name=name, change=change, final_val_loss=round(result.final_val_loss, 4),
                    iters=result.iters, tokens_per_s=round(result.tokens_per_s),
                    wall_time_s=round(result.wall_time_s, 1))
@@ -184,7 +184,6 @@ def positions(encodings: Sequence[str], out_dir: str, data: Optional[str], *,
     from .data import load_corpus
     from .model import GPT
     from .runtime import pick_device
-    from .training import train
 
     lengths = [f * block_size for f in factors]
     base = default_settings()
@@ -196,7 +195,7 @@ def positions(encodings: Sequence[str], out_dir: str, data: Optional[str], *,
         cfg = TrainConfig.from_dict(settings)
         cfg = replace(cfg, data=data, out_dir=str(Path(out_dir) / name), max_iters=max_iters,
                       max_time=max_time, eval_interval=100, progress=False, overwrite=True)
-        result = train(cfg, log=lambda message: None)
+        result = _train(cfg)
         if val is None:
             val = load_corpus(data, cfg.tokenizer).val
             eval_tokens = min(eval_tokens, len(val) - 1) // lengths[-1] * lengths[-1]
@@ -374,7 +373,6 @@ def window_losses(windows: Sequence[Optional[int]], out_dir: str, data: Optional
     steps once per window (None: full attention), the same seed, hence the same initial
     weights and batches; one row per run: variant, window, final_val_loss, val_loss_vs_full
     (the difference), iters, tokens_per_s, wall_time_s."""
-    from .training import train
 
     rows = []
     for W in windows:
@@ -385,7 +383,7 @@ def window_losses(windows: Sequence[Optional[int]], out_dir: str, data: Optional
                       out_dir=str(Path(out_dir) / variant_name(W).replace(" ", "_")),
                       max_iters=max_iters, eval_interval=max_iters, progress=False,
                       overwrite=True)
-        result = train(cfg, log=lambda message: None)
+        result = _train(cfg)
         rows.append(dict(variant=variant_name(W), window=W,
                          final_val_loss=round(result.final_val_loss, 4), iters=result.iters,
                          tokens_per_s=round(result.tokens_per_s),
@@ -448,8 +446,48 @@ def window_markdown(results: dict) -> str:
     return "\n".join(out)
 
 
+def _train(cfg: TrainConfig):
+    """train(cfg) quietly; a Ctrl-C, which train() answers by saving the run, ends the whole
+    experiment rather than only this run (KeyboardInterrupt)."""
+    from .training import train
+
+    result = train(cfg, log=lambda message: None)
+    if result.interrupted:
+        raise KeyboardInterrupt
+    return result
+
+
+@cli_main
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minigpt.experiments",
+    """The command line; every path is checked before the first run starts, and bad input
+    (data, paths, device) ends in one line with exit code 2."""
+    from .data import DataError
+    from .rundir import RunDirError
+
+    try:
+        return _main(argv)
+    except (DataError, PathError, RunDirError, DeviceError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
+        return 2
+
+
+def _check_paths(p: argparse.ArgumentParser, data, out, out_flag: str) -> None:
+    """--data a regular readable file, the output directory writable, the cache usable:
+    refused before any training starts."""
+    try:
+        if data is not None:
+            check_input_file(data, "--data")
+        check_dir_target(out, out_flag)
+        check_cache_dir()
+    except PathError as e:
+        p.error(f"argument {e}")
+
+
+def _main(argv=None) -> int:
+    p = ArgumentParser(prog="python -m minigpt.experiments",
                                 description="Experiments on minigpt's own model.")
     sub = p.add_subparsers(dest="experiment", required=True)
     a = sub.add_parser("ablation", help="each training option on and off at a fixed wall time")
@@ -520,6 +558,8 @@ def main(argv=None) -> int:
                    help="results.md, results.json and window.png go here, and the loss runs' "
                         "directories (default runs/window)")
     args = p.parse_args(argv)
+    out = args.out_dir if args.experiment == "ablation" else args.out
+    _check_paths(p, args.data, out, "--out-dir" if args.experiment == "ablation" else "--out")
     if args.experiment == "positions":
         return _positions_main(p, args)
     if args.experiment == "window":

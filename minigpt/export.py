@@ -21,7 +21,12 @@ stored once, as transformer.wte.weight), with {"model_config", "tokenizer"} as J
 file's metadata (key "minigpt") and beside it (FILE with the suffix .json). load_safetensors
 reads it back into a checkpoint dict (GPT.from_checkpoint builds the model).
 
-Exit codes: 0 written, 2 bad input (checkpoint, model, unsupported configuration, paths).
+Nothing is overwritten unasked: an export onto its own source checkpoint (or its .json beside it),
+or into a training run's directory (one holding ckpt.pt, metrics.jsonl or run.lock, whose
+config.json an hf export would replace), is refused unless --force; the destination is checked before the checkpoint is read.
+
+Exit codes: 0 written, 2 bad input (checkpoint, model, unsupported configuration, paths, a file
+system that refused the write).
 Needs the safetensors package (and tokenizers for the tokenizer files): the extra "hf".
 """
 
@@ -35,8 +40,11 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .checkpoint import CheckpointError, atomic_write, atomic_write_text, load_checkpoint
+from .checkpoint import (CheckpointError, atomic_write, atomic_write_text, checkpoint_file,
+                         load_checkpoint)
 from .config import GPTConfig
+from .runtime import (ArgumentParser, PathError, check_dir_target, check_file_target, cli_main,
+                      os_error_message)
 from .pretrained import (GPT2_VOCAB, PretrainedError, export_architecture, pretrained_state,
                          to_hf_config, to_hf_weights)
 
@@ -208,7 +216,7 @@ def load_safetensors(path) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minigpt.export",
+    p = ArgumentParser(prog="python -m minigpt.export",
                                 description="Export a minigpt model for transformers (--format "
                                             "hf) or as safetensors plus a JSON config.")
     src = p.add_mutually_exclusive_group()
@@ -220,9 +228,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("hf", "safetensors"), required=True,
                    help="hf: a directory transformers loads; safetensors: one file (+ .json)")
     p.add_argument("dest", type=Path, help="the directory (hf) or the file (safetensors)")
+    p.add_argument("--force", action="store_true",
+                   help="write even onto the source checkpoint or into a training run's "
+                        "directory (refused without it)")
     return p
 
 
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", "run.lock")  # what marks a training run's directory
+
+
+def destination_problem(fmt: str, dest: Path, source: Optional[Path]) -> Optional[str]:
+    """Why exporting to dest would destroy something (None if it would not): a file to be
+    written is the source checkpoint, or the directory written into is a training run's."""
+    outputs = ([dest / "config.json", dest / "model.safetensors", dest / "tokenizer.json",
+                dest / "tokenizer_config.json"] if fmt == "hf"
+               else [dest, dest.with_suffix(".json")])
+    if source is not None and source.exists():
+        for out in outputs:
+            if out.exists() and out.resolve() == source.resolve():
+                return f"{out} is the source checkpoint; exporting would replace it"
+    folder = dest if fmt == "hf" else dest.parent
+    marks = [name for name in RUN_FILES if (folder / name).exists()]
+    if marks:
+        return (f"{folder} is a training run's directory (it holds {', '.join(marks)}); "
+                f"exporting there could replace the run's files (config.json); export to "
+                f"another path")
+    return None
+
+
+@cli_main
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -231,6 +265,18 @@ def main(argv=None) -> int:
     if args.format == "safetensors" and args.dest.is_dir():
         parser.error(f"argument dest: {args.dest} is a directory; --format safetensors writes "
                      f"a file (e.g. {args.dest / 'model.safetensors'})")
+    source = None if args.init_from else checkpoint_file(args.checkpoint or "out/ckpt.pt")
+    try:
+        if args.format == "hf":
+            check_dir_target(args.dest, "dest")
+        else:
+            check_file_target(args.dest, "dest", make_parents=True)
+            check_file_target(args.dest.with_suffix(".json"), "dest", make_parents=True)
+    except PathError as e:
+        parser.error(f"argument {e}")
+    problem = destination_problem(args.format, args.dest, source)
+    if problem and not args.force:
+        parser.error(f"argument dest: {problem} (--force writes anyway)")
     try:
         state = (pretrained_state(args.init_from) if args.init_from
                  else load_checkpoint(args.checkpoint or "out/ckpt.pt"))
@@ -243,8 +289,11 @@ def main(argv=None) -> int:
         else:
             side = export_safetensors(state, args.dest)
             print(f"wrote {args.dest} and its config {side}")
-    except (CheckpointError, PretrainedError, OSError, ImportError) as e:
+    except (CheckpointError, PretrainedError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
         return 2
     return 0
 

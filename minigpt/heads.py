@@ -60,7 +60,8 @@ from .data import BatchSampler, DataError, load_corpus
 from .model import GPT
 from .pretrained import add_model_source_args, pretrained_state
 from .tokenizer import from_state
-from .runtime import DeviceError, pick_device
+from .runtime import (ArgumentParser, DeviceError, PathError, check_file_target, cli_main,
+                      pick_device)
 
 
 def parse_mask(specs: Sequence[str], n_layer: int, n_head: int,
@@ -399,7 +400,7 @@ def format_table(result: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minigpt.heads",
+    p = ArgumentParser(prog="python -m minigpt.heads",
                                 description="Loss increase when each attention head is masked "
                                             "(Michel et al. 2019).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -607,6 +608,7 @@ def run_prune(args, state: dict, model: GPT, batches, source: str, plot_path: Pa
     return 0
 
 
+@cli_main
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -620,6 +622,11 @@ def main(argv=None) -> int:
     if args.block_size is not None and args.block_size < 1:
         parser.error(f"argument --block-size: must be >= 1, got {args.block_size}")
     check_prune_args(parser, args)
+    if args.json:
+        try:
+            check_file_target(args.json, "--json")
+        except PathError as e:
+            parser.error(f"argument {e}")
     path = None if args.init_from else checkpoint_file(args.checkpoint or "out/ckpt.pt")
     source = args.init_from or str(path)
     try:

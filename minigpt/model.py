@@ -495,6 +495,16 @@ class GPT(nn.Module):
                              f"a longer context)")
         if kv_cache is not None:
             kv_cache.check_room(T)
+        # An id outside the vocabulary would index past the embedding table (torch says only
+        # "index out of range in self", or worse on a GPU). One min/max reduction; skipped
+        # while torch.compile traces, where it would be a data-dependent branch.
+        if idx.numel() and idx.device.type != "meta" and not torch.compiler.is_compiling():
+            lo, hi = torch.aminmax(idx)
+            lo, hi = int(lo), int(hi)
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = hi if hi >= self.config.vocab_size else lo
+                raise ValueError(f"GPT: idx holds token id {bad}, outside the vocabulary "
+                                 f"[0, vocab_size={self.config.vocab_size})")
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 kv_cache: Optional[KVCache] = None):
@@ -511,7 +521,8 @@ class GPT(nn.Module):
             made with last_logits_only); loss a scalar tensor or None.
 
         Raises:
-            ValueError: idx is not a (B, T) int64 tensor with 1 <= T <= block_size.
+            ValueError: idx is not a (B, T) int64 tensor with 1 <= T <= block_size, or holds
+                an id outside [0, vocab_size).
 
         Head gating for analysis is outside this path: ``with model.gated_heads(mask):``.
         """

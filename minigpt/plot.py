@@ -10,13 +10,15 @@ Exit codes: 0 done, 2 bad input (no log, no evaluation rows).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from .runtime import ArgumentParser, cli_main
 
+
+@cli_main
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minigpt.plot",
+    parser = ArgumentParser(prog="python -m minigpt.plot",
                                      description="Plot loss and learning-rate curves from a "
                                                  "training run's metrics.jsonl.")
     parser.add_argument("run", type=Path, help="an out_dir holding metrics.jsonl, or the file")

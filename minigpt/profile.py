@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import platform
 import statistics
@@ -57,6 +56,8 @@ import torch
 
 from . import _ext
 from .attention import BACKENDS, attention, rule_floor, unavailable_reason
+from .checkpoint import atomic_write_text
+from .runtime import ArgumentParser, PathError, check_file_target, cli_main
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
            "float16": torch.float16}
@@ -628,8 +629,28 @@ def _available_backends(device, dtype, wanted, head_dims) -> List[str]:
     return names
 
 
+def _check_args(p: argparse.ArgumentParser, args) -> None:
+    """Refuse out-of-range sizes and unusable output paths before anything is timed."""
+    least = {"seq": 1, "batch": 1, "heads": 1, "kv_heads": 1, "head_dim": 1, "warmup": 0,
+             "repeats": 1, "calls": 1, "threads": 1, "queries": 1}
+    for name, low in least.items():
+        value = getattr(args, name)
+        values = value if isinstance(value, list) else [value]
+        bad = [v for v in values if v is not None and v < low]
+        if bad:
+            p.error(f"argument --{name.replace('_', '-')}: every value must be >= {low}, "
+                    f"got {bad[0]}")
+    for name in ("json", "csv", "plot", "trace"):
+        if getattr(args, name):
+            try:
+                check_file_target(getattr(args, name), f"--{name}")
+            except PathError as e:
+                p.error(f"argument {e}")
+
+
+@cli_main
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minigpt.profile",
+    p = ArgumentParser(prog="python -m minigpt.profile",
                                 description="Benchmark attention backends side by side.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -670,8 +691,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--plot", help="write a PNG of time and memory against T")
     p.add_argument("--trace", help="write a torch.profiler Chrome trace of the first shape")
     args = p.parse_args(argv)
+    _check_args(p, args)
 
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"argument --device: not a device name, got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("argument --device: CUDA is not available on this machine")
     if args.threads:
@@ -732,15 +757,20 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _write_rows(rows: List[dict], args, meta: Optional[dict] = None) -> None:
+    """The rows as JSON (--json, with the run's metadata when given) and CSV (--csv), each
+    written atomically."""
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows if meta is None else {**meta, "rows": rows}, fh, indent=1)
+        atomic_write_text(args.json, json.dumps(rows if meta is None else {**meta, "rows": rows},
+                                                indent=1))
     if args.csv:
+        import io
+
         keys = sorted({k for r in rows for k in r})
-        with open(args.csv, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_text(args.csv, buf.getvalue())
 
 
 def _main_decode(p, args, device, dtype) -> int:

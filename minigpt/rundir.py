@@ -10,6 +10,12 @@ msvcrt.locking on Windows). The OS drops such a lock when its process dies, so a
 never leaves the directory stuck. The holder writes its pid, host and start time to
 out_dir/run.lock.owner so that a second run can say who holds the directory.
 
+While it runs, a run asks lost() between steps: the directory or its lock file deleted or
+replaced (rm -rf out while training) means the lock no longer keeps anyone out, and the run's
+files are gone; the run saves what it has and stops (minigpt.training). A run that fails before
+it writes anything removes the directory it created, so a refused or failed start leaves no
+trace.
+
 This is a low module: it imports nothing of minigpt.
 """
 
@@ -29,6 +35,11 @@ CHECKPOINT_NAME = "ckpt.pt"
 class RunDirError(Exception):
     """out_dir cannot be used for this run: another process holds it, or it holds another run's
     checkpoint and the run neither resumes nor overwrites it. The message says what to do."""
+
+
+class RunDirLostError(RuntimeError):
+    """The run directory or its lock vanished while the run held it; the message says where the
+    run saved its checkpoint."""
 
 
 class RunDir:
@@ -51,10 +62,16 @@ class RunDir:
         self.path = Path(path)
         self.resume, self.overwrite = resume, overwrite
         self._lock = None
+        self._lock_id = None
+        self._created = None  # the outermost directory this RunDir created, if any
 
     def __enter__(self) -> "RunDir":
         from filelock import FileLock, Timeout  # a torch dependency
 
+        missing = Path(os.path.abspath(self.path))
+        while not missing.parent.exists() and missing.parent != missing:
+            missing = missing.parent
+        self._created = None if missing.exists() else missing
         self.path.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(self.path / LOCK_NAME), timeout=0)
         try:
@@ -65,6 +82,7 @@ class RunDir:
                               f" wait for it to finish, or train into another out_dir") from None
         self._lock = lock
         try:
+            self._lock_id = self._identity()
             self._check_checkpoint()
             (self.path / OWNER_NAME).write_text(
                 f"process {os.getpid()} on {socket.gethostname()}, started "
@@ -74,14 +92,55 @@ class RunDir:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self._release()
+        if exc_type is not None:
+            self._remove_if_created_and_empty()
+
+    def _identity(self):
+        st = os.stat(self.path / LOCK_NAME)
+        return st.st_dev, st.st_ino
+
+    def lost(self) -> Optional[str]:
+        """None while the directory and the lock this RunDir holds are in place; else what
+        happened, in words ("run directory out was deleted")."""
+        if self._lock is None:
+            return None
+        if not self.path.is_dir():
+            return f"run directory {self.path} was deleted"
+        try:
+            same = self._identity() == self._lock_id
+        except OSError:
+            same = False
+        if not same:
+            return f"the lock {self.path / LOCK_NAME} was deleted or replaced"
+        return None
 
     def _release(self) -> None:
         if self._lock is not None:
-            (self.path / OWNER_NAME).unlink(missing_ok=True)
-            self._lock.release()
+            if not self.lost():  # never delete another holder's files
+                (self.path / OWNER_NAME).unlink(missing_ok=True)
+            try:
+                self._lock.release()
+            except OSError:
+                pass
             self._lock = None
+
+    def _remove_if_created_and_empty(self) -> None:
+        """After a failed start: remove what __enter__ created, if nothing else was put in it
+        (the lock file aside)."""
+        if self._created is None:
+            return
+        try:
+            (self.path / LOCK_NAME).unlink(missing_ok=True)
+            path = Path(os.path.abspath(self.path))
+            while True:
+                path.rmdir()  # only if empty
+                if path == self._created or path == path.parent:
+                    break
+                path = path.parent
+        except OSError:
+            pass
 
     def _owner(self) -> Optional[str]:
         try:

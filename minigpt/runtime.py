@@ -1,17 +1,23 @@
-"""Runtime helpers shared by the library and its command lines: the cache directory, the choice
-of device, the training/inference precision a device supports, and the distributed setup that
-torchrun describes.
+"""Runtime helpers shared by the library and its command lines: the cache directory, the checks
+of file-system targets made before any work starts, OS errors as one line, the quiet ending of a
+command line on Ctrl-C or a closed pipe, the choice of device, the training/inference precision a
+device supports, and the distributed setup that torchrun describes.
 
 This is a low module: it imports torch and nothing of minigpt.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import errno
+import functools
 import os
+import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -22,9 +28,187 @@ class DeviceError(ValueError):
     """A device or precision that this machine cannot provide; the message names what it can."""
 
 
+class PathError(ValueError):
+    """A file-system target that cannot be used (a directory that is a file, a read-only or
+    unwritable place, a corpus that is not a regular readable file); the message names the
+    argument, the path and why."""
+
+
 def cache_dir() -> Path:
     """minigpt's cache directory: $MINIGPT_CACHE_DIR, default ~/.cache/minigpt."""
     return Path(os.environ.get("MINIGPT_CACHE_DIR") or Path.home() / ".cache" / "minigpt")
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _writable_place(what: str, path: Path, existing: Path) -> None:
+    if not existing.is_dir():
+        raise PathError(f"{what} {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        ro = _read_only_fs(existing)
+        raise PathError(f"{what} {path}: {existing} is "
+                        + ("on a read-only file system" if ro else "not writable (permission "
+                                                                   "denied)"))
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # no statvfs on Windows
+        return False
+
+
+def check_dir_target(path, what: str) -> Path:
+    """Check, without creating anything, that path can be made or used as a directory that this
+    process writes into: it is a directory (or does not exist yet), and the directory it is or
+    will be created in is writable.
+
+    Args:
+        path: the directory.
+        what: the argument, for the message ("out_dir", "--out").
+
+    Raises:
+        PathError: path is a file (or another non-directory), or the place is not writable or
+            on a read-only file system.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise PathError(f"{what} {path}: exists and is not a directory")
+    _writable_place(what, path, _nearest_existing(path))
+    return path
+
+
+def check_file_target(path, what: str, make_parents: bool = False) -> Path:
+    """Check, without creating anything, that a file can be written at path: path is not a
+    directory (an existing regular file is replaced), and its directory exists (or, with
+    make_parents, can be made) and is writable.
+
+    Raises:
+        PathError: path is a directory or a special file, its directory is missing (without
+            make_parents), or its place is not writable.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise PathError(f"{what} {path}: is a directory; give a file name")
+    if path.exists() and not path.is_file():
+        raise PathError(f"{what} {path}: is not a regular file")
+    parent = Path(os.path.abspath(path)).parent
+    if not make_parents and not parent.exists():
+        raise PathError(f"{what} {path}: the directory {parent} does not exist")
+    _writable_place(what, path, _nearest_existing(parent))
+    return path
+
+
+def check_input_file(path, what: str) -> Path:
+    """Check that path is a regular file this process can read (a FIFO, a device or a directory
+    is refused: reading a FIFO would block for ever).
+
+    Raises:
+        PathError: naming what and path: missing, not a regular file, or not readable.
+    """
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise PathError(f"{what} {path}: no such file") from None
+    except OSError as e:
+        raise PathError(f"{what} {path}: {os_error_reason(e)}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise PathError(f"{what} {path}: is a directory; give a file")
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "not a regular file"
+        raise PathError(f"{what} {path}: is {kind}; give a regular file")
+    if not os.access(path, os.R_OK):
+        raise PathError(f"{what} {path}: not readable (permission denied)")
+    return path
+
+
+def check_cache_dir() -> Path:
+    """cache_dir(), checked as a writable directory target (MINIGPT_CACHE_DIR may name a file).
+
+    Raises:
+        PathError: naming MINIGPT_CACHE_DIR when it is set, else the default path.
+    """
+    what = "MINIGPT_CACHE_DIR" if os.environ.get("MINIGPT_CACHE_DIR") else "cache directory"
+    return check_dir_target(cache_dir(), what)
+
+
+def os_error_reason(e: OSError) -> str:
+    """The cause of an OSError in words with its errno name: "No space left on device
+    (ENOSPC)"."""
+    name = errno.errorcode.get(e.errno or 0)
+    text = e.strerror or str(e) or type(e).__name__
+    return f"{text} ({name})" if name else text
+
+
+def os_error_message(e: OSError) -> str:
+    """One line naming the path(s) of an OSError and its cause: "out/ckpt.pt: No space left on
+    device (ENOSPC)"."""
+    if e.filename is None:
+        return os_error_reason(e)
+    where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+    return f"{where}: {os_error_reason(e)}"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with one-line errors: "prog: error: argument --seed: ... (see prog
+    --help)", exit code 2, without the usage block (which for train.py's ~60 flags buries
+    the error)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether e is an allocation failure: MemoryError, torch's OutOfMemoryError (CUDA, MPS),
+    or the CPU allocator's RuntimeError ("can't allocate memory")."""
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5
+    return isinstance(e, (MemoryError, oom)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def cli_main(main: Callable[..., int]) -> Callable[..., int]:
+    """Wrap a command line's main(argv) -> exit code so that ordinary events end it quietly:
+    Ctrl-C (KeyboardInterrupt) prints one line and returns 130 (128 + SIGINT); a closed output
+    pipe (BrokenPipeError, e.g. ``| head``) returns 141 (128 + SIGPIPE) with nothing printed,
+    stdout pointed at /dev/null so that the interpreter's final flush cannot raise again; an
+    allocation failure (sizes too large for this machine) prints one line and returns 1."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            _quiet_stdout()
+            print("interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:
+            _quiet_stdout()
+            return 141
+        except (MemoryError, RuntimeError) as e:
+            if not out_of_memory(e):
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            print(f"error: out of memory ({first}); try smaller sizes", file=sys.stderr)
+            return 1
+
+    return wrapper
+
+
+def _quiet_stdout() -> None:
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _mps_available() -> bool:

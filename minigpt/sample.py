@@ -14,7 +14,8 @@ softmax(QK^T/sqrt(d)) path (GPT.attention_maps), since the fused kernels never s
 map covers the last --max-tokens tokens (at most block_size), fed as their own context.
 
 The same command line is `minigpt-sample` (installed) and `python -m minigpt.sample`.
-Exit codes: 0 done, 2 bad input (arguments, checkpoint, prompt, device).
+Exit codes: 0 done, 2 bad input (arguments, checkpoint, prompt, device), 130 Ctrl-C, 141 the
+output pipe closed (``| head``); both end quietly.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ from .model import GPT
 from .pretrained import add_model_source_args, pretrained_state
 from .sampling import TextStream, check_sampling_args
 from .tokenizer import from_state
-from .runtime import DeviceError, pick_device
+from .runtime import ArgumentParser, DeviceError, cli_main, pick_device
+
+MAX_SEED = 2 ** 63 - 1  # torch.Generator.manual_seed's range (int64 and beyond wraps)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sample.py",
+    p = ArgumentParser(prog="sample.py",
                                 description="Sample text from a minigpt checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_source_args(p)
@@ -70,9 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not 0 <= args.seed <= MAX_SEED:
+        parser.error(f"argument --seed: must be in [0, 2^63 - 1], got {args.seed}")
     if args.num_samples < 1:
         parser.error(f"argument --num-samples: must be >= 1, got {args.num_samples}")
     if args.max_new_tokens < 0:

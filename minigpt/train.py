@@ -22,8 +22,17 @@ pretrained model's: of the model flags only --block-size (at most the model's co
 out_dir/config.json (usable as --config). The loss curves are drawn to out_dir/curves.png when
 training ends.
 
-Exit codes: 0 done (or interrupted and saved), 1 training failed, 2 bad input (arguments, data,
-checkpoint, device, a run directory in use or holding another run).
+Every value of a --config file is checked against its field's declared type before anything
+is used (a bool must be true or false, not "false"); an unknown key is named as a key of the
+file. --dry-run resolves and checks everything that can be checked without training (the
+settings, the run directory, the cache directory, the corpus file, the device, the logger's
+package) and prints the resolved settings; it writes nothing. A run checks the same before it
+writes anything.
+
+Exit codes: 0 done (or interrupted and saved), 1 training failed (a non-finite loss, the run
+directory deleted during the run, out of memory), 2 bad input (arguments, config file, data,
+checkpoint, device, a run directory in use or holding another run, a path that cannot be used,
+a file system that refused a write: disk full, read-only, permission), 130 a second Ctrl-C.
 
 argparse with a small generator rather than jsonargparse (which litgpt uses): the flags keep
 their plain names (--n-layer rather than --model.n_layer), and the package needs no further
@@ -43,18 +52,19 @@ from typing import Optional, Tuple
 from .attention import BACKENDS
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import (PRESETS, ConfigError, GPTConfig, TrainConfig, apply_overrides,
-                     default_settings, field_help, fixed_on_resume)
+                     check_settings, default_settings, field_help, fixed_on_resume)
 from .data import DataError
 from .pretrained import PretrainedError
-from .rundir import RunDirError
-from .runtime import DTYPES, DeviceError, Distributed
+from .rundir import RunDirError, RunDirLostError
+from .runtime import (DTYPES, ArgumentParser, DeviceError, Distributed, PathError,
+                      check_input_file, cli_main, os_error_message, out_of_memory)
 from .tokenizer import TOKENIZERS
-from .training import NonFiniteLossError, train
+from .training import NonFiniteLossError, check_targets, train
 
 # Flags with a fixed set of values: argparse lists them in --help and rejects others.
 _CHOICES = {"tokenizer": TOKENIZERS, "attn_backend": BACKENDS, "dtype": DTYPES,
             "activation": GPTConfig.ACTIVATIONS, "pos_embedding": GPTConfig.POS_EMBEDDINGS,
-            "norm": GPTConfig.NORMS, "mlp": GPTConfig.MLPS}
+            "norm": GPTConfig.NORMS, "mlp": GPTConfig.MLPS, "logger": TrainConfig.LOGGERS}
 # GPTConfig fields that are not flags: the vocabulary size follows from the tokenizer.
 _NOT_FLAGS = {"vocab_size"}
 
@@ -97,7 +107,7 @@ def _add_fields(group, cls, defaults: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="train.py", description=__doc__.split("\n\n")[0],
         epilog="Settings resolve as defaults < --preset < --config < flags; with --resume, the "
                "checkpoint's settings replace defaults and preset.")
@@ -107,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, metavar="FILE", default=None,
                         help="TOML or JSON file of settings, nested like out_dir/config.json; "
                              "flags override it (default: None)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the settings, paths, corpus file, device and logger, print "
+                             "the resolved settings and exit without writing anything "
+                             "(default: off)")
     defaults = default_settings()
     _add_fields(parser.add_argument_group("training (TrainConfig)"), TrainConfig, defaults)
     _add_fields(parser.add_argument_group("model (GPTConfig; the shape is fixed on --resume)"),
@@ -118,9 +132,13 @@ def read_config_file(path: Path) -> dict:
     """The settings in a TOML (.toml) or JSON (.json) file, as a dict.
 
     Raises:
-        ValueError: another suffix, or a file that does not parse (the message says where).
+        ValueError: another suffix, a file that does not parse (the message says where), or
+            not a regular readable file (a FIFO is refused: reading it could block).
         OSError: the file cannot be read.
     """
+    if path.suffix not in (".toml", ".json"):
+        raise ValueError(f"{path}: a config file must be .toml or .json")
+    check_input_file(path, "config file")
     if path.suffix == ".toml":
         if sys.version_info >= (3, 11):
             import tomllib
@@ -129,30 +147,54 @@ def read_config_file(path: Path) -> dict:
         with open(path, "rb") as fh:
             try:
                 return tomllib.load(fh)
-            except tomllib.TOMLDecodeError as e:
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
                 raise ValueError(f"{path}: {e}") from None
     if path.suffix == ".json":
         try:
             return json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ValueError(f"{path}: {e}") from None
-    raise ValueError(f"{path}: a config file must be .toml or .json")
 
 
 def resolve_config(argv=None) -> Tuple[TrainConfig, Optional[dict]]:
     """Parse flags into a TrainConfig (see the module's docstring for the order), and the
     checkpoint when resuming (read once here; train() takes it). Errors exit through
     argparse (status 2) naming the flag."""
-    parser = build_parser()
+    return _resolve(build_parser(), argv)[:2]
+
+
+def _file_error(parser, path, e: ConfigError, from_file: dict) -> None:
+    """Exit 2 with one line naming the --config file and the key (not a flag) at fault."""
+    nested = e.owner == "GPTConfig" and e.name in (from_file.get("model") or {})
+    key = f"model.{e.name}" if nested else e.name
+    if e.name == "settings":
+        parser.error(f"argument --config: {path}: the file {e.reason}")
+    parser.error(f"argument --config: {path}: key {key} {e.reason}")
+
+
+def _from_file(e: ConfigError, from_file: dict, explicit: dict) -> bool:
+    """Whether the setting a ConfigError names came from the --config file, not a flag."""
+    if e.name in explicit:
+        return False
+    return e.name in from_file or e.name in (from_file.get("model") or {}) or e.name in (
+        "settings", "model")
+
+
+def _resolve(parser, argv):
     args = parser.parse_args(argv)
     explicit = {k: v for k, v in vars(args).items()
-                if v is not None and k not in ("preset", "config")}
+                if v is not None and k not in ("preset", "config", "dry_run")}
     from_file = {}
     if args.config is not None:
         try:
-            from_file = read_config_file(args.config)
+            raw = read_config_file(args.config)
         except (OSError, ValueError) as e:
-            parser.error(f"argument --config: {e}")
+            reason = os_error_message(e) if isinstance(e, OSError) else e
+            parser.error(f"argument --config: {reason}")
+        try:
+            from_file = check_settings(raw)
+        except ConfigError as e:
+            _file_error(parser, args.config, e, raw if isinstance(raw, dict) else {})
     overrides = apply_overrides(from_file, explicit)
 
     state = None
@@ -180,9 +222,10 @@ def resolve_config(argv=None) -> Tuple[TrainConfig, Optional[dict]]:
     try:
         cfg = TrainConfig.from_dict(apply_overrides(base, overrides))
     except ConfigError as e:
-        source = f"--config {args.config}: " if e.name not in explicit and from_file else ""
-        parser.error(f"argument {_flag(e.name)}: {source}{e.reason}")
-    return cfg, state
+        if from_file and _from_file(e, from_file, explicit):
+            _file_error(parser, args.config, e, from_file)
+        parser.error(f"argument {_flag(e.name)}: {e.reason}")
+    return cfg, state, args
 
 
 def _fixed_by_pretrained(flags: dict) -> list:
@@ -217,16 +260,35 @@ def draw_curves(cfg: TrainConfig, log=print) -> Optional[Path]:
     return None
 
 
+@cli_main
 def main(argv=None) -> int:
-    cfg, state = resolve_config(argv)
+    cfg, state, args = _resolve(build_parser(), argv)
     try:
+        if args.dry_run:
+            check_targets(cfg)
+            print(json.dumps(cfg.to_dict(), indent=2))
+            print(f"minigpt: settings valid; a run would train into {cfg.out_dir}",
+                  file=sys.stderr)
+            return 0
         train(cfg, resume_state=state)
     except (DataError, CheckpointError, DeviceError, RunDirError, ConfigError,
-            PretrainedError) as e:
+            PretrainedError, PathError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as e:
+    except OSError as e:
+        print(f"error: {os_error_message(e)}"
+              + ("; the previous checkpoint is kept" if str(e.filename).endswith(".pt") else ""),
+              file=sys.stderr)
+        return 2
+    except (NonFiniteLossError, RunDirLostError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"error: out of memory ({first}); try a smaller batch_size, block_size or "
+              f"model", file=sys.stderr)
         return 1
     if Distributed.is_master_process():
         draw_curves(cfg)

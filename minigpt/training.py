@@ -10,6 +10,12 @@ train() reads top to bottom: set up (Run: what stays fixed; Progress: what the l
 then evaluate / save / train_step until max_iters or a stop signal. Each step is a named
 function of (run, progress); nothing closes over loop state. The loss curves are drawn by the
 caller afterwards (minigpt.visualize.plot_metrics_file; train.py does it).
+
+Before anything is written, check_targets refuses what cannot work (out_dir, the cache, the
+corpus file, the device, the logger's package). Every log_interval steps a "train" row (loss,
+lr, grad_norm, tokens_per_s) joins the "eval" rows of metrics.jsonl; with cfg.logger they are
+mirrored to TensorBoard or W&B (minigpt.loggers). Between steps the run checks that its
+directory and lock are still there (RunDir.lost); if not, it saves again and stops.
 """
 
 from __future__ import annotations
@@ -29,11 +35,13 @@ from .attention import resolve_backend
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from .config import PRESETS, ConfigError, GPTConfig, TrainConfig, lr_at
 from .data import BatchSampler, DataError, load_corpus
+from .loggers import check_logger, open_logger
 from .model import GPT
 from .optim import Optimizers, build_optimizer
 from .pretrained import pretrained_state
-from .rundir import RunDir
-from .runtime import Distributed, Precision, pick_device, resolve_precision
+from .rundir import RunDir, RunDirLostError
+from .runtime import (Distributed, Precision, check_cache_dir, check_dir_target,
+                      check_input_file, pick_device, resolve_precision)
 from .tokenizer import from_state
 
 __all__ = ["train", "TrainConfig", "TrainResult", "PRESETS", "lr_at", "NonFiniteLossError"]
@@ -54,7 +62,7 @@ class TrainResult:
     tokens_per_s: float
     wall_time_s: float
     interrupted: bool
-    checkpoint: str
+    checkpoint: str                # the checkpoint this run wrote; "" when it wrote none
     history: list = field(default_factory=list)
 
 
@@ -75,6 +83,7 @@ class Run:
     eval_batches: Dict[str, list]  # split -> fixed [(x, y)] batches
     ckpt_path: Path
     metrics: Any                   # the open metrics.jsonl (rank 0), else None
+    logger: Any                    # minigpt.loggers.Logger mirroring metrics.jsonl, or None
     bar: Any                       # the tqdm progress bar, or None
     log: Any                       # log(message)
     t_start: float                 # perf_counter() when this process started the run
@@ -93,6 +102,7 @@ class Progress:
     train_time: float = 0.0
     train_tokens: int = 0
     interrupted: bool = False
+    saved_iter: Optional[int] = None  # the step of the last checkpoint this run wrote
     history: List[dict] = field(default_factory=list)
 
 
@@ -110,8 +120,14 @@ def train(cfg: TrainConfig, log=print, resume_state: Optional[dict] = None) -> T
             (load_checkpoint); with cfg.resume and None, train reads it.
 
     Raises:
+        minigpt.runtime.PathError: out_dir, the cache directory or the corpus cannot be used
+            (checked before anything is written: check_targets).
         minigpt.rundir.RunDirError: another process holds out_dir, or out_dir holds a
             checkpoint that this run neither resumes nor overwrites.
+        minigpt.rundir.RunDirLostError: out_dir or its lock vanished during the run (the
+            checkpoint was saved again, the message says where).
+        OSError: the file system refused a write (disk full, read-only, ...): filename names
+            the file; the previous checkpoint is whole.
         minigpt.data.DataError: the corpus cannot be had or used, or is not the checkpoint's.
         minigpt.checkpoint.CheckpointError: resume with a missing or unreadable checkpoint.
         minigpt.config.ConfigError: resume with a model shape that is not the checkpoint's.
@@ -120,11 +136,13 @@ def train(cfg: TrainConfig, log=print, resume_state: Optional[dict] = None) -> T
         minigpt.runtime.DeviceError: a device or dtype this machine cannot provide.
         NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
     """
+    check_targets(cfg)
     # Under torchrun, rank 0 holds the directory for every process.
     hold = (RunDir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
             if Distributed.is_master_process() else contextlib.nullcontext())
-    with hold:
+    with hold as rundir:
         run, progress = setup(cfg, resume_state, log)
+        lost = None
         try:
             with _StopRequest() as stop:
                 while True:
@@ -134,16 +152,49 @@ def train(cfg: TrainConfig, log=print, resume_state: Optional[dict] = None) -> T
                         evaluate_and_save(run, progress)
                     if done:
                         break
-                    if run.dist.any(stop.signum is not None):
-                        save_interrupted(run, progress)
+                    # One agreement per step: a stop signal, or rank 0's directory gone.
+                    lost = rundir.lost() if isinstance(rundir, RunDir) else None
+                    if run.dist.any(stop.signum is not None or lost is not None):
+                        if lost is not None:
+                            save_lost(run, progress, lost)
+                        else:
+                            save_interrupted(run, progress)
                         break
                     train_step(run, progress)
             # Every rank tears the process group down together: a rank that closed its gloo
             # connections while another was still saving made that one abort at exit.
             run.dist.barrier()
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now, at no checkpoint
+            if run.dist.master:
+                last = (f"the last checkpoint is {run.ckpt_path}" if run.ckpt_path.is_file()
+                        else "no checkpoint was written")
+                log(f"minigpt: stopped at once at step {progress.iter_num} (a second Ctrl-C); "
+                    f"{last}")
+            raise
         finally:
             teardown(run)
+        if lost is not None and run.dist.master:
+            raise RunDirLostError(f"{lost} during training; stopped at step "
+                                  f"{progress.iter_num}, checkpoint saved to {run.ckpt_path} "
+                                  f"(continue with --resume)")
         return summarize(run, progress)
+
+
+def check_targets(cfg: TrainConfig) -> None:
+    """Check every file-system target of a run before anything is written, and what else can
+    be refused at once: out_dir a writable directory (or creatable), the cache directory, the
+    corpus a regular readable file, the device and dtype, the logger's package.
+
+    Raises:
+        minigpt.runtime.PathError, minigpt.runtime.DeviceError, ConfigError: naming the
+            setting and why.
+    """
+    check_dir_target(cfg.out_dir, "out_dir")
+    check_cache_dir()
+    if cfg.data is not None:
+        check_input_file(cfg.data, "data")
+    resolve_precision(cfg.dtype, pick_device(cfg.device))
+    check_logger(cfg.logger)
 
 
 def setup(cfg: TrainConfig, resume_state: Optional[dict], log) -> "tuple[Run, Progress]":
@@ -157,13 +208,15 @@ def setup(cfg: TrainConfig, resume_state: Optional[dict], log) -> "tuple[Run, Pr
     ckpt_path = out_dir / "ckpt.pt"
     if cfg.resume and resume_state is None:
         resume_state = load_checkpoint(ckpt_path)
+    note = log if dist.master else (lambda message: None)
 
     pretrained = None
     if resume_state is not None:
         tokenizer = from_state(resume_state["tokenizer"])
         # A pretrained model's tokenizer is fixed: tokenize with it. "char" and "gpt2" are
         # rebuilt from the text and must come out the same.
-        corpus = load_corpus(cfg.data, tokenizer if tokenizer.name == "hf" else cfg.tokenizer)
+        corpus = load_corpus(cfg.data, tokenizer if tokenizer.name == "hf" else cfg.tokenizer,
+                             log=note)
         if tokenizer.state_dict() != corpus.tokenizer.state_dict():
             raise DataError(f"resume: the checkpoint's tokenizer does not match the corpus "
                             f"{corpus.source} (a different text or tokenizer?)")
@@ -171,11 +224,11 @@ def setup(cfg: TrainConfig, resume_state: Optional[dict], log) -> "tuple[Run, Pr
     elif cfg.init_from is not None:
         pretrained = pretrained_state(cfg.init_from, block_size=cfg.model.block_size)
         tokenizer = from_state(pretrained["tokenizer"])
-        corpus = load_corpus(cfg.data, tokenizer)
+        corpus = load_corpus(cfg.data, tokenizer, log=note)
         model_cfg = replace(GPTConfig.from_dict(pretrained["model_config"]),
                             **{name: getattr(cfg.model, name) for name in GPTConfig.TUNABLE})
     else:
-        corpus = load_corpus(cfg.data, cfg.tokenizer)
+        corpus = load_corpus(cfg.data, cfg.tokenizer, log=note)
         tokenizer = corpus.tokenizer
         model_cfg = replace(cfg.model, vocab_size=tokenizer.vocab_size)
     cfg = replace(cfg, model=model_cfg, tokenizer=tokenizer.name)
@@ -203,12 +256,12 @@ def setup(cfg: TrainConfig, resume_state: Optional[dict], log) -> "tuple[Run, Pr
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    metrics, bar = None, None
+    metrics, bar, logger = None, None, None
     if dist.master:
         out_dir.mkdir(parents=True, exist_ok=True)
-        config_text = json.dumps(cfg.to_dict(), indent=2) + "\n"
-        atomic_write(out_dir / CONFIG_NAME, lambda fh: fh.write(config_text.encode()))
-        metrics = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
+        write_config(cfg)
+        metrics = open_metrics(out_dir / "metrics.jsonl")
+        logger = open_logger(cfg.logger, out_dir, cfg.to_dict())
         # Under CPU autocast, attention() computes in float32 (see minigpt.attention).
         attn_dtype = (precision.autocast_dtype if device.type != "cpu" else None) or torch.float32
         backend = resolve_backend(model_cfg.attn_backend, device, attn_dtype,
@@ -220,6 +273,8 @@ def setup(cfg: TrainConfig, resume_state: Optional[dict], log) -> "tuple[Run, Pr
             f"{corpus.source} ({len(corpus.train):,} train / {len(corpus.val):,} val "
             f"{tokenizer.name} tokens), attention backend {backend}"
             + (f", {dist.world_size} processes" if dist.enabled else ""))
+        if logger is not None:
+            log(f"minigpt: logging to {logger.where}")
         if cfg.progress:
             from tqdm.auto import tqdm
 
@@ -237,9 +292,28 @@ def setup(cfg: TrainConfig, resume_state: Optional[dict], log) -> "tuple[Run, Pr
     run = Run(cfg=cfg, device=device, dist=dist, precision=precision, raw_model=raw_model,
               model=model, optimizer=optimizer, scaler=scaler, tokenizer=tokenizer,
               train_batches=train_batches, eval_batches=eval_batches, ckpt_path=ckpt_path,
-              metrics=metrics, bar=bar, log=log, t_start=t_start, elapsed_before=elapsed_before)
+              metrics=metrics, logger=logger, bar=bar, log=log, t_start=t_start,
+              elapsed_before=elapsed_before)
     model.train()
     return run, progress
+
+
+def write_config(cfg: TrainConfig) -> None:
+    """out_dir/config.json: the resolved settings (usable as --config)."""
+    config_text = json.dumps(cfg.to_dict(), indent=2) + "\n"
+    atomic_write(Path(cfg.out_dir) / CONFIG_NAME, lambda fh: fh.write(config_text.encode()))
+
+
+def open_metrics(path: Path):
+    """path opened for appending rows; a last line cut short (a run killed mid-write, a file
+    truncated) is ended first, so the next row starts on a line of its own."""
+    metrics = open(path, "a+b")
+    if metrics.tell() > 0:
+        metrics.seek(metrics.tell() - 1)
+        if metrics.read(1) != b"\n":
+            metrics.write(b"\n")
+    metrics.close()
+    return open(path, "a", encoding="utf-8")
 
 
 def _resumed_model_config(wanted: GPTConfig, saved: dict) -> GPTConfig:
@@ -338,6 +412,18 @@ def save(run: Run, progress: Progress, val_loss: Optional[float]) -> None:
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
     }, run.ckpt_path)
+    progress.saved_iter = progress.iter_num
+
+
+def save_lost(run: Run, progress: Progress, lost: str) -> None:
+    """The run directory or its lock vanished: save the checkpoint and config.json again
+    (into out_dir, made anew) so that the run's work is not lost with them."""
+    progress.interrupted = True
+    if run.dist.master:
+        run.log(f"minigpt: {lost}; saving the checkpoint again and stopping")
+        Path(run.cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        write_config(run.cfg)
+    save(run, progress, None)
 
 
 def save_interrupted(run: Run, progress: Progress) -> None:
@@ -386,8 +472,11 @@ def train_step(run: Run, progress: Progress) -> None:
                               * run.dist.world_size)
     if run.bar is not None:
         run.bar.update(1)
-        if progress.iter_num % cfg.log_interval == 0:
-            tok_s = progress.train_tokens / max(progress.train_time, 1e-9)
+    if progress.iter_num % cfg.log_interval == 0:
+        tok_s = progress.train_tokens / max(progress.train_time, 1e-9)
+        record(run, progress, event="train", iter=progress.iter_num, loss=loss_value, lr=lr,
+               grad_norm=norm.item(), tokens_per_s=round(tok_s, 1), time_s=elapsed(run))
+        if run.bar is not None:
             run.bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
 
 
@@ -413,18 +502,23 @@ def skip_step(run: Run, progress: Progress, loss_value: float) -> None:
 
 
 def record(run: Run, progress: Progress, **row) -> None:
-    """Append a row to the history and, on rank 0, to metrics.jsonl."""
+    """Append a row to the history and, on rank 0, to metrics.jsonl (and the logger)."""
     progress.history.append(row)
     if run.metrics is not None:
         run.metrics.write(json.dumps(row) + "\n")
         run.metrics.flush()
+    if run.logger is not None:
+        run.logger.log(row)
 
 
 def teardown(run: Run) -> None:
     if run.bar is not None:
         run.bar.close()
     if run.metrics is not None:
-        run.metrics.close()
+        with contextlib.suppress(OSError):  # a full disk already said so
+            run.metrics.close()
+    if run.logger is not None:
+        run.logger.close()
     run.dist.close()
 
 
@@ -434,13 +528,15 @@ def summarize(run: Run, progress: Progress) -> TrainResult:
         iters=progress.iter_num, best_val_loss=progress.best_val,
         final_val_loss=progress.losses["val"], final_train_loss=progress.losses["train"],
         tokens_per_s=progress.train_tokens / progress.train_time if progress.train_time else 0.0,
-        wall_time_s=wall, interrupted=progress.interrupted, checkpoint=str(run.ckpt_path),
+        wall_time_s=wall, interrupted=progress.interrupted,
+        checkpoint=str(run.ckpt_path) if progress.saved_iter is not None else "",
         history=progress.history)
     if run.dist.master:
+        where = (f"checkpoint {run.ckpt_path}" if progress.saved_iter is not None
+                 else "no checkpoint written (no step taken)")
         run.log(f"minigpt: done at step {progress.iter_num}: best val loss "
                 f"{progress.best_val:.4f}, final val loss {progress.losses['val']:.4f}, "
-                f"{result.tokens_per_s:,.0f} tokens/s, wall time {wall:.1f} s, checkpoint "
-                f"{run.ckpt_path}")
+                f"{result.tokens_per_s:,.0f} tokens/s, wall time {wall:.1f} s, {where}")
     return result
 
 

@@ -104,7 +104,7 @@ def test_bad_config_file_is_reported_with_the_flag(tmp_path, capsys):
     bad.write_text("batch_size = 0\n", encoding="utf-8")
     with pytest.raises(SystemExit):
         resolve_config(["--config", str(bad)])
-    assert f"argument --batch-size: --config {bad}: must be > 0, got 0" in capsys.readouterr().err
+    assert f"argument --config: {bad}: key batch_size must be > 0, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         resolve_config(["--config", str(tmp_path / "settings.ini")])
     assert ".toml or .json" in capsys.readouterr().err
@@ -125,3 +125,95 @@ def test_resume_reads_the_checkpoint_once(text_file, tmp_path, monkeypatch):
     assert main(["--out-dir", str(out), "--resume", "--max-iters", "4", "--no-progress"]) == 0
     assert len([p for p in reads if str(p).endswith("ckpt.pt")]) == 1
     assert json.loads((out / "config.json").read_text())["max_iters"] == 4
+
+
+# Each a file that once did damage or crashed: a string "false" that replaced a checkpoint, a
+# "no" that resumed a run, a model that is not a table, a list at the top level, a key that is
+# not a setting (reported as a flag), an attention backend that does not exist (a traceback
+# after the out-dir was made).
+@pytest.mark.parametrize("suffix, text, key", [
+    (".toml", 'overwrite = "false"', "key overwrite must be a bool"),
+    (".json", '{"resume": "no"}', "key resume must be a bool"),
+    (".json", '{"compile": "no"}', "key compile must be a bool"),
+    (".json", '{"model": 5}', "key model must be a table"),
+    (".json", '[1, 2]', "the file must be a table"),
+    (".toml", 'seed = "abc"', "key seed must be an int"),
+    (".toml", 'out_dir = 5', "key out_dir must be a non-empty string"),
+    (".toml", '[model]\nattn_backend = "flash"', "key model.attn_backend must be one of ext"),
+    (".toml", 'foo_bar = 1', "key foo_bar is not a setting"),
+    (".toml", '[model]\nfoo = 1', "key model.foo is not a setting"),
+    (".json", '{"seed": 99999999999999999999999}', "key seed must be an int"),
+    (".json", '{"model": {"vocab_size": 1099511627776}}', "key model.vocab_size must be at most"),
+    (".json", '{"model": {"layer_heads": "4,4"}}', "key model.layer_heads must be a list of ints"),
+])
+def test_config_files_are_typed_and_refused_in_one_line_before_any_side_effect(
+        text_file, tmp_path, capsys, suffix, text, key):
+    out = tmp_path / "run"
+    path = tmp_path / f"run{suffix}"
+    path.write_text(text + "\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as info:
+        main(["--config", str(path), "--out-dir", str(out), "--data", str(text_file),
+              "--max-iters", "1", *[a for a in TINY if a not in ("--attn-backend", "sdpa")]])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"argument --config: {path}: {key}" in err, err
+    assert "--foo-bar" not in err and not out.exists()
+
+
+def test_a_string_false_never_replaces_a_checkpoint(text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--data", str(text_file), "--out-dir", str(out), "--max-iters", "2",
+              "--eval-interval", "2", *TINY]
+    assert main(common) == 0
+    before = (out / "ckpt.pt").read_bytes()
+    toml = tmp_path / "again.toml"
+    toml.write_text('overwrite = "false"\nseed = 9\n', encoding="utf-8")
+    with pytest.raises(SystemExit):
+        main(["--config", str(toml), *common])
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("kw, name, words", [
+    (dict(attn_backend="flash"), "attn_backend", "must be one of ext, sdpa, naive"),
+    (dict(vocab_size=2 ** 40), "vocab_size", "at most 2^32"),
+    (dict(vocab_size=2 ** 31, n_embd=1024, n_head=8), "vocab_size", "parameters"),
+    (dict(n_layer=10 ** 6, n_embd=1024, n_head=8), "n_layer", "parameters"),
+    (dict(bias="no"), "bias", "must be a bool"),
+    (dict(n_layer=2.0), "n_layer", "must be an int"),
+    (dict(rope_theta="1e4"), "rope_theta", "must be a number"),
+])
+def test_gpt_config_refuses_wrong_types_unknown_backends_and_absurd_sizes(kw, name, words):
+    with pytest.raises(ConfigError) as info:  # at once: nothing is allocated
+        GPTConfig(**kw)
+    assert info.value.name == name and words in str(info.value), str(info.value)
+
+
+def test_train_config_types_and_seed_range():
+    for kw, name in [(dict(overwrite="false"), "overwrite"), (dict(resume="no"), "resume"),
+                     (dict(compile="no"), "compile"), (dict(progress=1), "progress"),
+                     (dict(seed=-1), "seed"), (dict(seed=2 ** 64), "seed"),
+                     (dict(out_dir=5), "out_dir"), (dict(data=""), "data"),
+                     (dict(logger="mlflow"), "logger"), (dict(model=5), "model")]:
+        with pytest.raises(ConfigError) as info:
+            TrainConfig(**kw)
+        assert info.value.name == name, (kw, str(info.value))
+    assert TrainConfig(learning_rate=1).learning_rate == 1.0  # an int where a float goes
+    assert isinstance(TrainConfig(learning_rate=1).learning_rate, float)
+
+
+def test_huge_seed_flag_is_one_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        resolve_config(["--seed", "99999999999999999999999"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and "argument --seed" in err, err
+
+
+def test_dry_run_checks_and_writes_nothing(text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--data", str(text_file), "--out-dir", str(out), "--dry-run", *TINY]) == 0
+    assert json.loads(capsys.readouterr().out)["out_dir"] == str(out)
+    assert not out.exists()
+    (tmp_path / "file").write_text("x")
+    assert main(["--data", str(text_file), "--out-dir", str(tmp_path / "file"),
+                 "--dry-run", *TINY]) == 2
+    assert "out_dir" in capsys.readouterr().err

@@ -1,18 +1,25 @@
 """Corpora, token caching, batches, checkpoints."""
 
+import errno
 import hashlib
+import json
 import os
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from minigpt import checkpoint as checkpoint_module
 from minigpt import data
 from minigpt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from minigpt.data import BatchSampler, DataError, load_corpus
+from minigpt.runtime import os_error_message
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_local_file_tokenized_and_cached(text_file, monkeypatch):
@@ -210,3 +217,88 @@ def test_missing_checkpoint(tmp_path):
         load_checkpoint(tmp_path / "nope.pt")
     with pytest.raises(CheckpointError, match="is a directory"):
         load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate_even", "truncate_odd", "empty", "random"])
+def test_a_damaged_token_cache_is_rebuilt_with_a_line_saying_so(text_file, tmp_path, monkeypatch,
+                                                                damage):
+    monkeypatch.setenv("MINIGPT_CACHE_DIR", str(tmp_path / "cache"))
+    first = load_corpus(str(text_file), "char")
+    train = np.array(first.train)
+    key_dir = next((data.cache_dir() / "tokens").glob("*-char"))
+    meta = json.loads((key_dir / "meta.json").read_text())
+    assert meta["files"]["train.bin"]["bytes"] == train.nbytes  # recorded at build time
+    raw = (key_dir / "train.bin").read_bytes()
+    damaged = {"truncate_even": raw[: len(raw) // 2 // 2 * 2], "truncate_odd": raw[:-1],
+               "empty": b"", "random": np.random.default_rng(0).bytes(len(raw))}[damage]
+    (key_dir / "train.bin").write_bytes(damaged)
+    lines = []
+    again = load_corpus(str(text_file), "char", log=lines.append)
+    assert np.array_equal(np.array(again.train), train)  # every token, as before
+    assert len(lines) == 1 and "rebuilding" in lines[0] and str(key_dir) in lines[0], lines
+    lines.clear()
+    load_corpus(str(text_file), "char", log=lines.append)
+    assert lines == []  # whole again: no second rebuild
+
+
+def test_a_fifo_corpus_is_refused_not_read(tmp_path):
+    fifo = tmp_path / "corpus.fifo"
+    os.mkfifo(fifo)
+    # In a subprocess: before the check, reading the FIFO blocked for ever.
+    code = ("import sys\nfrom minigpt.data import load_corpus, DataError\n"
+            "try:\n    load_corpus(sys.argv[1], 'char')\n"
+            "except DataError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True, text=True,
+                       timeout=60, cwd=ROOT)
+    assert "FIFO" in r.stdout and str(fifo) in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-m", "minigpt.data", "--import-file", str(fifo)],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2 and "FIFO" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_cache_dir_that_is_a_file_is_named(text_file, tmp_path, monkeypatch):
+    (tmp_path / "cachefile").write_text("x")
+    monkeypatch.setenv("MINIGPT_CACHE_DIR", str(tmp_path / "cachefile"))
+    with pytest.raises(DataError, match="MINIGPT_CACHE_DIR .*cachefile: exists and is not a "
+                                        "directory"):
+        load_corpus(str(text_file), "char")
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_written_files_honour_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        save_checkpoint(_state(), tmp_path / "ckpt.pt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ckpt.pt").stat().st_mode & 0o777 == mode
+    (tmp_path / "ckpt.pt").chmod(0o640)  # a replaced file keeps its own mode
+    save_checkpoint(_state(), tmp_path / "ckpt.pt")
+    assert (tmp_path / "ckpt.pt").stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT])
+def test_a_refused_write_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch,
+                                                                          err):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(_state(), path)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, fh, *a, **kw):
+        # torch's zip writer turns a failing write into a RuntimeError ("unexpected pos"),
+        # raised while handling the OSError.
+        fh.write(b"x" * 100)
+        try:
+            raise OSError(err, os.strerror(err))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
+    with pytest.raises(OSError) as info:
+        save_checkpoint({**_state(), "iter_num": 99}, path)
+    assert info.value.errno == err and info.value.filename == str(path)
+    assert os_error_message(info.value) == (f"{path}: {os.strerror(err)} "
+                                            f"({errno.errorcode[err]})")
+    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]

@@ -99,3 +99,117 @@ def test_bad_ranks_and_dtypes_raise_documented_errors(ranks, backend, dtype):
     with pytest.raises((ValueError, TypeError)) as info:
         attention(*tensors, backend=backend)
     assert "attention:" in str(info.value)
+
+
+# --- config files -------------------------------------------------------------------------------
+# Random TOML and JSON values for every setting must end in a run (here: --dry-run, which checks
+# everything a run checks before it writes) or in a one-line error with exit code 2: never a
+# traceback, whatever the types.
+
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import tempfile  # noqa: E402
+from dataclasses import fields  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from minigpt.config import GPTConfig, TrainConfig, default_settings  # noqa: E402
+from minigpt.train import main as train_main  # noqa: E402
+
+_TEXT = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=8)
+_SCALAR = st.one_of(st.booleans(), st.integers(-3, 300), st.integers(-2 ** 70, 2 ** 70),
+                    st.floats(allow_nan=True, allow_infinity=True), _TEXT)
+_VALUE = st.one_of(_SCALAR, st.lists(st.integers(-2, 8), max_size=5), st.none(),
+                   st.dictionaries(_TEXT, st.integers(), max_size=2))
+
+
+def _value_for(name: str, default):
+    """Mostly values near the setting's domain (its default, its choices), sometimes anything."""
+    near = [st.just(default)] if default is not None else []
+    for choices in (GPTConfig.POS_EMBEDDINGS, GPTConfig.NORMS, GPTConfig.MLPS,
+                    GPTConfig.ACTIVATIONS, TrainConfig.OPTIMIZERS, TrainConfig.LR_SCHEDULES,
+                    TrainConfig.LOGGERS, ("char", "gpt2", "hf"), ("auto", "float32", "cpu")):
+        if default in choices:
+            near.append(st.sampled_from(choices))
+    return st.one_of(*near, _VALUE) if near else _VALUE
+
+
+_DEFAULTS = default_settings()
+_TRAIN_FIELDS = {f.name: _value_for(f.name, _DEFAULTS[f.name])
+                 for f in fields(TrainConfig) if f.name != "model"}
+_MODEL_FIELDS = {f.name: _value_for(f.name, _DEFAULTS["model"][f.name]) for f in fields(GPTConfig)}
+_SETTINGS = st.fixed_dictionaries(
+    {}, optional={**_TRAIN_FIELDS, "model": st.one_of(
+        st.fixed_dictionaries({}, optional=_MODEL_FIELDS), _SCALAR),
+        "not_a_setting": _SCALAR})
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) \
+            else repr(v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+
+
+def _toml(d: dict) -> str:
+    """d as TOML (None values left out: TOML has no null); a dict "model" as a [model] table."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items()
+             if v is not None and not (k == "model" and isinstance(v, dict))]
+    if isinstance(d.get("model"), dict):
+        lines.append("[model]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in d["model"].items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def _chdir(path):
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+_OUTCOMES = []
+
+
+@settings(max_examples=120, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(settings_=_SETTINGS, fmt=st.sampled_from(["toml", "json"]))
+def test_random_config_files_run_or_give_one_line(settings_, fmt):
+    with tempfile.TemporaryDirectory() as tmp, _chdir(tmp):
+        path = Path(tmp) / f"run.{fmt}"
+        path.write_text(_toml(settings_) if fmt == "toml" else json.dumps(settings_),
+                        encoding="utf-8")
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = train_main(["--config", str(path), "--dry-run"])
+            except SystemExit as e:  # argparse's exit
+                code = e.code
+        message = err.getvalue()
+        _OUTCOMES.append(code)
+        if code == 0:
+            json.loads(out.getvalue())  # the resolved settings
+        else:
+            assert code == 2, (code, message)
+            assert message.count("\n") == 1 and "Traceback" not in message, message
+        assert sorted(p.name for p in Path(tmp).iterdir()) == [path.name]  # nothing written
+
+
+def test_random_config_files_reach_both_outcomes():
+    """The property above drew both valid files (a run) and refused ones."""
+    if not _OUTCOMES:
+        pytest.skip("runs after test_random_config_files_run_or_give_one_line")
+    assert 0 in _OUTCOMES and 2 in _OUTCOMES, _OUTCOMES

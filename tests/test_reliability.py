@@ -171,3 +171,85 @@ def test_two_gloo_processes_match_one_process(text_file, tmp_path, optimizer, to
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=tol)
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=tol)
     assert one[-1]["val_loss"] < one[0]["val_loss"] - 0.1  # it did learn
+
+
+# --- ordinary events end quietly: a closed pipe, Ctrl-C, a second Ctrl-C -----------------------
+
+@pytest.fixture
+def tiny_checkpoint(text_file, tmp_path):
+    out = tmp_path / "tiny"
+    r = _train(["--data", str(text_file), "--out-dir", str(out), "--max-iters", "2",
+                "--eval-interval", "2"])
+    assert r.returncode == 0, r.stderr
+    return out / "ckpt.pt"
+
+
+def _quiet(stderr):
+    assert "Traceback" not in stderr and stderr.count("\n") <= 1, stderr
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_sample_into_a_closed_pipe_ends_quietly(tiny_checkpoint, stream):
+    """python sample.py | head -c 10"""
+    args = [sys.executable, "sample.py", "--checkpoint", str(tiny_checkpoint),
+            "--max-new-tokens", "3000", "--num-samples", "40"] + (["--stream"] if stream else [])
+    proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert len(proc.stdout.read(10)) == 10
+    proc.stdout.close()  # head exits
+    stderr = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    _quiet(stderr)
+    assert proc.returncode == 141 and stderr == "", (proc.returncode, stderr)
+
+
+def test_ctrl_c_during_sample_ends_quietly(tiny_checkpoint):
+    proc = subprocess.Popen([sys.executable, "sample.py", "--checkpoint", str(tiny_checkpoint),
+                             "--max-new-tokens", "100000", "--stream"], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.read(20)  # generating
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    _quiet(stderr)
+    assert proc.returncode == 130 and stderr.strip() == "interrupted", stderr
+
+
+def test_a_second_ctrl_c_during_training_stops_at_once_quietly(text_file, tmp_path):
+    # Steps of a few hundred ms, so that both signals land within one step.
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", "--data", str(text_file), "--out-dir", str(out),
+         "--n-layer", "4", "--n-embd", "256", "--n-head", "4", "--block-size", "128",
+         "--batch-size", "32", "--eval-iters", "1", "--eval-interval", "2", "--max-iters",
+         "1000", "--no-progress", "--dtype", "float32"],
+        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_checkpoint(out / "ckpt.pt", 2, proc, timeout=240)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    _quiet(stderr)
+    assert proc.returncode == 130 and stderr.strip() == "interrupted", (proc.returncode, stderr)
+    assert "stopped at once" in stdout and "the last checkpoint is" in stdout, stdout
+    load_checkpoint(out / "ckpt.pt")  # whole
+
+
+def test_ctrl_c_during_profile_ends_quietly():
+    proc = subprocess.Popen([sys.executable, "-m", "minigpt.profile", "--seq", "2048", "4096",
+                             "--repeats", "50"], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.readline()  # started
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    _quiet(stderr)
+    assert proc.returncode == 130, (proc.returncode, stderr)

@@ -71,3 +71,53 @@ def test_train_cli_into_a_used_directory_exits_2_with_the_choices(text_file, tmp
     second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert second.returncode == 2 and "Traceback" not in second.stderr
     assert "--resume" in second.stderr and "--overwrite" in second.stderr
+
+
+@pytest.mark.parametrize("what", ["directory", "lock"])
+def test_a_run_notices_its_directory_or_lock_vanishing(text_file, tmp_path, monkeypatch, what):
+    import shutil
+
+    from minigpt import training
+    from minigpt.rundir import RunDirLostError
+
+    out = tmp_path / "run"
+    real_step = training.train_step
+
+    def step_then_delete(run, progress):
+        real_step(run, progress)
+        if progress.iter_num == 3:
+            if what == "directory":
+                shutil.rmtree(out)
+            else:
+                (out / "run.lock").unlink()
+
+    monkeypatch.setattr(training, "train_step", step_then_delete)
+    lines = []
+    with pytest.raises(RunDirLostError) as info:
+        train(_tiny(text_file, out, max_iters=50, eval_interval=50), log=lines.append)
+    msg = str(info.value)
+    assert "stopped at step 3" in msg and str(out / "ckpt.pt") in msg, msg
+    from minigpt.checkpoint import load_checkpoint
+
+    assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 3  # saved again, where it says
+    assert (out / "config.json").is_file()
+    assert any("saving the checkpoint again" in line for line in lines), lines
+
+
+def test_a_failed_start_leaves_no_directory_behind(text_file, tmp_path, monkeypatch):
+    from minigpt import training
+    from minigpt.data import DataError
+
+    def broken(*a, **k):
+        raise DataError("no corpus today")
+
+    monkeypatch.setattr(training, "load_corpus", broken)
+    out = tmp_path / "new" / "run"
+    with pytest.raises(DataError):
+        train(_tiny(text_file, out), log=lambda *a: None)
+    assert not (tmp_path / "new").exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(DataError):
+        train(_tiny(text_file, existing), log=lambda *a: None)
+    assert existing.is_dir()  # the user's directory stays

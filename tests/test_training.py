@@ -69,7 +69,10 @@ def test_training_reduces_loss_and_writes_logs(text_file, tmp_path):
     first = result.history[0]
     assert result.final_val_loss < first["val_loss"] - 0.1
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iter"] for r in rows] == [0, 10, 20, 30, 40]
+    assert [r["iter"] for r in rows if r["event"] == "eval"] == [0, 10, 20, 30, 40]
+    steps = [r for r in rows if r["event"] == "train"]  # every log_interval steps
+    assert [r["iter"] for r in steps] == [10, 20, 30, 40]
+    assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and r["lr"] > 0 for r in steps)
     state = load_checkpoint(tmp_path / "ckpt.pt")
     assert state["iter_num"] == 40 and state["best_val_loss"] == result.best_val_loss
 
