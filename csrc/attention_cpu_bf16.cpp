@@ -179,6 +179,49 @@ void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst, in
         for (int64_t c = c0; c < std::min(cols, c0 + kB); ++c) dst[c * ldd + r] = src[r * lds + c];
 }
 
+// The running statistics of Alg. 1 for a block of query rows: the rows of the G query heads of a
+// kv head, stacked, row r being head kvh * G + r / nr at position r0 + r % nr.
+struct RowBlock {
+  int64_t kvh, G, r0, nr, rows;
+  int64_t head(int64_t r) const { return kvh * G + r / nr; }
+  int64_t pos(int64_t r) const { return r0 + r % nr; }
+};
+
+// One key tile of the online softmax (Alg. 1): the raw scores s (rows x nk, leading dim ld)
+// become probabilities exp(s - m) in place (and as T in pt, leading dim ld, where pt is not
+// null); m and l are updated and O~ (rows x D) is rescaled by exp(m_old - m_new).
+template <typename T>
+void online_softmax(const AttentionParams& p, const RowBlock& rb, float* s, int64_t ld,
+                    int64_t j0, int64_t nk, float* row_max, float* row_sum, float* acc, T* pt) {
+  const bool alibi = p.alibi_slopes != nullptr;
+  for (int64_t r = 0; r < rb.rows; ++r) {
+    float* sr = s + r * ld;
+    transform_row(p, sr, nk, rb.pos(r), j0, alibi ? p.alibi_slopes[rb.head(r)] : 0.0f, alibi);
+    const float m_new = max_row(sr, nk, row_max[r]);
+    // A row that has seen only masked keys keeps m = -inf; use 0 to keep exp(-inf) = 0.
+    const float m_safe = m_new == kNegInf ? 0.0f : m_new;
+    const float alpha = exp_poly(row_max[r] - m_safe);
+    const float sum = exp_row<T>(sr, m_safe, nk, pt == nullptr ? nullptr : pt + r * ld);
+    row_sum[r] = alpha * row_sum[r] + sum;
+    row_max[r] = m_new;
+    if (alpha != 1.0f) scale_row(acc + r * p.D, p.D, alpha);
+  }
+}
+
+// O = O~ / l as T, and lse = m + log(l) (-inf, with O = 0, for a row that saw no key).
+template <typename T>
+void finish_rows(const AttentionParams& p, const RowBlock& rb, int64_t b, const float* acc,
+                 const float* row_max, const float* row_sum) {
+  T* out = static_cast<T*>(p.out);
+  for (int64_t r = 0; r < rb.rows; ++r) {
+    const int64_t h = rb.head(r), t = rb.pos(r);
+    const float l = row_sum[r], inv = l > 0.0f ? 1.0f / l : 0.0f;
+    T* o = out + b * p.out_stride.b + h * p.out_stride.h + t * p.out_stride.t;
+    for (int64_t d = 0; d < p.D; ++d) o[d] = static_cast<T>(acc[r * p.D + d] * inv);
+    p.lse[(b * p.Hq + h) * p.Tq + t] = l > 0.0f ? row_max[r] + std::log(l) : kNegInf;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Decode: a few query rows (Tq <= kDecodeMaxTq) against a KV cache. A GEMM of one or two rows is
 // a matrix-vector product that brgemm runs poorly, and the forward's K^T copy would read the
@@ -217,8 +260,6 @@ void run_decode(const AttentionParams& p) {
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
-  T* out = static_cast<T*>(p.out);
-  const bool alibi = p.alibi_slopes != nullptr;
   const int64_t f_elems = R * D + 2 * D + R * BK + R * D + 2 * R;
   const int64_t pairs = p.B * p.Hkv;
   at::Tensor f_scratch = at::empty({at::get_num_threads() * f_elems},
@@ -233,9 +274,9 @@ void run_decode(const AttentionParams& p) {
     float* row_sum = row_max + R;
     for (int64_t pair = begin; pair < end; ++pair) {
       const int64_t b = pair / p.Hkv, kvh = pair % p.Hkv;
-      for (int64_t r = 0; r < R; ++r) {  // row r = (g, t) = (r / Tq, r % Tq)
-        const int64_t h = kvh * G + r / p.Tq, t = r % p.Tq;
-        const T* qr = q + b * p.q_stride.b + h * p.q_stride.h + t * p.q_stride.t;
+      const RowBlock rb{kvh, G, 0, p.Tq, R};  // row r = (g, t) = (r / Tq, r % Tq)
+      for (int64_t r = 0; r < R; ++r) {
+        const T* qr = q + b * p.q_stride.b + rb.head(r) * p.q_stride.h + rb.pos(r) * p.q_stride.t;
         for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(qr[d]);
       }
       std::fill(row_max, row_max + R, kNegInf);
@@ -247,27 +288,10 @@ void run_decode(const AttentionParams& p) {
       for (int64_t j0 = p.first_key(0); j0 < key_end; j0 += BK) {
         const int64_t nk = std::min(BK, key_end - j0);
         decode_scores<T>(qf, R, D, kh + j0 * p.k_stride.t, p.k_stride.t, nk, kf, s, BK);
-        for (int64_t r = 0; r < R; ++r) {  // online softmax (Alg. 1), as in the forward
-          const int64_t h = kvh * G + r / p.Tq, t = r % p.Tq;
-          float* sr = s + r * BK;
-          transform_row(p, sr, nk, t, j0, alibi ? p.alibi_slopes[h] : 0.0f, alibi);
-          const float m_new = max_row(sr, nk, row_max[r]);
-          const float m_safe = m_new == kNegInf ? 0.0f : m_new;
-          const float alpha = exp_poly(row_max[r] - m_safe);
-          const float sum = exp_row<T>(sr, m_safe, nk, nullptr);
-          row_sum[r] = alpha * row_sum[r] + sum;
-          row_max[r] = m_new;
-          if (alpha != 1.0f) scale_row(acc + r * D, D, alpha);
-        }
+        online_softmax<T>(p, rb, s, BK, j0, nk, row_max, row_sum, acc, nullptr);
         decode_accumulate<T>(s, R, BK, vh + j0 * p.v_stride.t, p.v_stride.t, nk, D, vf, acc);
       }
-      for (int64_t r = 0; r < R; ++r) {
-        const int64_t h = kvh * G + r / p.Tq, t = r % p.Tq;
-        const float l = row_sum[r], inv = l > 0.0f ? 1.0f / l : 0.0f;
-        T* o = out + b * p.out_stride.b + h * p.out_stride.h + t * p.out_stride.t;
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[r * D + d] * inv);
-        p.lse[(b * p.Hq + h) * p.Tq + t] = l > 0.0f ? row_max[r] + std::log(l) : kNegInf;
-      }
+      finish_rows<T>(p, rb, b, acc, row_max, row_sum);
     }
   });
 }
@@ -282,8 +306,6 @@ void run_forward(const AttentionParams& p) {
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
-  T* out = static_cast<T*>(p.out);
-  const bool alibi = p.alibi_slopes != nullptr;
 
   // K^T of every (batch, kv head), (D, Tk) row-major: the B operand of S = Q K^T.
   const int64_t pairs = p.B * p.Hkv;
@@ -329,6 +351,7 @@ void run_forward(const AttentionParams& p) {
         const int64_t i = u % query_tiles, pair = u / query_tiles;
         const int64_t b = pair / p.Hkv, kvh = pair % p.Hkv;
         const int64_t r0 = i * kBlockQ, nr = std::min(kBlockQ, p.Tq - r0), rows = G * nr;
+        const RowBlock rb{kvh, G, r0, nr, rows};
         // Stack the tile's rows of the G query heads (row r: head kvh * G + r / nr).
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t h = kvh * G + r / nr, t = r0 + r % nr;
@@ -347,32 +370,13 @@ void run_forward(const AttentionParams& p) {
           // S = Q K_j^T: B is the (D, nk) block of K^T.
           tile_gemm<T>(rows, nk, D, qbuf, D, kt_pair + j0, Tk, s, BK, false);
           // Online softmax per row (Alg. 1), P written as T for the product with V.
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t h = kvh * G + r / nr, t = r0 + r % nr;
-            float* sr = s + r * BK;
-            transform_row(p, sr, nk, t, j0, alibi ? p.alibi_slopes[h] : 0.0f, alibi);
-            const float m_old = row_max[r];
-            const float m_new = max_row(sr, nk, m_old);
-            // A row that has seen only masked keys keeps m = -inf; use 0 to keep exp(-inf) = 0.
-            const float m_safe = m_new == kNegInf ? 0.0f : m_new;
-            const float alpha = exp_poly(m_old - m_safe);
-            const float sum = exp_row<T>(sr, m_safe, nk, pbuf + r * BK);
-            row_sum[r] = alpha * row_sum[r] + sum;
-            row_max[r] = m_new;
-            if (alpha != 1.0f) scale_row(acc + r * D, D, alpha);
-          }
+          online_softmax<T>(p, rb, s, BK, j0, nk, row_max, row_sum, acc, pbuf);
           // O~ += P V_j.
           tile_gemm<T>(rows, D, nk, pbuf, BK, v_pair + j0 * p.v_stride.t, p.v_stride.t, acc, D,
                        true);
         }
 
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t h = kvh * G + r / nr, t = r0 + r % nr;
-          const float l = row_sum[r], inv = l > 0.0f ? 1.0f / l : 0.0f;
-          T* o = out + b * p.out_stride.b + h * p.out_stride.h + t * p.out_stride.t;
-          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[r * D + d] * inv);
-          p.lse[(b * p.Hq + h) * p.Tq + t] = l > 0.0f ? row_max[r] + std::log(l) : kNegInf;
-        }
+        finish_rows<T>(p, rb, b, acc, row_max, row_sum);
       }
     }
   });
