@@ -45,6 +45,7 @@
 // MINIGPT_CPU_ISA names) and call its entry points through function pointers. Intrinsics could
 // not be shared like that: one source per width would be needed.
 #include "attention.h"
+#include "attention_cpu_common.h"
 
 #include <ATen/Parallel.h>
 #include <c10/core/CPUAllocator.h>
@@ -88,8 +89,6 @@ MINIGPT_INLINE T softmax_scale(const AttentionParams& p) {
   return static_cast<T>(p.scale);
 }
 
-MINIGPT_INLINE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-MINIGPT_INLINE int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 // Scratch memory of n elements, uninitialised, from torch's CPU allocator rather than
 // std::vector: torch.profiler's memory events (and so `python -m minigpt.profile`'s peak memory)
@@ -134,23 +133,7 @@ int64_t backward_worker_scratch(const AttentionParams& p) {
 // ---------------------------------------------------------------------------------------------
 // Work partition.
 
-// Cuts units [0, n) into at most `workers` contiguous ranges of near-equal total cost; returns
-// the range bounds (size ranges + 1). Deterministic: depends only on the costs and the count.
-std::vector<int64_t> split_by_cost(const int64_t* cost, int64_t n, int64_t workers) {
-  workers = std::max<int64_t>(1, std::min(workers, n));
-  int64_t total = 0;
-  for (int64_t u = 0; u < n; ++u) total += cost[u];
-  std::vector<int64_t> bounds{0};
-  int64_t prefix = 0;
-  for (int64_t u = 0; u < n; ++u) {
-    const int64_t w = static_cast<int64_t>(bounds.size());
-    // Close range w-1 before unit u once the prefix reaches w/workers of the total.
-    if (w < workers && prefix * workers >= w * total && u > bounds.back()) bounds.push_back(u);
-    prefix += cost[u];
-  }
-  bounds.push_back(n);
-  return bounds;
-}
+// split_by_cost, visible_key_end, first_query_tile and query_tile_end: attention_cpu_common.h.
 
 // Runs body(w, bounds[w], bounds[w + 1]) for every range, one range per thread.
 template <typename F>
@@ -159,28 +142,6 @@ void run_ranges(const std::vector<int64_t>& bounds, const F& body) {
   at::parallel_for(0, ranges, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) body(w, bounds[w], bounds[w + 1]);
   });
-}
-
-// Keys [0, visible_key_end) are visible to some row of the query tile starting at r0 with nr rows.
-int64_t visible_key_end(const AttentionParams& p, int64_t r0, int64_t nr) {
-  if (!p.causal) return p.Tk;
-  return std::clamp<int64_t>(r0 + nr + p.causal_offset(), 0, p.Tk);
-}
-
-// First query tile with a row that sees key j0 (without a window, query tiles from there on see
-// it too).
-int64_t first_query_tile(const AttentionParams& p, int64_t j0) {
-  if (!p.causal) return 0;
-  return std::max<int64_t>(0, j0 - p.causal_offset()) / kBlockQ;
-}
-
-// One past the last query tile with a row that sees a key of [j0, j0 + nk): a window hides key j
-// from the rows more than window - 1 positions after it.
-int64_t query_tile_end(const AttentionParams& p, int64_t j0, int64_t nk) {
-  const int64_t tiles = ceil_div(p.Tq, kBlockQ);
-  if (p.window <= 0) return tiles;
-  const int64_t last_row = j0 + nk - 1 - p.causal_offset() + p.window - 1;
-  return last_row < 0 ? 0 : std::min(tiles, last_row / kBlockQ + 1);
 }
 
 // ALiBi (Press et al. 2022): head h's score of query row i and key j becomes
@@ -520,8 +481,8 @@ void run_backward(const AttentionParams& p) {
   Scratch<int64_t> cost(units);
   for (int64_t u = 0; u < units; ++u) {
     const int64_t j0 = (u % key_tiles) * kBlockK;
-    const int64_t end = query_tile_end(p, j0, std::min(kBlockK, p.Tk - j0));
-    cost.data()[u] = 1 + G * std::max<int64_t>(0, end - first_query_tile(p, j0));
+    const int64_t end = query_tile_end(p, j0, std::min(kBlockK, p.Tk - j0), kBlockQ);
+    cost.data()[u] = 1 + G * std::max<int64_t>(0, end - first_query_tile(p, j0, kBlockQ));
   }
   const std::vector<int64_t> bounds = split_by_cost(cost.data(), units, at::get_num_threads());
   const int64_t workers = static_cast<int64_t>(bounds.size()) - 1;

@@ -1,5 +1,6 @@
 // minigpt attention: the CPU kernels' work partition, shared by the float32/float64 kernels
-// (attention_cpu.cpp) and the bfloat16/float16 ones (attention_cpu_bf16.cpp).
+// (attention_cpu.cpp, csrc/cpu/attention_tiles.h) and the bfloat16/float16 ones
+// (attention_cpu_bf16.cpp).
 #pragma once
 
 #include <algorithm>

@@ -258,39 +258,6 @@ def test_cuda_against_reference(dtype, D, shape, causal):
         check_rule(f"d{name}", g.cpu(), n.cpu(), r, dtype, grad_scale(ref_grads))
 
 
-PORTABLE_CHECK = """
-import sys, torch
-sys.path.insert(0, sys.argv[1])
-from minigpt import _ext
-from minigpt.attention import attention
-from reference import check_rule, grad_scale, rand_qkv, reference_attention
-assert _ext.build_info()["vector_isa"] == "portable", _ext.build_info()
-for shape, causal in [((1, 4, 2, 17, 129, 40), True), ((2, 2, 2, 129, 129, 64), True),
-                      ((1, 2, 1, 33, 20, 80), False), ((1, 4, 1, 2, 700, 40), True)]:
-    q, k, v = rand_qkv(*shape, layout="transposed", seed=3)
-    ref = reference_attention(q, k, v, causal)
-    fast = attention(q, k, v, causal=causal, backend="ext")
-    naive = attention(q, k, v, causal=causal, backend="naive")
-    check_rule("out", fast, naive, ref, torch.float32)
-    dout = torch.randn_like(fast)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), dout.double())
-    for g, n, r in zip(torch.autograd.grad(fast, (q, k, v), dout),
-                       torch.autograd.grad(naive, (q, k, v), dout), ref_grads):
-        check_rule("grad", g, n, r, torch.float32, grad_scale(ref_grads))
-print("ok")
-"""
-
-
-@needs_ext
-def test_portable_cpu_path():
-    """The kernels' portable (non-AVX2) path, forced with MINIGPT_CPU_ISA=portable."""
-    tests_dir = str(Path(__file__).resolve().parent)
-    r = subprocess.run([sys.executable, "-c", PORTABLE_CHECK, tests_dir],
-                       env={**os.environ, "MINIGPT_CPU_ISA": "portable"}, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
-
-
 JIT_BUILD = """
 import importlib.abc, sys, torch
 class BlockBuiltModule(importlib.abc.MetaPathFinder):

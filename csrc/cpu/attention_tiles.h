@@ -638,8 +638,8 @@ MINIGPT_INLINE void backward_units(const AttentionParams& p, const T* lse, const
       const bool alibi = p.alibi_slopes != nullptr;
       const T slope = alibi ? static_cast<T>(p.alibi_slopes[h]) : T(0);
       const Vec<T> score_scale = vset(alibi ? T(1) : scale);  // as in the forward
-      const int64_t tile_end = query_tile_end(p, j0, nk);
-      for (int64_t i = first_query_tile(p, j0); i < tile_end; ++i) {
+      const int64_t tile_end = query_tile_end(p, j0, nk, kBlockQ);
+      for (int64_t i = first_query_tile(p, j0, kBlockQ); i < tile_end; ++i) {
         const int64_t r0 = i * kBlockQ;
         const int64_t nr = std::min(kBlockQ, p.Tq - r0);
         const T* qi = q + b * p.q_stride.b + h * p.q_stride.h + r0 * p.q_stride.t;
