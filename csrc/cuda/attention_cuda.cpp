@@ -67,6 +67,9 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda_op(
   const at::Tensor v = rows_16b_aligned(v_in);
 
   auto [out, lse] = empty_forward_outputs(q);
+  // Nothing to compute: an empty batch, no query heads or no queries (the kernels' grids would
+  // have a zero dimension, which is a launch error).
+  if (q.size(0) == 0 || q.size(1) == 0 || q.size(2) == 0) return {out, lse};
   AttentionParams p = make_params(q, k, v, causal, scale);
   set_terms(p, alibi_slopes, window);
   p.out = out.data_ptr();
@@ -100,6 +103,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda_op(
 
   const bool deterministic = at::globalContext().deterministicAlgorithms();
   auto [dq, dk, dv] = empty_backward_outputs(q, k, v);
+  // Nothing to launch for an empty batch or no queries; with no queries no key gets a gradient,
+  // so dK and dV are zeros (dQ is empty).
+  if (q.size(0) == 0 || q.size(1) == 0 || q.size(2) == 0) {
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, f32);
   // Atomic dQ accumulates in float32 (B, Hq, Tq, D), zero-filled; deterministic dQ needs none.
