@@ -15,12 +15,12 @@
 // tile, and the dQ kernels only the key tiles their queries can see.
 //
 // Kernels (bf16/fp16 on tensor cores, mma.sync m16n8k16 with fp32 accumulators):
-//   1. delta: one warp per row.
+//   1. delta: one warp per row; it also zero-fills p.dq_accum (the host allocates it uninitialised).
 //   2. dK/dV: one CTA per (key tile of 64, kv head, batch), 4 warps of 16 keys; loops over the
 //      group's query heads and the query tiles that can see the key tile, keeping dK and dV in
 //      registers (the transposed scores S^T, P^T, dP^T, dS^T are computed directly so each warp's
 //      16 keys are the mma rows). Unless deterministic, dQ += dS K is added with float atomics into
-//      p.dq_accum; a last kernel scales dq_accum into p.dq's dtype.
+//      p.dq_accum (float2 atomics on sm_90); a last kernel scales dq_accum into p.dq's dtype.
 //   3. deterministic: a separate dQ kernel, one CTA per (query tile of 64, query head, batch),
 //      loops over key tiles in order and writes p.dq directly; no atomics anywhere.
 // float32 runs the same three steps with CUDA-core kernels (no tensor cores).
@@ -31,42 +31,80 @@ namespace gpu {
 namespace {
 
 // ----------------------------------------------------------------------------------------------
-// delta = rowsum(dO * O), any dtype.
+// delta = rowsum(dO * O), any dtype; and the zero-fill of dq_accum, fused (no separate memset).
+// One warp per row; grid (ceil(Tq / 8), Hq, B): the row's indices come from the grid, no division.
+// bf16/fp16 rows are read in 16-byte chunks (the host checks out and dout rows start on 16 bytes).
 
 template <typename T>
 __global__ void __launch_bounds__(256) attention_bwd_delta_kernel(const AttentionParams p) {
   constexpr int kRowsPerBlock = 256 / 32;
   const int lane = threadIdx.x % 32;
-  const int64_t n_rows = p.B * p.Hq * p.Tq;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
-       row < n_rows; row += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
-    const int64_t i = row % p.Tq;
-    const int64_t h = (row / p.Tq) % p.Hq;
-    const int64_t b = row / (p.Tq * p.Hq);
-    const T* o = static_cast<const T*>(p.out) + b * p.out_stride.b + h * p.out_stride.h +
-                 i * p.out_stride.t;
-    const T* d = static_cast<const T*>(p.dout) + b * p.dout_stride.b + h * p.dout_stride.h +
-                 i * p.dout_stride.t;
-    float acc = 0.f;
-    for (int64_t c = lane; c < p.D; c += 32) acc += to_float(o[c]) * to_float(d[c]);
-    acc = warp_sum(acc);
-    if (lane == 0) p.delta[row] = acc;  // row == (b * Hq + h) * Tq + i
+  const int i = blockIdx.x * kRowsPerBlock + threadIdx.x / 32;
+  if (i >= p.Tq) return;
+  const int64_t h = blockIdx.y, b = blockIdx.z;
+  const int D = static_cast<int>(p.D);
+  const T* o = static_cast<const T*>(p.out) + b * p.out_stride.b + h * p.out_stride.h +
+               static_cast<int64_t>(i) * p.out_stride.t;
+  const T* d = static_cast<const T*>(p.dout) + b * p.dout_stride.b + h * p.dout_stride.h +
+               static_cast<int64_t>(i) * p.dout_stride.t;
+  const int64_t row = (b * p.Hq + h) * p.Tq + i;
+  float acc = 0.f;
+  if constexpr (std::is_same<T, float>::value) {
+    for (int c = lane; c < D; c += 32) acc += o[c] * d[c];
+  } else {
+    constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte chunk
+    for (int c = lane * kVec; c < D; c += 32 * kVec) {
+      const uint4 ov = *reinterpret_cast<const uint4*>(o + c);
+      const uint4 dv = *reinterpret_cast<const uint4*>(d + c);
+      const T* oe = reinterpret_cast<const T*>(&ov);
+      const T* de = reinterpret_cast<const T*>(&dv);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) acc += to_float(oe[e]) * to_float(de[e]);
+    }
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) p.delta[row] = acc;
+  if (p.dq_accum != nullptr) {  // D is a multiple of 32: rows of float4
+    float4* zero = reinterpret_cast<float4*>(p.dq_accum + row * D);
+    for (int c = lane; c < D / 4; c += 32) zero[c] = make_float4(0.f, 0.f, 0.f, 0.f);
   }
 }
 
-// dq = scale * dq_accum in dq's dtype (dq_accum is contiguous (B, Hq, Tq, D) float32).
-template <typename T>
+// dq = scale * dq_accum in dq's dtype (dq_accum is contiguous (B, Hq, Tq, D) float32). Grid
+// (ceil(Tq / kRows), Hq, B); each thread converts one float4 chunk; divisions are by constants.
+template <typename T, int D>
 __global__ void __launch_bounds__(256) attention_bwd_dq_convert_kernel(const AttentionParams p) {
-  const int64_t total = p.B * p.Hq * p.Tq * p.D;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t d = idx % p.D;
-    const int64_t i = (idx / p.D) % p.Tq;
-    const int64_t h = (idx / (p.D * p.Tq)) % p.Hq;
-    const int64_t b = idx / (p.D * p.Tq * p.Hq);
-    static_cast<T*>(p.dq)[b * p.dq_stride.b + h * p.dq_stride.h + i * p.dq_stride.t + d] =
-        from_float<T>(p.dq_accum[idx] * p.scale);
+  constexpr int kVec = D / 4;          // float4 chunks per row
+  constexpr int kRows = 256 / kVec;    // rows per block
+  const int row = threadIdx.x / kVec;
+  const int c = threadIdx.x % kVec;
+  const int i = blockIdx.x * kRows + row;
+  if (row >= kRows || i >= p.Tq) return;
+  const int64_t h = blockIdx.y, b = blockIdx.z;
+  const float4 a =
+      reinterpret_cast<const float4*>(p.dq_accum + ((b * p.Hq + h) * p.Tq + i) * D)[c];
+  T* dst = static_cast<T*>(p.dq) + b * p.dq_stride.b + h * p.dq_stride.h +
+           static_cast<int64_t>(i) * p.dq_stride.t + 4 * c;
+  if constexpr (std::is_same<T, float>::value) {
+    dst[0] = a.x * p.scale;
+    dst[1] = a.y * p.scale;
+    dst[2] = a.z * p.scale;
+    dst[3] = a.w * p.scale;
+  } else {  // dq rows start on 4 bytes: two b32 stores
+    store_b32(dst, pack2<T>(a.x * p.scale, a.y * p.scale));
+    store_b32(dst + 2, pack2<T>(a.z * p.scale, a.w * p.scale));
   }
+}
+
+// dQ += (x0, x1) at two adjacent float32 columns (even, so 8-byte aligned): one vector atomic on
+// sm_90, two scalar ones before.
+__device__ __forceinline__ void atomic_add2(float* addr, float x0, float x1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(addr), make_float2(x0, x1));
+#else
+  atomicAdd(addr, x0);
+  atomicAdd(addr + 1, x1);
+#endif
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -121,9 +159,9 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const Attention
   // with a window also j > i + offset - window, so none from q_end on.
   const int64_t q_first = CAUSAL ? max64(0, n0 - offset) : 0;
   const int64_t q_end = window_query_end<CAUSAL>(p, n0, BN);
-  const int64_t qt_begin = q_first / BM;
-  const int64_t per_head = q_first < q_end ? ceil_div(q_end, BM) - qt_begin : 0;
-  const int64_t n_iters = group * per_head;  // (query head, query tile) steps
+  const int qt_begin = static_cast<int>(q_first / BM);
+  const int per_head = q_first < q_end ? static_cast<int>(ceil_div(q_end, BM)) - qt_begin : 0;
+  const int n_iters = static_cast<int>(group) * per_head;  // (query head, query tile) steps
 
   // K and V tiles: loaded once.
   {
@@ -140,11 +178,18 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const Attention
     cp_async_commit();
   }
 
-  auto step_head = [&](int64_t it) { return hkv * group + it / per_head; };
-  auto step_m0 = [&](int64_t it) { return (qt_begin + it % per_head) * BM; };
-  auto load_q = [&](int64_t it, int stage) {
-    const int64_t hq = step_head(it);
-    const int64_t m0 = step_m0(it);
+  // Step it is query head hkv * group + it / per_head, query tile qt_begin + it % per_head; the
+  // pair is advanced by counting, not by dividing.
+  struct Step {
+    int head;  // in the group
+    int tile;  // qt_begin + ...
+  };
+  auto next_step = [&](Step s) {
+    return s.tile + 1 - qt_begin == per_head ? Step{s.head + 1, qt_begin} : Step{s.head, s.tile + 1};
+  };
+  auto load_q = [&](Step st, int stage) {
+    const int64_t hq = hkv * group + st.head;
+    const int64_t m0 = static_cast<int64_t>(st.tile) * BM;
     const T* qb = static_cast<const T*>(p.q) + b * p.q_stride.b + hq * p.q_stride.h;
     const T* ob = static_cast<const T*>(p.dout) + b * p.dout_stride.b + hq * p.dout_stride.h;
     T* dq = sQ + stage * BM * kS;
@@ -166,7 +211,8 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const Attention
       sDelta[stage * BM + r] = valid ? p.delta[idx] : 0.f;
     }
   };
-  if (n_iters > 0) load_q(0, 0);
+  Step cur{0, qt_begin};
+  if (n_iters > 0) load_q(cur, 0);
   cp_async_commit();
 
   float dk[D / 8][4], dv[D / 8][4];
@@ -178,14 +224,14 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const Attention
   const bool accumulate_dq = !p.deterministic;
   const bool alibi = p.alibi_slopes != nullptr;
 
-  for (int64_t it = 0; it < n_iters; ++it) {
-    const int stage = static_cast<int>(it & 1);
-    if (it + 1 < n_iters) load_q(it + 1, stage ^ 1);
+  for (int it = 0; it < n_iters; ++it, cur = next_step(cur)) {
+    const int stage = it & 1;
+    if (it + 1 < n_iters) load_q(next_step(cur), stage ^ 1);
     cp_async_commit();
     cp_async_wait<1>();  // K/V and this step's Q/dO have landed
     __syncthreads();
-    const int64_t hq = step_head(it);
-    const int64_t m0 = step_m0(it);
+    const int64_t hq = hkv * group + cur.head;
+    const int64_t m0 = static_cast<int64_t>(cur.tile) * BM;
     const T* cQ = sQ + stage * BM * kS;
     const T* cdO = sdO + stage * BM * kS;
     const float* cLse = sLse + stage * BM;
@@ -332,8 +378,7 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const Attention
 #pragma unroll
         for (int nt = 0; nt < Tr::kDC / 8; ++nt) {
           const int64_t col = wc * Tr::kDC + nt * 8 + 2 * tq;
-          atomicAdd(acc + i * p.D + col, dqa[nt][2 * h]);
-          atomicAdd(acc + i * p.D + col + 1, dqa[nt][2 * h + 1]);
+          atomic_add2(acc + i * D + col, dqa[nt][2 * h], dqa[nt][2 * h + 1]);
         }
       }
     }
@@ -816,24 +861,29 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_f32_kernel(const Attenti
 // ----------------------------------------------------------------------------------------------
 // Launchers.
 
-// Grid-stride kernels: enough blocks to fill the GPU, never more than the work.
-inline unsigned stride_grid(int64_t work_items, int64_t per_block) {
-  return static_cast<unsigned>(max64(1, min64(ceil_div(work_items, per_block), 65536)));
-}
-
 template <typename T>
 int launch_delta(const AttentionParams& p, cudaStream_t stream) {
-  const int64_t rows = p.B * p.Hq * p.Tq;
-  if (rows == 0) return kSuccess;
-  return launch(attention_bwd_delta_kernel<T>, dim3(stride_grid(rows, 8)), dim3(256), 0, stream, p);
+  if (p.Tq == 0) return kSuccess;
+  const int64_t blocks = ceil_div(p.Tq, 8);
+  if (blocks > 0x7fffffff) return kErrGrid;
+  return launch(attention_bwd_delta_kernel<T>,
+                dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(p.Hq),
+                     static_cast<unsigned>(p.B)),
+                dim3(256), 0, stream, p);
 }
 
 template <typename T>
 int launch_dq_convert(const AttentionParams& p, cudaStream_t stream) {
-  const int64_t total = p.B * p.Hq * p.Tq * p.D;
-  if (total == 0) return kSuccess;
-  return launch(attention_bwd_dq_convert_kernel<T>, dim3(stride_grid(total, 256)), dim3(256), 0,
-                stream, p);
+  if (p.Tq == 0) return kSuccess;
+  return MINIGPT_HEADDIM_SWITCH(p.D, kD, [&] {
+    constexpr int kRows = 256 / (kD / 4);
+    const int64_t blocks = ceil_div(p.Tq, kRows);
+    if (blocks > 0x7fffffff) return static_cast<int>(kErrGrid);
+    return launch(attention_bwd_dq_convert_kernel<T, kD>,
+                  dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(p.Hq),
+                       static_cast<unsigned>(p.B)),
+                  dim3(256), 0, stream, p);
+  });
 }
 
 template <typename Kernel>
@@ -855,6 +905,7 @@ int run_bwd_half(const AttentionParams& p, cudaStream_t stream) {
       !rows_aligned(p.k, p.k_stride, p.B, p.Hkv, p.Tk, eb, 16) ||
       !rows_aligned(p.v, p.v_stride, p.B, p.Hkv, p.Tk, eb, 16) ||
       !rows_aligned(p.dout, p.dout_stride, p.B, p.Hq, p.Tq, eb, 16) ||
+      !rows_aligned(p.out, p.out_stride, p.B, p.Hq, p.Tq, eb, 16) ||
       !rows_aligned(p.dq, p.dq_stride, p.B, p.Hq, p.Tq, eb, 4) ||
       !rows_aligned(p.dk, p.dk_stride, p.B, p.Hkv, p.Tk, eb, 4) ||
       !rows_aligned(p.dv, p.dv_stride, p.B, p.Hkv, p.Tk, eb, 4))
