@@ -126,8 +126,11 @@ struct BwdTraits {
   static_assert(kRowGroups * kColGroups == 4 && kDC % 16 == 0, "dQ warp split");
 };
 
-template <typename T, int D, int BM, bool CAUSAL>
+// ALIBI and WINDOW are template flags, and each query tile runs one of two copies of the loop
+// body, with the mask or without it (see attention_fwd_kernel); indices are 32-bit.
+template <typename T, int D, int BM, bool CAUSAL, bool ALIBI, bool WINDOW>
 __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const AttentionParams p) {
+  static_assert(CAUSAL || !WINDOW, "the window needs the causal mask");
   using Tr = BwdTraits<T, D, BM>;
   constexpr int BN = Tr::BN;
   constexpr int kS = Tr::kStride;
@@ -149,19 +152,22 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const Attention
   const int g = lane / 4;
   const int tq = lane % 4;
 
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
+  // 32-bit sizes (the host checked fits_int32_indices).
+  const int Tq = static_cast<int>(p.Tq), Tk = static_cast<int>(p.Tk);
+  const int n0 = blockIdx.x * BN;
   const int64_t hkv = blockIdx.y;
   const int64_t b = blockIdx.z;
-  const int64_t group = p.Hq / p.Hkv;
-  const int64_t offset = p.Tk - p.Tq;
+  const int group = static_cast<int>(p.Hq) / static_cast<int>(p.Hkv);  // Hq <= 65535
+  const int offset = Tk - Tq;
+  const int window = WINDOW ? static_cast<int>(min64(p.window, p.Tk + 1)) : 0;
 
   // Causal: query i sees key j iff j <= i + offset, so no query before n0 - offset sees this tile;
   // with a window also j > i + offset - window, so none from q_end on.
-  const int64_t q_first = CAUSAL ? max64(0, n0 - offset) : 0;
-  const int64_t q_end = window_query_end<CAUSAL>(p, n0, BN);
-  const int qt_begin = static_cast<int>(q_first / BM);
-  const int per_head = q_first < q_end ? static_cast<int>(ceil_div(q_end, BM)) - qt_begin : 0;
-  const int n_iters = static_cast<int>(group) * per_head;  // (query head, query tile) steps
+  const int q_first = CAUSAL ? max(0, n0 - offset) : 0;
+  const int q_end = static_cast<int>(window_query_end<CAUSAL>(p, n0, BN));
+  const int qt_begin = q_first / BM;
+  const int per_head = q_first < q_end ? ceil_div32(q_end, BM) - qt_begin : 0;
+  const int n_iters = group * per_head;  // (query head, query tile) steps
 
   // K and V tiles: loaded once.
   {
@@ -170,10 +176,11 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const Attention
     for (int c = tid; c < BN * kChunks; c += kThreads) {
       const int row = c / kChunks;
       const int ch = c % kChunks;
-      const int64_t j = n0 + row;
-      const bool valid = j < p.Tk;
-      cp_async_16(sK + row * kS + ch * 8, valid ? kb + j * p.k_stride.t + ch * 8 : kb, valid);
-      cp_async_16(sV + row * kS + ch * 8, valid ? vb + j * p.v_stride.t + ch * 8 : vb, valid);
+      const int j = n0 + row;
+      const bool valid = j < Tk;
+      const int64_t jj = valid ? j : 0;
+      cp_async_16(sK + row * kS + ch * 8, kb + jj * p.k_stride.t + ch * 8, valid);
+      cp_async_16(sV + row * kS + ch * 8, vb + jj * p.v_stride.t + ch * 8, valid);
     }
     cp_async_commit();
   }
@@ -189,7 +196,7 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const Attention
   };
   auto load_q = [&](Step st, int stage) {
     const int64_t hq = hkv * group + st.head;
-    const int64_t m0 = static_cast<int64_t>(st.tile) * BM;
+    const int m0 = st.tile * BM;
     const T* qb = static_cast<const T*>(p.q) + b * p.q_stride.b + hq * p.q_stride.h;
     const T* ob = static_cast<const T*>(p.dout) + b * p.dout_stride.b + hq * p.dout_stride.h;
     T* dq = sQ + stage * BM * kS;
@@ -197,16 +204,18 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const Attention
     for (int c = tid; c < BM * kChunks; c += kThreads) {
       const int row = c / kChunks;
       const int ch = c % kChunks;
-      const int64_t i = m0 + row;
-      const bool valid = i < p.Tq;
-      cp_async_16(dq + row * kS + ch * 8, valid ? qb + i * p.q_stride.t + ch * 8 : qb, valid);
-      cp_async_16(dob + row * kS + ch * 8, valid ? ob + i * p.dout_stride.t + ch * 8 : ob, valid);
+      const int i = m0 + row;
+      const bool valid = i < Tq;
+      const int64_t ii = valid ? i : 0;
+      cp_async_16(dq + row * kS + ch * 8, qb + ii * p.q_stride.t + ch * 8, valid);
+      cp_async_16(dob + row * kS + ch * 8, ob + ii * p.dout_stride.t + ch * 8, valid);
     }
     // Stage `stage` was last read in the step before the previous one, which ended in a barrier.
+    const int64_t row_base = (b * p.Hq + hq) * p.Tq;
     for (int r = tid; r < BM; r += kThreads) {
-      const int64_t i = m0 + r;
-      const bool valid = i < p.Tq;
-      const int64_t idx = (b * p.Hq + hq) * p.Tq + i;
+      const int i = m0 + r;
+      const bool valid = i < Tq;
+      const int64_t idx = row_base + (valid ? i : 0);
       sLse[stage * BM + r] = valid ? p.lse[idx] * kLog2e : 0.f;
       sDelta[stage * BM + r] = valid ? p.delta[idx] : 0.f;
     }
@@ -222,16 +231,16 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const Attention
     for (int e = 0; e < 4; ++e) dk[dt][e] = dv[dt][e] = 0.f;
   const float scale_log2 = p.scale * kLog2e;
   const bool accumulate_dq = !p.deterministic;
-  const bool alibi = p.alibi_slopes != nullptr;
 
-  for (int it = 0; it < n_iters; ++it, cur = next_step(cur)) {
+  auto body = [&](auto mask_tag, int it) {
+    constexpr bool MASK = decltype(mask_tag)::value;
     const int stage = it & 1;
     if (it + 1 < n_iters) load_q(next_step(cur), stage ^ 1);
     cp_async_commit();
     cp_async_wait<1>();  // K/V and this step's Q/dO have landed
     __syncthreads();
     const int64_t hq = hkv * group + cur.head;
-    const int64_t m0 = static_cast<int64_t>(cur.tile) * BM;
+    const int m0 = cur.tile * BM;
     const T* cQ = sQ + stage * BM * kS;
     const T* cdO = sdO + stage * BM * kS;
     const float* cLse = sLse + stage * BM;
@@ -258,26 +267,25 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const Attention
 
     // P^T = exp(s S^T + bias - L) (line 11); entries past Tq / Tk, above the causal diagonal or
     // outside the window are 0.
-    const bool need_mask =
-        m0 + BM > p.Tq || n0 + BN > p.Tk || (CAUSAL && n0 + BN - 1 > m0 + offset) ||
-        (CAUSAL && p.window > 0 && n0 <= min64(m0 + BM, p.Tq) - 1 + offset - p.window);
-    const float slope = alibi_slope_log2(p, hq);
-    // j - i' of this thread's key row g and query column 2 tq (ALiBi).
-    const float dist0 = static_cast<float>(n0 + warp * 16 + g - m0 - 2 * tq - offset);
+    // ALiBi: the head's slope * log2(e) and j - i' of this thread's key row g, query column 2 tq.
+    [[maybe_unused]] const float slope = ALIBI ? p.alibi_slopes[hq] * kLog2e : 0.f;
+    [[maybe_unused]] const float dist0 =
+        static_cast<float>(n0 + warp * 16 + g - m0 - 2 * tq - offset);
 #pragma unroll
     for (int nt = 0; nt < BM / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int ql = nt * 8 + 2 * tq + (e & 1);
-        float x = st[nt][e] * scale_log2;
-        if (alibi)
+        // scale * S * log2(e) - L * log2(e) as one FFMA (and one more for ALiBi's bias)
+        float x = fmaf(st[nt][e], scale_log2, -cLse[ql]);
+        if constexpr (ALIBI)
           x = fmaf(slope, dist0 + static_cast<float>(8 * (e >> 1) - nt * 8 - (e & 1)), x);
-        float pv = exp2f(x - cLse[ql]);
-        if (need_mask) {
-          const int64_t i = m0 + ql;
-          const int64_t j = n0 + warp * 16 + g + 8 * (e >> 1);
-          if (i >= p.Tq || j >= p.Tk ||
-              (CAUSAL && (j > i + offset || (p.window > 0 && j <= i + offset - p.window))))
+        float pv = exp2f(x);
+        if constexpr (MASK) {
+          const int i = m0 + ql;
+          const int j = n0 + warp * 16 + g + 8 * (e >> 1);
+          if (i >= Tq || j >= Tk || (CAUSAL && j > i + offset) ||
+              (WINDOW && j <= i + offset - window))
             pv = 0.f;
         }
         st[nt][e] = pv;
@@ -373,16 +381,31 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const Attention
       float* acc = p.dq_accum + (b * p.Hq + hq) * p.Tq * p.D;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int64_t i = m0 + wr * 16 + g + 8 * h;
-        if (i >= p.Tq) continue;
+        const int i = m0 + wr * 16 + g + 8 * h;
+        if (i >= Tq) continue;
 #pragma unroll
         for (int nt = 0; nt < Tr::kDC / 8; ++nt) {
           const int64_t col = wc * Tr::kDC + nt * 8 + 2 * tq;
-          atomic_add2(acc + i * D + col, dqa[nt][2 * h], dqa[nt][2 * h + 1]);
+          atomic_add2(acc + static_cast<int64_t>(i) * D + col, dqa[nt][2 * h], dqa[nt][2 * h + 1]);
         }
       }
     }
     __syncthreads();  // this stage and sdS are free for the next step
+  };
+  auto needs_mask = [&](int tile) {
+    const int m0 = tile * BM;
+    return m0 + BM > Tq || n0 + BN > Tk || (CAUSAL && n0 + BN - 1 > m0 + offset) ||
+           (WINDOW && n0 <= min(m0 + BM, Tq) - 1 + offset - window);
+  };
+  // Runs of mask-free steps, each followed by at most one masked step.
+  for (int it = 0; it < n_iters;) {
+    for (; it < n_iters && !needs_mask(cur.tile); ++it, cur = next_step(cur))
+      body(BoolTag<false>{}, it);
+    if (it < n_iters) {
+      body(BoolTag<true>{}, it);
+      ++it;
+      cur = next_step(cur);
+    }
   }
   cp_async_wait<0>();
 
@@ -392,7 +415,7 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const Attention
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t j = n0 + warp * 16 + g + 8 * h;
-    if (j >= p.Tk) continue;
+    if (j >= Tk) continue;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
       const int col = dt * 8 + 2 * tq;
@@ -436,7 +459,7 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_kernel(const AttentionPa
   const int64_t m0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * BM;
   const int64_t hq = blockIdx.y;
   const int64_t b = blockIdx.z;
-  const int64_t hkv = hq / (p.Hq / p.Hkv);
+  const int64_t hkv = static_cast<int>(hq) / (static_cast<int>(p.Hq) / static_cast<int>(p.Hkv));
   const int64_t offset = p.Tk - p.Tq;
   const int64_t kv_end = CAUSAL ? min64(p.Tk, min64(m0 + BM, p.Tq) + offset) : p.Tk;
   const int n_tiles = kv_end > 0 ? static_cast<int>(ceil_div(kv_end, BN)) : 0;
@@ -768,7 +791,7 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_f32_kernel(const Attenti
   const int64_t m0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * BM;
   const int64_t hq = blockIdx.y;
   const int64_t b = blockIdx.z;
-  const int64_t hkv = hq / (p.Hq / p.Hkv);
+  const int64_t hkv = static_cast<int>(hq) / (static_cast<int>(p.Hq) / static_cast<int>(p.Hkv));
   const int64_t offset = p.Tk - p.Tq;
   const int64_t kv_end = CAUSAL ? min64(p.Tk, min64(m0 + BM, p.Tq) + offset) : p.Tk;
   const int n_tiles = kv_end > 0 ? static_cast<int>(ceil_div(kv_end, BN)) : 0;
@@ -915,9 +938,18 @@ int run_bwd_half(const AttentionParams& p, cudaStream_t stream) {
   // BM query rows per step: 64 for small heads, 32 for large ones (dK, dV stay in registers).
   constexpr int BM = D <= 64 ? 64 : 32;
   using Tr = BwdTraits<T, D, BM>;
-  if (int err = launch_tiles(attention_bwd_dkdv_kernel<T, D, BM, CAUSAL>, ceil_div(p.Tk, Tr::BN),
-                             p.Hkv, Tr::kSmemBytes, p, stream))
-    return err;
+  if (!fits_int32_indices(p)) return kErrGrid;
+  const int err = MINIGPT_BOOL_SWITCH(p.alibi_slopes != nullptr, kAlibi, [&] {
+    return MINIGPT_BOOL_SWITCH(CAUSAL && p.window > 0, kWindow, [&] {
+      if constexpr (kWindow && !CAUSAL) {
+        return static_cast<int>(kErrShape);  // unreachable: the window needs causal
+      } else {
+        return launch_tiles(attention_bwd_dkdv_kernel<T, D, BM, CAUSAL, kAlibi, kWindow>,
+                            ceil_div(p.Tk, Tr::BN), p.Hkv, Tr::kSmemBytes, p, stream);
+      }
+    });
+  });
+  if (err) return err;
   if (!p.deterministic) return launch_dq_convert<T>(p, stream);
   constexpr int BN = D <= 64 ? 64 : 32;
   using TrQ = BwdDqTraits<T, D, BN>;
