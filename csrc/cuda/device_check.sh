@@ -51,6 +51,7 @@ step() {
 }
 
 export MINIGPT_CACHE_DIR="${MINIGPT_CACHE_DIR:-$out/cache}"
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's minigpt, built in place
 export MINIGPT_REQUIRE_EXT=1
 
 # 1. The GPU.
@@ -72,7 +73,7 @@ fi
 
 if ((built == 0)); then
   # 3. The CUDA tests with the default kernel set; v1 only if they fail (which set to keep).
-  if ! step "tests (v2 kernels)" 150 "$out/tests-v2.log" \
+  if ! step "tests (v2 kernels)" 180 "$out/tests-v2.log" \
     "$PY" -m pytest -q -x -m cuda -p no:cacheprovider tests; then
     step "tests (v1 kernels)" 120 "$out/tests-v1.log" env MINIGPT_CUDA_KERNELS=v1 \
       "$PY" -m pytest -q -x -m cuda -p no:cacheprovider tests
@@ -95,7 +96,7 @@ print("case ran")
 PYEOF
   sanitizer="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
   for tool in memcheck racecheck; do
-    step "compute-sanitizer $tool" 90 "$out/sanitizer-$tool.log" env MINIGPT_SELF_CHECK=0 \
+    step "compute-sanitizer $tool" 75 "$out/sanitizer-$tool.log" env MINIGPT_SELF_CHECK=0 \
       "$sanitizer" --tool "$tool" --error-exitcode 9 "$PY" "$out/sanitizer_case.py"
   done
 

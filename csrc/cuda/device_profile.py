@@ -24,8 +24,10 @@ import time
 
 import torch
 
-from minigpt import attention, gpu_table
-from minigpt.profile import time_fn
+# This checkout's minigpt (built in place by device_check.sh), not an installed one.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from minigpt import attention, gpu_table  # noqa: E402
+from minigpt.profile import time_fn  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENS = 16384   # B * T

@@ -223,6 +223,8 @@ def main(argv=None) -> int:
     p.add_argument("--full", action="store_true", help="one line per kernel")
     p.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", os.cpu_count() or 2)))
     p.add_argument("--check", action="store_true", help="exit 1 where a limit below is broken")
+    p.add_argument("--check-set", default="v2", choices=("v2", "v1", "all"),
+                   help="the kernel set the limits apply to (default v2, the one in use)")
     p.add_argument("--max-spills", type=int, default=0, help="LDL + STL per kernel (default 0)")
     p.add_argument("--max-calls", type=int, default=0, help="CALLs per kernel (default 0)")
     p.add_argument("--min-fwd-hmma-per-ldsm", type=float, default=1.75,
@@ -249,10 +251,12 @@ def main(argv=None) -> int:
     if args.check:
         lim = {"spill": args.max_spills, "call": args.max_calls,
                "fwd_hmma_per_ldsm": args.min_fwd_hmma_per_ldsm, "best_loop": args.max_loop_ratio}
-        bad = limits_broken(rows, lim)
+        checked = [r for r in rows
+                   if args.check_set == "all" or family(r).split()[1] == args.check_set]
+        bad = limits_broken(checked, lim)
         for what, name, val, limit in bad:
             print(f"LIMIT BROKEN: {what}: {name}: {val} (limit {limit})")
-        print(f"sass_report --check: {len(rows)} tensor-core kernels, "
+        print(f"sass_report --check: {len(checked)} tensor-core kernels ({args.check_set}), "
               f"{'OK' if not bad else f'{len(bad)} limits broken'}")
         status = 1 if bad else 0
     if args.targets:
