@@ -17,8 +17,15 @@ LISTING = [  # (address, opcode, operands) as parse() keeps them
     (0x60, "HMMA.16816.F32.BF16", " R16, R4, R6, R16"), (0x70, "FFMA", " R1, R2, R3, R4"),
     (0x80, "BRA", " 0x20"),
     # a loop without MMAs is not reported
-    (0x90, "IADD3", " R1, R1, 0x1, RZ"), (0xa0, "@P0 BRA", " 0x90"),
+    (0x90, "IADD3", " R1, R1, 0x1, RZ"), (0xa0, "BRA", " 0x90"),
+    # ptxas's way out of nested loops: a CALL to a label in the body is no subroutine
+    (0xb0, "CALL.REL.NOINC", " 0xc0"), (0xc0, "EXIT", ""),
+    (0x900, "IMAD.HI.U32", " R1, R2, R3, RZ"), (0x910, "RET.REL.NODEC", " R20 0x0"),
 ]
+
+
+def test_subroutine_calls_are_those_past_the_last_exit():
+    assert sass_report.subroutine_calls(LISTING) == 1
 
 
 def test_loop_ratios_count_non_mma_per_mma():

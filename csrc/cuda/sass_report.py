@@ -13,7 +13,9 @@ every kernel that issues tensor-core MMAs (HMMA):
     regs      registers per thread (cuobjdump -res-usage)
     spill     local-memory loads and stores in the SASS (LDL + STL: register spills)
     hmma      HMMA instructions;  ldsm: LDSM (ldmatrix);  hmma/ldsm: MMAs per fragment load
-    call      CALL instructions (out-of-line subroutines: 64-bit division, slow-path math)
+    call      CALLs into out-of-line subroutines (64-bit division, slow-path math), placed after
+              the kernel's last EXIT; ptxas's CALL.REL.NOINC to a label inside the body (its way
+              out of nested loops) is not one
     bar       BAR instructions (__syncthreads)
     loop      non-MMA instructions per MMA in the kernel's loops that issue MMAs (each backward
               branch is one loop, an outer loop counting its inner loops once; static counts,
@@ -136,10 +138,25 @@ def parse(path: Path) -> list:
         count = lambda prefix: sum(1 for op in ops if op.split(".")[0] == prefix)  # noqa: E731
         row = {"kernel": names[k["mangled"]], "arch": k["arch"] or "?", "file": path.name,
                "regs": regs.get(k["mangled"], -1), "spill": count("LDL") + count("STL"),
-               "hmma": count("HMMA"), "ldsm": count("LDSM"), "call": count("CALL"),
+               "hmma": count("HMMA"), "ldsm": count("LDSM"), "call": subroutine_calls(k["insns"]),
                "bar": count("BAR"), "loops": loop_ratios(k["insns"])}
         out.append(row)
     return out
+
+
+def subroutine_calls(insns: list) -> int:
+    """CALLs into out-of-line subroutines (64-bit division, slow-path math), which ptxas places
+    after the kernel's last EXIT. A CALL.REL.NOINC to a label inside the kernel body is how ptxas
+    leaves nested loops, not a subroutine, and is not counted."""
+    exits = [a for a, op, _ in insns if op.split(".")[0] == "EXIT"]
+    end = max(exits) if exits else -1
+    n = 0
+    for addr, op, rest in insns:
+        if op.split(".")[0] == "CALL":
+            m = re.search(r"(0x[0-9a-f]+)", rest)
+            if m is None or int(m.group(1), 16) > end:
+                n += 1
+    return n
 
 
 def loop_ratios(insns: list) -> list:
@@ -232,6 +249,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-loop-ratio", type=float, default=12.0,
                    help="non-MMA instructions per MMA in each kernel's best loop (default 12; "
                         "the target is 3)")
+    p.add_argument("--max-loop-ratio-of", action="append", default=[], metavar="KERNEL=X",
+                   help="a tighter --max-loop-ratio for one kernel template, e.g. "
+                        "attention_fwd_kernel=20 (repeatable)")
     p.add_argument("--targets", action="store_true", help="say which of the targets are met")
     args = p.parse_args(argv)
 
@@ -254,6 +274,12 @@ def main(argv=None) -> int:
         checked = [r for r in rows
                    if args.check_set == "all" or family(r).split()[1] == args.check_set]
         bad = limits_broken(checked, lim)
+        for spec in args.max_loop_ratio_of:
+            kernel, _, limit = spec.partition("=")
+            mine = [r for r in checked if f"{kernel}<" in r["kernel"]]
+            if not mine:
+                raise SystemExit(f"sass_report: --max-loop-ratio-of {spec}: no such kernel")
+            bad += limits_broken(mine, dict(lim, best_loop=float(limit)))
         for what, name, val, limit in bad:
             print(f"LIMIT BROKEN: {what}: {name}: {val} (limit {limit})")
         print(f"sass_report --check: {len(checked)} tensor-core kernels ({args.check_set}), "
