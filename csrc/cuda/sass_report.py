@@ -181,8 +181,9 @@ def loop_ratios(insns: list) -> list:
 
 def family(row: dict) -> str:
     name = row["kernel"]
-    kset = "v1" if "::v1::" in name else "v2"
-    m = re.search(r"(attention_\w+?_kernel)", name)
+    kset = "v1" if "::v1::" in name or "3gpu2v1" in name else "v2"  # demangled or not
+    # mangled names (no c++filt) carry the file name first: ..._attention_fwd_cu_<hash>20attention_
+    m = re.search(r"(attention_\w+?_kernel)", name.split("_cu_")[-1])
     return f"{row['arch']} {kset} {m.group(1) if m else name}"
 
 
@@ -276,7 +277,9 @@ def main(argv=None) -> int:
         bad = limits_broken(checked, lim)
         for spec in args.max_loop_ratio_of:
             kernel, _, limit = spec.partition("=")
-            mine = [r for r in checked if f"{kernel}<" in r["kernel"]]
+            # demangled (kernel<...>) or, without c++filt, mangled (...kernelI...)
+            mine = [r for r in checked
+                    if f"{kernel}<" in r["kernel"] or f"{kernel}I" in r["kernel"]]
             if not mine:
                 raise SystemExit(f"sass_report: --max-loop-ratio-of {spec}: no such kernel")
             bad += limits_broken(mine, dict(lim, best_loop=float(limit)))
