@@ -198,7 +198,8 @@ def summarize(rows: list, full: bool) -> list:
     groups = defaultdict(list)
     for r in rows:
         groups[short(r["kernel"]) + " " + r["arch"] if full else family(r)].append(r)
-    lines = [f"{'kernel' if full else 'family (arch, set, kernel)':58} {'n':>3} {'regs':>4} "
+    w = 86 if full else 58  # the name column
+    lines = [f"{'kernel' if full else 'family (arch, set, kernel)':{w}} {'n':>3} {'regs':>4} "
              f"{'spill':>5} {'hmma':>5} {'ldsm':>5} {'hmma/ldsm':>9} {'call':>4} {'bar':>3} "
              f"{'loop best':>9} {'loop worst':>10}"]
     for key in sorted(groups):
@@ -206,7 +207,7 @@ def summarize(rows: list, full: bool) -> list:
         best = [min(r for _, r in x["loops"]) for x in g if x["loops"]]
         worst = [max(r for _, r in x["loops"]) for x in g if x["loops"]]
         ratio = min(x["hmma"] / x["ldsm"] if x["ldsm"] else float("inf") for x in g)
-        lines.append(f"{key[:58]:58} {len(g):>3} {max(x['regs'] for x in g):>4} "
+        lines.append(f"{key[:w]:{w}} {len(g):>3} {max(x['regs'] for x in g):>4} "
                      f"{max(x['spill'] for x in g):>5} {max(x['hmma'] for x in g):>5} "
                      f"{max(x['ldsm'] for x in g):>5} {ratio:>9.2f} "
                      f"{max(x['call'] for x in g):>4} {max(x['bar'] for x in g):>3} "
