@@ -46,7 +46,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from . import _build, _ext, ops
+from . import _build, _ext, gpu_table, ops
 from .runtime import bf16_supported
 
 __all__ = ["attention", "attention_backends", "BACKENDS", "Backend", "REGISTRY",
@@ -348,6 +348,15 @@ def _gpu_reason(device: str) -> Optional[str]:
     return _build.gpu_unsupported_reason(capability, _ext.build_info().get("cuda_archs", ""))
 
 
+@_assume_constant_result
+def _cuda_default_reason(device: str, dtype: str) -> Optional[str]:
+    """Why attention(backend=None) does not pick "ext" on this GPU for this dtype (a string,
+    e.g. "torch.bfloat16"), although it may run there: no committed profile shows it at least as
+    fast as SDPA (minigpt.gpu_table). None where one does."""
+    capability = torch.cuda.get_device_capability(torch.device(device))
+    return gpu_table.cuda_default_reason(tuple(capability), dtype.replace("torch.", ""))
+
+
 def _ext_unavailable_reason(device: torch.device, dtype: torch.dtype,
                             head_dim: Optional[int] = None, causal: Optional[bool] = None,
                             features: tuple = ()) -> Optional[str]:
@@ -441,7 +450,9 @@ def resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.d
                     head_dim: Optional[int] = None, causal: Optional[bool] = None,
                     features: tuple = ()) -> str:
     """The backend attention() runs for tensors of this device, dtype and head dim: backend
-    itself if given (else $MINIGPT_ATTENTION_BACKEND), "ext" where available, else "sdpa".
+    itself if given (else $MINIGPT_ATTENTION_BACKEND), "ext" where available and, on CUDA,
+    measured at least as fast as SDPA for the GPU's compute capability and this dtype
+    (minigpt.gpu_table), else "sdpa".
 
     Raises:
         ValueError: an unknown backend name.
@@ -461,13 +472,18 @@ def resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.d
         return "ext"
     if requested is not None:
         return requested
-    why = _ext_unavailable_reason(device, dtype, head_dim, causal, features)
+    # On CUDA, "ext" is the default only where it was measured at least as fast as SDPA; checked
+    # first, so that the self-check does not run for a backend that would not be picked.
+    why = _cuda_default_reason(str(device), str(dtype)) if device.type == "cuda" else None
     if why is None:
-        return "ext"
-    if _ext.unavailable_reason() is not None and not _warned_fallback:
+        why = _ext_unavailable_reason(device, dtype, head_dim, causal, features)
+        if why is None:
+            return "ext"
+    build_why = _ext.unavailable_reason()
+    if build_why is not None and not _warned_fallback:
         # Only a missing/broken build is worth a warning; an unsupported dtype is by design.
         _warned_fallback = True
-        warnings.warn(f"minigpt: compiled attention unavailable ({why}); using 'sdpa'. "
+        warnings.warn(f"minigpt: compiled attention unavailable ({build_why}); using 'sdpa'. "
                       f"{_ext.BUILD_HINT}", RuntimeWarning, stacklevel=3)
     return "sdpa"
 
@@ -517,9 +533,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             cost grows as Tq * W rather than Tq * Tk.
         backend: "ext", "sdpa", "naive" or None (default: $MINIGPT_ATTENTION_BACKEND, else
             "ext" where the compiled kernels support the device, GPU, dtype and head dim and,
-            on CUDA, implement alibi_slopes/window and passed their first-use self-check for
-            this dtype/head dim/causal/terms; else "sdpa", which builds the (Hq, Tq, Tk) bias
-            as a float mask when alibi_slopes or window is given).
+            on CUDA, were measured at least as fast as SDPA for the GPU's compute capability
+            and this dtype (minigpt.gpu_table: nowhere yet), implement alibi_slopes/window and
+            passed their first-use self-check for this dtype/head dim/causal/terms; else
+            "sdpa", which builds the (Hq, Tq, Tk) bias as a float mask when alibi_slopes or
+            window is given).
 
     Returns:
         out: (B, Hq, Tq, D), q's dtype and device (float32 under CPU autocast, below).
@@ -561,7 +579,11 @@ def attention_backends() -> dict:
     "cuda_reason" for bfloat16 on it (e.g. a GPU older than compute capability 8.0, or an arch
     the build lacks). "reason" says why a backend is unavailable (e.g. the build error of the
     compiled module). "ext", when available, also carries "build_info" and "cuda". Also
-    includes "default": the backend attention() picks for CPU float32.
+    includes "default": the backend attention() picks for CPU float32; and where a CUDA GPU is
+    visible, "cuda_default": ``{dtype name: {"backend": str, "reason": str | None}}`` for
+    bfloat16, float16 and float32 on it (head dim 64, causal, no self-check run): "reason" says
+    why it is not "ext", e.g. the ratio to SDPA measured on that compute capability
+    (minigpt.gpu_table).
     """
     report = {}
     cpu = torch.device("cpu")
@@ -578,4 +600,14 @@ def attention_backends() -> dict:
         report["ext"]["cuda"] = bool(info.get("cuda", False))
     env = os.environ.get(_ENV_BACKEND)
     report["default"] = env if env else next(n for n in BACKENDS if report[n]["available"])
+    if torch.cuda.is_available():
+        cuda = torch.device("cuda")
+        report["cuda_default"] = {}
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            why = _cuda_default_reason(str(cuda), str(dtype))
+            if why is None:
+                why = REGISTRY["ext"].unavailable(cuda, dtype, 64)
+            name = env if env else ("ext" if why is None else "sdpa")
+            report["cuda_default"][str(dtype).replace("torch.", "")] = {
+                "backend": name, "reason": None if env or why is None else why}
     return report

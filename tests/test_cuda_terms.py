@@ -147,9 +147,10 @@ def test_cuda_terms_deterministic_backward(dtype, case):
                                                  (96, False, ("alibi",)),
                                                  (128, True, ("alibi",))])
 def test_self_check_with_terms_passes(dtype, D, causal, features):
-    """The first-use self-check passes with the terms, so attention() picks "ext" for them."""
+    """The first-use self-check passes with the terms, so "ext" is available for them."""
     device = torch.device("cuda")
     assert "alibi" in _ext.build_info()["features"]["cuda"]
     assert "window" in _ext.build_info()["features"]["cuda"]
     assert attention_module._self_check(device, dtype, D, causal, features) is None
-    assert attention_module.resolve_backend(None, device, dtype, D, causal, features) == "ext"
+    assert attention_module._ext_unavailable_reason(device, dtype, D, causal, features) is None
+    assert attention_module.resolve_backend("ext", device, dtype, D, causal, features) == "ext"

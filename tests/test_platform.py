@@ -235,11 +235,13 @@ def test_old_gpu_uses_sdpa_by_default_and_ext_raises(monkeypatch):
         _resolve_backend("ext", cuda, torch.float16, 64, True)
 
 
-def test_supported_gpu_uses_ext(monkeypatch):
+def test_supported_gpu_runs_ext(monkeypatch):
+    # The default there is measured, not assumed (tests/test_cuda_default.py); asked for, it runs.
     _fake_cuda_build(monkeypatch, (9, 0))
-    assert _resolve_backend(None, torch.device("cuda"), torch.bfloat16, 64, True) == "ext"
+    assert _resolve_backend("ext", torch.device("cuda"), torch.bfloat16, 64, True) == "ext"
     # a head dim the CUDA kernels lack
-    assert _resolve_backend(None, torch.device("cuda"), torch.bfloat16, 48, True) == "sdpa"
+    with pytest.raises(RuntimeError, match="head dims"):
+        _resolve_backend("ext", torch.device("cuda"), torch.bfloat16, 48, True)
 
 
 def test_attention_backends_reports_the_gpu_reason(monkeypatch):

@@ -15,12 +15,12 @@
 // tile, and the dQ kernels only the key tiles their queries can see.
 //
 // Kernels (bf16/fp16 on tensor cores, mma.sync m16n8k16 with fp32 accumulators):
-//   1. delta: one warp per row.
+//   1. delta: one warp per row; it also zero-fills p.dq_accum (the host allocates it uninitialised).
 //   2. dK/dV: one CTA per (key tile of 64, kv head, batch), 4 warps of 16 keys; loops over the
 //      group's query heads and the query tiles that can see the key tile, keeping dK and dV in
 //      registers (the transposed scores S^T, P^T, dP^T, dS^T are computed directly so each warp's
 //      16 keys are the mma rows). Unless deterministic, dQ += dS K is added with float atomics into
-//      p.dq_accum; a last kernel scales dq_accum into p.dq's dtype.
+//      p.dq_accum (float2 atomics on sm_90); a last kernel scales dq_accum into p.dq's dtype.
 //   3. deterministic: a separate dQ kernel, one CTA per (query tile of 64, query head, batch),
 //      loops over key tiles in order and writes p.dq directly; no atomics anywhere.
 // float32 runs the same three steps with CUDA-core kernels (no tensor cores).
@@ -31,42 +31,80 @@ namespace gpu {
 namespace {
 
 // ----------------------------------------------------------------------------------------------
-// delta = rowsum(dO * O), any dtype.
+// delta = rowsum(dO * O), any dtype; and the zero-fill of dq_accum, fused (no separate memset).
+// One warp per row; grid (ceil(Tq / 8), Hq, B): the row's indices come from the grid, no division.
+// bf16/fp16 rows are read in 16-byte chunks (the host checks out and dout rows start on 16 bytes).
 
 template <typename T>
 __global__ void __launch_bounds__(256) attention_bwd_delta_kernel(const AttentionParams p) {
   constexpr int kRowsPerBlock = 256 / 32;
   const int lane = threadIdx.x % 32;
-  const int64_t n_rows = p.B * p.Hq * p.Tq;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
-       row < n_rows; row += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
-    const int64_t i = row % p.Tq;
-    const int64_t h = (row / p.Tq) % p.Hq;
-    const int64_t b = row / (p.Tq * p.Hq);
-    const T* o = static_cast<const T*>(p.out) + b * p.out_stride.b + h * p.out_stride.h +
-                 i * p.out_stride.t;
-    const T* d = static_cast<const T*>(p.dout) + b * p.dout_stride.b + h * p.dout_stride.h +
-                 i * p.dout_stride.t;
-    float acc = 0.f;
-    for (int64_t c = lane; c < p.D; c += 32) acc += to_float(o[c]) * to_float(d[c]);
-    acc = warp_sum(acc);
-    if (lane == 0) p.delta[row] = acc;  // row == (b * Hq + h) * Tq + i
+  const int i = blockIdx.x * kRowsPerBlock + threadIdx.x / 32;
+  if (i >= p.Tq) return;
+  const int64_t h = blockIdx.y, b = blockIdx.z;
+  const int D = static_cast<int>(p.D);
+  const T* o = static_cast<const T*>(p.out) + b * p.out_stride.b + h * p.out_stride.h +
+               static_cast<int64_t>(i) * p.out_stride.t;
+  const T* d = static_cast<const T*>(p.dout) + b * p.dout_stride.b + h * p.dout_stride.h +
+               static_cast<int64_t>(i) * p.dout_stride.t;
+  const int64_t row = (b * p.Hq + h) * p.Tq + i;
+  float acc = 0.f;
+  if constexpr (std::is_same<T, float>::value) {
+    for (int c = lane; c < D; c += 32) acc += o[c] * d[c];
+  } else {
+    constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte chunk
+    for (int c = lane * kVec; c < D; c += 32 * kVec) {
+      const uint4 ov = *reinterpret_cast<const uint4*>(o + c);
+      const uint4 dv = *reinterpret_cast<const uint4*>(d + c);
+      const T* oe = reinterpret_cast<const T*>(&ov);
+      const T* de = reinterpret_cast<const T*>(&dv);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) acc += to_float(oe[e]) * to_float(de[e]);
+    }
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) p.delta[row] = acc;
+  if (p.dq_accum != nullptr) {  // D is a multiple of 32: rows of float4
+    float4* zero = reinterpret_cast<float4*>(p.dq_accum + row * D);
+    for (int c = lane; c < D / 4; c += 32) zero[c] = make_float4(0.f, 0.f, 0.f, 0.f);
   }
 }
 
-// dq = scale * dq_accum in dq's dtype (dq_accum is contiguous (B, Hq, Tq, D) float32).
-template <typename T>
+// dq = scale * dq_accum in dq's dtype (dq_accum is contiguous (B, Hq, Tq, D) float32). Grid
+// (ceil(Tq / kRows), Hq, B); each thread converts one float4 chunk; divisions are by constants.
+template <typename T, int D>
 __global__ void __launch_bounds__(256) attention_bwd_dq_convert_kernel(const AttentionParams p) {
-  const int64_t total = p.B * p.Hq * p.Tq * p.D;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t d = idx % p.D;
-    const int64_t i = (idx / p.D) % p.Tq;
-    const int64_t h = (idx / (p.D * p.Tq)) % p.Hq;
-    const int64_t b = idx / (p.D * p.Tq * p.Hq);
-    static_cast<T*>(p.dq)[b * p.dq_stride.b + h * p.dq_stride.h + i * p.dq_stride.t + d] =
-        from_float<T>(p.dq_accum[idx] * p.scale);
+  constexpr int kVec = D / 4;          // float4 chunks per row
+  constexpr int kRows = 256 / kVec;    // rows per block
+  const int row = threadIdx.x / kVec;
+  const int c = threadIdx.x % kVec;
+  const int i = blockIdx.x * kRows + row;
+  if (row >= kRows || i >= p.Tq) return;
+  const int64_t h = blockIdx.y, b = blockIdx.z;
+  const float4 a =
+      reinterpret_cast<const float4*>(p.dq_accum + ((b * p.Hq + h) * p.Tq + i) * D)[c];
+  T* dst = static_cast<T*>(p.dq) + b * p.dq_stride.b + h * p.dq_stride.h +
+           static_cast<int64_t>(i) * p.dq_stride.t + 4 * c;
+  if constexpr (std::is_same<T, float>::value) {
+    dst[0] = a.x * p.scale;
+    dst[1] = a.y * p.scale;
+    dst[2] = a.z * p.scale;
+    dst[3] = a.w * p.scale;
+  } else {  // dq rows start on 4 bytes: two b32 stores
+    store_b32(dst, pack2<T>(a.x * p.scale, a.y * p.scale));
+    store_b32(dst + 2, pack2<T>(a.z * p.scale, a.w * p.scale));
   }
+}
+
+// dQ += (x0, x1) at two adjacent float32 columns (even, so 8-byte aligned): one vector atomic on
+// sm_90, two scalar ones before.
+__device__ __forceinline__ void atomic_add2(float* addr, float x0, float x1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(addr), make_float2(x0, x1));
+#else
+  atomicAdd(addr, x0);
+  atomicAdd(addr + 1, x1);
+#endif
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -88,8 +126,11 @@ struct BwdTraits {
   static_assert(kRowGroups * kColGroups == 4 && kDC % 16 == 0, "dQ warp split");
 };
 
-template <typename T, int D, int BM, bool CAUSAL>
+// ALIBI and WINDOW are template flags, and each query tile runs one of two copies of the loop
+// body, with the mask or without it (see attention_fwd_kernel); indices are 32-bit.
+template <typename T, int D, int BM, bool CAUSAL, bool ALIBI, bool WINDOW>
 __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const AttentionParams p) {
+  static_assert(CAUSAL || !WINDOW, "the window needs the causal mask");
   using Tr = BwdTraits<T, D, BM>;
   constexpr int BN = Tr::BN;
   constexpr int kS = Tr::kStride;
@@ -111,19 +152,22 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const Attention
   const int g = lane / 4;
   const int tq = lane % 4;
 
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
+  // 32-bit sizes (the host checked fits_int32_indices).
+  const int Tq = static_cast<int>(p.Tq), Tk = static_cast<int>(p.Tk);
+  const int n0 = blockIdx.x * BN;
   const int64_t hkv = blockIdx.y;
   const int64_t b = blockIdx.z;
-  const int64_t group = p.Hq / p.Hkv;
-  const int64_t offset = p.Tk - p.Tq;
+  const int group = static_cast<int>(p.Hq) / static_cast<int>(p.Hkv);  // Hq <= 65535
+  const int offset = Tk - Tq;
+  const int window = WINDOW ? static_cast<int>(min64(p.window, p.Tk + 1)) : 0;
 
   // Causal: query i sees key j iff j <= i + offset, so no query before n0 - offset sees this tile;
   // with a window also j > i + offset - window, so none from q_end on.
-  const int64_t q_first = CAUSAL ? max64(0, n0 - offset) : 0;
-  const int64_t q_end = window_query_end<CAUSAL>(p, n0, BN);
-  const int64_t qt_begin = q_first / BM;
-  const int64_t per_head = q_first < q_end ? ceil_div(q_end, BM) - qt_begin : 0;
-  const int64_t n_iters = group * per_head;  // (query head, query tile) steps
+  const int q_first = CAUSAL ? max(0, n0 - offset) : 0;
+  const int q_end = static_cast<int>(window_query_end<CAUSAL>(p, n0, BN));
+  const int qt_begin = q_first / BM;
+  const int per_head = q_first < q_end ? ceil_div32(q_end, BM) - qt_begin : 0;
+  const int n_iters = group * per_head;  // (query head, query tile) steps
 
   // K and V tiles: loaded once.
   {
@@ -132,19 +176,27 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const Attention
     for (int c = tid; c < BN * kChunks; c += kThreads) {
       const int row = c / kChunks;
       const int ch = c % kChunks;
-      const int64_t j = n0 + row;
-      const bool valid = j < p.Tk;
-      cp_async_16(sK + row * kS + ch * 8, valid ? kb + j * p.k_stride.t + ch * 8 : kb, valid);
-      cp_async_16(sV + row * kS + ch * 8, valid ? vb + j * p.v_stride.t + ch * 8 : vb, valid);
+      const int j = n0 + row;
+      const bool valid = j < Tk;
+      const int64_t jj = valid ? j : 0;
+      cp_async_16(sK + row * kS + ch * 8, kb + jj * p.k_stride.t + ch * 8, valid);
+      cp_async_16(sV + row * kS + ch * 8, vb + jj * p.v_stride.t + ch * 8, valid);
     }
     cp_async_commit();
   }
 
-  auto step_head = [&](int64_t it) { return hkv * group + it / per_head; };
-  auto step_m0 = [&](int64_t it) { return (qt_begin + it % per_head) * BM; };
-  auto load_q = [&](int64_t it, int stage) {
-    const int64_t hq = step_head(it);
-    const int64_t m0 = step_m0(it);
+  // Step it is query head hkv * group + it / per_head, query tile qt_begin + it % per_head; the
+  // pair is advanced by counting, not by dividing.
+  struct Step {
+    int head;  // in the group
+    int tile;  // qt_begin + ...
+  };
+  auto next_step = [&](Step s) {
+    return s.tile + 1 - qt_begin == per_head ? Step{s.head + 1, qt_begin} : Step{s.head, s.tile + 1};
+  };
+  auto load_q = [&](Step st, int stage) {
+    const int64_t hq = hkv * group + st.head;
+    const int m0 = st.tile * BM;
     const T* qb = static_cast<const T*>(p.q) + b * p.q_stride.b + hq * p.q_stride.h;
     const T* ob = static_cast<const T*>(p.dout) + b * p.dout_stride.b + hq * p.dout_stride.h;
     T* dq = sQ + stage * BM * kS;
@@ -152,21 +204,24 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const Attention
     for (int c = tid; c < BM * kChunks; c += kThreads) {
       const int row = c / kChunks;
       const int ch = c % kChunks;
-      const int64_t i = m0 + row;
-      const bool valid = i < p.Tq;
-      cp_async_16(dq + row * kS + ch * 8, valid ? qb + i * p.q_stride.t + ch * 8 : qb, valid);
-      cp_async_16(dob + row * kS + ch * 8, valid ? ob + i * p.dout_stride.t + ch * 8 : ob, valid);
+      const int i = m0 + row;
+      const bool valid = i < Tq;
+      const int64_t ii = valid ? i : 0;
+      cp_async_16(dq + row * kS + ch * 8, qb + ii * p.q_stride.t + ch * 8, valid);
+      cp_async_16(dob + row * kS + ch * 8, ob + ii * p.dout_stride.t + ch * 8, valid);
     }
     // Stage `stage` was last read in the step before the previous one, which ended in a barrier.
+    const int64_t row_base = (b * p.Hq + hq) * p.Tq;
     for (int r = tid; r < BM; r += kThreads) {
-      const int64_t i = m0 + r;
-      const bool valid = i < p.Tq;
-      const int64_t idx = (b * p.Hq + hq) * p.Tq + i;
+      const int i = m0 + r;
+      const bool valid = i < Tq;
+      const int64_t idx = row_base + (valid ? i : 0);
       sLse[stage * BM + r] = valid ? p.lse[idx] * kLog2e : 0.f;
       sDelta[stage * BM + r] = valid ? p.delta[idx] : 0.f;
     }
   };
-  if (n_iters > 0) load_q(0, 0);
+  Step cur{0, qt_begin};
+  if (n_iters > 0) load_q(cur, 0);
   cp_async_commit();
 
   float dk[D / 8][4], dv[D / 8][4];
@@ -176,16 +231,16 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const Attention
     for (int e = 0; e < 4; ++e) dk[dt][e] = dv[dt][e] = 0.f;
   const float scale_log2 = p.scale * kLog2e;
   const bool accumulate_dq = !p.deterministic;
-  const bool alibi = p.alibi_slopes != nullptr;
 
-  for (int64_t it = 0; it < n_iters; ++it) {
-    const int stage = static_cast<int>(it & 1);
-    if (it + 1 < n_iters) load_q(it + 1, stage ^ 1);
+  auto body = [&](auto mask_tag, int it) {
+    constexpr bool MASK = decltype(mask_tag)::value;
+    const int stage = it & 1;
+    if (it + 1 < n_iters) load_q(next_step(cur), stage ^ 1);
     cp_async_commit();
     cp_async_wait<1>();  // K/V and this step's Q/dO have landed
     __syncthreads();
-    const int64_t hq = step_head(it);
-    const int64_t m0 = step_m0(it);
+    const int64_t hq = hkv * group + cur.head;
+    const int m0 = cur.tile * BM;
     const T* cQ = sQ + stage * BM * kS;
     const T* cdO = sdO + stage * BM * kS;
     const float* cLse = sLse + stage * BM;
@@ -212,26 +267,25 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const Attention
 
     // P^T = exp(s S^T + bias - L) (line 11); entries past Tq / Tk, above the causal diagonal or
     // outside the window are 0.
-    const bool need_mask =
-        m0 + BM > p.Tq || n0 + BN > p.Tk || (CAUSAL && n0 + BN - 1 > m0 + offset) ||
-        (CAUSAL && p.window > 0 && n0 <= min64(m0 + BM, p.Tq) - 1 + offset - p.window);
-    const float slope = alibi_slope_log2(p, hq);
-    // j - i' of this thread's key row g and query column 2 tq (ALiBi).
-    const float dist0 = static_cast<float>(n0 + warp * 16 + g - m0 - 2 * tq - offset);
+    // ALiBi: the head's slope * log2(e) and j - i' of this thread's key row g, query column 2 tq.
+    [[maybe_unused]] const float slope = ALIBI ? p.alibi_slopes[hq] * kLog2e : 0.f;
+    [[maybe_unused]] const float dist0 =
+        static_cast<float>(n0 + warp * 16 + g - m0 - 2 * tq - offset);
 #pragma unroll
     for (int nt = 0; nt < BM / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int ql = nt * 8 + 2 * tq + (e & 1);
-        float x = st[nt][e] * scale_log2;
-        if (alibi)
+        // scale * S * log2(e) - L * log2(e) as one FFMA (and one more for ALiBi's bias)
+        float x = fmaf(st[nt][e], scale_log2, -cLse[ql]);
+        if constexpr (ALIBI)
           x = fmaf(slope, dist0 + static_cast<float>(8 * (e >> 1) - nt * 8 - (e & 1)), x);
-        float pv = exp2f(x - cLse[ql]);
-        if (need_mask) {
-          const int64_t i = m0 + ql;
-          const int64_t j = n0 + warp * 16 + g + 8 * (e >> 1);
-          if (i >= p.Tq || j >= p.Tk ||
-              (CAUSAL && (j > i + offset || (p.window > 0 && j <= i + offset - p.window))))
+        float pv = exp2f(x);
+        if constexpr (MASK) {
+          const int i = m0 + ql;
+          const int j = n0 + warp * 16 + g + 8 * (e >> 1);
+          if (i >= Tq || j >= Tk || (CAUSAL && j > i + offset) ||
+              (WINDOW && j <= i + offset - window))
             pv = 0.f;
         }
         st[nt][e] = pv;
@@ -327,17 +381,31 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const Attention
       float* acc = p.dq_accum + (b * p.Hq + hq) * p.Tq * p.D;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int64_t i = m0 + wr * 16 + g + 8 * h;
-        if (i >= p.Tq) continue;
+        const int i = m0 + wr * 16 + g + 8 * h;
+        if (i >= Tq) continue;
 #pragma unroll
         for (int nt = 0; nt < Tr::kDC / 8; ++nt) {
           const int64_t col = wc * Tr::kDC + nt * 8 + 2 * tq;
-          atomicAdd(acc + i * p.D + col, dqa[nt][2 * h]);
-          atomicAdd(acc + i * p.D + col + 1, dqa[nt][2 * h + 1]);
+          atomic_add2(acc + static_cast<int64_t>(i) * D + col, dqa[nt][2 * h], dqa[nt][2 * h + 1]);
         }
       }
     }
     __syncthreads();  // this stage and sdS are free for the next step
+  };
+  auto needs_mask = [&](int tile) {
+    const int m0 = tile * BM;
+    return m0 + BM > Tq || n0 + BN > Tk || (CAUSAL && n0 + BN - 1 > m0 + offset) ||
+           (WINDOW && n0 <= min(m0 + BM, Tq) - 1 + offset - window);
+  };
+  // Runs of mask-free steps, each followed by at most one masked step.
+  for (int it = 0; it < n_iters;) {
+    for (; it < n_iters && !needs_mask(cur.tile); ++it, cur = next_step(cur))
+      body(BoolTag<false>{}, it);
+    if (it < n_iters) {
+      body(BoolTag<true>{}, it);
+      ++it;
+      cur = next_step(cur);
+    }
   }
   cp_async_wait<0>();
 
@@ -347,7 +415,7 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_kernel(const Attention
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t j = n0 + warp * 16 + g + 8 * h;
-    if (j >= p.Tk) continue;
+    if (j >= Tk) continue;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
       const int col = dt * 8 + 2 * tq;
@@ -391,7 +459,7 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_kernel(const AttentionPa
   const int64_t m0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * BM;
   const int64_t hq = blockIdx.y;
   const int64_t b = blockIdx.z;
-  const int64_t hkv = hq / (p.Hq / p.Hkv);
+  const int64_t hkv = static_cast<int>(hq) / (static_cast<int>(p.Hq) / static_cast<int>(p.Hkv));
   const int64_t offset = p.Tk - p.Tq;
   const int64_t kv_end = CAUSAL ? min64(p.Tk, min64(m0 + BM, p.Tq) + offset) : p.Tk;
   const int n_tiles = kv_end > 0 ? static_cast<int>(ceil_div(kv_end, BN)) : 0;
@@ -723,7 +791,7 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_f32_kernel(const Attenti
   const int64_t m0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * BM;
   const int64_t hq = blockIdx.y;
   const int64_t b = blockIdx.z;
-  const int64_t hkv = hq / (p.Hq / p.Hkv);
+  const int64_t hkv = static_cast<int>(hq) / (static_cast<int>(p.Hq) / static_cast<int>(p.Hkv));
   const int64_t offset = p.Tk - p.Tq;
   const int64_t kv_end = CAUSAL ? min64(p.Tk, min64(m0 + BM, p.Tq) + offset) : p.Tk;
   const int n_tiles = kv_end > 0 ? static_cast<int>(ceil_div(kv_end, BN)) : 0;
@@ -816,24 +884,29 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_f32_kernel(const Attenti
 // ----------------------------------------------------------------------------------------------
 // Launchers.
 
-// Grid-stride kernels: enough blocks to fill the GPU, never more than the work.
-inline unsigned stride_grid(int64_t work_items, int64_t per_block) {
-  return static_cast<unsigned>(max64(1, min64(ceil_div(work_items, per_block), 65536)));
-}
-
 template <typename T>
 int launch_delta(const AttentionParams& p, cudaStream_t stream) {
-  const int64_t rows = p.B * p.Hq * p.Tq;
-  if (rows == 0) return kSuccess;
-  return launch(attention_bwd_delta_kernel<T>, dim3(stride_grid(rows, 8)), dim3(256), 0, stream, p);
+  if (p.Tq == 0) return kSuccess;
+  const int64_t blocks = ceil_div(p.Tq, 8);
+  if (blocks > 0x7fffffff) return kErrGrid;
+  return launch(attention_bwd_delta_kernel<T>,
+                dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(p.Hq),
+                     static_cast<unsigned>(p.B)),
+                dim3(256), 0, stream, p);
 }
 
 template <typename T>
 int launch_dq_convert(const AttentionParams& p, cudaStream_t stream) {
-  const int64_t total = p.B * p.Hq * p.Tq * p.D;
-  if (total == 0) return kSuccess;
-  return launch(attention_bwd_dq_convert_kernel<T>, dim3(stride_grid(total, 256)), dim3(256), 0,
-                stream, p);
+  if (p.Tq == 0) return kSuccess;
+  return MINIGPT_HEADDIM_SWITCH(p.D, kD, [&] {
+    constexpr int kRows = 256 / (kD / 4);
+    const int64_t blocks = ceil_div(p.Tq, kRows);
+    if (blocks > 0x7fffffff) return static_cast<int>(kErrGrid);
+    return launch(attention_bwd_dq_convert_kernel<T, kD>,
+                  dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(p.Hq),
+                       static_cast<unsigned>(p.B)),
+                  dim3(256), 0, stream, p);
+  });
 }
 
 template <typename Kernel>
@@ -855,6 +928,7 @@ int run_bwd_half(const AttentionParams& p, cudaStream_t stream) {
       !rows_aligned(p.k, p.k_stride, p.B, p.Hkv, p.Tk, eb, 16) ||
       !rows_aligned(p.v, p.v_stride, p.B, p.Hkv, p.Tk, eb, 16) ||
       !rows_aligned(p.dout, p.dout_stride, p.B, p.Hq, p.Tq, eb, 16) ||
+      !rows_aligned(p.out, p.out_stride, p.B, p.Hq, p.Tq, eb, 16) ||
       !rows_aligned(p.dq, p.dq_stride, p.B, p.Hq, p.Tq, eb, 4) ||
       !rows_aligned(p.dk, p.dk_stride, p.B, p.Hkv, p.Tk, eb, 4) ||
       !rows_aligned(p.dv, p.dv_stride, p.B, p.Hkv, p.Tk, eb, 4))
@@ -864,9 +938,18 @@ int run_bwd_half(const AttentionParams& p, cudaStream_t stream) {
   // BM query rows per step: 64 for small heads, 32 for large ones (dK, dV stay in registers).
   constexpr int BM = D <= 64 ? 64 : 32;
   using Tr = BwdTraits<T, D, BM>;
-  if (int err = launch_tiles(attention_bwd_dkdv_kernel<T, D, BM, CAUSAL>, ceil_div(p.Tk, Tr::BN),
-                             p.Hkv, Tr::kSmemBytes, p, stream))
-    return err;
+  if (!fits_int32_indices(p)) return kErrGrid;
+  const int err = MINIGPT_BOOL_SWITCH(p.alibi_slopes != nullptr, kAlibi, [&] {
+    return MINIGPT_BOOL_SWITCH(CAUSAL && p.window > 0, kWindow, [&] {
+      if constexpr (kWindow && !CAUSAL) {
+        return static_cast<int>(kErrShape);  // unreachable: the window needs causal
+      } else {
+        return launch_tiles(attention_bwd_dkdv_kernel<T, D, BM, CAUSAL, kAlibi, kWindow>,
+                            ceil_div(p.Tk, Tr::BN), p.Hkv, Tr::kSmemBytes, p, stream);
+      }
+    });
+  });
+  if (err) return err;
   if (!p.deterministic) return launch_dq_convert<T>(p, stream);
   constexpr int BN = D <= 64 ? 64 : 32;
   using TrQ = BwdDqTraits<T, D, BN>;

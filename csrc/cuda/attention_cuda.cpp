@@ -9,11 +9,14 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <tuple>
 
 #include "../attention.h"
 #include "../attention_host.h"
+#include "kernel_sets.h"
 
 namespace minigpt {
 namespace {
@@ -50,6 +53,16 @@ at::Tensor rows_16b_aligned(const at::Tensor& t) {
   return t.clone(at::MemoryFormat::Contiguous);
 }
 
+// The kernel set MINIGPT_CUDA_KERNELS names, read at every call: "v2" (default) or "v1", the
+// kernels of the first GPU run (kernel_sets.h). minigpt.gpu_table reads the same variable.
+bool use_v1_kernels(const char* op) {
+  const char* env = std::getenv("MINIGPT_CUDA_KERNELS");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "v2") == 0) return false;
+  TORCH_CHECK(std::strcmp(env, "v1") == 0, op, ": MINIGPT_CUDA_KERNELS must be v2 or v1, got '",
+              env, "'");
+  return true;
+}
+
 void check_code(const char* op, int code, const at::Tensor& q, const at::Tensor& k) {
   TORCH_CHECK(code == 0, op, " (CUDA) failed for q ", q.sizes(), ", k ", k.sizes(), " (",
               q.scalar_type(), "): ", attention_cuda_error_string(code), " [code ", code, "]");
@@ -67,12 +80,17 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda_op(
   const at::Tensor v = rows_16b_aligned(v_in);
 
   auto [out, lse] = empty_forward_outputs(q);
+  // Nothing to compute: an empty batch, no query heads or no queries (the kernels' grids would
+  // have a zero dimension, which is a launch error).
+  if (q.size(0) == 0 || q.size(1) == 0 || q.size(2) == 0) return {out, lse};
   AttentionParams p = make_params(q, k, v, causal, scale);
   set_terms(p, alibi_slopes, window);
   p.out = out.data_ptr();
   p.out_stride = strides_of(out);
   p.lse = lse.data_ptr<float>();
-  const int code = attention_forward_cuda(p, at::cuda::getCurrentCUDAStream().stream());
+  void* stream = at::cuda::getCurrentCUDAStream().stream();
+  const int code = use_v1_kernels(op) ? v1::attention_forward_cuda(p, stream)
+                                      : attention_forward_cuda(p, stream);
   check_code(op, code, q, k);
   return {out, lse};
 }
@@ -96,22 +114,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda_op(
   const at::Tensor k = rows_16b_aligned(k_in);
   const at::Tensor v = rows_16b_aligned(v_in);
   const at::Tensor dout = rows_16b_aligned(dout_c);
+  const at::Tensor out = rows_16b_aligned(out_in);  // the v2 delta kernel loads 16-byte chunks
   const at::Tensor lse = lse_in.contiguous();
 
   const bool deterministic = at::globalContext().deterministicAlgorithms();
   auto [dq, dk, dv] = empty_backward_outputs(q, k, v);
+  // Nothing to launch for an empty batch or no queries; with no queries no key gets a gradient,
+  // so dK and dV are zeros (dQ is empty).
+  if (q.size(0) == 0 || q.size(1) == 0 || q.size(2) == 0) {
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, f32);
-  // Atomic dQ accumulates in float32 (B, Hq, Tq, D), zero-filled; deterministic dQ needs none.
-  at::Tensor dq_accum = deterministic ? at::Tensor() : at::zeros(q.sizes(), f32);
+  // Atomic dQ accumulates in float32 (B, Hq, Tq, D); deterministic dQ needs none. The v2 delta
+  // kernel zero-fills it; v1 needs it zeroed here.
+  const bool use_v1 = use_v1_kernels(op);
+  at::Tensor dq_accum = deterministic ? at::Tensor()
+                        : use_v1      ? at::zeros(q.sizes(), f32)
+                                      : at::empty(q.sizes(), f32);
 
   AttentionParams p = make_params(q, k, v, causal, scale);
   set_terms(p, alibi_slopes, window);
-  set_backward_params(p, out_in, lse, dout, dq, dk, dv);
+  set_backward_params(p, out, lse, dout, dq, dk, dv);
   p.delta = delta.data_ptr<float>();
   p.dq_accum = deterministic ? nullptr : dq_accum.data_ptr<float>();
   p.deterministic = deterministic;
-  const int code = attention_backward_cuda(p, at::cuda::getCurrentCUDAStream().stream());
+  void* stream = at::cuda::getCurrentCUDAStream().stream();
+  const int code =
+      use_v1 ? v1::attention_backward_cuda(p, stream) : attention_backward_cuda(p, stream);
   check_code(op, code, q, k);
   return {dq, dk, dv};
 }

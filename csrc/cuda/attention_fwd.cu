@@ -43,9 +43,14 @@ struct FwdTraits {
   static_assert(D % 16 == 0 && BN % 16 == 0 && BM % 16 == 0, "tile sizes");
 };
 
-template <typename T, int D, int BM, int BN, bool CAUSAL>
+// ALIBI and WINDOW are template flags (FlashAttention-2's Has_alibi / Is_local): a kernel without
+// them carries no code for them. Each key tile runs one of two copies of the loop body: with the
+// mask (tiles on the causal diagonal, at the window's edge or past Tk) or without it, so the
+// mask-free loop has no masking instruction. Indices are 32-bit, bounds computed once per CTA.
+template <typename T, int D, int BM, int BN, bool CAUSAL, bool ALIBI, bool WINDOW>
 __global__ void __launch_bounds__(BM / 16 * 32)
     attention_fwd_kernel(const AttentionParams p) {
+  static_assert(CAUSAL || !WINDOW, "the window needs the causal mask");
   using Tr = FwdTraits<T, D, BM, BN>;
   constexpr int kS = Tr::kStride;
   constexpr int kThreads = Tr::kThreads;
@@ -61,35 +66,43 @@ __global__ void __launch_bounds__(BM / 16 * 32)
   const int g = lane / 4;   // fragment row group
   const int tq = lane % 4;  // thread in quad
 
-  const int64_t group = p.Hq / p.Hkv;
-  const int64_t rows = group * p.Tq;  // packed (head in group, query) rows of this kv head
+  // 32-bit sizes (the host checked fits_int32_indices).
+  const int Tq = static_cast<int>(p.Tq), Tk = static_cast<int>(p.Tk);
+  const int group = static_cast<int>(p.Hq) / static_cast<int>(p.Hkv);  // Hq <= 65535
+  const int rows = group * Tq;  // packed (head in group, query) rows of this kv head
+  const int offset = Tk - Tq;   // query i sees keys j <= i + offset
+  const int window = WINDOW ? static_cast<int>(min64(p.window, p.Tk + 1)) : 0;
   // Heaviest (causal) tiles first: the last row tiles see the most keys.
-  const int64_t r0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * BM;
+  const int r0 = static_cast<int>(gridDim.x - 1 - blockIdx.x) * BM;
   const int64_t hkv = blockIdx.y;
   const int64_t b = blockIdx.z;
-  const int64_t offset = p.Tk - p.Tq;  // query i sees keys j <= i + offset
 
   // Query positions covered by this tile (a tile may straddle two heads of the group).
-  const int64_t r_last = min64(r0 + BM, rows) - 1;
-  const bool straddle = r0 / p.Tq != r_last / p.Tq;
-  const int64_t i_min = straddle ? 0 : r0 % p.Tq;
-  const int64_t i_max = straddle ? p.Tq - 1 : r_last % p.Tq;
-  const TileRuns tiles = key_tiles<CAUSAL>(p, r0, r_last, BN);
+  const int r_last = min(r0 + BM, rows) - 1;
+  const int h_first = r0 / Tq, h_last = r_last / Tq;
+  const bool straddle = h_first != h_last;
+  const int i_min = straddle ? 0 : r0 - h_first * Tq;
+  const int i_max = straddle ? Tq - 1 : r_last - h_last * Tq;
+  const TileRuns tiles = key_tiles32<CAUSAL, WINDOW>(Tq, Tk, window, r0, r_last, BN);
   const int n_steps = tiles.count();
-  // Keys before this are hidden from some row by the window: tiles starting earlier need the mask.
-  const int64_t window_mask_below = CAUSAL && p.window > 0 ? first_key(p, i_max) : 0;
+  // A tile needs the mask if it reaches past Tk, past the diagonal of the tile's first query, or
+  // below the window of its last query.
+  const int diag_mask_from = CAUSAL ? i_min + offset - BN + 1 : Tk;  // n0 > this: masked
+  const int window_mask_below = WINDOW ? first_key32(i_max, offset, window) : 0;
+  const int tk_mask_from = Tk - BN;                                   // n0 > this: masked
 
-  // Q tile: one cp.async group.
+  // Q tile: one cp.async group. Divisions by kChunks are by a constant (shifts, multiplies).
   const T* q_base = static_cast<const T*>(p.q) + b * p.q_stride.b;
   for (int c = tid; c < BM * kChunks; c += kThreads) {
     const int row = c / kChunks;
     const int ch = c % kChunks;
-    const int64_t r = r0 + row;
+    const int r = r0 + row;
     const bool valid = r < rows;
     const T* src = q_base;
     if (valid) {
-      const PackedRow pr = unpack_row(r, hkv, group, p.Tq);
-      src += pr.head * p.q_stride.h + pr.i * p.q_stride.t + ch * 8;
+      const int hg = r / Tq;
+      src += (hkv * group + hg) * p.q_stride.h + static_cast<int64_t>(r - hg * Tq) * p.q_stride.t +
+             ch * 8;
     }
     cp_async_16(sQ + row * kS + ch * 8, src, valid);
   }
@@ -100,13 +113,16 @@ __global__ void __launch_bounds__(BM / 16 * 32)
   auto load_kv = [&](int n, int stage) {
     T* dk = sK + stage * BN * kS;
     T* dv = sV + stage * BN * kS;
+    const int n0 = n * BN;
+#pragma unroll
     for (int c = tid; c < BN * kChunks; c += kThreads) {
       const int row = c / kChunks;
       const int ch = c % kChunks;
-      const int64_t j = static_cast<int64_t>(n) * BN + row;
-      const bool valid = j < p.Tk;
-      cp_async_16(dk + row * kS + ch * 8, valid ? k_base + j * p.k_stride.t + ch * 8 : k_base, valid);
-      cp_async_16(dv + row * kS + ch * 8, valid ? v_base + j * p.v_stride.t + ch * 8 : v_base, valid);
+      const int j = n0 + row;
+      const bool valid = j < Tk;
+      const int64_t jj = valid ? j : 0;
+      cp_async_16(dk + row * kS + ch * 8, k_base + jj * p.k_stride.t + ch * 8, valid);
+      cp_async_16(dv + row * kS + ch * 8, v_base + jj * p.v_stride.t + ch * 8, valid);
     }
   };
   if (n_steps > 0) load_kv(tiles.at(0), 0);
@@ -119,17 +135,18 @@ __global__ void __launch_bounds__(BM / 16 * 32)
   for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(qf[kk], sQ + lds_row_a(warp * 16, kk * 16, kS, lane));
 
   // The two rows this thread holds in C fragments: h = 0 -> row g, h = 1 -> row g + 8.
-  int64_t last_key[2], first_vis[2];
+  int last_key[2], first_vis[2];
   float slope[2];  // ALiBi slope * log2(e) of the row's head
-  const bool alibi = p.alibi_slopes != nullptr;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int64_t r = r0 + warp * 16 + g + 8 * h;
+    const int r0h = r0 + warp * 16 + g + 8 * h;
     // Rows past the end are computed on zeros and never stored; any finite limit will do.
-    const PackedRow pr = unpack_row(r < rows ? r : rows - 1, hkv, group, p.Tq);
-    last_key[h] = pr.i + offset;
-    first_vis[h] = CAUSAL ? first_key(p, pr.i) : 0;
-    slope[h] = alibi_slope_log2(p, pr.head);
+    const int r = r0h < rows ? r0h : rows - 1;
+    const int hg = r / Tq;
+    const int i = r - hg * Tq;
+    last_key[h] = i + offset;
+    first_vis[h] = WINDOW ? first_key32(i, offset, window) : 0;
+    slope[h] = ALIBI ? p.alibi_slopes[hkv * group + hg] * kLog2e : 0.f;
   }
 
   float o[D / 8][4];
@@ -140,8 +157,11 @@ __global__ void __launch_bounds__(BM / 16 * 32)
   float m_run[2] = {-INFINITY, -INFINITY};  // running max of S * scale * log2(e)
   float l_run[2] = {0.f, 0.f};              // this thread's part of the running row sum
   const float scale_log2 = p.scale * kLog2e;
+  // Without ALiBi the scores stay unscaled until exp2: the scale folds into one FFMA there.
+  const float s_mul = ALIBI ? 1.f : scale_log2;
 
-  for (int step = 0; step < n_steps; ++step) {
+  auto body = [&](auto mask_tag, int step) {
+    constexpr bool MASK = decltype(mask_tag)::value;
     const int stage = step & 1;
     if (step + 1 < n_steps) load_kv(tiles.at(step + 1), stage ^ 1);
     cp_async_commit();
@@ -168,22 +188,19 @@ __global__ void __launch_bounds__(BM / 16 * 32)
     }
 
     // Online softmax (Alg. 1 line 10), base 2.
-    const int64_t n0 = static_cast<int64_t>(tiles.at(step)) * BN;
-    const bool need_mask = n0 + BN > p.Tk || (CAUSAL && n0 + BN - 1 > i_min + offset) ||
-                           n0 < window_mask_below;
-    // j - i' of column 2 tq of this tile for each of the two rows (ALiBi).
-    const float dist0[2] = {static_cast<float>(n0 + 2 * tq - last_key[0]),
-                            static_cast<float>(n0 + 2 * tq - last_key[1])};
+    const int n0 = tiles.at(step) * BN;
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float x = s[nt][e] * scale_log2;
-        if (alibi) x = fmaf(slope[e >> 1], dist0[e >> 1] + static_cast<float>(nt * 8 + (e & 1)), x);
-        if (need_mask) {
-          const int64_t j = n0 + nt * 8 + 2 * tq + (e & 1);
-          if (j >= p.Tk || (CAUSAL && (j > last_key[e >> 1] || j < first_vis[e >> 1])))
+        float x = s[nt][e];
+        const int jl = nt * 8 + 2 * tq + (e & 1);  // key within the tile
+        if constexpr (ALIBI)  // j - i' = n0 + jl - last_key, small integers: exact in float
+          x = fmaf(slope[e >> 1], static_cast<float>(n0 + jl - last_key[e >> 1]), x * scale_log2);
+        if constexpr (MASK) {
+          const int j = n0 + jl;
+          if (j >= Tk || (CAUSAL && j > last_key[e >> 1]) || (WINDOW && j < first_vis[e >> 1]))
             x = -INFINITY;
         }
         s[nt][e] = x;
@@ -193,7 +210,7 @@ __global__ void __launch_bounds__(BM / 16 * 32)
     float base[2], corr[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const float m_new = fmaxf(m_run[h], quad_max(mx[h]));
+      const float m_new = fmaxf(m_run[h], quad_max(mx[h]) * s_mul);
       // A row with no visible key so far keeps m = -inf; subtracting 0 instead avoids inf - inf.
       base[h] = m_new == -INFINITY ? 0.f : m_new;
       corr[h] = exp2f(m_run[h] - base[h]);
@@ -204,7 +221,7 @@ __global__ void __launch_bounds__(BM / 16 * 32)
     for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        s[nt][e] = exp2f(s[nt][e] - base[e >> 1]);
+        s[nt][e] = exp2f(fmaf(s[nt][e], s_mul, -base[e >> 1]));
         l_run[e >> 1] += s[nt][e];
       }
     }
@@ -227,6 +244,16 @@ __global__ void __launch_bounds__(BM / 16 * 32)
       }
     }
     __syncthreads();  // all warps are done with this stage before it is refilled
+  };
+  auto needs_mask = [&](int step) {
+    const int n0 = tiles.at(step) * BN;
+    return n0 > tk_mask_from || (CAUSAL && n0 > diag_mask_from) ||
+           (WINDOW && n0 < window_mask_below);
+  };
+  // Runs of mask-free tiles, each followed by at most one masked tile.
+  for (int step = 0; step < n_steps;) {
+    for (; step < n_steps && !needs_mask(step); ++step) body(BoolTag<false>{}, step);
+    if (step < n_steps) body(BoolTag<true>{}, step++);
   }
   cp_async_wait<0>();
 
@@ -235,16 +262,18 @@ __global__ void __launch_bounds__(BM / 16 * 32)
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const float l = quad_sum(l_run[h]);
-    const int64_t r = r0 + warp * 16 + g + 8 * h;
+    const int r = r0 + warp * 16 + g + 8 * h;
     if (r >= rows) continue;
-    const PackedRow pr = unpack_row(r, hkv, group, p.Tq);
+    const int hg = r / Tq;
+    const int i = r - hg * Tq;
+    const int64_t head = hkv * group + hg;
     const float inv = l > 0.f ? 1.f / l : 0.f;
-    T* dst = out_base + pr.head * p.out_stride.h + pr.i * p.out_stride.t;
+    T* dst = out_base + head * p.out_stride.h + static_cast<int64_t>(i) * p.out_stride.t;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt)
       store_b32(dst + dt * 8 + 2 * tq, pack2<T>(o[dt][2 * h] * inv, o[dt][2 * h + 1] * inv));
     if (tq == 0)
-      p.lse[(b * p.Hq + pr.head) * p.Tq + pr.i] = l > 0.f ? m_run[h] * kLn2 + logf(l) : -INFINITY;
+      p.lse[(b * p.Hq + head) * p.Tq + i] = l > 0.f ? m_run[h] * kLn2 + logf(l) : -INFINITY;
   }
 }
 
@@ -401,17 +430,31 @@ __global__ void __launch_bounds__(128) attention_fwd_f32_kernel(const AttentionP
 // ----------------------------------------------------------------------------------------------
 // Launchers.
 
+template <typename T, int D, bool CAUSAL, int BM, int BN, bool ALIBI, bool WINDOW>
+int launch_fwd_half_kernel(const AttentionParams& p, cudaStream_t stream, int64_t tiles) {
+  using Tr = FwdTraits<T, D, BM, BN>;
+  auto kernel = attention_fwd_kernel<T, D, BM, BN, CAUSAL, ALIBI, WINDOW>;
+  if (int err = prepare_smem(kernel, Tr::kSmemBytes)) return err;
+  return launch(kernel, dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(p.Hkv),
+                             static_cast<unsigned>(p.B)),
+                dim3(Tr::kThreads), Tr::kSmemBytes, stream, p);
+}
+
 template <typename T, int D, bool CAUSAL, int BM>
 int launch_fwd_half(const AttentionParams& p, cudaStream_t stream) {
   constexpr int BN = 64;
   using Tr = FwdTraits<T, D, BM, BN>;
   const int64_t tiles = ceil_div(p.Hq / p.Hkv * p.Tq, BM);
-  if (tiles > 0x7fffffff || p.Hkv > 65535) return kErrGrid;
-  auto kernel = attention_fwd_kernel<T, D, BM, BN, CAUSAL>;
-  if (int err = prepare_smem(kernel, Tr::kSmemBytes)) return err;
-  return launch(kernel, dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(p.Hkv),
-                             static_cast<unsigned>(p.B)),
-                dim3(Tr::kThreads), Tr::kSmemBytes, stream, p);
+  if (tiles > 0x7fffffff || p.Hkv > 65535 || !fits_int32_indices(p)) return kErrGrid;
+  return MINIGPT_BOOL_SWITCH(p.alibi_slopes != nullptr, kAlibi, [&] {
+    return MINIGPT_BOOL_SWITCH(CAUSAL && p.window > 0, kWindow, [&] {
+      if constexpr (kWindow && !CAUSAL) {
+        return static_cast<int>(kErrShape);  // unreachable: the window needs causal
+      } else {
+        return launch_fwd_half_kernel<T, D, CAUSAL, BM, BN, kAlibi, kWindow>(p, stream, tiles);
+      }
+    });
+  });
 }
 
 template <typename T, int D, bool CAUSAL>

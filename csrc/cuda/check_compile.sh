@@ -9,12 +9,13 @@
 #   NVCC_TORCH_FLAGS="$(python -c 'import minigpt._build as b; print(*b.torch_nvcc_flags())')" \
 #       bash csrc/cuda/check_compile.sh
 #
+# OBJ_DIR: keep the compiled objects there (for csrc/cuda/sass_report.py --objects).
 # NVCC_TORCH_FLAGS: the flags a torch build really passes (-D__CUDA_NO_HALF_OPERATORS__ ...,
 # --use_fast_math, -std=c++20); .ci/run sets it. Without it: -std=c++17 -O3 only.
 set -u -o pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-cd "$root"
+cd "$root" || exit 2
 
 if [[ -z "${NVCC:-}" ]]; then
   if command -v nvcc >/dev/null 2>&1; then NVCC="$(command -v nvcc)"; else NVCC=/usr/local/cuda/bin/nvcc; fi
@@ -80,6 +81,9 @@ for f in "${files[@]}"; do
   echo "$line"
 done
 
+if [[ -n "${OBJ_DIR:-}" ]]; then  # keep the objects (csrc/cuda/sass_report.py --objects)
+  mkdir -p "$OBJ_DIR" && cp "$work"/*.o "$OBJ_DIR"/
+fi
 echo "ptxas resource usage: $log"
 if grep -qE '[1-9][0-9]* bytes spill stores' "$log"; then
   echo "kernels that spill registers (not a failure):"

@@ -398,5 +398,55 @@ __device__ __forceinline__ TileRuns key_tiles(const AttentionParams& p, int64_t 
   return {b_second, e_second, b_first, n_all};
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// 32-bit index arithmetic for the v2 kernels. The host guarantees that every row, key and packed
+// row index fits in int32 (fits_int32_indices), so tile bounds are computed once per CTA in 32
+// bits and no 64-bit division (an out-of-line CALL in SASS) is left in any kernel; only pointer
+// offsets (index * int64 stride) stay 64-bit.
+
+// Whether the packed rows (G * Tq), keys and queries of p, plus a tile of slack, fit in int32.
+inline bool fits_int32_indices(const AttentionParams& p) {
+  const int64_t limit = (int64_t{1} << 31) - 1024;
+  return p.Hkv > 0 && p.Hq / p.Hkv * p.Tq < limit && p.Tk < limit && p.Tq < limit &&
+         (p.window <= 0 || p.window < limit);
+}
+
+__host__ __device__ __forceinline__ int ceil_div32(int a, int b) { return (a + b - 1) / b; }
+
+// The first key query position i may see, in 32 bits (window > 0 only; the window is clamped to
+// Tk + 1 by the caller so the difference cannot overflow).
+__device__ __forceinline__ int first_key32(int i, int offset, int window) {
+  const int first = i + offset - window + 1;
+  return first > 0 ? first : 0;
+}
+
+// key_tiles() in 32 bits, with the window a compile-time choice.
+template <bool CAUSAL, bool WINDOW>
+__device__ __forceinline__ TileRuns key_tiles32(int Tq, int Tk, int window, int r0, int r_last,
+                                                int BN) {
+  const int n_all = ceil_div32(Tk, BN);
+  if (!CAUSAL) return {0, n_all, n_all, n_all};
+  const int offset = Tk - Tq;
+  const int h0 = r0 / Tq, h1 = r_last / Tq;
+  const int i0 = r0 - h0 * Tq, i1 = r_last - h1 * Tq;
+  auto first_tile = [&](int i) { return WINDOW ? first_key32(i, offset, window) / BN : 0; };
+  auto end_tile = [&](int i) { return ceil_div32(min(Tk, i + offset + 1), BN); };
+  if (h0 == h1) {
+    const int b = first_tile(i0), e = end_tile(i1);
+    return {b, e, e, e};
+  }
+  if (h1 - h0 >= 2) return {first_tile(0), n_all, n_all, n_all};
+  const int b_second = first_tile(0), e_second = end_tile(i1), b_first = first_tile(i0);
+  if (e_second >= b_first) return {b_second, n_all, n_all, n_all};
+  return {b_second, e_second, b_first, n_all};
+}
+
+// A compile-time bool as a value, to instantiate one loop body with and without its mask.
+template <bool B>
+struct BoolTag {
+  static constexpr bool value = B;
+};
+
 }  // namespace gpu
 }  // namespace minigpt
