@@ -506,13 +506,14 @@ def test_build_info_holds_the_build_plan_line():
 @needs_ext
 def test_build_info_declares_what_the_kernels_implement():
     info = _ext.build_info()
-    assert info["dtypes"]["cpu"] == ["float32", "float64"]
+    assert info["dtypes"]["cpu"] == ["float32", "float64", "bfloat16", "float16"]
     if info["cuda"]:
         assert info["dtypes"]["cuda"] == ["bfloat16", "float16", "float32"]
         assert info["cuda_head_dims"] == [32, 64, 96, 128]
     else:
         assert "cuda" not in info["dtypes"] and info["cuda_head_dims"] == []
     # the C++ checks name the same list
-    q = torch.randn(1, 1, 4, 8, dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="must be float32 or float64 on cpu"):
+    q = torch.randn(1, 1, 4, 8).to(torch.int32)
+    with pytest.raises(RuntimeError,
+                       match="must be float32, float64, bfloat16 or float16 on cpu"):
         torch.ops.minigpt.attention_forward(q, q, q, True, 0.5)
