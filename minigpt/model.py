@@ -53,15 +53,46 @@ class RotaryEmbedding(nn.Module):
     Angles are computed from integer positions on each call (cheap: T x head_dim/2), so no
     table has to be sized or moved between devices in advance. They are float64 except on MPS,
     which has no float64: float32 there (angle_dtype).
+
+    scaling (GPTConfig.rope_scaling): None, or Llama 3.1's {"rope_type": "llama3", "factor",
+    "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}, which divides
+    the low frequencies by factor (see inv_freq).
     """
 
-    def __init__(self, head_dim: int, theta: float):
+    def __init__(self, head_dim: int, theta: float, scaling: Optional[dict] = None):
         super().__init__()
-        self.head_dim, self.theta = head_dim, theta
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
 
     @staticmethod
     def angle_dtype(device: torch.device) -> torch.dtype:
         return torch.float32 if device.type == "mps" else torch.float64
+
+    @staticmethod
+    def inv_freq(head_dim: int, theta: float, scaling: Optional[dict], dtype: torch.dtype,
+                 device=None) -> torch.Tensor:
+        """The rotation frequencies theta^(-2i/head_dim), i < head_dim/2, in radians per
+        position: (head_dim/2,) of dtype.
+
+        With scaling rope_type "llama3" (Meta's Llama 3.1 reference code, apply_scaling; also
+        transformers' _compute_llama3_parameters): with L = original_max_position_embeddings,
+        a frequency whose wavelength 2 pi / f is above L / low_freq_factor is divided by
+        factor, one below L / high_freq_factor is kept, and one in between is interpolated:
+        (1 - s) f / factor + s f, s = (L / wavelength - low_freq_factor) / (high_freq_factor -
+        low_freq_factor). Short wavelengths (local order) stay as trained; long ones are
+        stretched to cover factor x L positions.
+        """
+        exponent = torch.arange(0, head_dim, 2, dtype=dtype, device=device)
+        inv_freq = theta ** (-exponent / head_dim)  # (hd/2,)
+        if scaling is None:
+            return inv_freq
+        factor, low, high = (scaling["factor"], scaling["low_freq_factor"],
+                             scaling["high_freq_factor"])
+        old = scaling["original_max_position_embeddings"]
+        wavelength = 2 * math.pi / inv_freq
+        s = (old / wavelength - low) / (high - low)
+        scaled = torch.where(wavelength > old / low, inv_freq / factor, inv_freq)
+        medium = (wavelength >= old / high) & (wavelength <= old / low)
+        return torch.where(medium, (1 - s) * inv_freq / factor + s * inv_freq, scaled)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """x: (B, T, H, head_dim); pos: (T,) int64 absolute positions. Returns x rotated, in
@@ -75,8 +106,7 @@ class RotaryEmbedding(nn.Module):
         (rotate_real) runs.
         """
         dtype = self.angle_dtype(pos.device)
-        exponent = torch.arange(0, self.head_dim, 2, dtype=dtype, device=pos.device)
-        inv_freq = self.theta ** (-exponent / self.head_dim)  # (hd/2,)
+        inv_freq = self.inv_freq(self.head_dim, self.theta, self.scaling, dtype, pos.device)
         angles = pos.to(dtype)[:, None] * inv_freq[None, :]  # (T, hd/2)
         if x.device.type == "mps" or torch.compiler.is_compiling():
             return self.rotate_real(x, angles)  # inductor generates no code for complex ops
@@ -247,7 +277,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         # Positions enter here only for relative kinds (RoPE, ALiBi); absolute ones are in
         # GPT._embed.
-        self.rotary = (RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary = (RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
                        if config.pos_embedding == "rope" else None)
         # ALiBi: one slope per query head (with GQA, heads sharing keys keep their own slopes).
         # A buffer, so it follows the model's device; not persistent: a function of n_head,
