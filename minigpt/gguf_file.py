@@ -7,9 +7,14 @@
 A GGUF file holds typed metadata (the architecture's hyperparameters under "llama.*", the
 tokenizer under "tokenizer.*") and the tensors, each stored as F32, F16, BF16 or one of ggml's
 block-quantized types (Q8_0, Q4_0, Q4_1, Q5_*, K-quants, ...). It is read with the `gguf`
-package (llama.cpp's own reader; pip install gguf, or the extra "minigpt-kernels[gguf]"), every
-tensor dequantized to float32 by gguf.quants.dequantize. Nothing in the file is executed: the
-chat template is a string, rendered later in a sandbox (minigpt.chat).
+package (llama.cpp's own Python package; pip install gguf, or the extra
+"minigpt-kernels[gguf]"): its type tables (GGUFValueType, GGMLQuantizationType,
+GGML_QUANT_SIZES) and gguf.quants.dequantize, which turns every tensor into float32. The header
+(metadata and tensor index) is parsed here with struct, after the GGUF specification
+(ggml/docs/gguf.md): gguf.GGUFReader makes one numpy view per array element, 16 s of a
+SmolLM2-135M load for its 150,000 vocabulary strings, merges and token types, where this parse
+takes well under a second. Nothing in the file is executed: the chat template is a string,
+rendered later in a sandbox (minigpt.chat).
 
 The metadata is mapped to the fields of a Hugging Face LlamaForCausalLM config.json, and the
 tensors to its parameter names, so that minigpt.pretrained's checks and its weight table serve
@@ -31,9 +36,9 @@ llama3 formula for one of Meta's published settings (_LLAMA3_CANDIDATES), and re
 
 from __future__ import annotations
 
-import math
+import struct
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Tuple
 
 import numpy as np
 import torch
@@ -138,19 +143,7 @@ def read_gguf(path, with_tensors: bool = True) -> dict:
     """
     gguf = _gguf()
     path = Path(path)
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:
-        raise PretrainedError(f"{path}: cannot be read as GGUF ({type(e).__name__}: {e})") from None
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
-                   "tokenizer.ggml.scores"):
-            meta[key] = field  # read on demand: these arrays are long
-        else:
-            meta[key] = field.contents()
+    meta, tensors = _read_header(path, gguf)
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise PretrainedError(f"{path}: general.architecture={arch!r} is not supported (minigpt "
@@ -181,16 +174,15 @@ def read_gguf(path, with_tensors: bool = True) -> dict:
         else:
             raise PretrainedError(f"{path}: metadata key {key}={value!r} is not supported by "
                                   f"minigpt (refused rather than ignored)")
-    tensors = {t.name: t for t in reader.tensors}
     hf.setdefault("rms_norm_eps", 1e-5)  # llama.cpp's default when the key is absent
     n_head = hf.get("num_attention_heads")
     hf.setdefault("num_key_value_heads", n_head)
     if "vocab_size" not in hf and "tokenizer.ggml.tokens" in meta:
-        hf["vocab_size"] = len(meta["tokenizer.ggml.tokens"].data)
+        hf["vocab_size"] = len(meta["tokenizer.ggml.tokens"])
     hf["tie_word_embeddings"] = "output.weight" not in tensors
     hf["attention_bias"] = "blk.0.attn_q.bias" in tensors
     if "blk.0.attn_q.weight" in tensors and n_head:
-        hd = int(tensors["blk.0.attn_q.weight"].shape[1]) // n_head  # gguf shapes are (in, out)
+        hd = tensors["blk.0.attn_q.weight"].shape[0] // n_head  # (out, in)
         hf["head_dim"] = hd
         rot = shapes.get("rope.dimension_count", hd)
         if rot != hd:
@@ -211,16 +203,120 @@ def read_gguf(path, with_tensors: bool = True) -> dict:
     return out
 
 
-def _dequantize(path, tensor, gguf) -> torch.Tensor:
-    """One tensor as float32, in torch's (out, in) order (GGUF lists dimensions innermost
-    first)."""
+class _Tensor(NamedTuple):
+    """One tensor of a GGUF file: shape in torch's order (out, in), ggml type id, raw bytes."""
+
+    name: str
+    shape: Tuple[int, ...]
+    ggml_type: int
+    data: np.ndarray  # uint8, (rows, bytes per row): a view of the memory-mapped file
+
+
+# GGUF metadata value types (gguf.GGUFValueType) of fixed size, as struct/numpy formats.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
+            11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def _read_header(path: Path, gguf) -> Tuple[dict, Dict[str, _Tensor]]:
+    """(metadata {key: value}, tensors {name: _Tensor}) of a GGUF file (version 2 or 3).
+
+    Layout (ggml/docs/gguf.md): "GGUF", u32 version, u64 tensor count, u64 key count; each key
+    a string (u64 length, UTF-8 bytes), a u32 value type and the value (an array: u32 item
+    type, u64 count, items); each tensor a name, u32 n_dims, u64 dims (innermost first), u32
+    ggml type, u64 offset into the data section, which starts at the next multiple of
+    general.alignment (default 32).
+
+    Raises:
+        PretrainedError: not GGUF, an unsupported version, truncated, or an unknown type (named).
+    """
     try:
-        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        # a plain ndarray view: slicing a np.memmap costs a Python-level __array_finalize__
+        buf = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
+    except (OSError, ValueError) as e:
+        raise PretrainedError(f"{path}: cannot be read ({e})") from None
+    raw = memoryview(buf)
+    pos = 0
+
+    def take(fmt):
+        nonlocal pos
+        value = struct.unpack_from(fmt, raw, pos)[0]
+        pos += struct.calcsize(fmt)
+        return value
+
+    def string():
+        nonlocal pos
+        n = take("<Q")
+        text = bytes(raw[pos:pos + n]).decode("utf-8", errors="replace")
+        pos += n
+        return text
+
+    def value(kind):
+        nonlocal pos
+        if kind in _SCALARS:
+            return take(_SCALARS[kind])
+        if kind == _STRING:
+            return string()
+        if kind == _ARRAY:
+            item, n = take("<I"), take("<Q")
+            if item in _SCALARS:
+                dtype = np.dtype(_SCALARS[item])
+                out = np.frombuffer(raw, dtype=dtype, count=n, offset=pos).tolist()
+                pos += n * dtype.itemsize
+                return out
+            return [value(item) for _ in range(n)]
+        raise PretrainedError(f"{path}: metadata value type {kind} is not a GGUF type")
+
+    try:
+        if bytes(raw[:4]) != b"GGUF":
+            raise PretrainedError(f"{path}: not a GGUF file (no GGUF magic)")
+        pos = 4
+        version = take("<I")
+        if version not in (2, 3):
+            raise PretrainedError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
+        n_tensors, n_keys = take("<Q"), take("<Q")
+        meta = {}
+        for _ in range(n_keys):
+            key = string()
+            meta[key] = value(take("<I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = string()
+            dims = [take("<Q") for _ in range(take("<I"))]
+            infos.append((name, dims, take("<I"), take("<Q")))
+    except (struct.error, ValueError, IndexError):
+        raise PretrainedError(f"{path}: truncated or malformed GGUF header") from None
+    align = int(meta.get("general.alignment", 32))
+    start = (pos + align - 1) // align * align
+    tensors = {}
+    for name, dims, kind, offset in infos:
+        try:
+            qtype = gguf.GGMLQuantizationType(kind)
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise PretrainedError(f"{path}: tensor {name} has ggml type {kind}, unknown to the "
+                                  f"gguf package") from None
+        row = dims[0] // block * type_size  # bytes per row (the innermost dimension)
+        rows = int(np.prod(dims[1:], dtype=np.int64)) if len(dims) > 1 else 1
+        begin = start + offset
+        if dims[0] % block or begin + rows * row > len(buf):
+            raise PretrainedError(f"{path}: tensor {name} ({qtype.name}, dims {dims}) does not "
+                                  f"fit the file")
+        data = buf[begin:begin + rows * row].reshape(rows, row)
+        tensors[name] = _Tensor(name, tuple(reversed(dims)), kind, data)
+    return meta, tensors
+
+
+def _dequantize(path, tensor: _Tensor, gguf) -> torch.Tensor:
+    """One tensor as float32, in torch's (out, in) order."""
+    qtype = gguf.GGMLQuantizationType(tensor.ggml_type)
+    try:
+        array = gguf.quants.dequantize(tensor.data, qtype)
     except NotImplementedError:
-        raise PretrainedError(f"{path}: tensor {tensor.name} has type {tensor.tensor_type.name}, "
-                              f"which the gguf package cannot dequantize") from None
-    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-    return torch.from_numpy(np.array(array, dtype=np.float32).reshape(shape))  # a writable copy
+        raise PretrainedError(f"{path}: tensor {tensor.name} has type {qtype.name}, which the "
+                              f"gguf package cannot dequantize") from None
+    array = np.require(array, np.float32, ["C", "W"])  # copies F32 data out of the read-only map
+    return torch.from_numpy(array.reshape(tensor.shape))
 
 
 def _weights(path, tensors, hf, gguf) -> Dict[str, torch.Tensor]:
@@ -287,9 +383,9 @@ def _tokenizer_json(path, meta, gguf) -> str:
                               f"knows {', '.join(sorted(_PRE_TOKENIZERS))})")
     if "tokenizer.ggml.tokens" not in meta or "tokenizer.ggml.merges" not in meta:
         raise PretrainedError(f"{path}: no tokenizer.ggml.tokens or tokenizer.ggml.merges")
-    tokens = meta["tokenizer.ggml.tokens"].contents()
-    merges = meta["tokenizer.ggml.merges"].contents()
-    types = (meta["tokenizer.ggml.token_type"].contents()
+    tokens = meta["tokenizer.ggml.tokens"]
+    merges = meta["tokenizer.ggml.merges"]
+    types = (meta["tokenizer.ggml.token_type"]
              if "tokenizer.ggml.token_type" in meta else [1] * len(tokens))
     added = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": kind_ == _CONTROL}

@@ -86,7 +86,8 @@ def add_model_source_args(parser, init_from_help: str = "") -> None:
                             "out/ckpt.pt)")
     model.add_argument("--init-from", metavar="PATH_OR_NAME", default=None,
                        help="a pretrained model instead: a Hugging Face directory (GPT-2 or "
-                            "Llama-family) or a hub name" + init_from_help)
+                            "Llama-family), a Llama-architecture GGUF file (pip install gguf) "
+                            "or a hub name" + init_from_help)
 
 
 def model_dir(path_or_name: str) -> Path:
