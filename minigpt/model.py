@@ -684,7 +684,7 @@ class GPT(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None,
                  generator: Optional[torch.Generator] = None, use_cache: bool = True,
-                 callback=None) -> torch.Tensor:
+                 callback=None, stop_tokens=None) -> torch.Tensor:
         """Sample max_new_tokens tokens after the prompt idx (B, T), autoregressively.
 
         The model conditions on the last block_size tokens (nanoGPT's crop). With use_cache
@@ -692,17 +692,35 @@ class GPT(nn.Module):
         context fills block_size; from then on every token's context changes at each step, so
         each step recomputes the last block_size tokens (the cache is refilled), which keeps the
         logits equal to a full recompute. Sampling: see minigpt.sampling.sample_next
-        (temperature 0 is greedy). callback(step, next_tokens) is called after each new token.
-        On the CPU, for max_new_tokens >= 64, the Linear weights are stored column-major while
-        generating (same values; see _column_major_linears): one-token matmuls run faster so.
+        (temperature 0 is greedy). callback(step, next_tokens) is called after each new token
+        (next_tokens (B, 1)); a truthy return value ends generation there (sample.py's --stop
+        strings). On the CPU, for max_new_tokens >= 64, the Linear weights are stored
+        column-major while generating (same values; see _column_major_linears): one-token
+        matmuls run faster so.
+
+        stop_tokens: token ids (an instruct model's end of turn, EOS) that end a sequence; the
+        stop token is kept. Generation ends when every sequence of the batch has ended; a
+        sequence that ended earlier repeats its stop token until then. None or empty: always
+        max_new_tokens tokens.
 
         Returns:
-            (B, T + max_new_tokens) int64 token ids.
+            (B, T + n) int64 token ids, n <= max_new_tokens (n < max_new_tokens only when
+            stopped by stop_tokens or callback).
+
+        Raises:
+            ValueError: max_new_tokens < 0, or a stop token outside [0, vocab_size).
         """
         from .sampling import sample_next
 
         if max_new_tokens < 0:
             raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+        stop = None
+        if stop_tokens:
+            stop = torch.tensor(sorted({int(t) for t in stop_tokens}), device=idx.device)
+            if stop.min() < 0 or stop.max() >= self.config.vocab_size:
+                raise ValueError(f"generate: stop_tokens must be token ids in [0, "
+                                 f"{self.config.vocab_size}), got {sorted(stop.tolist())}")
+            done = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
         bs = self.config.block_size
         cache = None
         if use_cache:
@@ -717,8 +735,13 @@ class GPT(nn.Module):
                         cache.reset()
                 logits, _ = self(feed, kv_cache=cache)
                 nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+                if stop is not None:
+                    nxt = torch.where(done, idx[:, -1:], nxt)  # ended rows repeat their stop
+                    done = done | torch.isin(nxt, stop)
                 idx = torch.cat((idx, nxt), dim=1)
                 feed = nxt
-                if callback is not None:
-                    callback(step, nxt)
+                if callback is not None and callback(step, nxt):
+                    break
+                if stop is not None and bool(done.all()):
+                    break
         return idx
