@@ -458,7 +458,14 @@ class GPT(nn.Module):
 
         state = pretrained_state(path_or_name, block_size=block_size, dtype=dtype,
                                  tokenizer=False)
-        return cls.from_checkpoint(state).to(dtype)
+        # Built on the meta device and given the loaded tensors themselves: initialising 135M
+        # parameters at random only to overwrite them took seconds.
+        with torch.device("meta"):
+            model = cls(GPTConfig.from_dict(state["model_config"]))
+        model.load_state_dict(state["model"], assign=True)
+        if model.config.tie_embeddings:
+            model.transformer.wte.weight = model.lm_head.weight
+        return model.to(dtype)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
