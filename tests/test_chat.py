@@ -150,3 +150,22 @@ def test_sample_chat_without_a_template_is_refused(tmp_path):
     out = _sample("--checkpoint", str(ckpt), "--chat", "--prompt", "hi")
     assert out.returncode == 2 and "has no chat template" in out.stderr
     assert out.stderr.count("\n") == 1
+
+
+def test_coreference_experiment_on_a_tiny_model(tmp_path):
+    """At "it", a causal model has not read the deciding word: both sentences of a pair give it
+    the same attention, so every head scores exactly 1/2 there."""
+    from minigpt.coreference import PAIRS, binomial_tail, coreference, markdown, sentences
+
+    assert len(PAIRS) >= 30 and len(sentences()) == 2 * len(PAIRS)
+    text = "".join(s["text"] for s in sentences()) + ' In this sentence, "it" refers to the'
+    tok = CharTokenizer(text)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=160, n_layer=2, n_head=3,
+                          n_embd=24)).eval()
+    results = coreference(model, tok)
+    assert results["n"] == 2 * len(PAIRS) and results["heads"] == 6
+    assert torch.tensor(results["share_it"]).eq(0.5).all()
+    assert 0.0 <= results["answer_accuracy"] <= 1.0 and len(results["best"]) == 6
+    assert abs(binomial_tail(0, 10) - 1.0) < 1e-12 and abs(binomial_tail(10, 10) - 2 ** -10) < 1e-15
+    assert "| layer | head |" in markdown(results, "tiny")
