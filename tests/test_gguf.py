@@ -263,3 +263,35 @@ def test_smollm2_gguf_matches_transformers():
     assert a == b
     assert "Paris" in tok.decode(a)
     print(f"SmolLM2 GGUF: read in {seconds:.1f} s, logits error {err:.2e} of the largest")
+
+
+def test_llama3_rope_freqs_tensor_is_recognised_or_refused(tmp_path):
+    """Llama 3.1/3.2 GGUF files carry llama3 scaling as rope_freqs.weight, the divisor of each
+    frequency (convert_hf_to_gguf.py's rope_factors)."""
+    from minigpt.gguf_file import _LLAMA3_CANDIDATES, _llama3_from_factors, _Tensor
+
+    hf = {"hidden_size": 64, "num_attention_heads": 4, "head_dim": 16, "rope_theta": 500000.0}
+
+    def factors_tensor(values):
+        raw = np.asarray(values, dtype=np.float32).view(np.uint8)[None]
+        return _Tensor("rope_freqs.weight", (len(values),), int(Q.F32), raw)
+
+    # the formula as llama.cpp's converter writes it, for Llama 3.2's setting
+    params = _LLAMA3_CANDIDATES[1]
+    old, factor = params["original_max_position_embeddings"], params["factor"]
+    lo, hi = params["low_freq_factor"], params["high_freq_factor"]
+    want = []
+    for i in range(0, 16, 2):
+        wavelen = 2 * np.pi * 500000.0 ** (i / 16)
+        if wavelen < old / hi:
+            want.append(1.0)
+        elif wavelen > old / lo:
+            want.append(factor)
+        else:
+            s = (old / wavelen - lo) / (hi - lo)
+            want.append(1 / ((1 - s) / factor + s))
+    assert 1.0 in want and factor in want and len(set(want)) >= 3  # all three bands
+    got = _llama3_from_factors("x.gguf", factors_tensor(want), hf, gguf)
+    assert got == params
+    with pytest.raises(PretrainedError, match="rope_freqs.weight"):
+        _llama3_from_factors("x.gguf", factors_tensor([w * 1.1 for w in want]), hf, gguf)
