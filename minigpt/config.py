@@ -124,6 +124,14 @@ def check_types(obj) -> None:
         setattr(obj, name, value)
 
 
+def _is_rope_scaling(x) -> bool:
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    return x is None or (isinstance(x, dict) and set(x) == {"rope_type", *keys}
+                         and x["rope_type"] == "llama3"
+                         and all(_is_number(x[k]) and x[k] > 0 for k in keys)
+                         and x["low_freq_factor"] < x["high_freq_factor"])
+
+
 @dataclass
 class GPTConfig:
     """The shape of a GPT (and the two settings that may change between runs of one model:
@@ -157,6 +165,10 @@ class GPTConfig:
                                   # scores; Press et al. 2022) or "none" (NoPE: only the causal
                                   # mask tells positions apart)
     rope_theta: float = 10000.0   # RoPE base: frequencies theta^(-2i/head_dim)
+    rope_scaling: Optional[Dict[str, Any]] = None  # None, or Llama 3.1's frequency scaling:
+                                  # {"rope_type": "llama3", "factor", "low_freq_factor",
+                                  # "high_freq_factor", "original_max_position_embeddings"}
+                                  # (RotaryEmbedding.inv_freq)
     norm: str = "layernorm"       # "layernorm" (Ba et al. 2016) or "rmsnorm" (Zhang & Sennrich
                                   # 2019; Llama)
     norm_eps: float = 1e-5        # epsilon of every LayerNorm/RMSNorm (not of qk_norm)
@@ -227,6 +239,10 @@ class GPTConfig:
         _check(owner, self, "dropout", lambda x: _is_number(x) and 0.0 <= x < 1.0,
                "must be in [0, 1)")
         _check(owner, self, "rope_theta", lambda x: _is_number(x) and x > 0, "must be positive")
+        _check(owner, self, "rope_scaling", _is_rope_scaling,
+               "must be None or {'rope_type': 'llama3', 'factor', 'low_freq_factor', "
+               "'high_freq_factor', 'original_max_position_embeddings'} (positive numbers, "
+               "low_freq_factor < high_freq_factor)")
         _check(owner, self, "norm", lambda x: x in self.NORMS,
                f"must be one of {', '.join(self.NORMS)}")
         _check(owner, self, "norm_eps", lambda x: _is_number(x) and x > 0, "must be positive")

@@ -490,6 +490,14 @@ def _main(argv=None) -> int:
     p = ArgumentParser(prog="python -m minigpt.experiments",
                                 description="Experiments on minigpt's own model.")
     sub = p.add_subparsers(dest="experiment", required=True)
+    sub.add_parser("coreference", add_help=False,
+                   help="does a pretrained model's attention resolve \"it\"? (see "
+                        "minigpt/coreference.py; its own --help)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["coreference"]:
+        from .coreference import main as coreference_main
+
+        return coreference_main(argv[1:])
     a = sub.add_parser("ablation", help="each training option on and off at a fixed wall time")
     a.add_argument("--max-time", type=float, default=60.0,
                    help="wall-clock seconds per run (default 60)")

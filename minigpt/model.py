@@ -53,15 +53,46 @@ class RotaryEmbedding(nn.Module):
     Angles are computed from integer positions on each call (cheap: T x head_dim/2), so no
     table has to be sized or moved between devices in advance. They are float64 except on MPS,
     which has no float64: float32 there (angle_dtype).
+
+    scaling (GPTConfig.rope_scaling): None, or Llama 3.1's {"rope_type": "llama3", "factor",
+    "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}, which divides
+    the low frequencies by factor (see inv_freq).
     """
 
-    def __init__(self, head_dim: int, theta: float):
+    def __init__(self, head_dim: int, theta: float, scaling: Optional[dict] = None):
         super().__init__()
-        self.head_dim, self.theta = head_dim, theta
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
 
     @staticmethod
     def angle_dtype(device: torch.device) -> torch.dtype:
         return torch.float32 if device.type == "mps" else torch.float64
+
+    @staticmethod
+    def inv_freq(head_dim: int, theta: float, scaling: Optional[dict], dtype: torch.dtype,
+                 device=None) -> torch.Tensor:
+        """The rotation frequencies theta^(-2i/head_dim), i < head_dim/2, in radians per
+        position: (head_dim/2,) of dtype.
+
+        With scaling rope_type "llama3" (Meta's Llama 3.1 reference code, apply_scaling; also
+        transformers' _compute_llama3_parameters): with L = original_max_position_embeddings,
+        a frequency whose wavelength 2 pi / f is above L / low_freq_factor is divided by
+        factor, one below L / high_freq_factor is kept, and one in between is interpolated:
+        (1 - s) f / factor + s f, s = (L / wavelength - low_freq_factor) / (high_freq_factor -
+        low_freq_factor). Short wavelengths (local order) stay as trained; long ones are
+        stretched to cover factor x L positions.
+        """
+        exponent = torch.arange(0, head_dim, 2, dtype=dtype, device=device)
+        inv_freq = theta ** (-exponent / head_dim)  # (hd/2,)
+        if scaling is None:
+            return inv_freq
+        factor, low, high = (scaling["factor"], scaling["low_freq_factor"],
+                             scaling["high_freq_factor"])
+        old = scaling["original_max_position_embeddings"]
+        wavelength = 2 * math.pi / inv_freq
+        s = (old / wavelength - low) / (high - low)
+        scaled = torch.where(wavelength > old / low, inv_freq / factor, inv_freq)
+        medium = (wavelength >= old / high) & (wavelength <= old / low)
+        return torch.where(medium, (1 - s) * inv_freq / factor + s * inv_freq, scaled)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """x: (B, T, H, head_dim); pos: (T,) int64 absolute positions. Returns x rotated, in
@@ -75,8 +106,7 @@ class RotaryEmbedding(nn.Module):
         (rotate_real) runs.
         """
         dtype = self.angle_dtype(pos.device)
-        exponent = torch.arange(0, self.head_dim, 2, dtype=dtype, device=pos.device)
-        inv_freq = self.theta ** (-exponent / self.head_dim)  # (hd/2,)
+        inv_freq = self.inv_freq(self.head_dim, self.theta, self.scaling, dtype, pos.device)
         angles = pos.to(dtype)[:, None] * inv_freq[None, :]  # (T, hd/2)
         if x.device.type == "mps" or torch.compiler.is_compiling():
             return self.rotate_real(x, angles)  # inductor generates no code for complex ops
@@ -247,7 +277,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         # Positions enter here only for relative kinds (RoPE, ALiBi); absolute ones are in
         # GPT._embed.
-        self.rotary = (RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary = (RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
                        if config.pos_embedding == "rope" else None)
         # ALiBi: one slope per query head (with GQA, heads sharing keys keep their own slopes).
         # A buffer, so it follows the model's device; not persistent: a function of n_head,
@@ -428,7 +458,14 @@ class GPT(nn.Module):
 
         state = pretrained_state(path_or_name, block_size=block_size, dtype=dtype,
                                  tokenizer=False)
-        return cls.from_checkpoint(state).to(dtype)
+        # Built on the meta device and given the loaded tensors themselves: initialising 135M
+        # parameters at random only to overwrite them took seconds.
+        with torch.device("meta"):
+            model = cls(GPTConfig.from_dict(state["model_config"]))
+        model.load_state_dict(state["model"], assign=True)
+        if model.config.tie_embeddings:
+            model.transformer.wte.weight = model.lm_head.weight
+        return model.to(dtype)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -665,7 +702,7 @@ class GPT(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None,
                  generator: Optional[torch.Generator] = None, use_cache: bool = True,
-                 callback=None) -> torch.Tensor:
+                 callback=None, stop_tokens=None) -> torch.Tensor:
         """Sample max_new_tokens tokens after the prompt idx (B, T), autoregressively.
 
         The model conditions on the last block_size tokens (nanoGPT's crop). With use_cache
@@ -673,17 +710,35 @@ class GPT(nn.Module):
         context fills block_size; from then on every token's context changes at each step, so
         each step recomputes the last block_size tokens (the cache is refilled), which keeps the
         logits equal to a full recompute. Sampling: see minigpt.sampling.sample_next
-        (temperature 0 is greedy). callback(step, next_tokens) is called after each new token.
-        On the CPU, for max_new_tokens >= 64, the Linear weights are stored column-major while
-        generating (same values; see _column_major_linears): one-token matmuls run faster so.
+        (temperature 0 is greedy). callback(step, next_tokens) is called after each new token
+        (next_tokens (B, 1)); a truthy return value ends generation there (sample.py's --stop
+        strings). On the CPU, for max_new_tokens >= 64, the Linear weights are stored
+        column-major while generating (same values; see _column_major_linears): one-token
+        matmuls run faster so.
+
+        stop_tokens: token ids (an instruct model's end of turn, EOS) that end a sequence; the
+        stop token is kept. Generation ends when every sequence of the batch has ended; a
+        sequence that ended earlier repeats its stop token until then. None or empty: always
+        max_new_tokens tokens.
 
         Returns:
-            (B, T + max_new_tokens) int64 token ids.
+            (B, T + n) int64 token ids, n <= max_new_tokens (n < max_new_tokens only when
+            stopped by stop_tokens or callback).
+
+        Raises:
+            ValueError: max_new_tokens < 0, or a stop token outside [0, vocab_size).
         """
         from .sampling import sample_next
 
         if max_new_tokens < 0:
             raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+        stop = None
+        if stop_tokens:
+            stop = torch.tensor(sorted({int(t) for t in stop_tokens}), device=idx.device)
+            if stop.min() < 0 or stop.max() >= self.config.vocab_size:
+                raise ValueError(f"generate: stop_tokens must be token ids in [0, "
+                                 f"{self.config.vocab_size}), got {sorted(stop.tolist())}")
+            done = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
         bs = self.config.block_size
         cache = None
         if use_cache:
@@ -698,8 +753,13 @@ class GPT(nn.Module):
                         cache.reset()
                 logits, _ = self(feed, kv_cache=cache)
                 nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+                if stop is not None:
+                    nxt = torch.where(done, idx[:, -1:], nxt)  # ended rows repeat their stop
+                    done = done | torch.isin(nxt, stop)
                 idx = torch.cat((idx, nxt), dim=1)
                 feed = nxt
-                if callback is not None:
-                    callback(step, nxt)
+                if callback is not None and callback(step, nxt):
+                    break
+                if stop is not None and bool(done.all()):
+                    break
         return idx

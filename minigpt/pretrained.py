@@ -49,7 +49,7 @@ from .tokenizer import GPT2Tokenizer, HFTokenizer
 __all__ = ["PretrainedError", "pretrained_state", "load_tokenizer", "model_dir",
            "read_hf_config", "read_weights", "hf_architecture", "to_minigpt_config",
            "to_minigpt_weights", "export_architecture", "to_hf_config", "to_hf_weights",
-           "ARCHITECTURES"]
+           "chat_settings", "ARCHITECTURES"]
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 GPT2_VOCAB = 50257  # tiktoken's "gpt2": 50,000 merges + 256 bytes + <|endoftext|>
@@ -86,7 +86,8 @@ def add_model_source_args(parser, init_from_help: str = "") -> None:
                             "out/ckpt.pt)")
     model.add_argument("--init-from", metavar="PATH_OR_NAME", default=None,
                        help="a pretrained model instead: a Hugging Face directory (GPT-2 or "
-                            "Llama-family) or a hub name" + init_from_help)
+                            "Llama-family), a Llama-architecture GGUF file (pip install gguf) "
+                            "or a hub name" + init_from_help)
 
 
 def model_dir(path_or_name: str) -> Path:
@@ -104,8 +105,9 @@ def model_dir(path_or_name: str) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise PretrainedError(f"{path_or_name}: is a file; give the model's directory (with "
-                              f"config.json and model.safetensors or pytorch_model.bin)")
+        raise PretrainedError(f"{path_or_name}: is a file but not a GGUF file; give a GGUF file "
+                              f"or the model's directory (with config.json and "
+                              f"model.safetensors or pytorch_model.bin)")
     name = str(path_or_name)
     if not _HUB_NAME.fullmatch(name) or name.startswith("."):
         raise PretrainedError(f"{path_or_name}: no such directory")
@@ -245,11 +247,16 @@ def _refuse(hf: dict, where: str) -> None:
                                   f"(refused rather than ignored)")
 
 
-def _rope_theta(hf: dict, where: str) -> float:
-    """RoPE's base from either layout: transformers 5's rope_parameters {"rope_type",
-    "rope_theta"}, or the older top-level rope_theta with rope_scaling (None unless scaled).
-    Any rope_type but "default" (linear, dynamic, yarn, llama3, longrope) is refused."""
-    theta = hf.get("rope_theta", 10000.0)
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
+                "original_max_position_embeddings")
+
+
+def _rope(hf: dict, where: str) -> Tuple[float, Optional[dict]]:
+    """(RoPE's base, its scaling) from either layout: transformers 5's rope_parameters
+    {"rope_type", "rope_theta", ...}, or the older top-level rope_theta with rope_scaling (None
+    unless scaled). rope_type "llama3" (Llama 3.1, 3.2) gives GPTConfig.rope_scaling; any other
+    (linear, dynamic, yarn, longrope) is refused by name."""
+    theta, scaling = hf.get("rope_theta", 10000.0), None
     for key in ("rope_parameters", "rope_scaling"):
         params = hf.get(key)
         if params is None:
@@ -257,14 +264,22 @@ def _rope_theta(hf: dict, where: str) -> float:
         if not isinstance(params, dict):
             raise PretrainedError(f"{where}: {key}={params!r} is not supported by minigpt")
         kind = params.get("rope_type", params.get("type", "default"))
-        extra = set(params) - {"rope_type", "type", "rope_theta"}
-        if kind != "default" or extra:
+        known = {"rope_type", "type", "rope_theta"} | (set(_LLAMA3_KEYS) if kind == "llama3"
+                                                       else set())
+        extra = set(params) - known
+        if kind not in ("default", "llama3") or extra:
             raise PretrainedError(f"{where}: {key} with rope_type {kind!r}"
                                   + (f" and {', '.join(sorted(extra))}" if extra else "")
                                   + " (rope scaling) is not supported by minigpt; it has plain "
-                                    "RoPE only (refused rather than ignored)")
+                                    "RoPE and rope_type 'llama3' (refused rather than ignored)")
+        if kind == "llama3":
+            missing = [k for k in _LLAMA3_KEYS if k not in params]
+            if missing:
+                raise PretrainedError(f"{where}: {key} with rope_type 'llama3' has no "
+                                      f"{', '.join(missing)}")
+            scaling = {"rope_type": "llama3", **{k: params[k] for k in _LLAMA3_KEYS}}
         theta = params.get("rope_theta", theta)
-    return float(theta)
+    return float(theta), scaling
 
 
 def _activation(name, key: str, where: str) -> str:
@@ -303,6 +318,7 @@ def to_minigpt_config(hf: dict, block_size: Optional[int] = None,
                 tie_embeddings=hf.get("tie_word_embeddings", True))
         else:
             n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
+            theta, scaling = _rope(hf, where)
             fields = dict(
                 vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
                 n_layer=hf["num_hidden_layers"], n_head=n_head,
@@ -310,7 +326,7 @@ def to_minigpt_config(hf: dict, block_size: Optional[int] = None,
                 head_dim=hf.get("head_dim") or n_embd // n_head,
                 bias=False, attn_bias=bool(hf.get("attention_bias", False)),
                 mlp_bias=bool(hf.get("mlp_bias", False)), norm_bias=False,
-                pos_embedding="rope", rope_theta=_rope_theta(hf, where), norm="rmsnorm",
+                pos_embedding="rope", rope_theta=theta, rope_scaling=scaling, norm="rmsnorm",
                 norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="glu",
                 intermediate_size=hf["intermediate_size"],
                 activation=_activation(hf.get("hidden_act", "silu"), "hidden_act", where),
@@ -390,7 +406,9 @@ def to_hf_config(cfg: GPTConfig, arch: str, special_tokens: Optional[dict] = Non
                    mlp_bias=cfg.mlp_bias, attention_dropout=0.0,
                    # both spellings: transformers 5 reads rope_parameters, 4.x rope_theta
                    rope_theta=cfg.rope_theta,
-                   rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                   rope_parameters=({"rope_theta": cfg.rope_theta, **cfg.rope_scaling}
+                                    if cfg.rope_scaling else
+                                    {"rope_type": "default", "rope_theta": cfg.rope_theta}),
                    tie_word_embeddings=cfg.tie_embeddings)
     out.update(special_tokens or {})
     out["torch_dtype"] = "float32"
@@ -589,6 +607,13 @@ def load_tokenizer(path_or_name: str, vocab_size: Optional[int] = None):
         PretrainedError: no tokenizer.json where one is needed, one that cannot be read, or a
             tokenizer with ids beyond the model's vocabulary.
     """
+    gguf_path = _gguf_path(path_or_name)
+    if gguf_path is not None:
+        from .gguf_file import read_gguf
+
+        contents = read_gguf(gguf_path, with_tensors=False)
+        return _checked_tokenizer(HFTokenizer(contents["tokenizer"]), gguf_path,
+                                  vocab_size or contents["config"]["vocab_size"])
     directory = model_dir(path_or_name)
     hf = read_hf_config(directory)
     arch = hf_architecture(hf, str(directory / "config.json"))
@@ -608,10 +633,89 @@ def load_tokenizer(path_or_name: str, vocab_size: Optional[int] = None):
         raise PretrainedError(str(e)) from None
     if arch == "gpt2" and _is_gpt2_bpe(tok):
         return GPT2Tokenizer()
+    return _checked_tokenizer(tok, path, vocab)
+
+
+def _checked_tokenizer(tok: HFTokenizer, where, vocab: int) -> HFTokenizer:
     if tok.vocab_size > vocab:
-        raise PretrainedError(f"{path}: token ids up to {tok.vocab_size - 1}, beyond the "
+        raise PretrainedError(f"{where}: token ids up to {tok.vocab_size - 1}, beyond the "
                               f"model's vocabulary of {vocab}")
     return tok
+
+
+def _gguf_path(path_or_name: str) -> Optional[Path]:
+    """path_or_name as a Path if it is a GGUF file, else None."""
+    from .gguf_file import is_gguf
+
+    path = Path(path_or_name).expanduser()
+    return path if path.is_file() and is_gguf(path) else None
+
+
+def _token_text(value) -> Optional[str]:
+    """A special token of tokenizer_config.json: a string, or an AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _ids(value) -> List[int]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value] if isinstance(value, list) else []
+
+
+def chat_settings(directory: Path, hf: dict) -> dict:
+    """What instruct generation needs from a model directory: {"chat_template": the Jinja
+    template of tokenizer_config.json (its "default" one when it lists several) or of
+    chat_template.jinja, else None; "bos_token", "eos_token": their texts (for the template);
+    "stop_token_ids": the ids that end a reply: generation_config.json's eos_token_id (an int
+    or a list), else config.json's}."""
+    def read(name):
+        try:
+            value = json.loads((directory / name).read_text(encoding="utf-8"))
+            return value if isinstance(value, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    tok_cfg, gen_cfg = read("tokenizer_config.json"), read("generation_config.json")
+    template = tok_cfg.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    jinja = directory / "chat_template.jinja"
+    if not isinstance(template, str) and jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    stop = _ids(gen_cfg.get("eos_token_id")) or _ids(hf.get("eos_token_id"))
+    return {"chat_template": template if isinstance(template, str) else None,
+            "bos_token": _token_text(tok_cfg.get("bos_token")),
+            "eos_token": _token_text(tok_cfg.get("eos_token")), "stop_token_ids": stop}
+
+
+def _gguf_state(path: Path, block_size, dtype, tokenizer: bool) -> dict:
+    from .gguf_file import read_gguf
+
+    contents = read_gguf(path)
+    arch, cfg = to_minigpt_config(contents["config"], block_size, str(path))
+    state = to_minigpt_weights(arch, cfg, contents["weights"], where=str(path))
+    state = {k: v.to(dtype) for k, v in state.items()}
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    tok = (_checked_tokenizer(HFTokenizer(contents["tokenizer"]), path, cfg.vocab_size)
+           if tokenizer else None)
+    special = contents["special_tokens"]
+    names = {}
+    if tok is not None:
+        names = {k: tok.tok.id_to_token(special[k + "_id"]) for k in ("bos_token", "eos_token")
+                 if k + "_id" in special}
+    # Llama 3 ends a turn with <|eot_id|> (eot) and a tool call with <|eom_id|> (eom).
+    stop = [special[k] for k in ("eos_token_id", "eot_token_id", "eom_token_id") if k in special]
+    chat = {"chat_template": contents["chat_template"], "bos_token": names.get("bos_token"),
+            "eos_token": names.get("eos_token"), "stop_token_ids": sorted(set(stop))}
+    return {"model": state, "model_config": cfg.to_dict(),
+            "tokenizer": tok.state_dict() if tok is not None else None,
+            "source": str(path), "architecture": arch, "chat": chat}
 
 
 def pretrained_state(path_or_name: str, *, block_size: Optional[int] = None,
@@ -621,8 +725,12 @@ def pretrained_state(path_or_name: str, *, block_size: Optional[int] = None,
     "tokenizer": tokenizer state (None with tokenizer=False), "source": the model's directory,
     "architecture": "gpt2" or "llama"}. GPT.from_checkpoint builds the model from it.
 
+    Also "chat": the chat template and stop tokens (chat_settings; from a GGUF file, its
+    tokenizer.chat_template and its eos/eot/eom token ids).
+
     Args:
-        path_or_name: a model directory or a hub name (see model_dir).
+        path_or_name: a model directory or a hub name (see model_dir), or a Llama-architecture
+            GGUF file (minigpt.gguf_file; needs the gguf package).
         block_size: context to keep (default the model's; at most that).
         dtype: of the floating-point weights (default float32; the files may hold bf16).
         tokenizer: also read the tokenizer (load_tokenizer).
@@ -631,9 +739,13 @@ def pretrained_state(path_or_name: str, *, block_size: Optional[int] = None,
         PretrainedError: see model_dir, read_weights, to_minigpt_config, to_minigpt_weights,
             load_tokenizer.
     """
+    gguf_path = _gguf_path(path_or_name)
+    if gguf_path is not None:
+        return _gguf_state(gguf_path, block_size, dtype, tokenizer)
     directory = model_dir(path_or_name)
     where = str(directory / "config.json")
-    arch, cfg = to_minigpt_config(read_hf_config(directory), block_size, where)
+    hf = read_hf_config(directory)
+    arch, cfg = to_minigpt_config(hf, block_size, where)
     weights = read_weights(directory)
     state = to_minigpt_weights(arch, cfg, weights, where=str(directory))
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -642,4 +754,4 @@ def pretrained_state(path_or_name: str, *, block_size: Optional[int] = None,
     tok = load_tokenizer(str(directory), cfg.vocab_size) if tokenizer else None
     return {"model": state, "model_config": cfg.to_dict(),
             "tokenizer": tok.state_dict() if tok is not None else None,
-            "source": str(directory), "architecture": arch}
+            "source": str(directory), "architecture": arch, "chat": chat_settings(directory, hf)}

@@ -7,6 +7,15 @@
     python sample.py --prompt-file prompt.txt --temperature 0.8 --top-p 0.9 --stream
     python sample.py --prompt "ROMEO:" --max-new-tokens 40 --attention-map attn.png
 
+Instruct models (a pretrained model with a chat template; see minigpt.chat):
+
+    python sample.py --init-from model.gguf --chat --prompt "What is the capital of France?"
+    python sample.py --init-from DIR --chat --system "Answer in French." --prompt "Hi" --stream
+
+--chat renders --prompt (the user's message, after --system's) with the model's chat template
+and prints the reply only. Generation ends at the model's end-of-turn/EOS tokens
+(--ignore-eos continues past them) and at any --stop string, which is cut from the output.
+
 --attention-map draws, after generating, one heatmap per head of one layer (--layer, default the
 last; --head, default all) over the prompt and generated tokens: rows are queries, columns keys,
 labels the decoded tokens. The probabilities are recomputed by the same model on the "naive"
@@ -57,6 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help='"auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:1", "mps"')
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    chat = p.add_argument_group("instruct models")
+    chat.add_argument("--chat", action="store_true",
+                      help="apply the model's chat template to --prompt (the user's message) "
+                           "and print the reply only")
+    chat.add_argument("--system", default=None,
+                      help="with --chat: a system message before the user's")
+    chat.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                      help="end generation where this text appears (cut from the output); may "
+                           "be repeated")
+    chat.add_argument("--ignore-eos", action="store_true",
+                      help="do not stop at the model's end-of-turn / EOS tokens")
     p.add_argument("--cache", dest="use_cache", action=argparse.BooleanOptionalAction,
                    default=True, help="use the KV cache; --no-cache recomputes the whole "
                                       "context at each step")
@@ -88,6 +108,10 @@ def main(argv=None) -> int:
     except ValueError as e:
         parser.error(f"argument --{str(e).split()[0].replace('_', '-')}: {e}")
 
+    if args.system is not None and not args.chat:
+        parser.error("argument --system: needs --chat")
+    if any(not text for text in args.stop):
+        parser.error("argument --stop: must be a non-empty text")
     if args.init_from is None and args.checkpoint is None:
         args.checkpoint = "out/ckpt.pt"
     try:
@@ -96,12 +120,20 @@ def main(argv=None) -> int:
         tokenizer = from_state(state["tokenizer"])
         prompt = (args.prompt_file.read_text(encoding="utf-8") if args.prompt_file
                   else args.prompt)
-        ids = tokenizer.encode(prompt)
+        settings = state.get("chat") or {}
+        if args.chat:
+            ids = chat_prompt_ids(settings, tokenizer, prompt, args.system,
+                                  args.init_from or args.checkpoint)
+        else:
+            ids = tokenizer.encode(prompt)
     except (CheckpointError, OSError, UnicodeDecodeError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not ids:
         parser.error("argument --prompt: the prompt must encode to at least one token")
+    vocab = state["model_config"]["vocab_size"]
+    stop_ids = [] if args.ignore_eos else [t for t in settings.get("stop_token_ids") or []
+                                           if 0 <= t < vocab]
 
     model = GPT.from_checkpoint(state)
     if args.attention_map is not None:
@@ -116,21 +148,22 @@ def main(argv=None) -> int:
     x = torch.tensor([ids], dtype=torch.long, device=device)
 
     for i in range(args.num_samples):
-        if args.stream:
-            stream = TextStream(tokenizer)
+        out = StopText(tokenizer, args.stop, stop_ids, live=args.stream)
+        if args.stream and not args.chat:
             sys.stdout.write(prompt)
-
-            def emit(step, nxt):
-                sys.stdout.write(stream.push(nxt[0].tolist()))
-                sys.stdout.flush()
-
-            y = model.generate(x, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                               generator=generator, use_cache=args.use_cache, callback=emit)
-            sys.stdout.write(stream.flush() + "\n")
-        else:
-            y = model.generate(x, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                               generator=generator, use_cache=args.use_cache)
-            sys.stdout.write(tokenizer.decode(y[0].tolist()) + "\n")
+        y = model.generate(x, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                           generator=generator, use_cache=args.use_cache, callback=out.push,
+                           stop_tokens=stop_ids)
+        reply = out.finish()
+        if not args.stream:
+            if args.chat or args.stop:
+                sys.stdout.write(("" if args.chat else prompt) + reply)
+            else:
+                new_ids = y[0, len(ids):].tolist()
+                if new_ids and new_ids[-1] in stop_ids:
+                    new_ids = new_ids[:-1]
+                sys.stdout.write(tokenizer.decode(ids + new_ids))
+        sys.stdout.write("\n")
         if args.attention_map is not None:
             sys.stdout.flush()  # the text first, then draw_map's note on stderr
             draw_map(args, model, tokenizer, y[0].tolist(), len(ids), i)
@@ -138,6 +171,68 @@ def main(argv=None) -> int:
             sys.stdout.write("---------------\n")
         sys.stdout.flush()
     return 0
+
+
+def chat_prompt_ids(settings: dict, tokenizer, prompt: str, system, source) -> list:
+    """Token ids of the chat template rendered for [system,] user=prompt, with the assistant's
+    turn opened. The template writes any BOS itself, so the tokenizer adds none.
+
+    Raises:
+        ValueError: the model has no chat template, or it does not render (ChatTemplateError).
+    """
+    from .chat import chat_messages, render_chat
+
+    template = settings.get("chat_template")
+    if not template:
+        raise ValueError(f"--chat: {source} has no chat template (an instruct model's "
+                         f"tokenizer_config.json or GGUF metadata gives one)")
+    text = render_chat(template, chat_messages(prompt, system),
+                       bos_token=settings.get("bos_token"), eos_token=settings.get("eos_token"))
+    if hasattr(tokenizer, "tok"):  # Hugging Face tokenizers: no post-processor's BOS
+        return tokenizer.tok.encode(text, add_special_tokens=False).ids
+    return tokenizer.encode(text)
+
+
+class StopText:
+    """Generated text as it arrives, cut at the first --stop string.
+
+    push(step, next_tokens) is GPT.generate's callback: it decodes the new token (stop tokens
+    excluded), writes what is certain to stdout when live (holding back the last len(longest
+    stop) - 1 characters, which could begin a stop string), and returns True once a stop string
+    has appeared. finish() returns the whole text and writes the rest."""
+
+    def __init__(self, tokenizer, stops, stop_ids, live: bool):
+        self.decoder = TextStream(tokenizer)
+        self.stops, self.stop_ids, self.live = list(stops), set(stop_ids), live
+        self.hold = max((len(t) for t in self.stops), default=1) - 1
+        self.text, self.shown, self.stopped = "", 0, False
+
+    def _cut(self) -> None:
+        found = [self.text.find(t) for t in self.stops]
+        found = [i for i in found if i >= 0]
+        if found:
+            self.text, self.stopped = self.text[:min(found)], True
+
+    def _show(self, upto: int) -> None:
+        if self.live and upto > self.shown:
+            sys.stdout.write(self.text[self.shown:upto])
+            sys.stdout.flush()
+            self.shown = upto
+
+    def push(self, step, nxt) -> bool:
+        if self.stopped:
+            return True
+        self.text += self.decoder.push([t for t in nxt[0].tolist() if t not in self.stop_ids])
+        self._cut()
+        self._show(len(self.text) if self.stopped else len(self.text) - self.hold)
+        return self.stopped
+
+    def finish(self) -> str:
+        if not self.stopped:
+            self.text += self.decoder.flush()
+            self._cut()
+        self._show(len(self.text))
+        return self.text
 
 
 def check_attention_args(parser, args, model_cfg) -> None:

@@ -66,7 +66,7 @@ _CHOICES = {"tokenizer": TOKENIZERS, "attn_backend": BACKENDS, "dtype": DTYPES,
             "activation": GPTConfig.ACTIVATIONS, "pos_embedding": GPTConfig.POS_EMBEDDINGS,
             "norm": GPTConfig.NORMS, "mlp": GPTConfig.MLPS, "logger": TrainConfig.LOGGERS}
 # GPTConfig fields that are not flags: the vocabulary size follows from the tokenizer.
-_NOT_FLAGS = {"vocab_size"}
+_NOT_FLAGS = {"vocab_size", "rope_scaling"}  # rope_scaling comes with a pretrained model
 
 
 def _flag(name: str) -> str:

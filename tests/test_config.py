@@ -10,7 +10,7 @@ import pytest
 from minigpt import checkpoint as checkpoint_module
 from minigpt.config import (PRESETS, ConfigError, GPTConfig, TrainConfig, default_settings,
                             fixed_on_resume)
-from minigpt.train import build_parser, main, resolve_config
+from minigpt.train import _NOT_FLAGS, build_parser, main, resolve_config
 
 
 @pytest.mark.parametrize("kw, owner, name", [
@@ -63,7 +63,7 @@ def test_every_flag_has_help_and_shows_its_default():
     actions = [a for a in build_parser()._actions if a.option_strings != ["-h", "--help"]]
     flags = {a.dest for a in actions}
     settings = default_settings()
-    assert flags >= (set(settings) - {"model"}) | (set(settings["model"]) - {"vocab_size"})
+    assert flags >= (set(settings) - {"model"}) | (set(settings["model"]) - _NOT_FLAGS)
     for a in actions:
         assert a.help and "(default: " in a.help, a.option_strings
     assert "(default: None)" in next(a.help for a in actions if a.dest == "n_kv_head")
@@ -73,7 +73,8 @@ def test_fixed_on_resume_is_the_shape_and_the_tokenizer():
     assert set(fixed_on_resume()) == {
         "tokenizer", "optimizer", "init_from", "block_size", "n_layer", "n_head", "n_kv_head",
         "n_embd", "head_dim", "bias", "attn_bias", "mlp_bias", "norm_bias", "pos_embedding",
-        "rope_theta", "norm", "norm_eps", "mlp", "intermediate_size", "activation", "qk_norm",
+        "rope_theta", "rope_scaling", "norm", "norm_eps", "mlp", "intermediate_size",
+        "activation", "qk_norm",
         "tie_embeddings", "zero_init_proj", "window", "layer_heads", "layer_kv_heads"}
 
 
