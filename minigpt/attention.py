@@ -53,6 +53,7 @@ __all__ = ["attention", "attention_backends", "BACKENDS", "Backend", "REGISTRY",
            "resolve_backend", "unavailable_reason", "available_backends"]
 
 _ENV_BACKEND = "MINIGPT_ATTENTION_BACKEND"
+_ENV_AUTOCAST = "MINIGPT_CPU_AUTOCAST_ATTENTION"
 
 # What the compiled kernels implement, as minigpt._C's build_info() declares it (csrc/attention.h),
 # read once when the module loads: device type -> dtypes, and the CUDA head dims.
@@ -495,13 +496,19 @@ def _cpu_autocast(device: torch.device) -> bool:
 
 def cpu_autocast_dtype(dtype: torch.dtype, backend: Optional[str] = None) -> torch.dtype:
     """The dtype attention() computes bfloat16/float16 CPU inputs in under torch.autocast("cpu"),
-    for the backend asked for (None: the default): bfloat16 itself where that backend is "ext",
-    its bfloat16 kernels are built and the CPU has bf16 dot-product instructions
-    (runtime.bf16_supported: AVX512_BF16 or AMX), where they run at the bf16 GEMM rate;
-    float32 otherwise (float16 always: CPUs without AMX-FP16 emulate it). The model calls
-    this too, to cast its projections once."""
+    for the backend asked for (None: the default): float32, unless
+    $MINIGPT_CPU_AUTOCAST_ATTENTION=bfloat16 keeps bfloat16 on a CPU with bf16 dot-product
+    instructions (runtime.bf16_supported: AVX512_BF16 or AMX) where that backend is "ext".
+    float32 is the default because it was measured faster: on an AMD EPYC (Zen 4, AVX512_BF16,
+    2 threads) "ext" takes 2.6 ms in float32 against 4.7 ms in bfloat16 for the default model's
+    forward+backward (B 32, 4 heads, T 64, D 32), and 29.6 against 42.7 ms at B 16, 6 heads,
+    T 256, D 64. float16 is always computed in float32. The model calls this too, to cast its
+    projections once."""
+    wanted = os.environ.get(_ENV_AUTOCAST, "").strip().lower()
+    if wanted not in ("", "float32", "bfloat16"):
+        raise ValueError(f"${_ENV_AUTOCAST} must be float32 or bfloat16, got {wanted!r}")
     cpu = torch.device("cpu")
-    if dtype == torch.bfloat16 and bf16_supported(cpu):
+    if wanted == "bfloat16" and dtype == torch.bfloat16 and bf16_supported(cpu):
         try:
             if resolve_backend(backend, cpu, dtype) == "ext":
                 return dtype
@@ -546,10 +553,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     dtypes: every backend takes float32 and float64 on CPU (and the dtypes torch supports
     for "sdpa"/"naive"); "ext" implements float32/float64/bfloat16/float16 on CPU and
     bfloat16/float16/float32 on CUDA. Inside ``torch.autocast("cpu")``, bfloat16/float16 CPU
-    inputs are computed in the dtype ``cpu_autocast_dtype`` gives: bfloat16 stays bfloat16 where
-    "ext" runs it on a CPU with bf16 dot-product instructions; otherwise they are computed in
-    float32 and the output is float32, as autocast does for its float32 ops (softmax,
-    layer_norm).
+    inputs are computed in the dtype ``cpu_autocast_dtype`` gives: float32 (and the output is
+    float32, as autocast does for its float32 ops: softmax, layer_norm), where "ext" was
+    measured faster than in bfloat16; $MINIGPT_CPU_AUTOCAST_ATTENTION=bfloat16 keeps bfloat16.
 
     Raises:
         TypeError: a non-tensor argument, an integer dtype, or mixed dtypes.

@@ -109,21 +109,31 @@ def test_default_backend_and_build_info():
 
 
 @needs_ext
-@pytest.mark.parametrize("bf16_cpu", [True, False])
-def test_cpu_autocast_dtype(bf16_cpu, monkeypatch):
-    """Under CPU autocast, bfloat16 runs on the bfloat16 kernels where the CPU has bf16 dot
-    products, and in float32 elsewhere; float16 always in float32. Either way the result is
+@pytest.mark.parametrize("setting, bf16_cpu", [("", True), ("bfloat16", True),
+                                               ("bfloat16", False), ("float32", True)])
+def test_cpu_autocast_dtype(setting, bf16_cpu, monkeypatch):
+    """Under CPU autocast attention computes in float32 (measured faster than the bf16 kernels
+    on AVX512_BF16 CPUs); MINIGPT_CPU_AUTOCAST_ATTENTION=bfloat16 keeps bfloat16 on "ext" where
+    the CPU has bf16 dot products. float16 always runs in float32. Either way the result is
     within the rule of the dtype it was computed in."""
+    monkeypatch.setenv("MINIGPT_CPU_AUTOCAST_ATTENTION", setting)
     monkeypatch.setattr(attention_module, "bf16_supported", lambda device: bf16_cpu)
-    assert cpu_autocast_dtype(torch.bfloat16) == (torch.bfloat16 if bf16_cpu else torch.float32)
+    want = torch.bfloat16 if setting == "bfloat16" and bf16_cpu else torch.float32
+    assert cpu_autocast_dtype(torch.bfloat16) == want
     assert cpu_autocast_dtype(torch.float16) == torch.float32
     assert cpu_autocast_dtype(torch.bfloat16, "sdpa") == torch.float32
     q, k, v = rand_qkv(2, 4, 2, 33, 33, 32, dtype=torch.bfloat16, seed=4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = attention(q, k, v, causal=True)
-    want = torch.bfloat16 if bf16_cpu else torch.float32
     assert out.dtype == want
     ref = reference_attention(q, k, v, causal=True)
     naive = attention(q.to(want), k.to(want), v.to(want), backend="naive")
     check_rule("out", out, naive, ref, want)
     assert all(g.dtype == torch.bfloat16 for g in _grads(out, (q, k, v)))
+
+
+def test_cpu_autocast_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("MINIGPT_CPU_AUTOCAST_ATTENTION", "fp8")
+    with pytest.raises(ValueError, match="MINIGPT_CPU_AUTOCAST_ATTENTION must be float32 or "
+                                         "bfloat16, got 'fp8'"):
+        cpu_autocast_dtype(torch.bfloat16)
