@@ -108,10 +108,18 @@ def demangle(names: list) -> dict:
 def parse(path: Path) -> list:
     """One dict per kernel in the object: name, arch, counts and loop ratios."""
     cuobjdump = tool("cuobjdump")
-    sass = subprocess.run([cuobjdump, "-sass", str(path)], capture_output=True, text=True,
-                          check=True).stdout
-    res = subprocess.run([cuobjdump, "-res-usage", str(path)], capture_output=True, text=True,
-                         check=True).stdout
+    # cuobjdump -sass runs nvdisasm, which it looks for on PATH or at NVDISASM_PATH (the PyPI
+    # wheels put it in a folder of their own).
+    env = {**os.environ, "NVDISASM_PATH": str(Path(tool("nvdisasm")).parent)}
+
+    def run(flag):
+        r = subprocess.run([cuobjdump, flag, str(path)], capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            raise SystemExit(f"sass_report: cuobjdump {flag} {path} failed: "
+                             f"{r.stderr.strip().splitlines()[-1:]}")
+        return r.stdout
+
+    sass, res = run("-sass"), run("-res-usage")
     regs = {}
     for m in re.finditer(r"Function (\S+):\s*\n\s*REG:(\d+)", res):
         regs[m.group(1)] = int(m.group(2))
