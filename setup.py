@@ -2,7 +2,7 @@
 
     pip install --no-build-isolation -e .      # torch must already be installed
 
-What is built is decided by minigpt/_build.py (shared with the just-in-time build) and printed
+What is built is decided by minigpt/attention/_build.py (shared with the just-in-time build) and printed
 as one line: the CPU kernels (csrc/*.cpp, by glob) always, the CUDA kernels (csrc/cuda/*.cpp,
 *.cu) too when torch is a CUDA build and a CUDA toolkit of the same major version is found.
 Switches: MINIGPT_CUDA=auto|0|1 (1: fail unless the CUDA kernels can be built),
@@ -29,14 +29,14 @@ Install torch first, then build against it without build isolation:
 
 
 def _load_build_module():
-    spec = importlib.util.spec_from_file_location("minigpt_build", "minigpt/_build.py")
+    spec = importlib.util.spec_from_file_location("minigpt_build", "minigpt/attention/_build.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up here
     spec.loader.exec_module(module)
     return module
 
 
-PLAN_FILE = "minigpt/_build_plan.txt"  # read by minigpt._ext.build_info()
+PLAN_FILE = "minigpt/_build_plan.txt"  # read by minigpt.attention._ext.build_info()
 ext_modules, cmdclass = [], {}
 try:
     import torch

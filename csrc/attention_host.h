@@ -71,7 +71,7 @@ inline void check_bhtd(const char* op, const char* name, const at::Tensor& t,
               t.strides());
 }
 
-// q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D) as DESIGN.md's contract requires.
+// q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D) as docs/design.md's contract requires.
 inline void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k,
                       const at::Tensor& v, bool causal, const Accepts& accepts) {
   check_bhtd(op, "q", q, q, accepts);

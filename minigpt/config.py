@@ -26,9 +26,9 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Dict, Optional, Tuple
 
-from .attention import BACKENDS
-from .runtime import DTYPES
-from .tokenizer import TOKENIZERS
+from minigpt.attention import BACKENDS
+from minigpt.runtime import DTYPES
+from minigpt.tokenizer import TOKENIZERS
 
 
 class ConfigError(ValueError):
@@ -190,7 +190,7 @@ class GPTConfig:
                                   # al. 2020); None = the whole causal context
     attn_backend: Optional[str] = None  # minigpt.attention backend; None picks the best
     layer_heads: Optional[Tuple[int, ...]] = None  # query heads of each layer, each in
-                                  # 1..n_head (head pruning writes it: python -m minigpt.heads
+                                  # 1..n_head (head pruning writes it: python -m minigpt heads
                                   # --prune); None = n_head in every layer
     layer_kv_heads: Optional[Tuple[int, ...]] = None  # key/value heads of each layer, each
                                   # dividing that layer's query heads; None = n_kv_head in every
@@ -373,7 +373,7 @@ class TrainConfig:
     # optimisation
     optimizer: str = "muon"           # "muon": Muon for the blocks' matrices and AdamW for
                                       # embeddings, head, biases and gains; or "adamw" for all
-                                      # (see minigpt.optim)
+                                      # (see minigpt.train.optim)
     batch_size: int = 32              # sequences per micro-step (per process)
     grad_accum: int = 1               # micro-steps per optimizer step
     max_iters: int = 1400             # optimizer steps

@@ -9,7 +9,7 @@ References:
 - Options (GPTConfig, all off by default): ReLU^2 MLP (So et al. 2021, "Primer"), QK-norm
   (Henry et al. 2020, "Query-Key Normalization for Transformers"; Dehghani et al. 2023), an
   untied output head, zero-initialised residual projections (Jordan et al. 2024,
-  modded-nanogpt); and the pieces that pretrained models need (minigpt.pretrained loads them):
+  modded-nanogpt); and the pieces that pretrained models need (minigpt.hf.pretrained loads them):
   GPT-2's learned absolute positions and tanh-approximate GELU, Llama's RMSNorm (Zhang &
   Sennrich 2019, "Root Mean Square Layer Normalization") and SwiGLU MLP (Shazeer 2020, "GLU
   Variants Improve Transformer", eq. 6) with its own intermediate size and head_dim, the norm
@@ -38,8 +38,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention, attention_probs, cpu_autocast_dtype
-from .config import GPTConfig
+from minigpt.attention import attention, attention_probs, cpu_autocast_dtype
+from minigpt.config import GPTConfig
 
 
 class RotaryEmbedding(nn.Module):
@@ -48,7 +48,7 @@ class RotaryEmbedding(nn.Module):
 
     Hugging Face's Llama pairs (x[i], x[i + head_dim/2]) instead ("rotate_half"); the two are
     the same model up to a permutation of the q and k projection rows within each head, which
-    minigpt.pretrained applies when it loads such weights (and undoes when it exports them).
+    minigpt.hf.pretrained applies when it loads such weights (and undoes when it exports them).
 
     Angles are computed from integer positions on each call (cheap: T x head_dim/2), so no
     table has to be sized or moved between devices in advance. They are float64 except on MPS,
@@ -235,7 +235,7 @@ class KVCache:
 # the weights. Stored (out, in), as nn.Linear keeps them, F.linear asks BLAS for x @ W^T; MKL runs
 # that product markedly slower for a single row than x @ W with W stored (in, out) -- GPT-2's own
 # Conv1D layout: 1.25x on GPT-2 small's blocks and 2x on its 768 x 50257 output head, measured on
-# an AMD EPYC (python -m minigpt.bench_generate). Switching the layout costs two copies of the
+# an AMD EPYC (python -m minigpt bench-generate). Switching the layout costs two copies of the
 # weights per generate() call, about what 40 decode steps save, hence the threshold.
 _COLUMN_MAJOR_MIN_TOKENS = 64
 
@@ -445,16 +445,16 @@ class GPT(nn.Module):
             dtype: of the parameters (default float32, which the CPU kernels need).
 
         Raises:
-            minigpt.pretrained.PretrainedError: no such model, offline without a local copy
+            minigpt.hf.pretrained.PretrainedError: no such model, offline without a local copy
                 (the message says what to download and where), unreadable files, or a
                 configuration feature minigpt does not have (named: rope scaling, sliding
                 windows, ...).
 
-        The matching tokenizer: minigpt.pretrained.load_tokenizer(path_or_name). See
+        The matching tokenizer: minigpt.hf.pretrained.load_tokenizer(path_or_name). See
         minigpt/pretrained.py for the weight mapping (GPT-2's Conv1D matrices are transposed;
         Llama's q/k rows are permuted to our RoPE pairing).
         """
-        from .pretrained import pretrained_state
+        from minigpt.hf.pretrained import pretrained_state
 
         state = pretrained_state(path_or_name, block_size=block_size, dtype=dtype,
                                  tokenizer=False)
@@ -689,10 +689,10 @@ class GPT(nn.Module):
                              device_type: str) -> torch.optim.AdamW:
         """AdamW (Loshchilov & Hutter 2019) with weight decay on matrices (every >= 2-d
         parameter: Linear weights and the embedding) and none on biases and norm gains.
-        minigpt.optim.build_optimizer builds this or Muon from a TrainConfig."""
+        minigpt.train.optim.build_optimizer builds this or Muon from a TrainConfig."""
         from types import SimpleNamespace
 
-        from .optim import build_optimizer
+        from minigpt.train.optim import build_optimizer
 
         cfg = SimpleNamespace(optimizer="adamw", weight_decay=weight_decay,
                               learning_rate=learning_rate, beta1=betas[0], beta2=betas[1])
@@ -709,7 +709,7 @@ class GPT(nn.Module):
         (default) each step feeds only the newest token and attends to a KVCache, until the
         context fills block_size; from then on every token's context changes at each step, so
         each step recomputes the last block_size tokens (the cache is refilled), which keeps the
-        logits equal to a full recompute. Sampling: see minigpt.sampling.sample_next
+        logits equal to a full recompute. Sampling: see minigpt.generation.sample_next
         (temperature 0 is greedy). callback(step, next_tokens) is called after each new token
         (next_tokens (B, 1)); a truthy return value ends generation there (sample.py's --stop
         strings). On the CPU, for max_new_tokens >= 64, the Linear weights are stored
@@ -728,7 +728,7 @@ class GPT(nn.Module):
         Raises:
             ValueError: max_new_tokens < 0, or a stop token outside [0, vocab_size).
         """
-        from .sampling import sample_next
+        from minigpt.generation import sample_next
 
         if max_new_tokens < 0:
             raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")

@@ -158,7 +158,12 @@ def os_error_message(e: OSError) -> str:
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser with one-line errors: "prog: error: argument --seed: ... (see prog
     --help)", exit code 2, without the usage block (which for train.py's ~60 flags buries
-    the error)."""
+    the error). --help appends each flag's default, "(default: X)", unless formatter_class says
+    otherwise (train.py writes its own: its defaults resolve after parsing)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -53,7 +53,7 @@ def tiktoken_available() -> bool:
 def train_tiny_run(base: Path, n_head: int = 2):
     """Train a tiny char model (2 layers, n_head heads, 32 wide) for 12 steps on generated text
     under base; returns its TrainConfig (checkpoint in cfg.out_dir)."""
-    from minigpt.training import TrainConfig, train
+    from minigpt.train.loop import TrainConfig, train
     rng = random.Random(0)
     words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 6)))
              for _ in range(50)]

@@ -21,7 +21,7 @@ TESTS = Path(__file__).resolve().parent
 sys.path[:0] = [str(TESTS.parent), str(TESTS)]  # this checkout's minigpt, then reference.py
 from reference import check_rule, grad_scale, max_err, rand_qkv, reference_attention  # noqa: E402
 
-from minigpt import _ext  # noqa: E402
+from minigpt.attention import _ext  # noqa: E402
 from minigpt.attention import attention  # noqa: E402
 
 # (B, Hq, Hkv, Tq, Tk, D, causal, layout)

@@ -1,4 +1,4 @@
-"""The float64 reference and the correctness rule of DESIGN.md, shared by the tests."""
+"""The float64 reference and the correctness rule of docs/design.md, shared by the tests."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""attention(): every backend against the float64 reference, and the errors of DESIGN.md."""
+"""attention(): every backend against the float64 reference, and the errors of docs/design.md."""
 
 import math
 
@@ -95,7 +95,7 @@ def test_attention_backends_report():
 
 def test_registry_is_the_one_list_of_backends():
     from minigpt.attention import REGISTRY, available_backends, unavailable_reason
-    from minigpt.train import build_parser
+    from minigpt.cli.train import build_parser
 
     assert minigpt.BACKENDS == tuple(REGISTRY) == ("ext", "sdpa", "naive")
     choices = next(a.choices for a in build_parser()._actions if a.dest == "attn_backend")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from minigpt import GPT, GPTConfig
-from minigpt.sample import StopText
+from minigpt.cli.sample import StopText
 from minigpt.tokenizer import CharTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,7 +73,7 @@ def test_stop_text_cuts_and_never_streams_a_stop_prefix(capsys):
 
 jinja2 = pytest.importorskip("jinja2")
 
-from minigpt.chat import ChatTemplateError, chat_messages, render_chat  # noqa: E402
+from minigpt.hf.chat import ChatTemplateError, chat_messages, render_chat  # noqa: E402
 
 SMOL = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
         "{{ '<|im_start|>system\\nYou are helpful<|im_end|>\\n' }}{% endif %}"
@@ -155,7 +155,7 @@ def test_sample_chat_without_a_template_is_refused(tmp_path):
 def test_coreference_experiment_on_a_tiny_model(tmp_path):
     """At "it", a causal model has not read the deciding word: both sentences of a pair give it
     the same attention, so every head scores exactly 1/2 there."""
-    from minigpt.coreference import PAIRS, binomial_tail, coreference, markdown, sentences
+    from minigpt.experiments.coreference import PAIRS, binomial_tail, coreference, markdown, sentences
 
     assert len(PAIRS) >= 30 and len(sentences()) == 2 * len(PAIRS)
     text = "".join(s["text"] for s in sentences()) + ' In this sentence, "it" refers to the'

@@ -10,7 +10,7 @@ import pytest
 from minigpt import checkpoint as checkpoint_module
 from minigpt.config import (PRESETS, ConfigError, GPTConfig, TrainConfig, default_settings,
                             fixed_on_resume)
-from minigpt.train import _NOT_FLAGS, build_parser, main, resolve_config
+from minigpt.cli.train import _NOT_FLAGS, build_parser, main, resolve_config
 
 
 @pytest.mark.parametrize("kw, owner, name", [

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import minigpt
-from minigpt import _ext
+from minigpt.attention import _ext
 from minigpt.attention import REGISTRY, attention, cpu_autocast_dtype
 
 from conftest import ext_required

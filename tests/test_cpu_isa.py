@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minigpt import _ext
+from minigpt.attention import _ext
 
 from conftest import ext_required
 

@@ -1,4 +1,4 @@
-"""The default backend on CUDA: "ext" only where minigpt.gpu_table has it measured at least as
+"""The default backend on CUDA: "ext" only where minigpt.attention.gpu_table has it measured at least as
 fast as SDPA for the GPU's compute capability and the dtype; "sdpa" elsewhere, with the reason
 in attention_backends(); backend="ext", $MINIGPT_ATTENTION_BACKEND=ext and --attn-backend ext
 still force ours. Runs on CPU: the GPU's compute capability and the CUDA build are faked."""
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import minigpt
-from minigpt import _ext, gpu_table
+from minigpt.attention import _ext
+from minigpt.attention import gpu_table
 from minigpt.config import GPTConfig
 
 attention_module = importlib.import_module("minigpt.attention")
@@ -57,7 +58,7 @@ def test_env_and_the_training_option_force_ext(fake_gpu, monkeypatch):
     monkeypatch.setenv("MINIGPT_ATTENTION_BACKEND", "ext")
     assert resolve_backend(None, CUDA, torch.bfloat16, 64, True) == "ext"
     monkeypatch.delenv("MINIGPT_ATTENTION_BACKEND")
-    # --attn-backend ext reaches resolve_backend as GPTConfig.attn_backend (minigpt.training)
+    # --attn-backend ext reaches resolve_backend as GPTConfig.attn_backend (minigpt.train.loop)
     cfg = GPTConfig(attn_backend="ext")
     assert resolve_backend(cfg.attn_backend, CUDA, torch.bfloat16, 64, True) == "ext"
 

@@ -1,5 +1,5 @@
 """The two CUDA kernel sets (MINIGPT_CUDA_KERNELS: v2, the default, and v1, the kernels of the
-first GPU run) against the float64 reference by DESIGN.md's rule, with every term and both dQ
+first GPU run) against the float64 reference by docs/design.md's rule, with every term and both dQ
 paths; empty inputs (B = 0, Tq = 0) launch nothing and give zero dK, dV. Skipped without a GPU."""
 
 import importlib
@@ -7,7 +7,8 @@ import importlib
 import pytest
 import torch
 
-from minigpt import _ext, gpu_table
+from minigpt.attention import _ext
+from minigpt.attention import gpu_table
 from minigpt.attention import attention
 
 attention_module = importlib.import_module("minigpt.attention")

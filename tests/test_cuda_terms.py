@@ -1,5 +1,5 @@
 """The CUDA kernels' optional score terms: ALiBi (alibi_slopes) and the sliding window, against a
-float64 reference by DESIGN.md's rule, for every dtype path, head dim, GQA, Tq < Tk, decode and
+float64 reference by docs/design.md's rule, for every dtype path, head dim, GQA, Tq < Tk, decode and
 the deterministic backward; and the first-use self-check with these terms. Skipped without a GPU."""
 
 import importlib
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from minigpt import _ext
+from minigpt.attention import _ext
 from minigpt.attention import attention, naive_attention
 
 from reference import check_rule, grad_scale, max_err, rand_qkv
@@ -63,7 +63,7 @@ def _inputs(shape, dtype, seed):
 
 
 def _check(shape, dtype, causal, window, alibi, deterministic=False, seed=0):
-    """out, lse, dq, dk, dv of the CUDA kernels against the float64 reference (DESIGN.md's rule
+    """out, lse, dq, dk, dv of the CUDA kernels against the float64 reference (docs/design.md's rule
     for out and the gradients; lse to float32 accuracy). Returns the gradients."""
     q, k, v = _inputs(shape, dtype, seed)
     scale = 1.0 / math.sqrt(shape[-1])

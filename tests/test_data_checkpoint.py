@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from minigpt import checkpoint as checkpoint_module
-from minigpt import data
+from minigpt.train import data
 from minigpt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from minigpt.data import BatchSampler, DataError, load_corpus
+from minigpt.train.data import BatchSampler, DataError, load_corpus
 from minigpt.runtime import os_error_message
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,7 +111,7 @@ def test_import_file_checks_hash(tmp_path):
 
 
 def test_data_command_line_imports_and_downloads(tmp_path, monkeypatch, capsys):
-    """python -m minigpt.data: --import-file PATH and the download, exit codes 0 and 2."""
+    """python -m minigpt data: --import-file PATH and the download, exit codes 0 and 2."""
     payload = b"First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50
     monkeypatch.setattr(data, "SHAKESPEARE_SHA256", hashlib.sha256(payload).hexdigest())
     copy = tmp_path / "copy.txt"
@@ -139,7 +139,7 @@ def test_data_command_line_imports_and_downloads(tmp_path, monkeypatch, capsys):
 def test_data_module_runs_as_a_script(tmp_path):
     wrong = tmp_path / "wrong.txt"
     wrong.write_text("not the corpus")
-    r = subprocess.run([sys.executable, "-m", "minigpt.data", "--import-file", str(wrong)],
+    r = subprocess.run([sys.executable, "-m", "minigpt.train.data", "--import-file", str(wrong)],
                        capture_output=True, text=True, timeout=120,
                        env={**os.environ, "MINIGPT_CACHE_DIR": str(tmp_path / "cache")})
     assert r.returncode == 2 and "not tiny Shakespeare" in r.stderr and "Traceback" not in r.stderr
@@ -245,13 +245,13 @@ def test_a_fifo_corpus_is_refused_not_read(tmp_path):
     fifo = tmp_path / "corpus.fifo"
     os.mkfifo(fifo)
     # In a subprocess: before the check, reading the FIFO blocked for ever.
-    code = ("import sys\nfrom minigpt.data import load_corpus, DataError\n"
+    code = ("import sys\nfrom minigpt.train.data import load_corpus, DataError\n"
             "try:\n    load_corpus(sys.argv[1], 'char')\n"
             "except DataError as e:\n    print(e)\n")
     r = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True, text=True,
                        timeout=60, cwd=ROOT)
     assert "FIFO" in r.stdout and str(fifo) in r.stdout, r.stdout + r.stderr
-    r = subprocess.run([sys.executable, "-m", "minigpt.data", "--import-file", str(fifo)],
+    r = subprocess.run([sys.executable, "-m", "minigpt.train.data", "--import-file", str(fifo)],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 2 and "FIFO" in r.stderr and "Traceback" not in r.stderr, r.stderr
 

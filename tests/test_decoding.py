@@ -1,6 +1,6 @@
 """Decoding: the KV cache's last-position logits, generate()'s column-major weights on the CPU,
-and the two decode benchmarks (python -m minigpt.profile --decode, python -m
-minigpt.bench_generate) run end to end on tiny shapes."""
+and the two decode benchmarks (python -m minigpt profile --decode, python -m
+minigpt.bench.generate) run end to end on tiny shapes."""
 
 import importlib.util
 import json
@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from minigpt import profile
+from minigpt.bench import profile
 from minigpt.model import GPT, GPTConfig, KVCache
 
 HAVE_HF = importlib.util.find_spec("transformers") is not None
@@ -97,7 +97,7 @@ def test_profile_decode_mode(tmp_path, capsys):
 
 @pytest.mark.skipif(not HAVE_HF, reason="transformers is not installed")
 def test_bench_generate_runs(tmp_path, capsys):
-    from minigpt import bench_generate
+    from minigpt.bench import generate as bench_generate
 
     path = tmp_path / "gen.json"
     rc = bench_generate.main(["--prompt", "8", "--new", "5", "--layers", "1", "--heads", "2",

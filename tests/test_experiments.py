@@ -1,4 +1,4 @@
-"""python -m minigpt.experiments: the ablation runs every variant to the same time budget; positions
+"""python -m minigpt experiments: the ablation runs every variant to the same time budget; positions
 and window write their tables and figures."""
 
 import json

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minigpt import _ext
+from minigpt.attention import _ext
 from minigpt.attention import attention
 from minigpt.model import GPT, GPTConfig
 
@@ -213,7 +213,7 @@ def test_stale_jit_lock_does_not_hang(tmp_path):
     build.mkdir()
     (build / "lock").write_text("")  # what torch leaves behind when a build is killed
     # A process that took our lock and was killed: the kernel releases flocks on exit.
-    code = ("import sys, time; from pathlib import Path; from minigpt._ext import _build_lock\n"
+    code = ("import sys, time; from pathlib import Path; from minigpt.attention._ext import _build_lock\n"
             "with _build_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(build)], stdout=subprocess.PIPE,
                             text=True)
@@ -395,7 +395,7 @@ def test_decode_path_float64_out_and_lse(shape, causal, num_threads):
 @pytest.mark.parametrize("causal", [True, False])
 def test_decode_path_float32_rule_with_gradients(shape, causal, num_threads):
     """out by the decode path, and the gradients of the tiled backward from its lse, within
-    DESIGN.md's rule."""
+    docs/design.md's rule."""
     _check_against_reference(shape, causal, "transposed")
     q, k, v = rand_qkv(*shape, layout="transposed", seed=1, requires_grad=False)
     _, lse = torch.ops.minigpt.attention_forward(q, k, v, causal, 0.3)

@@ -19,8 +19,8 @@ from minigpt.checkpoint import load_checkpoint
 from minigpt.config import ConfigError, GPTConfig
 from minigpt.model import GPT
 from minigpt.runtime import PathError, check_dir_target
-from minigpt.training import TrainConfig, train
-from minigpt.train import main as train_main
+from minigpt.train.loop import TrainConfig, train
+from minigpt.cli.train import main as train_main
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "8",
         "--batch-size", "2", "--eval-iters", "1", "--no-progress", "--attn-backend", "sdpa"]
@@ -125,7 +125,7 @@ def test_non_finite_alibi_slopes_are_refused(bad):
 def test_export_never_writes_onto_its_source_or_into_a_run_directory(text_file, tmp_path,
                                                                      capsys):
     pytest.importorskip("safetensors")
-    from minigpt.export import main as export_main
+    from minigpt.hf.export import main as export_main
 
     out = tmp_path / "run"
     train(_tiny_cfg(text_file, out, max_iters=1, eval_interval=1), log=lambda *a: None)
@@ -145,7 +145,7 @@ def test_export_never_writes_onto_its_source_or_into_a_run_directory(text_file, 
 
 
 def test_profile_refuses_bad_sizes_and_output_paths_before_timing(tmp_path, monkeypatch, capsys):
-    from minigpt import profile
+    from minigpt.bench import profile
 
     monkeypatch.setattr(profile, "run_case", lambda *a, **k: pytest.fail("benchmark ran"))
     for argv, words in ((["--seq", "0"], "argument --seq"),
@@ -180,7 +180,8 @@ def test_experiments_refuse_missing_data_and_file_outputs_before_training(tmp_pa
 
 
 def test_an_interrupted_run_ends_the_whole_experiment(monkeypatch):
-    from minigpt import experiments, training
+    from minigpt import experiments
+    from minigpt.train import loop as training
 
     monkeypatch.setattr(training, "train",
                         lambda cfg, log=None: types.SimpleNamespace(interrupted=True))
@@ -226,7 +227,7 @@ def test_a_missing_logger_package_is_one_line_with_the_pip_line(text_file, tmp_p
     assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match="pip install"):
         monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-        from minigpt.loggers import check_logger
+        from minigpt.train.loggers import check_logger
 
         check_logger("tensorboard")
 
@@ -261,7 +262,7 @@ def test_wandb_logger_goes_offline_without_a_network(text_file, tmp_path, monkey
 
 
 def test_sizes_too_large_for_the_machine_are_one_line(monkeypatch, capsys):
-    from minigpt import profile
+    from minigpt.bench import profile
 
     def allocate(*a, **k):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "

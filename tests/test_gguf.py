@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from minigpt import GPT  # noqa: E402
-from minigpt.pretrained import PretrainedError, load_tokenizer, pretrained_state  # noqa: E402
+from minigpt.hf.pretrained import PretrainedError, load_tokenizer, pretrained_state  # noqa: E402
 from minigpt.tokenizer import _byte_decoder, from_state  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -138,7 +138,7 @@ def test_tiny_gguf_logits_match_transformers(tmp_path):
 def test_tiny_gguf_without_the_permutation_undone_would_differ(tmp_path):
     """The q/k row order matters: loading the file's rows as if they were rotate_half order
     gives other logits (so the test above can fail)."""
-    from minigpt import gguf_file
+    from minigpt.hf import gguf_file
 
     path = tmp_path / "tiny.gguf"
     hf = write_tiny_gguf(path)
@@ -268,7 +268,7 @@ def test_smollm2_gguf_matches_transformers():
 def test_llama3_rope_freqs_tensor_is_recognised_or_refused(tmp_path):
     """Llama 3.1/3.2 GGUF files carry llama3 scaling as rope_freqs.weight, the divisor of each
     frequency (convert_hf_to_gguf.py's rope_factors)."""
-    from minigpt.gguf_file import _LLAMA3_CANDIDATES, _llama3_from_factors, _Tensor
+    from minigpt.hf.gguf_file import _LLAMA3_CANDIDATES, _llama3_from_factors, _Tensor
 
     hf = {"hidden_size": 64, "num_attention_heads": 4, "head_dim": 16, "rope_theta": 500000.0}
 

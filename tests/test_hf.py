@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from minigpt import _ext
+from minigpt.attention import _ext
 
 HAVE_HF = importlib.util.find_spec("transformers") is not None
 needs_hf = pytest.mark.skipif(not HAVE_HF, reason="transformers is not installed")
@@ -19,7 +19,7 @@ EXT = _ext.unavailable_reason() is None
 
 
 def test_import_minigpt_does_not_import_transformers():
-    code = ("import sys, minigpt, minigpt.hf, minigpt.bench_generate, minigpt.profile\n"
+    code = ("import sys, minigpt, minigpt.hf, minigpt.bench.generate, minigpt.bench.profile\n"
             "bad = sorted(m for m in ('transformers', 'tokenizers', 'safetensors') "
             "if m in sys.modules)\n"
             "assert not bad, bad\n")
@@ -33,7 +33,7 @@ if HAVE_HF:
                               GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                               MistralForCausalLM)
 
-    import minigpt.hf as mhf
+    import minigpt.hf.plugin as mhf
 
     transformers.logging.set_verbosity_error()
 

@@ -12,7 +12,7 @@ pytest.importorskip("safetensors")
 from minigpt import GPT, GPTConfig  # noqa: E402
 from minigpt.config import ConfigError  # noqa: E402
 from minigpt.model import RotaryEmbedding  # noqa: E402
-from minigpt.pretrained import PretrainedError  # noqa: E402
+from minigpt.hf.pretrained import PretrainedError  # noqa: E402
 
 TOL = dict(atol=2e-5, rtol=1e-4)
 # Past position ~64 transformers' float32 angles (pos * inv_freq in float32) drift by ~1e-5 rad
@@ -85,8 +85,8 @@ def test_llama3_through_the_kv_cache(tmp_path):
 
 
 def test_llama3_survives_export_and_checkpoints(tmp_path):
-    from minigpt.export import export_hf
-    from minigpt.pretrained import pretrained_state
+    from minigpt.hf.export import export_hf
+    from minigpt.hf.pretrained import pretrained_state
 
     hf, path = _llama(tmp_path)
     state = pretrained_state(str(path), tokenizer=False)

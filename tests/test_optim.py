@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from minigpt.config import ConfigError, GPTConfig, TrainConfig
 from minigpt.model import GPT
-from minigpt.optim import Muon, Optimizers, build_optimizer
+from minigpt.train.optim import Muon, Optimizers, build_optimizer
 
 
 def tiny_model(**kw):
@@ -145,9 +145,9 @@ def test_relu2_untied_and_zero_init():
 @pytest.mark.parametrize("nesterov, weight_decay, adjust", [(True, 0.0, None),
                                                             (False, 0.1, "match_rms_adamw")])
 def test_batched_muon_matches_torch_muon(nesterov, weight_decay, adjust):
-    """minigpt.optim.Muon batches same-shaped matrices; its steps are torch.optim.Muon's (both
+    """minigpt.train.optim.Muon batches same-shaped matrices; its steps are torch.optim.Muon's (both
     orthogonalise in bfloat16, so agreement is to bfloat16 rounding of the update)."""
-    from minigpt.optim import Muon
+    from minigpt.train.optim import Muon
 
     g = torch.Generator().manual_seed(5)
     shapes = [(24, 8), (8, 24), (8, 24), (16, 16), (24, 8), (5, 7)]  # tall, wide, square, odd

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import minigpt
-from minigpt import _build, _ext
+from minigpt.attention import _build
+from minigpt.attention import _ext
 attention_module = importlib.import_module("minigpt.attention")  # the module, not the function
 from minigpt.attention import attention
 from minigpt.attention import resolve_backend as _resolve_backend
@@ -374,7 +375,7 @@ def test_the_constant_mark_is_dynamos_and_import_does_not_load_dynamo():
     marked = torch._dynamo.assume_constant_result(f)
     assert vars(marked) == vars(attention_module._assume_constant_result(lambda: 1)) == {
         "_dynamo_marked_constant": True}
-    code = "import sys, minigpt, minigpt.train; print('torch._dynamo' in sys.modules)"
+    code = "import sys, minigpt, minigpt.cli.train; print('torch._dynamo' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, cwd=ROOT)
     assert out.stdout.strip() == "False", out.stderr
@@ -446,7 +447,7 @@ def test_precision_auto_picks_bf16_or_float16_with_a_scaler(monkeypatch):
 
 def test_float16_training_uses_a_grad_scaler_and_resumes(text_file, tmp_path):
     from minigpt.checkpoint import load_checkpoint
-    from minigpt.training import TrainConfig, train
+    from minigpt.train.loop import TrainConfig, train
 
     cfg = dict(data=str(text_file), n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4,
                max_iters=4, eval_interval=2, eval_iters=1, warmup_iters=1, progress=False,
@@ -470,7 +471,7 @@ def test_version_and_console_scripts():
     for script, target in meta["project"]["scripts"].items():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), script
-    assert set(meta["project"]["scripts"]) == {"minigpt-train", "minigpt-sample",
+    assert set(meta["project"]["scripts"]) == {"minigpt", "minigpt-train", "minigpt-sample",
                                                "minigpt-profile", "minigpt-heads",
                                                "minigpt-export"}
     assert meta["project"]["optional-dependencies"]["hf"] == [
@@ -478,10 +479,16 @@ def test_version_and_console_scripts():
     assert minigpt.__version__.count(".") == 2
 
 
-@pytest.mark.parametrize("module", ["minigpt.train", "minigpt.sample", "minigpt.profile",
-                                    "minigpt.heads", "minigpt.export"])
-def test_python_m_entry_points_show_help(module):
-    out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True,
+# The module names of minigpt 0.1 (`python -m minigpt.profile`, ...) keep working beside the
+# new places and `python -m minigpt <command>`.
+@pytest.mark.parametrize("args", [
+    ["minigpt.cli.train"], ["minigpt.cli.sample"], ["minigpt.bench.profile"],
+    ["minigpt.analysis.heads"], ["minigpt.hf.export"], ["minigpt.train"],
+    ["minigpt.profile"], ["minigpt.heads"], ["minigpt.export"], ["minigpt.sample"],
+    ["minigpt.bench_generate"], ["minigpt.plot"], ["minigpt.data"], ["minigpt.experiments"],
+    ["minigpt", "train"], ["minigpt", "profile"], ["minigpt", "bench-generate"]])
+def test_python_m_entry_points_show_help(args):
+    out = subprocess.run([sys.executable, "-m", *args, "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "usage:" in out.stdout, out.stderr
 

@@ -21,10 +21,10 @@ pytest.importorskip("safetensors")
 
 from conftest import tiktoken_available  # noqa: E402
 from minigpt import GPT, GPTConfig  # noqa: E402
-from minigpt.export import export_hf, load_safetensors  # noqa: E402
-from minigpt.pretrained import (PretrainedError, _halves_to_pairs, _pairs_to_halves,  # noqa: E402
+from minigpt.hf.export import export_hf, load_safetensors  # noqa: E402
+from minigpt.hf.pretrained import (PretrainedError, _halves_to_pairs, _pairs_to_halves,  # noqa: E402
                                 load_tokenizer, pretrained_state)
-from minigpt.sampling import TextStream  # noqa: E402
+from minigpt.generation import TextStream  # noqa: E402
 from minigpt.tokenizer import HFTokenizer  # noqa: E402
 
 TOL = dict(atol=2e-5, rtol=1e-4)  # float32: a few ulps of the logits' size, summed over layers
@@ -143,7 +143,7 @@ def test_minigpt_models_export_to_transformers(options, arch, tmp_path):
 
 def test_export_refuses_a_model_transformers_has_no_architecture_for(tmp_path, capsys):
     from minigpt.checkpoint import save_checkpoint
-    from minigpt.export import main
+    from minigpt.hf.export import main
 
     model = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=16))
     save_checkpoint({"model": model.state_dict(), "model_config": model.config.to_dict(),
@@ -356,7 +356,7 @@ def test_llama_tokenizer_comes_from_tokenizer_json(tiny_llama_dir):
 def test_finetune_through_train(tiny_llama_dir, text_file, tmp_path):
     from minigpt.checkpoint import load_checkpoint
     from minigpt.tokenizer import from_state
-    from minigpt.training import TrainConfig, train
+    from minigpt.train.loop import TrainConfig, train
 
     common = dict(init_from=str(tiny_llama_dir), data=str(text_file), block_size=32,
                   batch_size=4, eval_interval=4, eval_iters=2, warmup_iters=0,
@@ -380,7 +380,7 @@ def test_finetune_through_train(tiny_llama_dir, text_file, tmp_path):
 
 
 def test_train_cli_with_init_from(tiny_llama_dir, text_file, tmp_path, capsys):
-    from minigpt.train import main, resolve_config
+    from minigpt.cli.train import main, resolve_config
 
     cfg, _ = resolve_config(["--init-from", str(tiny_llama_dir), "--data", str(text_file)])
     assert cfg.learning_rate == 3e-5 and cfg.model.block_size == 128  # the finetune preset
@@ -403,8 +403,8 @@ def test_train_cli_with_init_from(tiny_llama_dir, text_file, tmp_path, capsys):
 
 def test_sample_and_heads_on_a_pretrained_directory(tiny_llama_dir, text_file, tmp_path,
                                                     capsys):
-    from minigpt.heads import main as heads_main
-    from minigpt.sample import main as sample_main
+    from minigpt.analysis.heads import main as heads_main
+    from minigpt.cli.sample import main as sample_main
 
     png = tmp_path / "attn.png"
     assert sample_main(["--init-from", str(tiny_llama_dir), "--prompt", "to be", "--seed", "1",
@@ -444,7 +444,7 @@ def test_gpt2_uses_tiktoken_and_exports_a_matching_tokenizer_json(tmp_path):
 
 
 def test_import_minigpt_does_not_import_the_hf_packages():
-    code = ("import sys, minigpt, minigpt.pretrained, minigpt.export, minigpt.training; "
+    code = ("import sys, minigpt, minigpt.hf.pretrained, minigpt.hf.export, minigpt.train.loop; "
             "print(sorted(m for m in ('transformers', 'tokenizers', 'safetensors', "
             "'huggingface_hub') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

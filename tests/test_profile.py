@@ -1,4 +1,4 @@
-"""python -m minigpt.profile: the FLOP counts, ratios, peak memory and correctness verdict it
+"""python -m minigpt profile: the FLOP counts, ratios, peak memory and correctness verdict it
 prints, the machine and same-dtype GEMM rate in its header, the layout of its inputs, dtypes a
 backend lacks, and the README's memory figures, which it produced."""
 
@@ -14,7 +14,8 @@ import matplotlib.image
 import pytest
 import torch
 
-from minigpt import attention_backends, profile
+from minigpt import attention_backends
+from minigpt.bench import profile
 from minigpt.attention import unavailable_reason
 
 from conftest import ext_required
@@ -163,7 +164,7 @@ def _readme_memory_rows():
 @needs_ext
 @pytest.mark.parametrize("T", [512, 1024])
 def test_readme_memory_figures_match_a_measurement(threads, T):
-    """The README's per-machine CPU table: `python -m minigpt.profile --threads 2 --batch 1
+    """The README's per-machine CPU table: `python -m minigpt profile --threads 2 --batch 1
     --seq 512 1024 2048 4096 --head-dim 64 128 --backends ext sdpa` (fp32, causal, 8 heads).
     Memory is deterministic, so its figures are checked; the two shortest rows at D = 64 keep
     this quick."""
@@ -362,7 +363,7 @@ def test_markdown_table(capsys):
     assert profile.main(_TINY + ["--seq", "32", "48", "--backends", "naive", "sdpa",
                                  "--markdown"]) == 0
     out = capsys.readouterr().out
-    assert "`python -m minigpt.profile --seq 32" in out and "float32, causal, layout model" in out
+    assert "`python -m minigpt profile --seq 32" in out and "float32, causal, layout model" in out
     (table,) = _markdown_tables(out)
     assert [(r["D"], r["T"]) for r in table] == [("16", "32"), ("16", "48")]
     for r in table:

@@ -1,5 +1,5 @@
 """Property tests (hypothesis): for random shapes, strides, dtypes and flags, attention() either
-matches the float64 reference by the rule of DESIGN.md or raises the documented error; it never
+matches the float64 reference by the rule of docs/design.md or raises the documented error; it never
 crashes otherwise or returns NaN."""
 
 import pytest
@@ -116,7 +116,7 @@ from dataclasses import fields  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from minigpt.config import GPTConfig, TrainConfig, default_settings  # noqa: E402
-from minigpt.train import main as train_main  # noqa: E402
+from minigpt.cli.train import main as train_main  # noqa: E402
 
 _TEXT = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=8)
 _SCALAR = st.one_of(st.booleans(), st.integers(-3, 300), st.integers(-2 ** 70, 2 ** 70),

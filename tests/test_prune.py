@@ -1,4 +1,4 @@
-"""Head pruning (minigpt.heads --prune): a pruned model computes exactly what the masked model
+"""Head pruning (minigpt.analysis.heads --prune): a pruned model computes exactly what the masked model
 computes, greedy re-measuring picks the least important unit at every step, grouped-query
 layers stay valid, and the written checkpoint loads, samples, resumes and fine-tunes."""
 
@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from minigpt import heads
+from minigpt.analysis import heads
 from minigpt.checkpoint import load_checkpoint
 from minigpt.config import ConfigError
 from minigpt.model import GPT, GPTConfig, KVCache
-from minigpt.training import TrainConfig, train
+from minigpt.train.loop import TrainConfig, train
 
 from conftest import train_tiny_run
 
@@ -166,7 +166,7 @@ def test_attention_maps_and_export_of_a_pruned_model():
     assert maps.shape == (3, 4, 10, 10)
     assert torch.allclose(maps[1, :2].sum(-1), torch.ones(2, 10))
     assert maps[1, 2:].isnan().all() and not maps[0].isnan().any()
-    from minigpt.pretrained import PretrainedError, export_architecture
+    from minigpt.hf.pretrained import PretrainedError, export_architecture
 
     with pytest.raises(PretrainedError, match="layer_heads=.*one head count for every layer"):
         export_architecture(GPTConfig(n_layer=2, n_head=4, n_embd=32, pos_embedding="learned",

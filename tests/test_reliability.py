@@ -241,7 +241,7 @@ def test_a_second_ctrl_c_during_training_stops_at_once_quietly(text_file, tmp_pa
 
 
 def test_ctrl_c_during_profile_ends_quietly():
-    proc = subprocess.Popen([sys.executable, "-m", "minigpt.profile", "--seq", "2048", "4096",
+    proc = subprocess.Popen([sys.executable, "-m", "minigpt.bench.profile", "--seq", "2048", "4096",
                              "--repeats", "50"], cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from minigpt.rundir import RunDir, RunDirError
-from minigpt.training import TrainConfig, train
+from minigpt.train.rundir import RunDir, RunDirError
+from minigpt.train.loop import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
 HOLD = ("import sys, time\n"
-        "from minigpt.rundir import RunDir\n"
+        "from minigpt.train.rundir import RunDir\n"
         "with RunDir(sys.argv[1]):\n"
         "    print('held', flush=True)\n"
         "    time.sleep(120)\n")
@@ -77,8 +77,8 @@ def test_train_cli_into_a_used_directory_exits_2_with_the_choices(text_file, tmp
 def test_a_run_notices_its_directory_or_lock_vanishing(text_file, tmp_path, monkeypatch, what):
     import shutil
 
-    from minigpt import training
-    from minigpt.rundir import RunDirLostError
+    from minigpt.train import loop as training
+    from minigpt.train.rundir import RunDirLostError
 
     out = tmp_path / "run"
     real_step = training.train_step
@@ -105,8 +105,8 @@ def test_a_run_notices_its_directory_or_lock_vanishing(text_file, tmp_path, monk
 
 
 def test_a_failed_start_leaves_no_directory_behind(text_file, tmp_path, monkeypatch):
-    from minigpt import training
-    from minigpt.data import DataError
+    from minigpt.train import loop as training
+    from minigpt.train.data import DataError
 
     def broken(*a, **k):
         raise DataError("no corpus today")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from minigpt.sampling import TextStream, sample_next
+from minigpt.generation import TextStream, sample_next
 from minigpt.tokenizer import CharTokenizer, GPT2Tokenizer
 
 from conftest import tiktoken_available

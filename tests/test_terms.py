@@ -1,5 +1,5 @@
 """ALiBi slopes and the sliding window (attention's alibi_slopes= and window=): every backend
-against the float64 reference, DESIGN.md's rule in float32, gradcheck, the decode path, the
+against the float64 reference, docs/design.md's rule in float32, gradcheck, the decode path, the
 skipping of key tiles outside the window, opcheck, and the errors."""
 
 import pytest
@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import minigpt
-from minigpt import _ext
+from minigpt.attention import _ext
 from minigpt.attention import attention, available_backends
 
 from conftest import ext_required

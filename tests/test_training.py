@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from minigpt.checkpoint import load_checkpoint
-from minigpt.training import TrainConfig, lr_at, train
+from minigpt.train.loop import TrainConfig, lr_at, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -214,7 +214,7 @@ def _nan_at(monkeypatch, steps):
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(text_file, tmp_path, monkeypatch):
-    from minigpt.training import NonFiniteLossError
+    from minigpt.train.loop import NonFiniteLossError
 
     _nan_at(monkeypatch, {15})
     with pytest.raises(NonFiniteLossError, match="step 15"):
@@ -249,7 +249,7 @@ def _inf_gradient_at(monkeypatch, steps):
 
 
 def test_inf_gradient_stops_and_keeps_last_good_checkpoint(text_file, tmp_path, monkeypatch):
-    from minigpt.training import NonFiniteLossError
+    from minigpt.train.loop import NonFiniteLossError
 
     _inf_gradient_at(monkeypatch, {13})
     msgs = []

@@ -14,12 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minigpt import heads, plot
+from minigpt.analysis import heads
+from minigpt.analysis import plot
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import CharTokenizer, GPT2Tokenizer
-from minigpt.train import draw_curves
-from minigpt.training import TrainConfig, train
-from minigpt.visualize import (display_token, draw_attention, plot_head_importance,
+from minigpt.cli.train import draw_curves
+from minigpt.train.loop import TrainConfig, train
+from minigpt.analysis.pictures import (display_token, draw_attention, plot_head_importance,
                                read_metrics, token_labels)
 
 from conftest import tiktoken_available, train_tiny_run
@@ -271,7 +272,7 @@ def test_training_writes_the_curves(tiny_run):
 def test_training_without_matplotlib_says_so(tmp_path, monkeypatch):
     text = tmp_path / "corpus.txt"
     text.write_text("abc def ghi\n" * 200, encoding="utf-8")
-    monkeypatch.setitem(sys.modules, "minigpt.visualize", None)  # import fails
+    monkeypatch.setitem(sys.modules, "minigpt.analysis.pictures", None)  # import fails
     msgs = []
     cfg = TrainConfig(data=str(text), out_dir=str(tmp_path / "out"), n_layer=1, n_head=2,
                       n_embd=16, block_size=8, batch_size=2, max_iters=2, eval_interval=2,

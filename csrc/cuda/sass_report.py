@@ -6,7 +6,7 @@
     python csrc/cuda/sass_report.py --check               # also fail where a limit is broken
 
 Compiles every csrc/cuda/*.cu with the flags a torch build passes (NVCC_TORCH_FLAGS, else
-minigpt._build.torch_nvcc_flags()) for sm_80 and sm_90 (or reads the *.o / *.cubin in
+minigpt.attention._build.torch_nvcc_flags()) for sm_80 and sm_90 (or reads the *.o / *.cubin in
 --objects), disassembles them with cuobjdump (pip install nvidia-cuda-cuobjdump) and prints, for
 every kernel that issues tensor-core MMAs (HMMA):
 
@@ -72,7 +72,7 @@ def torch_flags() -> list:
     flags = os.environ.get("NVCC_TORCH_FLAGS")
     if flags is None:
         sys.path.insert(0, str(ROOT))
-        from minigpt import _build
+        from minigpt.attention import _build
         flags = " ".join(_build.torch_nvcc_flags())
     return flags.split()
 
