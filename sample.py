@@ -2,7 +2,7 @@
 
 import sys
 
-from minigpt.sample import main
+from minigpt.cli.sample import main
 
 if __name__ == "__main__":
     sys.exit(main())

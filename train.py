@@ -2,7 +2,7 @@
 
 import sys
 
-from minigpt.train import main
+from minigpt.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())
