@@ -95,7 +95,7 @@ def build_parser() -> ArgumentParser:
 
 
 def head_name(layer: int, head: int) -> str:
-    """"L{layer}H{head}", e.g. L2H1."""
+    """A head's short name: L2H1 is head 1 of layer 2."""
     return f"L{layer}H{head}"
 
 
@@ -246,7 +246,8 @@ def eval_batches(args, corpus, tokenizer, block_size: int, device: torch.device)
 
 
 def batches_in_words(args, corpus_source: str, batches) -> str:
-    """"val split of CORPUS, 20 batches x 12 x 256 tokens = 61,440 tokens (seed 1337)"."""
+    """The batches in words: val split of CORPUS, 20 batches x 12 x 256 tokens = 61,440 tokens
+    (seed 1337)."""
     B, T = batches[0][0].shape
     return (f"{args.split} split of {corpus_source}, {len(batches)} batches x {B} x {T} tokens "
             f"= {sum(x.numel() for x, _ in batches):,} tokens (seed {args.seed})")
@@ -423,6 +424,8 @@ def run_prune(args, state: dict, model: GPT, batches, source: str, plot_path: Pa
 
 @cli_main
 def main(argv=None) -> int:
+    """Run `python -m minigpt heads` with argv (default sys.argv[1:]); returns the exit code:
+    0 done, 2 bad input (argparse errors exit with 2 too)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
