@@ -1,6 +1,7 @@
-"""Head pruning (minigpt.analysis.heads --prune): a pruned model computes exactly what the masked model
-computes, greedy re-measuring picks the least important unit at every step, grouped-query
-layers stay valid, and the written checkpoint loads, samples, resumes and fine-tunes."""
+"""Head pruning (minigpt.analysis.prune; python -m minigpt heads --prune): a pruned model
+computes exactly what the masked model computes, greedy re-measuring picks the least important
+unit at every step, grouped-query layers stay valid, and the written checkpoint loads, samples,
+resumes and fine-tunes."""
 
 import json
 import os
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minigpt.analysis import heads
+from minigpt.analysis import heads, prune
+from minigpt.analysis.importance import evaluate_loss, head_importance
 from minigpt.checkpoint import load_checkpoint
 from minigpt.config import ConfigError
 from minigpt.model import GPT, GPTConfig, KVCache
@@ -53,7 +55,7 @@ def gates_without(cfg, removed):
 ])
 def test_pruned_model_equals_masked_model(n_kv_head, removed, layer_heads, layer_kv_heads):
     model = tiny(n_kv_head=n_kv_head)
-    pruned = heads.prune_heads(model, removed)
+    pruned = prune.prune_heads(model, removed)
     assert pruned.config.layer_heads == layer_heads
     assert pruned.config.layer_kv_heads == layer_kv_heads
     assert pruned.num_params() < model.num_params()
@@ -69,7 +71,7 @@ def test_pruned_model_equals_masked_model(n_kv_head, removed, layer_heads, layer
     # Pruning again, in the pruned model's own numbering, still matches masking.
     nq, nkv = layer_heads[2], layer_kv_heads[2]
     more = [(2, 0)] if nkv in (1, nq) else [(2, 0), (2, nq // nkv)]  # one per group in GQA
-    again = heads.prune_heads(pruned, more)
+    again = prune.prune_heads(pruned, more)
     g = gates_without(pruned.config, more)
     with pruned.gated_heads(g):
         torch.testing.assert_close(again(x)[0], pruned(x)[0], rtol=0, atol=1e-12)
@@ -77,11 +79,11 @@ def test_pruned_model_equals_masked_model(n_kv_head, removed, layer_heads, layer
 
 def test_prune_heads_refuses_empty_layers_and_uneven_groups():
     with pytest.raises(ValueError, match="layer 0 would have no head left"):
-        heads.prune_heads(tiny(), [(0, h) for h in range(4)])
+        prune.prune_heads(tiny(), [(0, h) for h in range(4)])
     with pytest.raises(ValueError, match="layer 1 would keep unequal numbers"):
-        heads.prune_heads(tiny(n_kv_head=2), [(1, 0)])
+        prune.prune_heads(tiny(n_kv_head=2), [(1, 0)])
     with pytest.raises(ValueError, match=r"\(3, 0\) is not a head"):
-        heads.prune_heads(tiny(), [(3, 0)])
+        prune.prune_heads(tiny(), [(3, 0)])
 
 
 def test_greedy_re_measures_after_each_removal():
@@ -98,19 +100,19 @@ def test_greedy_re_measures_after_each_removal():
             total -= 0.15
         return total
 
-    result = heads.greedy_prune(cfg, 2, loss_fn)
+    result = prune.greedy_prune(cfg, 2, loss_fn)
     assert [s["removed"] for s in result["steps"]] == [[(0, 0)], [(1, 0)]]  # (0, 1) would
     # empty layer 0, so it is not a candidate at step 2; with 3 heads per layer it would be:
     cfg3 = GPTConfig(vocab_size=10, n_layer=2, n_head=3, n_embd=12)
     cost.update({(0, 2): 0.5, (1, 2): 0.5})
-    result = heads.greedy_prune(cfg3, 2, loss_fn)
+    result = prune.greedy_prune(cfg3, 2, loss_fn)
     assert [s["removed"] for s in result["steps"]] == [[(0, 0)], [(0, 1)]]
     assert result["steps"][1]["loss"] == pytest.approx(1.0 + 0.1 + 0.2 - 0.15)
     for step in result["steps"]:  # each step removes the unit of least loss among its candidates
         assert step["loss"] == min(loss for _, loss in step["candidates"])
     assert not result["alive"][0, 0] and not result["alive"][0, 1] and result["alive"][0, 2]
     with pytest.raises(ValueError, match="n must be in 0..4"):
-        heads.greedy_prune(cfg3, 5, loss_fn)
+        prune.greedy_prune(cfg3, 5, loss_fn)
 
 
 def test_greedy_on_a_model_matches_head_importance_and_keeps_gqa_valid():
@@ -118,7 +120,7 @@ def test_greedy_on_a_model_matches_head_importance_and_keeps_gqa_valid():
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randint(0, 50, (2, 16), generator=gen),
                 torch.randint(0, 50, (2, 16), generator=gen)) for _ in range(2)]
-    result = heads.greedy_prune(model.config, 6, lambda g: heads.evaluate_loss(model, batches, g))
+    result = prune.greedy_prune(model.config, 6, lambda g: evaluate_loss(model, batches, g))
     # GQA (2 groups of 2): a unit is one query head per group, so groups shrink together;
     # then single heads, each with its key/value head.
     removed = [h for s in result["steps"] for h in s["removed"]]
@@ -127,16 +129,16 @@ def test_greedy_on_a_model_matches_head_importance_and_keeps_gqa_valid():
         if len(step["removed"]) == 2:
             (l0, h0), (l1, h1) = step["removed"]
             assert l0 == l1 and h0 // 2 != h1 // 2  # one head from each group of one layer
-    pruned = heads.prune_heads(model, removed)
+    pruned = prune.prune_heads(model, removed)
     for layer in range(3):
         nq, nkv = pruned.config.heads(layer)
         assert nq >= 1 and nq % nkv == 0
-    assert heads.evaluate_loss(pruned, batches) == pytest.approx(result["steps"][-1]["loss"],
+    assert evaluate_loss(pruned, batches) == pytest.approx(result["steps"][-1]["loss"],
                                                                  abs=1e-5)
     # MHA: the first greedy step is the single-head ablation's least important head.
     mha = tiny().float()
-    first = heads.greedy_prune(mha.config, 1, lambda g: heads.evaluate_loss(mha, batches, g))
-    importance = heads.head_importance(mha, batches)["increase"]
+    first = prune.greedy_prune(mha.config, 1, lambda g: evaluate_loss(mha, batches, g))
+    importance = head_importance(mha, batches)["increase"]
     flat = int(importance.argmin())
     assert first["steps"][0]["removed"] == [divmod(flat, 4)]
 
@@ -161,7 +163,7 @@ def test_layer_heads_config_validation_and_old_dicts():
 
 
 def test_attention_maps_and_export_of_a_pruned_model():
-    pruned = heads.prune_heads(tiny(), [(1, 0), (1, 2)])
+    pruned = prune.prune_heads(tiny(), [(1, 0), (1, 2)])
     maps = pruned.attention_maps(torch.arange(10))
     assert maps.shape == (3, 4, 10, 10)
     assert torch.allclose(maps[1, :2].sum(-1), torch.ones(2, 10))
@@ -235,7 +237,7 @@ def test_alibi_models_are_not_pruned():
     cfg = GPTConfig(vocab_size=32, block_size=16, n_layer=1, n_head=4, n_embd=32,
                     pos_embedding="alibi")
     with pytest.raises(ValueError, match="alibi"):
-        heads.prune_heads(GPT(cfg), [(0, 1)])
+        prune.prune_heads(GPT(cfg), [(0, 1)])
     with pytest.raises(ConfigError, match="layer_heads"):
         GPTConfig(vocab_size=32, block_size=16, n_layer=1, n_head=4, n_embd=32,
                   pos_embedding="alibi", layer_heads=(3,))

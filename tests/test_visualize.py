@@ -1,5 +1,6 @@
 """Attention maps, head masks, head importance, and the pictures (heatmaps, curves)."""
 
+import argparse
 import importlib.util
 import json
 import math
@@ -14,14 +15,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minigpt.analysis import heads
+from minigpt.analysis import heads, importance
 from minigpt.analysis import plot
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import CharTokenizer, GPT2Tokenizer
 from minigpt.cli.train import draw_curves
 from minigpt.train.loop import TrainConfig, train
+from minigpt.analysis.curves import read_metrics
 from minigpt.analysis.pictures import (display_token, draw_attention, plot_head_importance,
-                               read_metrics, token_labels)
+                                       token_labels)
 
 from conftest import tiktoken_available, train_tiny_run
 
@@ -163,18 +165,18 @@ def test_head_importance_is_zero_for_a_head_removed_by_hand():
     hd = model.config.head_dim
     with torch.no_grad():  # head 3 of layer 0 removed by hand: its c_proj columns are zero
         model.transformer.h[0].attn.c_proj.weight[:, 3 * hd:4 * hd] = 0.0
-    result = heads.head_importance(model, batches)
+    result = importance.head_importance(model, batches)
     assert result["increase"].shape == (2, 4) and not result["masked"].any()
     assert abs(result["increase"][0, 3].item()) < 1e-6
     assert result["increase"].abs().max() > 1e-4
-    pre = heads.parse_mask(["1:0"], 2, 4)
-    again = heads.head_importance(model, batches, pre)
+    pre = importance.parse_mask(["1:0"], 2, 4)
+    again = importance.head_importance(model, batches, pre)
     assert again["masked"][1, 0] and math.isnan(again["increase"][1, 0].item())
     assert again["base_loss"] != result["base_loss"]
     with pytest.raises(ValueError, match="out of range"):
-        heads.parse_mask(["2:0"], 2, 4)
+        importance.parse_mask(["2:0"], 2, 4)
     with pytest.raises(ValueError, match="LAYER:HEAD"):
-        heads.parse_mask(["1-0"], 2, 4)
+        importance.parse_mask(["1-0"], 2, 4)
 
 
 def assert_picture(path, min_h, min_w, colours):
@@ -234,6 +236,24 @@ def test_head_importance_heatmap(tmp_path):
                    {"largest increase": (0.404, 0.0, 0.122), "masked": (0.733, 0.733, 0.733)})
 
 
+@pytest.mark.parametrize("module", [heads, plot])
+def test_every_flag_has_help_and_shows_its_default(module):
+    parser = module.build_parser()
+    assert parser.prog == f"python -m minigpt {module.__name__.rsplit('.', 1)[1]}"
+    formatter = parser.formatter_class(parser.prog)
+    flags = [a for a in parser._actions
+             if a.option_strings and not isinstance(a, argparse._HelpAction)]
+    assert len(flags) >= (15 if module is heads else 1)
+    for action in flags:
+        assert action.help, action.option_strings
+        assert "(default: %(default)s)" in formatter._get_help_string(action), action.option_strings
+    text = " ".join(parser.format_help().split())
+    assert "(default: None)" in text
+    if module is heads:
+        assert "seed of the batch positions (default: 1337)" in text
+        assert "timed forward passes per model" in text and "(default: 7)" in text
+
+
 def test_plot_reads_the_last_run_of_a_metrics_log(tmp_path, capsys):
     rows = [dict(event="eval", iter=i, train_loss=3.0 - i / 100, val_loss=3.1 - i / 120,
                  lr=1e-3, time_s=float(i)) for i in (0, 50, 100)]
@@ -272,7 +292,7 @@ def test_training_writes_the_curves(tiny_run):
 def test_training_without_matplotlib_says_so(tmp_path, monkeypatch):
     text = tmp_path / "corpus.txt"
     text.write_text("abc def ghi\n" * 200, encoding="utf-8")
-    monkeypatch.setitem(sys.modules, "minigpt.analysis.pictures", None)  # import fails
+    monkeypatch.setitem(sys.modules, "minigpt.analysis.curves", None)  # import fails
     msgs = []
     cfg = TrainConfig(data=str(text), out_dir=str(tmp_path / "out"), n_layer=1, n_head=2,
                       n_embd=16, block_size=8, batch_size=2, max_iters=2, eval_interval=2,

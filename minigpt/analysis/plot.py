@@ -16,16 +16,22 @@ from pathlib import Path
 from minigpt.runtime import ArgumentParser, cli_main
 
 
-@cli_main
-def main(argv=None) -> int:
+def build_parser() -> ArgumentParser:
+    """The command line of `python -m minigpt plot` (--help shows each flag's default)."""
     parser = ArgumentParser(prog="python -m minigpt plot",
-                                     description="Plot loss and learning-rate curves from a "
-                                                 "training run's metrics.jsonl.")
+                            description="Plot loss and learning-rate curves from a training "
+                                        "run's metrics.jsonl.")
     parser.add_argument("run", type=Path, help="an out_dir holding metrics.jsonl, or the file")
     parser.add_argument("--out", type=Path, default=None,
-                        help="output image (default: curves.png beside metrics.jsonl)")
-    args = parser.parse_args(argv)
-    from minigpt.analysis.pictures import plot_metrics_file
+                        help="output image, its format from the suffix (.png, .pdf, .svg); "
+                             "None = curves.png beside metrics.jsonl")
+    return parser
+
+
+@cli_main
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from minigpt.analysis.curves import plot_metrics_file
 
     try:
         path = plot_metrics_file(args.run, args.out)

@@ -248,7 +248,7 @@ def draw_curves(cfg: TrainConfig, log=print) -> Optional[Path]:
     """Draw out_dir/metrics.jsonl to out_dir/curves.png; log where, or why not (matplotlib
     missing, no evaluations): a plot never fails a finished run."""
     try:
-        from minigpt.analysis.pictures import plot_metrics_file
+        from minigpt.analysis.curves import plot_metrics_file
 
         path = plot_metrics_file(cfg.out_dir, train_config=cfg.to_dict())
     except ImportError as e:  # matplotlib is optional at run time

@@ -611,7 +611,7 @@ def _positions_main(p: argparse.ArgumentParser, args) -> int:
     results = positions(args.encodings, args.out, args.data, block_size=args.block_size,
                         max_iters=max_iters, max_time=args.max_time, eval_tokens=eval_tokens,
                         window=args.window)
-    from minigpt.analysis.pictures import plot_extrapolation
+    from minigpt.analysis.curves import plot_extrapolation
 
     write_results(args.out, results, positions_markdown(results), plot_extrapolation,
                   "positions.png")
@@ -677,7 +677,7 @@ def _window_main(p: argparse.ArgumentParser, args) -> int:
                                                   block_size=args.block_size,
                                                   batch_size=args.batch_size,
                                                   max_iters=train_iters, device=args.device))
-    from minigpt.analysis.pictures import plot_window_cost
+    from minigpt.analysis.curves import plot_window_cost
 
     write_results(args.out, results, window_markdown(results), plot_window_cost, "window.png")
     return 0
