@@ -19,7 +19,7 @@ from minigpt.model import GPT, GPTConfig, KVCache
 from minigpt.generation import TextStream, sample_next
 from minigpt.tokenizer import CharTokenizer, GPT2Tokenizer, HFTokenizer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name):
