@@ -6,7 +6,7 @@
 #
 #   bash csrc/cuda/check_compile.sh            # from the repo root
 #   NVCC=/path/to/nvcc JOBS=4 bash csrc/cuda/check_compile.sh
-#   NVCC_TORCH_FLAGS="$(python -c 'import minigpt.attention._build as b; print(*b.torch_nvcc_flags())')" \
+#   NVCC_TORCH_FLAGS="$(python -c 'from minigpt.attention import _build; print(*_build.torch_nvcc_flags())')" \
 #       bash csrc/cuda/check_compile.sh
 #
 # OBJ_DIR: keep the compiled objects there (for csrc/cuda/sass_report.py --objects).
