@@ -185,7 +185,7 @@ def setup(cfg: TrainConfig, resume_state: Optional[dict], log) -> Tuple[Run, Pro
     run = Run(cfg=cfg, device=device, dist=dist, precision=precision, raw_model=raw_model,
               model=model, optimizer=optimizer, scaler=scaler, tokenizer=tokenizer,
               train_batches=train_batches, eval_batches=eval_batches, ckpt_path=ckpt_path,
-              log=log, t_start=t_start, elapsed_before=resume_state.get("elapsed_s", 0.0) if resume_state else 0.0)
+              log=log, t_start=t_start, elapsed_before=(resume_state or {}).get("elapsed_s", 0.0))
     if dist.master:
         open_records(run, progress, corpus, pretrained)
     model.train()
