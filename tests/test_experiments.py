@@ -3,9 +3,10 @@ and window write their tables and figures."""
 
 import json
 
-import minigpt.experiments as experiments
 from minigpt.config import apply_overrides, default_settings
-from minigpt.experiments import ABLATIONS, main
+from minigpt.experiments import main, positions, window
+from minigpt.experiments import ablation as ablation_module
+from minigpt.experiments.ablation import ABLATIONS
 
 
 def test_ablation_runs_each_variant_for_the_budget(text_file, tmp_path, capsys, monkeypatch):
@@ -13,7 +14,7 @@ def test_ablation_runs_each_variant_for_the_budget(text_file, tmp_path, capsys, 
     small = apply_overrides(default_settings(), {"model": {"n_layer": 2, "n_embd": 32,
                                                            "block_size": 16},
                                                  "batch_size": 8, "eval_iters": 2})
-    monkeypatch.setattr(experiments, "default_settings", lambda: small)
+    monkeypatch.setattr(ablation_module, "default_settings", lambda: small)
     out = tmp_path / "ablation"
     assert main(["ablation", "--max-time", "2", "--runs", "default", "adamw", "previous_default",
                  "--data", str(text_file), "--out-dir", str(out)]) == 0
@@ -36,13 +37,13 @@ def test_positions_trains_each_encoding_and_evaluates_four_lengths(text_file, tm
                                                                    monkeypatch):
     small = apply_overrides(default_settings(), {"model": {"n_layer": 1, "n_embd": 32},
                                                  "batch_size": 4, "eval_iters": 1})
-    monkeypatch.setattr(experiments, "default_settings", lambda: small)
+    monkeypatch.setattr(positions, "default_settings", lambda: small)
     out = tmp_path / "positions"
     assert main(["positions", "--block-size", "8", "--max-iters", "3", "--eval-tokens", "300",
                  "--data", str(text_file), "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["lengths"] == [8, 16, 32, 64] and results["eval_tokens"] == 256
-    assert [r["name"] for r in results["rows"]] == list(experiments.ENCODINGS)
+    assert [r["name"] for r in results["rows"]] == list(positions.ENCODINGS)
     for r in results["rows"]:
         assert r["iters"] == 3 and set(r["val_loss"]) == {"8", "16", "32", "64"}
         assert all(0 < v < 10 for v in r["val_loss"].values())
@@ -61,11 +62,13 @@ def test_positions_trains_each_encoding_and_evaluates_four_lengths(text_file, tm
 
     class Unigram(GPT):
         def forward(self, idx, targets=None, kv_cache=None):
-            return self.lm_head.weight[:, 0].expand(*idx.shape, -1), None
+            logits = self.lm_head.weight[:, 0].expand(*idx.shape, -1)
+            return logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1),
+                                                             targets.flatten())
 
     model = Unigram(GPTConfig(vocab_size=7, block_size=4, n_layer=1, n_head=1, n_embd=4))
     tokens = np.random.default_rng(0).integers(0, 7, 100)
-    losses = experiments.eval_at_lengths(model, tokens, [4, 8, 16, 32], 64)
+    losses = positions.eval_at_lengths(model, tokens, [4, 8, 16, 32], 64)
     assert max(losses.values()) - min(losses.values()) < 1e-6
     with torch.no_grad():
         want = torch.nn.functional.cross_entropy(
@@ -78,7 +81,7 @@ def test_window_measures_cost_and_loss_and_writes_three_files(text_file, tmp_pat
     small = apply_overrides(default_settings(), {"model": {"n_layer": 1, "n_embd": 32,
                                                            "n_head": 2},
                                                  "eval_iters": 1})
-    monkeypatch.setattr(experiments, "default_settings", lambda: small)
+    monkeypatch.setattr(window, "default_settings", lambda: small)
     out = tmp_path / "window"
     assert main(["window", "--seq", "32", "64", "--windows", "16", "--step-max-seq", "32",
                  "--loss-windows", "4", "--block-size", "16", "--batch-size", "4",
@@ -121,8 +124,65 @@ def test_window_times_the_windowed_attention():
     if unavailable_reason("ext", q.device, q.dtype, 8, True, ("window",)) is None:
         backends.append("ext")
     for backend in backends:
-        out, grads = experiments.attention_step(q, k, v, dout, 5, backend)()
+        out, grads = window.attention_step(q, k, v, dout, 5, backend)()
         assert torch.allclose(out, want) and not torch.allclose(out, full)
         assert all(torch.allclose(a, b) for a, b in zip(grads, want_grads))
-    out, _ = experiments.attention_step(q, k, v, dout, None, "naive")()
+    out, _ = window.attention_step(q, k, v, dout, None, "naive")()
     assert torch.allclose(out, full)
+
+
+def test_eval_at_lengths_is_the_mean_over_every_predicted_token():
+    """Batches cut to fit batch_tokens give the mean over all tokens, not a mean of batch means
+    of different sizes."""
+    import numpy as np
+    import torch
+
+    from minigpt.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16)).eval()
+    tokens = np.random.default_rng(1).integers(0, 11, 60)
+    losses = positions.eval_at_lengths(model, tokens, [4, 8], 24, batch_tokens=8)
+    span = torch.from_numpy(tokens[:25].astype(np.int64))
+    for L in (4, 8):
+        with torch.no_grad():
+            logits, _ = model(span[:-1].view(-1, L))
+        want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), span[1:])
+        assert abs(losses[L] - want.item()) < 1e-5, (L, losses[L], want.item())
+
+
+def test_quick_gives_its_defaults_and_a_flag_given_wins():
+    from minigpt.experiments import build_parser
+
+    assert build_parser().parse_args(["positions"]).max_iters == positions.MAX_ITERS
+    quick = build_parser(quick=True)
+    assert quick.parse_args(["positions", "--quick"]).max_iters == positions.QUICK["max_iters"]
+    assert quick.parse_args(["positions", "--quick", "--max-iters", "5"]).max_iters == 5
+    assert quick.parse_args(["window", "--quick"]).seq == list(window.WINDOW_QUICK["seqs"])
+
+
+def _flags(parser):
+    """(parser, action) for every flag of parser and of its subcommands."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _flags(sub)
+        elif action.option_strings and action.dest != "help":
+            yield parser, action
+
+
+def test_every_flag_of_experiments_and_data_has_help_and_shows_its_default():
+    from minigpt.experiments import EXPERIMENTS, build_parser
+    from minigpt.train import data
+
+    flags = list(_flags(build_parser())) + list(_flags(data.build_parser()))
+    commands = {parser.prog.split()[-1] for parser, _ in flags}
+    assert commands >= set(EXPERIMENTS) | {"data"}
+    for parser, action in flags:
+        # The text says what the flag does; the formatter appends the default, once.
+        assert action.help and "default" not in action.help, (parser.prog, action.dest)
+        shown = parser._get_formatter()._get_help_string(action)
+        assert shown.endswith(" (default: %(default)s)"), (parser.prog, action.dest)
+        assert action.option_strings[0] in parser.format_help()

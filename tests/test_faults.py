@@ -167,12 +167,14 @@ def test_profile_refuses_bad_sizes_and_output_paths_before_timing(tmp_path, monk
 def test_experiments_refuse_missing_data_and_file_outputs_before_training(tmp_path, monkeypatch,
                                                                          capsys, argv, words):
     from minigpt import experiments
+    from minigpt.experiments import window
+    from minigpt.train import loop
 
     (tmp_path / "afile").write_text("x")
     argv = [a.replace("MISSING", str(tmp_path / "missing.txt"))
             .replace("AFILE", str(tmp_path / "afile")) for a in argv]
-    monkeypatch.setattr(experiments, "_train", lambda cfg: pytest.fail("trained"))
-    monkeypatch.setattr(experiments, "attention_cost", lambda *a, **k: pytest.fail("timed"))
+    monkeypatch.setattr(loop, "train", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(window, "attention_cost", lambda *a, **k: pytest.fail("timed"))
     with pytest.raises(SystemExit) as info:
         experiments.main(argv)
     err = capsys.readouterr().err

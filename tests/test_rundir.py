@@ -105,13 +105,13 @@ def test_a_run_notices_its_directory_or_lock_vanishing(text_file, tmp_path, monk
 
 
 def test_a_failed_start_leaves_no_directory_behind(text_file, tmp_path, monkeypatch):
-    from minigpt.train import loop as training
+    from minigpt.train import state
     from minigpt.train.data import DataError
 
     def broken(*a, **k):
         raise DataError("no corpus today")
 
-    monkeypatch.setattr(training, "load_corpus", broken)
+    monkeypatch.setattr(state, "load_corpus", broken)
     out = tmp_path / "new" / "run"
     with pytest.raises(DataError):
         train(_tiny(text_file, out), log=lambda *a: None)

@@ -30,6 +30,8 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from minigpt.experiments.common import write_results
+
 # (sentence with {} for the deciding word, candidate A, candidate B, word -> A, word -> B)
 PAIRS: List[Tuple[str, str, str, str, str]] = [
     ("The trophy doesn't fit into the suitcase because it is too {}.", "trophy", "suitcase",
@@ -186,20 +188,24 @@ def markdown(results: dict, source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] = None) -> int:
-    from minigpt.experiments import write_results
-    from minigpt.model import GPT
-    from minigpt.hf.pretrained import PretrainedError, pretrained_state
-    from minigpt.tokenizer import from_state
-    from minigpt.analysis.pictures import draw_attention
+HELP = 'does a pretrained model\'s attention resolve "it"?'
 
-    p = argparse.ArgumentParser(prog="python -m minigpt experiments coreference",
-                                description=__doc__.split("\n\n")[0])
+
+def add_arguments(p: argparse.ArgumentParser, quick: bool = False) -> None:
+    """The flags of ``experiments coreference`` (it has no --quick; quick is ignored)."""
     p.add_argument("--init-from", required=True, metavar="PATH",
                    help="a pretrained model: Hugging Face directory or GGUF file")
     p.add_argument("--out", default="runs/coreference",
                    help="results.md, results.json and coreference.png go here")
-    args = p.parse_args(argv)
+
+
+def run(p: argparse.ArgumentParser, args) -> int:
+    """Load the model, score every head, write the results and the heatmap."""
+    from minigpt.analysis.pictures import draw_attention
+    from minigpt.hf.pretrained import PretrainedError, pretrained_state
+    from minigpt.model import GPT
+    from minigpt.tokenizer import from_state
+
     try:
         state = pretrained_state(args.init_from)
     except (PretrainedError, OSError) as e:
@@ -216,6 +222,13 @@ def main(argv: Sequence[str] = None) -> int:
                           heads=[best["head"]], title_prefix="coreference: ")
     print(table + f"heatmap: {info['path']}")
     return 0
+
+
+def main(argv: Sequence[str] = None) -> int:
+    """``python -m minigpt experiments coreference [flags]``."""
+    from minigpt.experiments import main as experiments_main
+
+    return experiments_main(["coreference", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ Usage: python -m minigpt data [--import-file PATH]
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import sys
@@ -33,9 +34,9 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from minigpt.runtime import (ArgumentParser, PathError, cache_dir, check_cache_dir,
-                      check_input_file, cli_main, os_error_message)
 from minigpt.checkpoint import atomic_write
+from minigpt.runtime import (ArgumentParser, PathError, cache_dir, check_cache_dir,
+                             check_input_file, cli_main, os_error_message)
 from minigpt.tokenizer import CharTokenizer, GPT2Tokenizer
 
 SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
@@ -290,14 +291,21 @@ class BatchSampler:
         self.generator.set_state(state["generator"])
 
 
-@cli_main
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m minigpt data``."""
     parser = ArgumentParser(prog="python -m minigpt data",
-                                     description="Fetch tiny Shakespeare into minigpt's cache.")
+                            description="Fetch tiny Shakespeare into minigpt's cache.")
     parser.add_argument("--import-file", metavar="PATH",
                         help="copy this local tiny Shakespeare file into the cache (sha256 "
-                             "checked) instead of downloading it")
-    args = parser.parse_args(argv)
+                             "checked) instead of downloading it; None: download")
+    return parser
+
+
+@cli_main
+def main(argv=None) -> int:
+    """Download (or import) tiny Shakespeare into the cache and print its path; exit code 2
+    when it cannot be had."""
+    args = build_parser().parse_args(argv)
     try:
         path = (import_shakespeare(args.import_file) if args.import_file
                 else download_shakespeare())

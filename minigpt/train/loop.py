@@ -1,52 +1,47 @@
-"""The training loop as a library; minigpt/train.py is its command line.
+"""The training loop: train(cfg) trains a GPT as a TrainConfig says and returns a TrainResult.
 
-AdamW (Loshchilov & Hutter 2019) with weight-decay groups, linear warmup then cosine decay
-(Loshchilov & Hutter 2017, SGDR), gradient clipping, gradient accumulation, bf16 autocast on
-CUDA, optional torch.compile, periodic evaluation on fixed batches, atomic checkpoints with
-everything needed to resume exactly (model, optimizer, RNG and data-sampler states), a JSONL
-metrics log, and DistributedDataParallel when started by torchrun.
+A step with the default settings (TrainConfig, preset "shakespeare_char"): random windows of
+the corpus (BatchSampler); forward and backward under bf16 autocast where the device has bf16
+(CUDA; CPUs with AVX512_BF16 or AMX; else float32, or float16 with a GradScaler on older GPUs);
+the gradient's global norm clipped to 1.0; Muon (Jordan et al. 2024) for the blocks' weight
+matrices and AdamW (Loshchilov & Hutter 2019) for embeddings, head, biases and gains
+(minigpt.train.optim); the learning rate warmed up for 30 steps, held, then decayed linearly to
+min_lr over the last 40% (warmup-stable-decay, lr_at). Settings add gradient accumulation, AdamW
+alone, a cosine schedule, a time budget, torch.compile; torchrun gives DistributedDataParallel.
 
-train() reads top to bottom: set up (Run: what stays fixed; Progress: what the loop changes),
-then evaluate / save / train_step until max_iters or a stop signal. Each step is a named
-function of (run, progress); nothing closes over loop state. The loss curves are drawn by the
-caller afterwards (minigpt.analysis.pictures.plot_metrics_file; train.py does it).
-
-Before anything is written, check_targets refuses what cannot work (out_dir, the cache, the
-corpus file, the device, the logger's package). Every log_interval steps a "train" row (loss,
-lr, grad_norm, tokens_per_s) joins the "eval" rows of metrics.jsonl; with cfg.logger they are
-mirrored to TensorBoard or W&B (minigpt.train.loggers). Between steps the run checks that its
-directory and lock are still there (RunDir.lost); if not, it saves again and stops.
+train() reads top to bottom: setup() (Run: what stays fixed; Progress: what the loop changes),
+then evaluate_and_save() every eval_interval steps (mean_loss of fixed batches of each split, a
+checkpoint for an exact resume) and train_step() until max_iters, the time budget or a stop
+signal. Saving, restoring, metrics.jsonl and signals live in minigpt.train.state, the run
+directory's lock in minigpt.train.rundir.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import signal
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from minigpt.attention import resolve_backend
-from minigpt.checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from minigpt.config import PRESETS, ConfigError, GPTConfig, TrainConfig, lr_at
-from minigpt.train.data import BatchSampler, DataError, load_corpus
-from minigpt.train.loggers import check_logger, open_logger
+from minigpt.checkpoint import load_checkpoint
+from minigpt.config import PRESETS, TrainConfig, lr_at
 from minigpt.model import GPT
-from minigpt.train.optim import Optimizers, build_optimizer
-from minigpt.hf.pretrained import pretrained_state
+from minigpt.runtime import (Distributed, check_cache_dir, check_dir_target, check_input_file,
+                             pick_device, resolve_precision)
+from minigpt.train.data import BatchSampler
+from minigpt.train.loggers import check_logger
+from minigpt.train.optim import build_optimizer
 from minigpt.train.rundir import RunDir, RunDirLostError
-from minigpt.runtime import (Distributed, Precision, check_cache_dir, check_dir_target,
-                      check_input_file, pick_device, resolve_precision)
-from minigpt.tokenizer import from_state
+from minigpt.train.state import (Progress, Run, StopRequest, elapsed, open_records, record,
+                                 restore, save, save_interrupted, save_lost, starting_point,
+                                 teardown)
 
-__all__ = ["train", "TrainConfig", "TrainResult", "PRESETS", "lr_at", "NonFiniteLossError"]
-
-CONFIG_NAME = "config.json"  # the resolved TrainConfig, beside the checkpoint
+__all__ = ["train", "TrainConfig", "TrainResult", "PRESETS", "lr_at", "NonFiniteLossError",
+           "mean_loss", "gradients", "optimizer_step"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -55,6 +50,8 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainResult:
+    """What train() returns: losses in nats per token, throughput, and where it saved."""
+
     iters: int
     best_val_loss: float
     final_val_loss: float
@@ -66,74 +63,25 @@ class TrainResult:
     history: list = field(default_factory=list)
 
 
-@dataclass
-class Run:
-    """What a run sets up once and the loop only uses."""
-
-    cfg: TrainConfig               # with model = the model actually trained (vocab_size set)
-    device: torch.device
-    dist: Distributed
-    precision: Precision
-    raw_model: GPT                 # the module whose state is saved
-    model: torch.nn.Module         # raw_model, compiled and/or wrapped in DDP
-    optimizer: Optimizers
-    scaler: Any                    # torch.amp.GradScaler, a no-op unless float16
-    tokenizer: Any
-    train_batches: BatchSampler
-    eval_batches: Dict[str, list]  # split -> fixed [(x, y)] batches
-    ckpt_path: Path
-    metrics: Any                   # the open metrics.jsonl (rank 0), else None
-    logger: Any                    # minigpt.train.loggers.Logger mirroring metrics.jsonl, or None
-    bar: Any                       # the tqdm progress bar, or None
-    log: Any                       # log(message)
-    t_start: float                 # perf_counter() when this process started the run
-    elapsed_before: float = 0.0    # seconds of the earlier runs this one resumes
-
-
-@dataclass
-class Progress:
-    """What the loop changes: the step, the best loss, timings, the history."""
-
-    iter_num: int = 0
-    best_val: float = float("inf")
-    losses: Dict[str, float] = field(
-        default_factory=lambda: {"train": float("nan"), "val": float("nan")})
-    skipped: int = 0
-    train_time: float = 0.0
-    train_tokens: int = 0
-    interrupted: bool = False
-    saved_iter: Optional[int] = None  # the step of the last checkpoint this run wrote
-    history: List[dict] = field(default_factory=list)
-
-
 def train(cfg: TrainConfig, log=print, resume_state: Optional[dict] = None) -> TrainResult:
     """Train a GPT as configured, holding cfg.out_dir for the run (see RunDir); returns a
     summary. See TrainConfig for every setting.
 
     Args:
-        cfg: the settings. With cfg.resume, the model is the checkpoint's and must have
-            cfg.model's shape (dropout and attn_backend may differ). With cfg.init_from (and no
-            resume), the model and tokenizer are the pretrained one's, with cfg.model's
-            block_size, dropout and attn_backend; the corpus is tokenized with its tokenizer.
+        cfg: the settings. With cfg.resume the model is the checkpoint's, of cfg.model's shape
+            (dropout and attn_backend may differ); with cfg.init_from, the pretrained model and
+            its tokenizer, with cfg.model's block_size, dropout and attn_backend.
         log: called with one-line messages (rank 0 only).
-        resume_state: the checkpoint of out_dir, if the caller has already read it
-            (load_checkpoint); with cfg.resume and None, train reads it.
+        resume_state: out_dir's checkpoint if the caller has read it; else train reads it.
 
     Raises:
-        minigpt.runtime.PathError: out_dir, the cache directory or the corpus cannot be used
-            (checked before anything is written: check_targets).
-        minigpt.train.rundir.RunDirError: another process holds out_dir, or out_dir holds a
-            checkpoint that this run neither resumes nor overwrites.
-        minigpt.train.rundir.RunDirLostError: out_dir or its lock vanished during the run (the
-            checkpoint was saved again, the message says where).
-        OSError: the file system refused a write (disk full, read-only, ...): filename names
-            the file; the previous checkpoint is whole.
-        minigpt.train.data.DataError: the corpus cannot be had or used, or is not the checkpoint's.
-        minigpt.checkpoint.CheckpointError: resume with a missing or unreadable checkpoint.
-        minigpt.config.ConfigError: resume with a model shape that is not the checkpoint's.
-        minigpt.hf.pretrained.PretrainedError: cfg.init_from cannot be found, read or represented,
-            or cfg.model.block_size exceeds its context.
-        minigpt.runtime.DeviceError: a device or dtype this machine cannot provide.
+        PathError, DeviceError, ConfigError: check_targets refused, before anything is written.
+        RunDirError: another process holds out_dir, or it holds a checkpoint that this run
+            neither resumes nor overwrites. RunDirLostError: out_dir or its lock vanished
+            during the run (the checkpoint was saved again; the message says where).
+        OSError: the file system refused a write; filename names the file.
+        DataError, CheckpointError, PretrainedError, ConfigError: the corpus, the checkpoint
+            to resume or the pretrained model cannot be had or do not fit (starting_point).
         NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
     """
     check_targets(cfg)
@@ -144,7 +92,7 @@ def train(cfg: TrainConfig, log=print, resume_state: Optional[dict] = None) -> T
         run, progress = setup(cfg, resume_state, log)
         lost = None
         try:
-            with _StopRequest() as stop:
+            with StopRequest() as stop:
                 while True:
                     done = progress.iter_num >= cfg.max_iters or (
                         cfg.max_time > 0 and run.dist.any(elapsed(run) >= cfg.max_time))
@@ -181,14 +129,9 @@ def train(cfg: TrainConfig, log=print, resume_state: Optional[dict] = None) -> T
 
 
 def check_targets(cfg: TrainConfig) -> None:
-    """Check every file-system target of a run before anything is written, and what else can
-    be refused at once: out_dir a writable directory (or creatable), the cache directory, the
-    corpus a regular readable file, the device and dtype, the logger's package.
-
-    Raises:
-        minigpt.runtime.PathError, minigpt.runtime.DeviceError, ConfigError: naming the
-            setting and why.
-    """
+    """Refuse at once, before anything is written, what cannot work: out_dir not a writable
+    (or creatable) directory, the cache directory, the corpus not a readable file, the device
+    or dtype, the logger's package. Raises PathError, DeviceError or ConfigError."""
     check_dir_target(cfg.out_dir, "out_dir")
     check_cache_dir()
     if cfg.data is not None:
@@ -197,94 +140,44 @@ def check_targets(cfg: TrainConfig) -> None:
     check_logger(cfg.logger)
 
 
-def setup(cfg: TrainConfig, resume_state: Optional[dict], log) -> "tuple[Run, Progress]":
+def setup(cfg: TrainConfig, resume_state: Optional[dict], log) -> Tuple[Run, Progress]:
     """Device, processes, corpus, model, optimizer, batches, metrics log; restored from the
     checkpoint when resuming."""
     t_start = time.perf_counter()
     device = pick_device(cfg.device)
     dist = Distributed(device)
     device = dist.device_for(device)
-    out_dir = Path(cfg.out_dir)
-    ckpt_path = out_dir / "ckpt.pt"
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
     if cfg.resume and resume_state is None:
         resume_state = load_checkpoint(ckpt_path)
-    note = log if dist.master else (lambda message: None)
-
-    pretrained = None
-    if resume_state is not None:
-        tokenizer = from_state(resume_state["tokenizer"])
-        # A pretrained model's tokenizer is fixed: tokenize with it. "char" and "gpt2" are
-        # rebuilt from the text and must come out the same.
-        corpus = load_corpus(cfg.data, tokenizer if tokenizer.name == "hf" else cfg.tokenizer,
-                             log=note)
-        if tokenizer.state_dict() != corpus.tokenizer.state_dict():
-            raise DataError(f"resume: the checkpoint's tokenizer does not match the corpus "
-                            f"{corpus.source} (a different text or tokenizer?)")
-        model_cfg = _resumed_model_config(cfg.model, resume_state["model_config"])
-    elif cfg.init_from is not None:
-        pretrained = pretrained_state(cfg.init_from, block_size=cfg.model.block_size)
-        tokenizer = from_state(pretrained["tokenizer"])
-        corpus = load_corpus(cfg.data, tokenizer, log=note)
-        model_cfg = replace(GPTConfig.from_dict(pretrained["model_config"]),
-                            **{name: getattr(cfg.model, name) for name in GPTConfig.TUNABLE})
-    else:
-        corpus = load_corpus(cfg.data, cfg.tokenizer, log=note)
-        tokenizer = corpus.tokenizer
-        model_cfg = replace(cfg.model, vocab_size=tokenizer.vocab_size)
-    cfg = replace(cfg, model=model_cfg, tokenizer=tokenizer.name)
+    cfg, tokenizer, corpus, pretrained = starting_point(
+        cfg, resume_state, log if dist.master else (lambda message: None))
 
     torch.manual_seed(cfg.seed + dist.rank)
-    raw_model = GPT(model_cfg)
+    raw_model = GPT(cfg.model)
     if pretrained is not None:
         raw_model.load_state_dict(pretrained.pop("model"))
     raw_model.to(device)
     optimizer = build_optimizer(raw_model, cfg, device.type)
-    train_batches = BatchSampler(corpus.train, model_cfg.block_size, cfg.batch_size,
+    train_batches = BatchSampler(corpus.train, cfg.model.block_size, cfg.batch_size,
                                  seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
     precision = resolve_precision(cfg.dtype, device)
     scaler = precision.grad_scaler()
     progress = Progress()
-    elapsed_before = 0.0
     if resume_state is not None:
         progress.iter_num = resume_state["iter_num"]
         progress.best_val = resume_state["best_val_loss"]
-        elapsed_before = resume_state.get("elapsed_s", 0.0)
-        _restore(resume_state, raw_model, optimizer, train_batches, scaler, device)
+        restore(resume_state, raw_model, optimizer, train_batches, scaler, device)
 
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if dist.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    metrics, bar, logger = None, None, None
-    if dist.master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_config(cfg)
-        metrics = open_metrics(out_dir / "metrics.jsonl")
-        logger = open_logger(cfg.logger, out_dir, cfg.to_dict())
-        # Under CPU autocast, attention() computes in float32 (see minigpt.attention).
-        attn_dtype = (precision.autocast_dtype if device.type != "cpu" else None) or torch.float32
-        backend = resolve_backend(model_cfg.attn_backend, device, attn_dtype,
-                                  model_cfg.head_dim, causal=True)
-        log(f"minigpt: {raw_model.num_params() / 1e6:.2f}M parameters"
-            + (f" (pretrained: {pretrained['source']})" if pretrained is not None else "")
-            + f", device {device}, "
-            f"{precision.name}{' autocast' if precision.autocast_dtype else ''}, corpus "
-            f"{corpus.source} ({len(corpus.train):,} train / {len(corpus.val):,} val "
-            f"{tokenizer.name} tokens), attention backend {backend}"
-            + (f", {dist.world_size} processes" if dist.enabled else ""))
-        if logger is not None:
-            log(f"minigpt: logging to {logger.where}")
-        if cfg.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg.max_iters, initial=progress.iter_num, unit="it",
-                       dynamic_ncols=True)
-
     # Fixed evaluation batches: the same windows at every evaluation, so curves are comparable.
     eval_batches = {}
     for split in ("train", "val"):
-        sampler = BatchSampler(corpus.split(split), model_cfg.block_size, cfg.batch_size,
+        sampler = BatchSampler(corpus.split(split), cfg.model.block_size, cfg.batch_size,
                                seed=cfg.seed + 1_000_003, rank=dist.rank,
                                world_size=dist.world_size)
         eval_batches[split] = [sampler.next(device) for _ in range(cfg.eval_iters)]
@@ -292,59 +185,13 @@ def setup(cfg: TrainConfig, resume_state: Optional[dict], log) -> "tuple[Run, Pr
     run = Run(cfg=cfg, device=device, dist=dist, precision=precision, raw_model=raw_model,
               model=model, optimizer=optimizer, scaler=scaler, tokenizer=tokenizer,
               train_batches=train_batches, eval_batches=eval_batches, ckpt_path=ckpt_path,
-              metrics=metrics, logger=logger, bar=bar, log=log, t_start=t_start,
-              elapsed_before=elapsed_before)
+              log=log, t_start=t_start, elapsed_before=(resume_state or {}).get("elapsed_s", 0.0))
+    if dist.master:
+        open_records(run, progress, corpus, pretrained)
     model.train()
     return run, progress
 
 
-def write_config(cfg: TrainConfig) -> None:
-    """out_dir/config.json: the resolved settings (usable as --config)."""
-    config_text = json.dumps(cfg.to_dict(), indent=2) + "\n"
-    atomic_write(Path(cfg.out_dir) / CONFIG_NAME, lambda fh: fh.write(config_text.encode()))
-
-
-def open_metrics(path: Path):
-    """path opened for appending rows; a last line cut short (a run killed mid-write, a file
-    truncated) is ended first, so the next row starts on a line of its own."""
-    metrics = open(path, "a+b")
-    if metrics.tell() > 0:
-        metrics.seek(metrics.tell() - 1)
-        if metrics.read(1) != b"\n":
-            metrics.write(b"\n")
-    metrics.close()
-    return open(path, "a", encoding="utf-8")
-
-
-def _resumed_model_config(wanted: GPTConfig, saved: dict) -> GPTConfig:
-    """The checkpoint's model config with wanted's dropout and attn_backend (GPTConfig.TUNABLE).
-
-    Raises:
-        ConfigError: wanted differs from the checkpoint's model in a field of its shape.
-    """
-    saved_cfg = GPTConfig.from_dict(saved)
-    for f in fields(GPTConfig):
-        if f.name in GPTConfig.TUNABLE or f.name == "vocab_size":
-            continue
-        if getattr(wanted, f.name) != getattr(saved_cfg, f.name):
-            raise ConfigError("GPTConfig", f.name, getattr(wanted, f.name),
-                              f"cannot change on resume: the checkpoint's model has "
-                              f"{f.name}={getattr(saved_cfg, f.name)!r}")
-    return replace(saved_cfg, **{name: getattr(wanted, name) for name in GPTConfig.TUNABLE})
-
-
-def _restore(state: dict, model, optimizer, train_batches, scaler, device) -> None:
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    train_batches.load_state_dict(state["sampler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if device.type == "cuda" and state["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-    if state.get("grad_scaler"):
-        scaler.load_state_dict(state["grad_scaler"])
-
-
-@torch.no_grad()
 @torch.no_grad()
 def mean_loss(model: GPT, batches, autocast=contextlib.nullcontext) -> torch.Tensor:
     """Mean cross-entropy (nats/token) of model over batches [(x, y), ...], each x and y
@@ -369,12 +216,6 @@ def evaluate(run: Run) -> Dict[str, float]:
     """Mean loss of the fixed batches of each split, averaged over every process."""
     return {split: run.dist.sum(mean_loss(run.raw_model, batches, run.precision.autocast)).item()
             / run.dist.world_size for split, batches in run.eval_batches.items()}
-
-
-def elapsed(run: Run) -> float:
-    """Seconds since the run started: set-up and evaluations included, and the earlier runs
-    that this one resumes (metrics' time_s; what max_time budgets)."""
-    return run.elapsed_before + time.perf_counter() - run.t_start
 
 
 def schedule_time(run: Run) -> Optional[float]:
@@ -403,70 +244,50 @@ def evaluate_and_save(run: Run, progress: Progress) -> None:
             f"val loss {progress.losses['val']:.4f}")
 
 
-def save(run: Run, progress: Progress, val_loss: Optional[float]) -> None:
-    """Write the checkpoint atomically (rank 0): everything an exact resume needs."""
-    if not run.dist.master:
-        return
-    device = run.device
-    save_checkpoint({
-        "model": run.raw_model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "model_config": run.cfg.model.to_dict(),
-        "train_config": run.cfg.to_dict(),
-        "tokenizer": run.tokenizer.state_dict(),
-        "iter_num": progress.iter_num,
-        "best_val_loss": progress.best_val,
-        "elapsed_s": elapsed(run),
-        "val_loss": val_loss,
-        "sampler": run.train_batches.state_dict(),
-        "grad_scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-    }, run.ckpt_path)
-    progress.saved_iter = progress.iter_num
+def gradients(model: torch.nn.Module, micro_batches: Sequence, optimizer, scaler, *,
+              autocast=contextlib.nullcontext, grad_clip: float = 0.0):
+    """Forward and backward of each micro-batch (x, y), (B, T) int64 each, its loss divided by
+    their number so that the gradients are those of the mean; then unscaled (scaler: a
+    torch.amp.GradScaler, a no-op unless enabled; optimizer: an Optimizers) and clipped to
+    global norm grad_clip (0: not clipped). Under DDP only the last micro-batch all-reduces.
 
-
-def save_lost(run: Run, progress: Progress, lost: str) -> None:
-    """The run directory or its lock vanished: save the checkpoint and config.json again
-    (into out_dir, made anew) so that the run's work is not lost with them."""
-    progress.interrupted = True
-    if run.dist.master:
-        run.log(f"minigpt: {lost}; saving the checkpoint again and stopping")
-        Path(run.cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        write_config(run.cfg)
-    save(run, progress, None)
-
-
-def save_interrupted(run: Run, progress: Progress) -> None:
-    """Save after a SIGINT/SIGTERM so that --resume continues from here."""
-    progress.interrupted = True
-    save(run, progress, None)
-    if run.dist.master:
-        run.log(f"minigpt: interrupted at step {progress.iter_num}; checkpoint saved to "
-                f"{run.ckpt_path} (continue with --resume)")
-
-
-def train_step(run: Run, progress: Progress) -> None:
-    """One optimizer step of grad_accum micro-steps; a non-finite loss or gradient skips it
-    (up to cfg.skip_nonfinite times; past that NonFiniteLossError)."""
-    cfg, model, scaler, optimizer = run.cfg, run.model, run.scaler, run.optimizer
-    t0 = time.perf_counter()
-    lr = lr_at(progress.iter_num, cfg, schedule_time(run))
-    optimizer.set_lr(lr)
-    for micro in range(cfg.grad_accum):
-        x, y = run.train_batches.next(run.device)
-        # DDP: all-reduce gradients only on the last micro-step.
-        last = micro == cfg.grad_accum - 1
-        sync = contextlib.nullcontext() if not run.dist.enabled or last else model.no_sync()
-        with sync:
-            with run.precision.autocast():
+    Returns:
+        (loss, norm): the last micro-batch's loss and the gradient norm before clipping,
+        0-dim tensors (no host sync).
+    """
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    for i, (x, y) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with model.no_sync() if ddp and not last else contextlib.nullcontext():
+            with autocast():
                 _, loss = model(x, y)
-            scaler.scale(loss / cfg.grad_accum).backward()
+            scaler.scale(loss / len(micro_batches)).backward()
     for member in optimizer.members:
         scaler.unscale_(member)  # the clip below sees true gradients
     # clip_grad_norm_ with an infinite bound only measures the norm.
-    norm = torch.nn.utils.clip_grad_norm_(
-        model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                          grad_clip if grad_clip > 0 else float("inf"))
+    return loss, norm
+
+
+def optimizer_step(optimizer, scaler) -> None:
+    """Apply the gradients through scaler (which skips a float16 step with inf gradients)."""
+    optimizer.step(scaler)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def train_step(run: Run, progress: Progress) -> None:
+    """One optimizer step of grad_accum micro-batches at the scheduled learning rate; a
+    non-finite loss or gradient skips it (past cfg.skip_nonfinite skips NonFiniteLossError)."""
+    cfg, scaler = run.cfg, run.scaler
+    t0 = time.perf_counter()
+    lr = lr_at(progress.iter_num, cfg, schedule_time(run))
+    run.optimizer.set_lr(lr)
+    loss, norm = gradients(run.model, [run.train_batches.next(run.device)
+                                       for _ in range(cfg.grad_accum)],
+                           run.optimizer, scaler, autocast=run.precision.autocast,
+                           grad_clip=cfg.grad_clip)
     loss_value = loss.item()
     # With float16 an inf gradient is the GradScaler's business: scaler.step skips the step
     # and lowers the scale. Otherwise it counts as a non-finite step.
@@ -474,9 +295,7 @@ def train_step(run: Run, progress: Progress) -> None:
     if run.dist.any(not (math.isfinite(loss_value) and grad_ok)):
         skip_step(run, progress, loss_value)
         return
-    optimizer.step(scaler)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer_step(run.optimizer, scaler)
     progress.iter_num += 1
     progress.train_time += time.perf_counter() - t0
     progress.train_tokens += (cfg.batch_size * cfg.model.block_size * cfg.grad_accum
@@ -512,28 +331,8 @@ def skip_step(run: Run, progress: Progress, loss_value: float) -> None:
     run.scaler.update()
 
 
-def record(run: Run, progress: Progress, **row) -> None:
-    """Append a row to the history and, on rank 0, to metrics.jsonl (and the logger)."""
-    progress.history.append(row)
-    if run.metrics is not None:
-        run.metrics.write(json.dumps(row) + "\n")
-        run.metrics.flush()
-    if run.logger is not None:
-        run.logger.log(row)
-
-
-def teardown(run: Run) -> None:
-    if run.bar is not None:
-        run.bar.close()
-    if run.metrics is not None:
-        with contextlib.suppress(OSError):  # a full disk already said so
-            run.metrics.close()
-    if run.logger is not None:
-        run.logger.close()
-    run.dist.close()
-
-
 def summarize(run: Run, progress: Progress) -> TrainResult:
+    """The TrainResult of a finished run, and its last log line."""
     wall = time.perf_counter() - run.t_start
     result = TrainResult(
         iters=progress.iter_num, best_val_loss=progress.best_val,
@@ -549,28 +348,3 @@ def summarize(run: Run, progress: Progress) -> TrainResult:
                 f"{progress.best_val:.4f}, final val loss {progress.losses['val']:.4f}, "
                 f"{result.tokens_per_s:,.0f} tokens/s, wall time {wall:.1f} s, {where}")
     return result
-
-
-class _StopRequest:
-    """Turns SIGINT/SIGTERM into a flag checked between steps, so the loop can save and exit."""
-
-    def __init__(self):
-        self.signum = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)

@@ -1,0 +1,52 @@
+"""What the experiments share: a training run that stays quiet, the check of their paths, and
+the writing of their results (results.json, results.md, a picture)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Optional
+
+from minigpt.checkpoint import atomic_write_text
+from minigpt.runtime import PathError, check_cache_dir, check_dir_target, check_input_file
+
+
+def train_run(cfg):
+    """minigpt.train.loop.train(cfg) without its log lines; returns its TrainResult. A Ctrl-C,
+    which train() answers by saving the run and returning, ends the whole experiment rather
+    than only this run: KeyboardInterrupt."""
+    from minigpt.train import loop
+
+    result = loop.train(cfg, log=lambda message: None)
+    if result.interrupted:
+        raise KeyboardInterrupt
+    return result
+
+
+def check_paths(p: argparse.ArgumentParser, data: Optional[str], out, out_flag: str) -> None:
+    """--data a regular readable file, the output directory writable, the cache usable:
+    refused with p.error (exit code 2) before any training starts."""
+    try:
+        if data is not None:
+            check_input_file(data, "--data")
+        check_dir_target(out, out_flag)
+        check_cache_dir()
+    except PathError as e:
+        p.error(f"argument {e}")
+
+
+def write_results(out_dir, results, table: str, plot=None, png_name: str = "") -> None:
+    """An experiment's outputs in out_dir: results.json (results), results.md (table) and, with
+    plot, png_name drawn by plot(results, path); each file written atomically. Prints the table
+    and the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "results.md", out / "results.json"]
+    atomic_write_text(paths[0], table + "\n")
+    atomic_write_text(paths[1], json.dumps(results, indent=2) + "\n")
+    if plot is not None:
+        paths.append(out / png_name)
+        plot(results, paths[-1])
+    print(table)
+    print(", ".join(str(path) for path in paths))
