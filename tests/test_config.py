@@ -8,8 +8,8 @@ from dataclasses import fields
 import pytest
 
 from minigpt import checkpoint as checkpoint_module
-from minigpt.config import (PRESETS, ConfigError, GPTConfig, TrainConfig, default_settings,
-                            fixed_on_resume)
+from minigpt.config import ConfigError, GPTConfig
+from minigpt.train.config import PRESETS, TrainConfig, default_settings, fixed_on_resume
 from minigpt.cli.train import _NOT_FLAGS, build_parser, main, resolve_config
 
 

@@ -4,7 +4,7 @@ and window write their tables and figures."""
 import json
 
 import minigpt.experiments as experiments
-from minigpt.config import apply_overrides, default_settings
+from minigpt.train.config import apply_overrides, default_settings
 from minigpt.experiments import ABLATIONS, main
 
 

@@ -353,7 +353,7 @@ def pruned_checkpoint(state: dict, pruned: GPT, info: dict) -> dict:
            "model_config": pruned.config.to_dict(), "tokenizer": state["tokenizer"],
            "pruned": info}
     if "train_config" in state:
-        from minigpt.config import TrainConfig
+        from minigpt.train.config import TrainConfig
         from minigpt.train.optim import build_optimizer
 
         train_cfg = dict(state["train_config"], model=pruned.config.to_dict())
@@ -480,7 +480,7 @@ def finetune(ckpt_dir: Path, iters: int, data: Optional[str], device: str, log=p
 
     Raises: what minigpt.train.loop.train raises (DataError for a corpus that does not give the
     checkpoint's tokenizer, RunDirError, ...)."""
-    from minigpt.config import TrainConfig
+    from minigpt.train.config import TrainConfig
     from minigpt.train.loop import train
 
     state = load_checkpoint(ckpt_dir / "ckpt.pt")

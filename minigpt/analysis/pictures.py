@@ -33,7 +33,7 @@ import torch
 from matplotlib import colors
 from matplotlib.figure import Figure
 
-from minigpt.config import TrainConfig, lr_at
+from minigpt.train.config import TrainConfig, lr_at
 
 # Whitespace and control characters drawn as visible symbols (all in matplotlib's DejaVu fonts).
 _VISIBLE = {"\n": "⏎", " ": "␣", "\t": "⇥", "\r": "\\r"}

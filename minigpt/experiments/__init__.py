@@ -42,10 +42,11 @@ import sys
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, get_args
 
 from minigpt.checkpoint import atomic_write_text
-from minigpt.config import ConfigError, GPTConfig, TrainConfig, apply_overrides, default_settings
+from minigpt.config import ConfigError, PosEmbedding
+from minigpt.train.config import TrainConfig, apply_overrides, default_settings
 from minigpt.runtime import (ArgumentParser, DeviceError, PathError, check_cache_dir, check_dir_target,
                       check_input_file, cli_main, os_error_message)
 
@@ -118,7 +119,7 @@ ENCODINGS: Dict[str, str] = {
     "alibi": "linear distance bias (Press et al. 2022)",
     "none": "no position encoding (NoPE), causal mask only",
 }
-assert tuple(ENCODINGS) == GPTConfig.POS_EMBEDDINGS
+assert tuple(ENCODINGS) == get_args(PosEmbedding)
 FACTORS = (1, 2, 4, 8)  # evaluation lengths, as multiples of the training context
 # --quick: (steps per encoding, evaluation tokens); the defaults are (600, 32768).
 QUICK = (150, 8192)

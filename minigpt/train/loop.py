@@ -33,7 +33,8 @@ import torch
 
 from minigpt.attention import resolve_backend
 from minigpt.checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from minigpt.config import PRESETS, ConfigError, GPTConfig, TrainConfig, lr_at
+from minigpt.config import ConfigError, GPTConfig
+from minigpt.train.config import PRESETS, TrainConfig, lr_at
 from minigpt.train.data import BatchSampler, DataError, load_corpus
 from minigpt.train.loggers import check_logger, open_logger
 from minigpt.model import GPT
