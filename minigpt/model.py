@@ -354,13 +354,15 @@ class GPT(nn.Module):
                                    ignore_index=-1)
         return logits, loss
 
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, *args, **kwargs) -> torch.Tensor:
-        """Sample max_new_tokens tokens after the prompt idx (B, T): (B, T + n) ids. The
-        further arguments (temperature, top_k, top_p, generator, use_cache, callback,
-        stop_tokens) are minigpt.generation.generate's."""
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k=None, top_p=None, generator=None, use_cache=True, callback=None,
+                 stop_tokens=None) -> torch.Tensor:
+        """Sample max_new_tokens tokens after the prompt idx (B, T): (B, T + n) int64 ids.
+        The arguments are minigpt.generation.generate's."""
         from minigpt.generation import generate
 
-        return generate(self, idx, max_new_tokens, *args, **kwargs)
+        return generate(self, idx, max_new_tokens, temperature, top_k, top_p, generator,
+                        use_cache, callback, stop_tokens)
 
     def with_block_size(self, block_size: int, generator=None) -> "GPT":
         """A copy of this model for contexts up to block_size (minigpt.positions)."""
