@@ -3,13 +3,15 @@ line is generated from them (help and default for every flag), reads --config fi
 resolved config beside the checkpoint, and reads the checkpoint once on --resume."""
 
 import json
+import typing
 from dataclasses import fields
 
 import pytest
 
 from minigpt import checkpoint as checkpoint_module
-from minigpt.config import (PRESETS, ConfigError, GPTConfig, TrainConfig, default_settings,
-                            fixed_on_resume)
+from minigpt.attention import BACKENDS
+from minigpt.config import ConfigError, GPTConfig
+from minigpt.train.config import PRESETS, TrainConfig, default_settings, fixed_on_resume
 from minigpt.cli.train import _NOT_FLAGS, build_parser, main, resolve_config
 
 
@@ -67,6 +69,23 @@ def test_every_flag_has_help_and_shows_its_default():
     for a in actions:
         assert a.help and "(default: " in a.help, a.option_strings
     assert "(default: None)" in next(a.help for a in actions if a.dest == "n_kv_head")
+
+
+def test_choice_flags_offer_the_literal_types_values():
+    actions = {a.dest: a for a in build_parser()._actions}
+    literals = 0
+    for cls in (GPTConfig, TrainConfig):
+        for name, kind in typing.get_type_hints(cls).items():
+            if typing.get_origin(kind) is typing.Union:  # Optional[Literal[...]]
+                kind = typing.get_args(kind)[0]
+            if typing.get_origin(kind) is typing.Literal:
+                literals += 1
+                assert tuple(actions[name].choices) == typing.get_args(kind), name
+    assert literals == 10  # activation, norm, mlp, pos_embedding, attn_backend, tokenizer, ...
+    assert actions["attn_backend"].choices == BACKENDS
+    with pytest.raises(ConfigError, match="GPTConfig.activation must be one of gelu, gelu_tanh, "
+                                          "silu, relu2, got 'swish'"):
+        GPTConfig(activation="swish")
 
 
 def test_fixed_on_resume_is_the_shape_and_the_tokenizer():

@@ -3,7 +3,7 @@ and window write their tables and figures."""
 
 import json
 
-from minigpt.config import apply_overrides, default_settings
+from minigpt.train.config import apply_overrides, default_settings
 from minigpt.experiments import main, positions, window
 from minigpt.experiments import ablation as ablation_module
 from minigpt.experiments.ablation import ABLATIONS

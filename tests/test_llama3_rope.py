@@ -11,7 +11,7 @@ pytest.importorskip("safetensors")
 
 from minigpt import GPT, GPTConfig  # noqa: E402
 from minigpt.config import ConfigError  # noqa: E402
-from minigpt.model import RotaryEmbedding  # noqa: E402
+from minigpt.positions import RotaryEmbedding  # noqa: E402
 from minigpt.hf.pretrained import PretrainedError  # noqa: E402
 
 TOL = dict(atol=2e-5, rtol=1e-4)

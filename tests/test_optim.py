@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minigpt.config import ConfigError, GPTConfig, TrainConfig
+from minigpt.config import ConfigError, GPTConfig
+from minigpt.train.config import TrainConfig
 from minigpt.model import GPT
 from minigpt.train.optim import Muon, Optimizers, build_optimizer
 

@@ -18,7 +18,7 @@ from minigpt.attention import _ext
 attention_module = importlib.import_module("minigpt.attention")  # the module, not the function
 from minigpt.attention import attention
 from minigpt.attention import resolve_backend as _resolve_backend
-from minigpt.model import RotaryEmbedding
+from minigpt.positions import RotaryEmbedding
 from minigpt.runtime import DeviceError, pick_device, resolve_precision
 
 from reference import check_rule, reference_attention
@@ -193,7 +193,7 @@ def test_rope_with_float32_angles_matches_float64(monkeypatch):
 
 
 def test_rope_angle_dtype_on_mps_is_float32():
-    from minigpt.model import RotaryEmbedding as R
+    from minigpt.positions import RotaryEmbedding as R
 
     assert R.angle_dtype(torch.device("mps")) is torch.float32
 

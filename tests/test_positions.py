@@ -2,14 +2,18 @@
 and longer contexts (GPT.with_block_size)."""
 
 import math
+from typing import get_args
 
 import pytest
 import torch
 
-from minigpt.config import ConfigError
-from minigpt.model import GPT, GPTConfig, KVCache, alibi_slopes, sinusoidal_encoding
+from minigpt.config import ConfigError, PosEmbedding
+from minigpt.model import GPT, GPTConfig, KVCache
+from minigpt.positions import alibi_slopes, sinusoidal_encoding
+from minigpt.train.config import TrainConfig
+from minigpt.train.optim import build_optimizer
 
-ENCODINGS = GPTConfig.POS_EMBEDDINGS
+ENCODINGS = get_args(PosEmbedding)
 EXTRAPOLATING = ("rope", "sinusoidal", "alibi", "none")
 
 
@@ -41,7 +45,8 @@ def test_each_encoding_learns(pos_embedding):
     model = GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=32,
                           pos_embedding=pos_embedding, window=8 if pos_embedding == "alibi"
                           else None))
-    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), "cpu")
+    opt = build_optimizer(model, TrainConfig(optimizer="adamw", weight_decay=0.0,
+                                             learning_rate=3e-3, beta2=0.99), "cpu")
     x = torch.randint(20, (4, 16), generator=torch.Generator().manual_seed(1))
     y = torch.roll(x, -1, dims=1)
     losses = []
@@ -84,7 +89,7 @@ def test_sinusoidal_values_are_the_formula():
     idx = torch.randint(50, (2, 9))
     pos = torch.arange(9)
     want = model.transformer.wte(idx) * math.sqrt(32) + sinusoidal_encoding(pos, 32)
-    torch.testing.assert_close(model._embed(idx, pos), want, atol=0, rtol=0)
+    torch.testing.assert_close(model.embed(idx, pos), want, atol=0, rtol=0)
     assert not any("wpe" in n for n, _ in model.named_parameters())
 
 

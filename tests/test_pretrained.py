@@ -251,7 +251,7 @@ def test_missing_model_errors_are_one_line_and_say_what_to_download(tmp_path, mo
 def test_rotate_half_and_our_pairs_are_the_same_rotation():
     """RoPE with Hugging Face's rotate_half (pairs i, i + D/2) on q equals ours (pairs 2i,
     2i+1) on the permuted q, permuted back: so permuting the projection rows is exact."""
-    from minigpt.model import RotaryEmbedding
+    from minigpt.positions import RotaryEmbedding
 
     H, D, T = 3, 8, 5
     x = torch.randn(1, T, H, D, dtype=torch.float64)

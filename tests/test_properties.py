@@ -112,10 +112,12 @@ import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import tempfile  # noqa: E402
+import typing  # noqa: E402
 from dataclasses import fields  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from minigpt.config import GPTConfig, TrainConfig, default_settings  # noqa: E402
+from minigpt.config import GPTConfig, type_hints  # noqa: E402
+from minigpt.train.config import TrainConfig, default_settings  # noqa: E402
 from minigpt.cli.train import main as train_main  # noqa: E402
 
 _TEXT = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=8)
@@ -125,12 +127,15 @@ _VALUE = st.one_of(_SCALAR, st.lists(st.integers(-2, 8), max_size=5), st.none(),
                    st.dictionaries(_TEXT, st.integers(), max_size=2))
 
 
+# The choices of every setting typed as a Literal (pos_embedding, optimizer, tokenizer, ...).
+_LITERALS = [typing.get_args(kind) for cls in (GPTConfig, TrainConfig)
+             for kind in type_hints(cls).values() if typing.get_origin(kind) is typing.Literal]
+
+
 def _value_for(name: str, default):
     """Mostly values near the setting's domain (its default, its choices), sometimes anything."""
     near = [st.just(default)] if default is not None else []
-    for choices in (GPTConfig.POS_EMBEDDINGS, GPTConfig.NORMS, GPTConfig.MLPS,
-                    GPTConfig.ACTIVATIONS, TrainConfig.OPTIMIZERS, TrainConfig.LR_SCHEDULES,
-                    TrainConfig.LOGGERS, ("char", "gpt2", "hf"), ("auto", "float32", "cpu")):
+    for choices in (*_LITERALS, ("auto", "float32", "cpu")):
         if default in choices:
             near.append(st.sampled_from(choices))
     return st.one_of(*near, _VALUE) if near else _VALUE

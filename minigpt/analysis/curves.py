@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from minigpt.config import TrainConfig, lr_at
+from minigpt.train.config import TrainConfig, lr_at
 
 
 def plot_prune_curve(removed: Sequence[int], losses: Sequence[float], path, *,

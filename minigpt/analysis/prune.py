@@ -35,7 +35,7 @@ import torch
 
 from minigpt.analysis.importance import present_heads
 from minigpt.checkpoint import load_checkpoint
-from minigpt.config import TrainConfig
+from minigpt.train.config import TrainConfig
 from minigpt.model import GPT
 from minigpt.train.loop import train
 from minigpt.train.optim import build_optimizer

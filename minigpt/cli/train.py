@@ -49,22 +49,17 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Optional, Tuple
 
-from minigpt.attention import BACKENDS
 from minigpt.checkpoint import CheckpointError, load_checkpoint
-from minigpt.config import (PRESETS, ConfigError, GPTConfig, TrainConfig, apply_overrides,
-                     check_settings, default_settings, field_help, fixed_on_resume)
+from minigpt.config import ConfigError, GPTConfig
+from minigpt.train.config import (PRESETS, TrainConfig, apply_overrides, check_settings,
+                                  default_settings, field_help, fixed_on_resume)
 from minigpt.train.data import DataError
 from minigpt.hf.pretrained import PretrainedError
 from minigpt.train.rundir import RunDirError, RunDirLostError
-from minigpt.runtime import (DTYPES, ArgumentParser, DeviceError, Distributed, PathError,
+from minigpt.runtime import (ArgumentParser, DeviceError, Distributed, PathError,
                       check_input_file, cli_main, os_error_message, out_of_memory)
-from minigpt.tokenizer import TOKENIZERS
 from minigpt.train.loop import NonFiniteLossError, check_targets, train
 
-# Flags with a fixed set of values: argparse lists them in --help and rejects others.
-_CHOICES = {"tokenizer": TOKENIZERS, "attn_backend": BACKENDS, "dtype": DTYPES,
-            "activation": GPTConfig.ACTIVATIONS, "pos_embedding": GPTConfig.POS_EMBEDDINGS,
-            "norm": GPTConfig.NORMS, "mlp": GPTConfig.MLPS, "logger": TrainConfig.LOGGERS}
 # GPTConfig fields that are not flags: the vocabulary size follows from the tokenizer.
 _NOT_FLAGS = {"vocab_size", "rope_scaling"}  # rope_scaling comes with a pretrained model
 
@@ -83,7 +78,8 @@ def _ints(text: str) -> Tuple[int, ...]:
 
 
 def _add_fields(group, cls, defaults: dict) -> None:
-    """One flag per field of cls, typed from its annotation, its help from its comment."""
+    """One flag per field of cls, typed from its annotation (a Literal's values are the
+    flag's choices), its help from its comment."""
     hints = typing.get_type_hints(cls)
     docs = field_help(cls)
     for f in fields(cls):
@@ -100,10 +96,12 @@ def _add_fields(group, cls, defaults: dict) -> None:
         elif typing.get_origin(kind) is tuple:
             group.add_argument(_flag(f.name), dest=f.name, type=_ints, default=None,
                                help=help_text, metavar="N,N,...")
+        elif typing.get_origin(kind) is typing.Literal:
+            group.add_argument(_flag(f.name), dest=f.name, default=None,
+                               choices=typing.get_args(kind), help=help_text)
         else:
             group.add_argument(_flag(f.name), dest=f.name, type=kind, default=None,
-                               choices=_CHOICES.get(f.name), help=help_text,
-                               metavar=None if f.name in _CHOICES else kind.__name__.upper())
+                               help=help_text, metavar=kind.__name__.upper())
 
 
 def build_parser() -> argparse.ArgumentParser:

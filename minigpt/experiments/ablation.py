@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from minigpt.config import TrainConfig, apply_overrides, default_settings
+from minigpt.train.config import TrainConfig, apply_overrides, default_settings
 from minigpt.experiments.common import check_paths, train_run, write_results
 
 HELP = "each training option on and off at a fixed wall time"

@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, get_args
 
-from minigpt.config import GPTConfig, TrainConfig, apply_overrides, default_settings
+from minigpt.config import GPTConfig, PosEmbedding
+from minigpt.train.config import TrainConfig, apply_overrides, default_settings
 from minigpt.experiments.common import check_paths, train_run, write_results
 
 HELP = "each position encoding trained at a short context, evaluated at 1x-8x that context"
@@ -31,7 +32,7 @@ ENCODINGS: Dict[str, str] = {
     "alibi": "linear distance bias (Press et al. 2022)",
     "none": "no position encoding (NoPE), causal mask only",
 }
-assert tuple(ENCODINGS) == GPTConfig.POS_EMBEDDINGS
+assert tuple(ENCODINGS) == get_args(PosEmbedding)
 FACTORS = (1, 2, 4, 8)  # evaluation lengths, as multiples of the training context
 MAX_ITERS, EVAL_TOKENS = 600, 32768  # steps per encoding, evaluation tokens
 QUICK = dict(max_iters=150, eval_tokens=8192)  # --quick: a few minutes on 2 CPU cores

@@ -20,7 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from minigpt.config import TrainConfig, apply_overrides, default_settings
+from minigpt.train.config import TrainConfig, apply_overrides, default_settings
 from minigpt.experiments.common import check_paths, train_run, write_results
 
 HELP = "sliding-window attention: time and memory against T, training-step time, and the loss"

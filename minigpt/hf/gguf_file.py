@@ -349,7 +349,7 @@ def llama3_inv_freq_factors(head_dim: int, theta: float, params: dict) -> torch.
     1 for wavelengths below original_max_position_embeddings / high_freq_factor, factor above
     original / low_freq_factor, and in between 1 / ((1 - s) / factor + s) with
     s = (original / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)."""
-    from minigpt.model import RotaryEmbedding
+    from minigpt.positions import RotaryEmbedding
 
     inv_freq = RotaryEmbedding.inv_freq(head_dim, theta, None, torch.float64)
     scaled = RotaryEmbedding.inv_freq(head_dim, theta, params, torch.float64)

@@ -28,7 +28,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from minigpt.checkpoint import load_checkpoint
-from minigpt.config import PRESETS, TrainConfig, lr_at
+from minigpt.train.config import PRESETS, TrainConfig, lr_at
 from minigpt.model import GPT
 from minigpt.runtime import (Distributed, check_cache_dir, check_dir_target, check_input_file,
                              pick_device, resolve_precision)

@@ -16,13 +16,13 @@ drives both (AdamW's peak is ``learning_rate``, Muon's ``learning_rate * muon_lr
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import List, get_args
 
 import torch
 
-from minigpt.config import TrainConfig
+from minigpt.train.config import Optimizer
 
-OPTIMIZERS = TrainConfig.OPTIMIZERS
+OPTIMIZERS = get_args(Optimizer)
 
 
 class Optimizers:

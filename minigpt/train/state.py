@@ -29,7 +29,8 @@ import torch
 
 from minigpt.attention import resolve_backend
 from minigpt.checkpoint import atomic_write, save_checkpoint
-from minigpt.config import ConfigError, GPTConfig, TrainConfig
+from minigpt.config import ConfigError, GPTConfig
+from minigpt.train.config import TrainConfig
 from minigpt.hf.pretrained import pretrained_state
 from minigpt.model import GPT
 from minigpt.runtime import Distributed, Precision
