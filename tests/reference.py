@@ -1,8 +1,11 @@
-"""The float64 reference and the correctness rule of docs/design.md, shared by the tests."""
+"""The float64 reference, written independently of minigpt, and the correctness rule of
+docs/design.md (imported from minigpt.attention.rule, its one definition), shared by the tests."""
 
 import math
 
 import torch
+
+from minigpt.attention.rule import rule_floor, within_rule
 
 
 def reference_scores(q, k, causal=True, scale=None, alibi_slopes=None, window=None):
@@ -38,20 +41,14 @@ def max_err(a, b):
 
 
 def check_rule(name, fast, naive, ref, dtype, scale=None):
-    """fast's error vs ref must be <= 2x naive's error (same dtype) + 1e-6 for float32.
-
-    The 1e-6 floor is taken relative to the size of the quantities involved, max(1, scale),
-    scale defaulting to max|ref|; for gradients, pass the largest of the three reference
-    gradients. Where the naive computation happens to be exact (dq and dk are exactly 0 with a
-    single key), a fused kernel's rounding of intermediates of that size is still within
-    float32's resolution."""
-    floor = 1e-6 if dtype == torch.float32 else 1e-12 if dtype == torch.float64 else 0.0
-    if scale is None:
-        scale = ref.abs().max().item()
-    slack = floor * max(1.0, scale)
-    e_fast, e_naive = max_err(fast, ref), max_err(naive, ref)
-    assert e_fast <= 2 * e_naive + slack, (
-        f"{name}: error {e_fast:.3e} > 2 x naive error {e_naive:.3e} + {slack}")
+    """Assert minigpt.attention.rule's verdict for one quantity: fast's error against ref at
+    most 2x naive's error (same dtype) + the dtype's floor times max(1, scale), scale
+    defaulting to max|ref|; for gradients, pass the largest of the three reference gradients
+    (grad_scale)."""
+    verdict = within_rule(fast, naive, ref, dtype, scale)
+    assert verdict.ok, (f"{name}: error {verdict.error:.3e} > the rule's bound "
+                        f"{verdict.bound:.3e} (2 x naive error {verdict.naive_error:.3e} + "
+                        f"{rule_floor(dtype)} x max(1, size))")
 
 
 def rand_qkv(B, Hq, Hkv, Tq, Tk, D, dtype=torch.float32, layout="contiguous", seed=0,

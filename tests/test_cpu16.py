@@ -17,7 +17,7 @@ from conftest import ext_required
 from reference import check_rule, grad_scale, max_err, rand_qkv, reference_attention
 
 EXT = _ext.unavailable_reason() is None
-attention_module = importlib.import_module("minigpt.attention")  # minigpt.attention is the function
+backends_module = importlib.import_module("minigpt.attention.backends")
 needs_ext = pytest.mark.skipif(not EXT and not ext_required(),
                                reason=f"minigpt._C unavailable: {_ext.unavailable_reason()}")
 DTYPES = [torch.bfloat16, torch.float16]
@@ -117,7 +117,7 @@ def test_cpu_autocast_dtype(setting, bf16_cpu, monkeypatch):
     the CPU has bf16 dot products. float16 always runs in float32. Either way the result is
     within the rule of the dtype it was computed in."""
     monkeypatch.setenv("MINIGPT_CPU_AUTOCAST_ATTENTION", setting)
-    monkeypatch.setattr(attention_module, "bf16_supported", lambda device: bf16_cpu)
+    monkeypatch.setattr(backends_module, "bf16_supported", lambda device: bf16_cpu)
     want = torch.bfloat16 if setting == "bfloat16" and bf16_cpu else torch.float32
     assert cpu_autocast_dtype(torch.bfloat16) == want
     assert cpu_autocast_dtype(torch.float16) == torch.float32

@@ -13,8 +13,8 @@ from minigpt.attention import _ext
 from minigpt.attention import gpu_table
 from minigpt.config import GPTConfig
 
-attention_module = importlib.import_module("minigpt.attention")
-resolve_backend = attention_module.resolve_backend
+backends_module = importlib.import_module("minigpt.attention.backends")
+resolve_backend = backends_module.resolve_backend
 CUDA = torch.device("cuda")
 
 FAST = gpu_table.Measurement((8, 0), "bfloat16", "v2", "NVIDIA A100", (0.8, 0.95), "test")
@@ -31,8 +31,8 @@ def fake_gpu(monkeypatch):
         "dtypes": {"cpu": ["float32", "float64"], "cuda": ["bfloat16", "float16", "float32"]},
         "features": {"cpu": ["alibi", "window"], "cuda": ["alibi", "window"]}})
     for name in ("_EXT_DTYPES", "_EXT_CUDA_HEAD_DIMS", "_EXT_FEATURES"):  # restored after
-        monkeypatch.setattr(attention_module, name, getattr(attention_module, name))
-    attention_module._read_kernel_support()
+        monkeypatch.setattr(backends_module, name, getattr(backends_module, name))
+    backends_module._read_kernel_support()
     monkeypatch.setenv("MINIGPT_SELF_CHECK", "0")
     monkeypatch.delenv("MINIGPT_ATTENTION_BACKEND", raising=False)
     monkeypatch.delenv(gpu_table.KERNELS_ENV, raising=False)

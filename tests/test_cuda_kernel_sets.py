@@ -11,7 +11,7 @@ from minigpt.attention import _ext
 from minigpt.attention import gpu_table
 from minigpt.attention import attention
 
-attention_module = importlib.import_module("minigpt.attention")
+backends_module = importlib.import_module("minigpt.attention.backends")
 test_cuda_terms = importlib.import_module("test_cuda_terms")
 
 pytestmark = [pytest.mark.cuda,

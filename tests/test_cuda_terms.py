@@ -13,7 +13,7 @@ from minigpt.attention import attention, naive_attention
 
 from reference import check_rule, grad_scale, max_err, rand_qkv
 
-attention_module = importlib.import_module("minigpt.attention")
+backends_module = importlib.import_module("minigpt.attention.backends")
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -151,6 +151,6 @@ def test_self_check_with_terms_passes(dtype, D, causal, features):
     device = torch.device("cuda")
     assert "alibi" in _ext.build_info()["features"]["cuda"]
     assert "window" in _ext.build_info()["features"]["cuda"]
-    assert attention_module._self_check(device, dtype, D, causal, features) is None
-    assert attention_module._ext_unavailable_reason(device, dtype, D, causal, features) is None
-    assert attention_module.resolve_backend("ext", device, dtype, D, causal, features) == "ext"
+    assert backends_module._self_check(device, dtype, D, causal, features) is None
+    assert backends_module._ext_unavailable_reason(device, dtype, D, causal, features) is None
+    assert backends_module.resolve_backend("ext", device, dtype, D, causal, features) == "ext"

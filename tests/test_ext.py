@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from minigpt.attention import _ext
-from minigpt.attention import attention
+from minigpt.attention import attention, attention_backends
 from minigpt.model import GPT, GPTConfig
 
 from conftest import ext_required
 from reference import check_rule, grad_scale, max_err, rand_qkv, reference_attention
 
-attention_module = importlib.import_module("minigpt.attention")  # minigpt.attention is the function
+backends_module = importlib.import_module("minigpt.attention.backends")
 
 EXT = _ext.unavailable_reason() is None
 # Where the extension is required (CI), a missing one fails these tests instead of skipping them.
@@ -28,7 +28,7 @@ needs_ext = pytest.mark.skipif(not EXT and not ext_required(),
 @pytest.mark.skipif(not ext_required(), reason="MINIGPT_REQUIRE_EXT=1 is not set (CI sets it)")
 def test_required_extension_is_available():
     assert _ext.unavailable_reason() is None, _ext.unavailable_reason()
-    report = attention_module.attention_backends()
+    report = attention_backends()
     assert report["ext"]["available"] is True, report["ext"]
     if not os.environ.get("MINIGPT_ATTENTION_BACKEND"):
         assert report["default"] == "ext", report
@@ -194,7 +194,7 @@ def test_fallback_when_extension_missing(monkeypatch):
     monkeypatch.setattr(_ext, "_tried", True)
     monkeypatch.setattr(_ext, "_module", None)
     monkeypatch.setattr(_ext, "_reason", "minigpt._C is not built (test)")
-    monkeypatch.setattr(attention_module, "_warned_fallback", False)
+    monkeypatch.setattr(backends_module, "_warned_fallback", False)
     monkeypatch.delenv("MINIGPT_ATTENTION_BACKEND", raising=False)
     q, k, v = rand_qkv(1, 2, 2, 6, 6, 16, requires_grad=False)
     with pytest.warns(RuntimeWarning, match=r"not built \(test\).*using 'sdpa'"):
@@ -203,7 +203,7 @@ def test_fallback_when_extension_missing(monkeypatch):
     with pytest.raises(RuntimeError, match=r"'ext' is not available: minigpt._C is not built "
                                            r"\(test\).*pip install --no-build-isolation -e \."):
         attention(q, k, v, backend="ext")
-    report = attention_module.attention_backends()
+    report = attention_backends()
     assert report["ext"] == {"available": False, "reason": "minigpt._C is not built (test)"}
     assert report["default"] == "sdpa"
 

@@ -142,12 +142,12 @@ def test_tiny_gguf_without_the_permutation_undone_would_differ(tmp_path):
 
     path = tmp_path / "tiny.gguf"
     hf = write_tiny_gguf(path)
-    real = gguf_file._pairs_to_halves
+    real = gguf_file.pairs_to_halves
     try:
-        gguf_file._pairs_to_halves = lambda w, n, hd: w
+        gguf_file.pairs_to_halves = lambda w, n, hd: w
         model = GPT.from_pretrained(str(path)).eval()
     finally:
-        gguf_file._pairs_to_halves = real
+        gguf_file.pairs_to_halves = real
     ids = torch.arange(20)[None]
     with torch.no_grad():
         assert (model(ids)[0] - hf(ids).logits).abs().max() > 1e-2

@@ -15,7 +15,7 @@ import torch
 import minigpt
 from minigpt.attention import _build
 from minigpt.attention import _ext
-attention_module = importlib.import_module("minigpt.attention")  # the module, not the function
+attention_module = importlib.import_module("minigpt.attention.backends")
 from minigpt.attention import attention
 from minigpt.attention import resolve_backend as _resolve_backend
 from minigpt.positions import RotaryEmbedding

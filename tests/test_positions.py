@@ -235,7 +235,7 @@ def test_train_command_line_reaches_the_options(capsys):
 
 
 def test_export_refuses_what_transformers_cannot_compute():
-    from minigpt.hf.pretrained import PretrainedError, export_architecture
+    from minigpt.hf.convert import PretrainedError, export_architecture
 
     gpt2 = dict(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=16, bias=True,
                 pos_embedding="learned", activation="gelu_tanh")

@@ -22,8 +22,8 @@ pytest.importorskip("safetensors")
 from conftest import tiktoken_available  # noqa: E402
 from minigpt import GPT, GPTConfig  # noqa: E402
 from minigpt.hf.export import export_hf, load_safetensors  # noqa: E402
-from minigpt.hf.pretrained import (PretrainedError, _halves_to_pairs, _pairs_to_halves,  # noqa: E402
-                                load_tokenizer, pretrained_state)
+from minigpt.hf.convert import halves_to_pairs, pairs_to_halves  # noqa: E402
+from minigpt.hf.pretrained import PretrainedError, load_tokenizer, pretrained_state  # noqa: E402
 from minigpt.generation import TextStream  # noqa: E402
 from minigpt.tokenizer import HFTokenizer  # noqa: E402
 
@@ -260,14 +260,14 @@ def test_rotate_half_and_our_pairs_are_the_same_rotation():
     angles = torch.cat([pos[:, None] * inv_freq] * 2, dim=-1)  # (T, D): HF's emb
     rotate_half = torch.cat([-x[..., D // 2:], x[..., :D // 2]], dim=-1)
     theirs = x * angles.cos()[None, :, None] + rotate_half * angles.sin()[None, :, None]
-    # Per head: our rows = _halves_to_pairs(their rows).
-    ours_in = _halves_to_pairs(x[0].permute(1, 2, 0).reshape(H * D, T), H, D)  # (H*D, T)
+    # Per head: our rows = halves_to_pairs(their rows).
+    ours_in = halves_to_pairs(x[0].permute(1, 2, 0).reshape(H * D, T), H, D)  # (H*D, T)
     ours_in = ours_in.reshape(H, D, T).permute(2, 0, 1)[None]  # (1, T, H, D)
     ours = RotaryEmbedding(D, 10000.0)(ours_in, pos)
-    back = _pairs_to_halves(ours[0].permute(1, 2, 0).reshape(H * D, T), H, D)
+    back = pairs_to_halves(ours[0].permute(1, 2, 0).reshape(H * D, T), H, D)
     torch.testing.assert_close(back.reshape(H, D, T).permute(2, 0, 1)[None], theirs)
     w = torch.randn(H * D, 7)
-    assert torch.equal(_pairs_to_halves(_halves_to_pairs(w, H, D), H, D), w)
+    assert torch.equal(pairs_to_halves(halves_to_pairs(w, H, D), H, D), w)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from minigpt import attention_backends
-from minigpt.bench import profile
+from minigpt.bench import machine, profile
 from minigpt.attention import unavailable_reason
 
 from conftest import ext_required
@@ -107,9 +107,9 @@ def test_peak_memory_of_known_allocations():
         del a, b
         torch.empty(2**18)                # 1 MiB, after both were freed
 
-    assert profile.peak_memory(allocate, CPU) == 6 * 2**20
+    assert machine.peak_memory(allocate, CPU) == 6 * 2**20
     before = torch.empty(2**20)  # allocated before the run: not counted
-    assert profile.peak_memory(lambda: torch.empty(2**10), CPU) == 4 * 2**10
+    assert machine.peak_memory(lambda: torch.empty(2**10), CPU) == 4 * 2**10
     del before
 
 
@@ -124,12 +124,12 @@ def test_peak_memory_includes_the_kernels_scratch(threads, n_threads):
     out, lse = fwd(q, k, v, True, 0.125)
     tile = 4 * (3 * 64 * 64 + 3 * 64)  # bytes of one thread's forward tile buffers at D = 64
     outputs = out.nbytes + lse.nbytes
-    assert profile.peak_memory(lambda: fwd(q, k, v, True, 0.125), CPU) >= outputs + tile
+    assert machine.peak_memory(lambda: fwd(q, k, v, True, 0.125), CPU) >= outputs + tile
 
     dout = torch.randn_like(out)
     grads = 3 * q.nbytes  # dq, dk, dv (Hq == Hkv)
     delta = lse.nbytes
-    peak = profile.peak_memory(lambda: torch.ops.minigpt.attention_backward(
+    peak = machine.peak_memory(lambda: torch.ops.minigpt.attention_backward(
         dout, q, k, v, out, lse, True, 0.125), CPU)
     assert peak >= grads + q.nbytes + delta
     assert peak <= grads + n_threads * q.nbytes + delta + 2**20  # parts never exceed a dQ each
@@ -207,16 +207,16 @@ def test_header_names_the_machine_and_the_gemm_rate(tmp_path, capsys):
     path = tmp_path / "p.json"
     assert profile.main(_TINY + ["--backends", "sdpa", "naive", "--json", str(path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    machine = profile.machine_info(CPU)
-    assert lines[0].startswith("machine: ") and f"CPU {machine['cpu']} " in lines[0]
+    info = machine.machine_info(CPU)
+    assert lines[0].startswith("machine: ") and f"CPU {info['cpu']} " in lines[0]
     assert f"{torch.get_num_threads()} threads" in lines[0] and torch.__version__ in lines[0]
     assert str(torch.backends.cpu.get_cpu_capability()) in lines[0]
-    assert f"vector ISA {machine['ext_vector_isa'] or 'not built'}" in lines[0]
+    assert f"vector ISA {info['ext_vector_isa'] or 'not built'}" in lines[0]
     assert lines[1].startswith("GEMM float32 on cpu") and "64^3 matmul" in lines[1]
 
     meta = json.loads(path.read_text())
-    machine.pop("load_avg"), meta["machine"].pop("load_avg")
-    assert meta["machine"] == json.loads(json.dumps(machine))
+    info.pop("load_avg"), meta["machine"].pop("load_avg")
+    assert meta["machine"] == json.loads(json.dumps(info))
     assert meta["layout"] == "model"
     assert meta["gemm"]["dtype"] == "float32" and meta["gemm"]["square_gflops"] > 0
     assert meta["gemm"]["qk_gflops"]["16"] > 0
@@ -233,24 +233,24 @@ def test_header_names_the_machine_and_the_gemm_rate(tmp_path, capsys):
 def test_cpu_model_name_is_lscpus():
     text = subprocess.run(["lscpu"], capture_output=True, text=True, env={"LC_ALL": "C"}).stdout
     names = re.findall(r"^Model name:\s*(.+)$", text, re.M)
-    assert names and profile.cpu_model_name() == names[0].strip()
+    assert names and machine.cpu_model_name() == names[0].strip()
 
 
 def test_cpu_model_name_without_proc_cpuinfo(monkeypatch):
     def no_file(*args, **kwargs):
         raise FileNotFoundError("/proc/cpuinfo")
 
-    monkeypatch.setattr(profile, "open", no_file, raising=False)
-    monkeypatch.setattr(profile.sys, "platform", "win32")
-    monkeypatch.setattr(profile.platform, "processor", lambda: "Intel64 Family 6 Model 143")
-    assert profile.cpu_model_name() == "Intel64 Family 6 Model 143"
-    monkeypatch.setattr(profile.platform, "processor", lambda: "")
-    assert profile.cpu_model_name() == platform.machine()
+    monkeypatch.setattr(machine, "open", no_file, raising=False)
+    monkeypatch.setattr(machine.sys, "platform", "win32")
+    monkeypatch.setattr(machine.platform, "processor", lambda: "Intel64 Family 6 Model 143")
+    assert machine.cpu_model_name() == "Intel64 Family 6 Model 143"
+    monkeypatch.setattr(machine.platform, "processor", lambda: "")
+    assert machine.cpu_model_name() == platform.machine()
 
 
 def test_gemm_rate_counts_two_flops_a_mac(monkeypatch):
-    monkeypatch.setattr(profile, "time_fn", lambda fn, device, warmup, repeats: (fn(), 0.5)[1])
-    rate = profile.gemm_rate(torch.float32, CPU, 32, 16, 8, batch=3)
+    monkeypatch.setattr(machine, "time_fn", lambda fn, device, warmup, repeats: (fn(), 0.5)[1])
+    rate = machine.gemm_rate(torch.float32, CPU, 32, 16, 8, batch=3)
     assert rate == 2 * 3 * 32 * 16 * 8 / 0.5 / 1e9
 
 

@@ -168,7 +168,7 @@ def test_attention_maps_and_export_of_a_pruned_model():
     assert maps.shape == (3, 4, 10, 10)
     assert torch.allclose(maps[1, :2].sum(-1), torch.ones(2, 10))
     assert maps[1, 2:].isnan().all() and not maps[0].isnan().any()
-    from minigpt.hf.pretrained import PretrainedError, export_architecture
+    from minigpt.hf.convert import PretrainedError, export_architecture
 
     with pytest.raises(PretrainedError, match="layer_heads=.*one head count for every layer"):
         export_architecture(GPTConfig(n_layer=2, n_head=4, n_embd=32, pos_embedding="learned",

@@ -6,7 +6,7 @@ GPU, side by side in one run, written to one JSON that names the GPU.
 For bfloat16 and float16, head dims 64 and 128, causal, T in --seq with B * T = 16384 tokens and
 H * D = 2048: the median forward and forward+backward times of "sdpa" and of "ext" with each
 kernel set of --kernels (MINIGPT_CUDA_KERNELS, read by the CUDA host at every call), CUDA events
-after warm-up (minigpt.bench.profile.time_fn). Then, with torch.profiler, the names of the CUDA kernels
+after warm-up (minigpt.bench.machine.time_fn). Then, with torch.profiler, the names of the CUDA kernels
 SDPA launched for each dtype and head dim (FlashAttention-2, cuDNN or FlashAttention-3?).
 
 Writes DIR/profile.json: {"gpu", "capability", "torch", "cuda", "rows", "ratios",
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from minigpt import attention
 from minigpt.attention import gpu_table  # noqa: E402
-from minigpt.bench.profile import time_fn  # noqa: E402
+from minigpt.bench.machine import time_fn  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENS = 16384   # B * T

@@ -31,47 +31,97 @@ from typing import List, Optional
 
 import torch
 
+from minigpt.checkpoint import atomic_write_text
+from minigpt.config import ConfigError
 from minigpt.model import GPT, GPTConfig
 from minigpt.runtime import ArgumentParser, PathError, check_file_target, cli_main
 
 
 def _time_generate(fn) -> float:
+    """Seconds fn() takes (time.perf_counter)."""
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
 
 
-@cli_main
-def main(argv: Optional[List[str]] = None) -> int:
+# GPTConfig's fields -> the flags that set them, to name the flag in a one-line error.
+_FLAGS = {"n_layer": "--layers", "n_head": "--heads", "n_embd": "--embd",
+          "vocab_size": "--vocab", "block_size": "--block", "attn_backend": "--backend"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m minigpt bench-generate``."""
     p = ArgumentParser(prog="python -m minigpt bench-generate",
-                                description="Greedy generation speed: minigpt against "
-                                            "transformers' GPT2LMHeadModel, side by side.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description="Greedy generation speed: minigpt against transformers' "
+                                   "GPT2LMHeadModel, side by side.")
     p.add_argument("--prompt", type=int, default=256, help="prompt tokens")
     p.add_argument("--new", type=int, default=256, help="tokens to generate")
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--embd", type=int, default=768)
-    p.add_argument("--vocab", type=int, default=50257)
+    p.add_argument("--layers", type=int, default=12, help="transformer blocks (n_layer)")
+    p.add_argument("--heads", type=int, default=12, help="attention heads (n_head)")
+    p.add_argument("--embd", type=int, default=768, help="embedding width (n_embd)")
+    p.add_argument("--vocab", type=int, default=50257, help="vocabulary size")
     p.add_argument("--block", type=int, default=1024, help="block_size / n_positions")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads for both (default: torch's)")
+                   help="torch.set_num_threads for both; None = torch's default")
     p.add_argument("--repeats", type=int, default=3, help="timed generate calls per model")
     p.add_argument("--backend", default=None,
-                   help="minigpt attention backend (default: the best available)")
+                   help="minigpt attention backend; None = the best available")
     p.add_argument("--hf-attn", nargs="+", default=["sdpa"],
                    help="transformers attn_implementation(s) to time; 'minigpt' registers ours")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights and the prompt")
     p.add_argument("--json", help="write the results as JSON to this file")
-    args = p.parse_args(argv)
+    return p
+
+
+def _config(p: argparse.ArgumentParser, args) -> GPTConfig:
+    """minigpt's config for the flags, after refusing bad sizes with a one-line error that names
+    the flag (p.error: exit code 2)."""
     if args.json:
         try:
             check_file_target(args.json, "--json")
         except PathError as e:
             p.error(f"argument {e}")
-    if args.prompt < 1 or args.new < 1 or args.prompt + args.new > args.block:
-        p.error(f"need 1 <= --prompt and 1 <= --new with --prompt + --new <= --block "
-                f"({args.block}), got {args.prompt} + {args.new}")
+    for name in ("prompt", "new", "repeats", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"argument --{name}: must be >= 1, got {value}")
+    try:
+        cfg = GPTConfig(n_layer=args.layers, n_head=args.heads, n_embd=args.embd,
+                        vocab_size=args.vocab, block_size=args.block, attn_backend=args.backend)
+    except ConfigError as e:
+        p.error(f"argument {_FLAGS.get(e.name, e.name)}: {e.requirement}, got {e.value!r}")
+    if args.prompt + args.new > args.block:
+        p.error(f"argument --block: must hold --prompt + --new = {args.prompt + args.new} "
+                f"tokens, got {args.block}")
+    return cfg
+
+
+def _report(times: dict, args, base: str) -> List[dict]:
+    """Prints the table of tokens/s, ms/token, seconds per run and the speed-up against the
+    transformers model `base`; returns its rows."""
+    results = []
+    for name, ts in times.items():
+        t = statistics.median(ts)
+        # Ratio per repeat (each pair timed back to back), then the median of the ratios.
+        ratio = statistics.median(b / a for a, b in zip(ts, times[base]))
+        results.append(dict(model=name, seconds=t, tokens_per_s=args.new / t,
+                            ms_per_token=1e3 * t / args.new, speedup_vs_hf=ratio,
+                            runs_s=ts))
+    width = max(len(r["model"]) for r in results)
+    print(f"{'model':<{width}}  {'tokens/s':>9}  {'ms/token':>9}  {'s per run':>9}  "
+          f"{'vs ' + base:>{len(base) + 3}}")
+    for r in results:
+        print(f"{r['model']:<{width}}  {r['tokens_per_s']:>9.2f}  {r['ms_per_token']:>9.2f}  "
+              f"{r['seconds']:>9.2f}  {r['speedup_vs_hf']:>{len(base) + 2}.2f}x")
+    return results
+
+
+@cli_main
+def main(argv: Optional[List[str]] = None) -> int:
+    """Time both models; 0 on success, 2 for bad arguments or without transformers."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    cfg = _config(p, args)
     try:
         import transformers
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -88,8 +138,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         hf.register("minigpt")
 
     torch.manual_seed(args.seed)
-    cfg = GPTConfig(n_layer=args.layers, n_head=args.heads, n_embd=args.embd,
-                    vocab_size=args.vocab, block_size=args.block, attn_backend=args.backend)
     ours = GPT(cfg).eval()
     hf_cfg = GPT2Config(n_layer=args.layers, n_head=args.heads, n_embd=args.embd,
                         vocab_size=args.vocab, n_positions=args.block)
@@ -136,27 +184,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         first = f"transformers[{args.hf_attn[0]}]"
         same = torch.equal(tokens[first], tokens["transformers[minigpt]"])
         print(f"transformers[minigpt] tokens {'equal' if same else 'DIFFER from'} {first}'s")
-
-    base = f"transformers[{args.hf_attn[0]}]"
-    results = []
-    for name, ts in times.items():
-        t = statistics.median(ts)
-        # Ratio per repeat (each pair timed back to back), then the median of the ratios.
-        ratio = statistics.median(b / a for a, b in zip(ts, times[base]))
-        results.append(dict(model=name, seconds=t, tokens_per_s=args.new / t,
-                            ms_per_token=1e3 * t / args.new, speedup_vs_hf=ratio,
-                            runs_s=ts))
-    width = max(len(r["model"]) for r in results)
-    print(f"{'model':<{width}}  {'tokens/s':>9}  {'ms/token':>9}  {'s per run':>9}  "
-          f"{'vs ' + base:>{len(base) + 3}}")
-    for r in results:
-        print(f"{r['model']:<{width}}  {r['tokens_per_s']:>9.2f}  {r['ms_per_token']:>9.2f}  "
-              f"{r['seconds']:>9.2f}  {r['speedup_vs_hf']:>{len(base) + 2}.2f}x")
+    results = _report(times, args, f"transformers[{args.hf_attn[0]}]")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(dict(prompt=args.prompt, new=args.new, threads=torch.get_num_threads(),
-                           torch=torch.__version__, transformers=transformers.__version__,
-                           results=results), fh, indent=1)
+        atomic_write_text(args.json, json.dumps(
+            dict(prompt=args.prompt, new=args.new, threads=torch.get_num_threads(),
+                 torch=torch.__version__, transformers=transformers.__version__,
+                 results=results), indent=1))
     return 0
 
 

@@ -46,12 +46,12 @@ MAX_SEED = 2 ** 63 - 1  # torch.Generator.manual_seed's range (int64 and beyond 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="sample.py",
-                                description="Sample text from a minigpt checkpoint.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The command line of sample.py and ``python -m minigpt sample``."""
+    p = ArgumentParser(prog="sample.py", description="Sample text from a minigpt checkpoint.")
     add_model_source_args(p)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", default="\n", help="text to continue")
+    src.add_argument("--prompt", default="\n",
+                     help="text to continue (default: %(default)r, a newline)")
     src.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 file")
     p.add_argument("--num-samples", type=int, default=1, help="samples to draw, one after another")
     p.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate per sample")
@@ -112,8 +112,6 @@ def main(argv=None) -> int:
         parser.error("argument --system: needs --chat")
     if any(not text for text in args.stop):
         parser.error("argument --stop: must be a non-empty text")
-    if args.init_from is None and args.checkpoint is None:
-        args.checkpoint = "out/ckpt.pt"
     try:
         state = (pretrained_state(args.init_from) if args.init_from is not None
                  else load_checkpoint(args.checkpoint))

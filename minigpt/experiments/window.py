@@ -68,7 +68,7 @@ def _time_in_turn(fns: Dict[str, object], device, warmup: int, repeats: int) -> 
     in turn, so that a burst of load on a shared machine hits them alike."""
     import statistics
 
-    from minigpt.bench.profile import time_fn
+    from minigpt.bench.machine import time_fn
 
     for fn in fns.values():
         for _ in range(warmup):
@@ -95,12 +95,12 @@ def attention_cost(seqs: Sequence[int], windows: Sequence[int], *, n_head: int, 
                    log=print) -> List[dict]:
     """Forward+backward of attention() (B 1, n_head heads of head_dim, causal) at each T: full
     and each window, on the same random inputs, timed in turn (median ms) and measured for peak
-    memory (minigpt.bench.profile.peak_memory: allocations above what was allocated before, inputs
+    memory (minigpt.bench.machine.peak_memory: allocations above what was allocated before, inputs
     excluded). One row per (T, variant): T, variant, window, ms, peak_mib, and ms_vs_full,
     peak_mib_vs_full."""
     import torch
 
-    from minigpt.bench.profile import peak_memory
+    from minigpt.bench.machine import peak_memory
 
     rows = []
     for T in seqs:

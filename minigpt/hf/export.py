@@ -6,11 +6,11 @@
 --format hf writes config.json, model.safetensors and the tokenizer (tokenizer.json and
 tokenizer_config.json) for transformers' AutoModelForCausalLM / AutoTokenizer, as a
 GPT2LMHeadModel (learned positions, LayerNorm, standard MLP, no GQA) or a LlamaForCausalLM
-(RoPE, RMSNorm, GLU MLP); minigpt.hf.pretrained.export_architecture says which, or why neither
+(RoPE, RMSNorm, GLU MLP); minigpt.hf.convert.export_architecture says which, or why neither
 computes the same function (then use --format safetensors). A head-pruned model (per-layer head
 counts, GPTConfig.layer_heads; python -m minigpt heads --prune) is refused: both configurations
 hold one head count for all layers. The weights are mapped by the same
-table that loads them (minigpt.hf.pretrained): GPT-2's matrices transposed to Conv1D, biases our
+table that loads them (minigpt.hf.convert): GPT-2's matrices transposed to Conv1D, biases our
 model lacks written as zeros; Llama's q/k rows permuted back to rotate_half order. A "gpt2"
 tokenizer is written as a byte-level BPE tokenizer.json built from tiktoken's ranks (the merges
 recovered as transformers' TikTokenConverter does); an "hf" one as its own tokenizer.json; a
@@ -45,8 +45,9 @@ from minigpt.checkpoint import (CheckpointError, atomic_write, atomic_write_text
 from minigpt.config import GPTConfig
 from minigpt.runtime import (ArgumentParser, PathError, check_dir_target, check_file_target, cli_main,
                       os_error_message)
-from minigpt.hf.pretrained import (GPT2_VOCAB, PretrainedError, export_architecture, pretrained_state,
-                         to_hf_config, to_hf_weights)
+from minigpt.hf.convert import (GPT2_VOCAB, PretrainedError, export_architecture, to_hf_config,
+                                to_hf_weights)
+from minigpt.hf.pretrained import add_model_source_args, pretrained_state
 
 __all__ = ["export_hf", "export_safetensors", "load_safetensors", "gpt2_tokenizer_json", "main"]
 
@@ -216,16 +217,13 @@ def load_safetensors(path) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m minigpt export``."""
     p = ArgumentParser(prog="python -m minigpt export",
-                                description="Export a minigpt model for transformers (--format "
-                                            "hf) or as safetensors plus a JSON config.")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", default=None,
-                     help="checkpoint file, or a directory holding ckpt.pt (default: "
-                          "out/ckpt.pt)")
-    src.add_argument("--init-from", metavar="PATH_OR_NAME", default=None,
-                     help="a pretrained Hugging Face model instead (GPT-2 or Llama-family)")
+                       description="Export a minigpt model for transformers (--format hf) or as "
+                                   "safetensors plus a JSON config.")
+    add_model_source_args(p)
     p.add_argument("--format", choices=("hf", "safetensors"), required=True,
+                   default=argparse.SUPPRESS,
                    help="hf: a directory transformers loads; safetensors: one file (+ .json)")
     p.add_argument("dest", type=Path, help="the directory (hf) or the file (safetensors)")
     p.add_argument("--force", action="store_true",
@@ -265,7 +263,7 @@ def main(argv=None) -> int:
     if args.format == "safetensors" and args.dest.is_dir():
         parser.error(f"argument dest: {args.dest} is a directory; --format safetensors writes "
                      f"a file (e.g. {args.dest / 'model.safetensors'})")
-    source = None if args.init_from else checkpoint_file(args.checkpoint or "out/ckpt.pt")
+    source = None if args.init_from else checkpoint_file(args.checkpoint)
     try:
         if args.format == "hf":
             check_dir_target(args.dest, "dest")
@@ -279,7 +277,7 @@ def main(argv=None) -> int:
         parser.error(f"argument dest: {problem} (--force writes anyway)")
     try:
         state = (pretrained_state(args.init_from) if args.init_from
-                 else load_checkpoint(args.checkpoint or "out/ckpt.pt"))
+                 else load_checkpoint(args.checkpoint))
         if args.format == "hf":
             info = export_hf(state, args.dest)
             print(f"wrote {info['path']}: a transformers {info['architecture']} model "

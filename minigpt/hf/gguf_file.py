@@ -17,12 +17,12 @@ takes well under a second. Nothing in the file is executed: the chat template is
 rendered later in a sandbox (minigpt.hf.chat).
 
 The metadata is mapped to the fields of a Hugging Face LlamaForCausalLM config.json, and the
-tensors to its parameter names, so that minigpt.hf.pretrained's checks and its weight table serve
+tensors to its parameter names, so that minigpt.hf.convert's checks and its weight table serve
 GGUF files too (a feature minigpt lacks is refused by name there). Two things differ from a
 Hugging Face directory:
 - llama.cpp's converter (convert_hf_to_gguf.py, LlamaModel.permute) reorders the rows of q and k
   of each head from rotate_half order (row i with row i + head_dim/2) to adjacent pairs (2i with
-  2i + 1), which is minigpt's own RoPE layout; _pairs_to_halves undoes it here (as transformers'
+  2i + 1), which is minigpt's own RoPE layout; pairs_to_halves undoes it here (as transformers'
   GGUF loader does: LlamaTensorProcessor._reverse_permute_weights), and the shared table then
   permutes back, so the file's rows arrive as they were stored.
 - The tokenizer is rebuilt with the `tokenizers` library from the vocabulary, merges and token
@@ -43,7 +43,7 @@ from typing import Dict, NamedTuple, Tuple
 import numpy as np
 import torch
 
-from minigpt.hf.pretrained import PretrainedError, _pairs_to_halves
+from minigpt.hf.convert import PretrainedError, pairs_to_halves
 
 INSTALL = 'pip install gguf (or pip install "minigpt-kernels[gguf]")'
 
@@ -337,9 +337,9 @@ def _weights(path, tensors, hf, gguf) -> Dict[str, torch.Tensor]:
             theirs = f"model.layers.{parts[1]}.{_BLOCK_TENSORS[parts[2]]}.{parts[3]}"
         t = _dequantize(path, tensor, gguf)
         if name.endswith((".attn_q.weight", ".attn_q.bias")):
-            t = _pairs_to_halves(t, n_head, hd)  # undo llama.cpp's permutation (see above)
+            t = pairs_to_halves(t, n_head, hd)  # undo llama.cpp's permutation (see above)
         elif name.endswith((".attn_k.weight", ".attn_k.bias")):
-            t = _pairs_to_halves(t, n_kv, hd)
+            t = pairs_to_halves(t, n_kv, hd)
         out[theirs] = t
     return out
 
