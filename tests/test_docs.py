@@ -98,3 +98,21 @@ def test_the_quickstart_block_holds_two_commands():
     assert block, "README.md has no <!-- quickstart --> block"
     commands = [line for line in block.group(1).splitlines() if line.startswith("    ")]
     assert len(commands) == 2 and commands[1].strip() == "python -m pytest -q", commands
+
+
+def test_the_package_carries_its_license_types_and_changelog():
+    """MIT: LICENSE at the top, the SPDX expression and the file in pyproject.toml (so the sdist
+    and the wheel carry it); py.typed shipped as package data; the version has a changelog entry."""
+    tomllib = pytest.importorskip("tomllib")
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert meta["project"]["license"] == "MIT"
+    assert meta["project"]["license-files"] == ["LICENSE"]
+    license_text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert license_text.startswith("MIT License")
+    assert "Copyright (c) 2026 the minigpt authors" in license_text
+    assert (ROOT / "minigpt" / "py.typed").is_file()
+    assert "py.typed" in meta["tool"]["setuptools"]["package-data"]["minigpt"]
+    version = re.search(r'^__version__ = "([^"]+)"', (ROOT / "minigpt" / "__init__.py")
+                        .read_text(encoding="utf-8"), re.M).group(1)
+    changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+    assert re.search(rf"^## \[?{re.escape(version)}\]?", changelog, re.M), version
