@@ -71,4 +71,5 @@ setup(
     packages=find_packages(include=["minigpt", "minigpt.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    license="MIT",  # here, not in pyproject.toml: see the note on dynamic there
 )

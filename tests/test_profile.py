@@ -154,7 +154,7 @@ def _markdown_tables(text):
 def _readme_memory_rows():
     """{(D, T): (ext, sdpa)} forward+backward peak MB from the README's fp32 CPU profile table
     (the first table with that column; the bf16 table of the same machine follows it)."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    readme = (ROOT / "docs" / "kernels.md").read_text(encoding="utf-8")
     col = "f+b peak MB ext / sdpa"
     table = next(t for t in _markdown_tables(readme) if any(col in r for r in t))
     return {(int(r["D"]), int(r["T"])): tuple(float(x) for x in r[col].split(" / "))
