@@ -80,9 +80,9 @@ def _minigpt(*args):
 
 def test_no_command_prints_the_usage_and_exits_2():
     out = _minigpt()
-    assert out.returncode == 2 and out.stdout.startswith("usage: python -m minigpt <command>")
+    assert out.returncode == 2 and out.stderr.startswith("usage: python -m minigpt <command>")
     for command in COMMANDS:
-        assert f"\n  {command} " in out.stdout, command
+        assert f"\n  {command} " in out.stderr, command
 
 
 def test_an_unknown_command_is_one_line_and_exits_2():

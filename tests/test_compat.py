@@ -33,6 +33,22 @@ def test_old_names_import_their_functions():
     assert pretrained_state.__module__ == "minigpt.hf.pretrained"
 
 
+def test_the_names_the_0_1_readme_showed():
+    from minigpt import GPT, GPTConfig, attention  # noqa: F401
+    from minigpt.attention import cpu_autocast_dtype, within_rule  # noqa: F401
+    from minigpt.export import load_safetensors  # noqa: F401
+    from minigpt.model import alibi_slopes, sinusoidal_encoding  # noqa: F401
+    from minigpt.pretrained import load_tokenizer  # noqa: F401
+    from minigpt.profile import peak_memory  # noqa: F401
+    from minigpt.training import TrainConfig, train  # noqa: F401
+    import minigpt._ext
+    import minigpt.hf
+
+    assert callable(minigpt.hf.register) and callable(minigpt._ext.build_info)
+    assert callable(GPT.from_pretrained) and callable(GPT.generate)
+    assert callable(GPT.attention_maps) and callable(GPT.with_block_size)
+
+
 def test_python_m_old_name_runs_the_new_module():
     out = subprocess.run([sys.executable, "-m", "minigpt.bench_generate", "--no-such-flag"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)

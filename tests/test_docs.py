@@ -120,3 +120,45 @@ def test_the_package_carries_its_license_types_and_changelog():
                         .read_text(encoding="utf-8"), re.M).group(1)
     changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
     assert re.search(rf"^## \[?{re.escape(version)}\]?", changelog, re.M), version
+
+
+# `from minigpt.x import a, b` in a page; the names may continue on the same line only.
+IMPORT = re.compile(r"^\s*from (minigpt(?:\.\w+)*) import ([\w, ]+)$", re.M)
+# A dotted name the pages show in backticks: `minigpt.x.y` or `minigpt.x.y(...)`.
+DOTTED = re.compile(r"`(minigpt(?:\.\w+)+)(?:\([^`]*\))?`")
+
+
+def unresolved_names(text: str):
+    """The imports and dotted names of a page that do not resolve: a module that cannot be
+    imported, or a name it lacks. A dotted name resolves as the longest importable module prefix
+    followed by attributes."""
+    import importlib
+
+    def resolve(dotted: str) -> bool:
+        parts = dotted.split(".")
+        for cut in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+            except ImportError:
+                continue
+            try:
+                for attr in parts[cut:]:
+                    obj = getattr(obj, attr)
+            except AttributeError:
+                return False
+            return True
+        return False
+
+    bad = [f"from {m} import {n}" for m, names in IMPORT.findall(text)
+           for n in (x.strip() for x in names.split(",")) if n and not resolve(f"{m}.{n}")]
+    return bad + [d for d in DOTTED.findall(text) if not resolve(d)]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_python_name_the_docs_show_exists(page):
+    assert unresolved_names(page.read_text(encoding="utf-8")) == []
+
+
+def test_the_name_check_catches_a_missing_name():
+    assert unresolved_names("    from minigpt.model import GPT, NoSuchThing\n`minigpt.nope.x`") == [
+        "from minigpt.model import NoSuchThing", "minigpt.nope.x"]

@@ -33,7 +33,7 @@ def test_weight_tying_and_param_count():
 
 
 @pytest.mark.parametrize("kw, expected", [
-    # The default preset shakespeare_char (0.8M in the README): V=65, C=128, 4 layers, 4 heads.
+    # The default preset shakespeare_char (0.8M, docs/training.md): V=65, C=128, 4 layers, 4 heads.
     # wte 65*128 (tied with lm_head); per layer ln_1 128, c_attn 128*384, c_proj 128*128,
     # ln_2 128, c_fc 128*512, mlp c_proj 512*128; ln_f 128.
     (dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128),

@@ -1,6 +1,6 @@
 """python -m minigpt profile: the FLOP counts, ratios, peak memory and correctness verdict it
 prints, the machine and same-dtype GEMM rate in its header, the layout of its inputs, dtypes a
-backend lacks, and the README's memory figures, which it produced."""
+backend lacks, and the memory figures of docs/kernels.md, which it produced."""
 
 import csv
 import json
@@ -152,7 +152,7 @@ def _markdown_tables(text):
 
 
 def _readme_memory_rows():
-    """{(D, T): (ext, sdpa)} forward+backward peak MB from the README's fp32 CPU profile table
+    """{(D, T): (ext, sdpa)} forward+backward peak MB from the fp32 CPU profile table of docs/kernels.md
     (the first table with that column; the bf16 table of the same machine follows it)."""
     readme = (ROOT / "docs" / "kernels.md").read_text(encoding="utf-8")
     col = "f+b peak MB ext / sdpa"
@@ -164,7 +164,7 @@ def _readme_memory_rows():
 @needs_ext
 @pytest.mark.parametrize("T", [512, 1024])
 def test_readme_memory_figures_match_a_measurement(threads, T):
-    """The README's per-machine CPU table: `python -m minigpt profile --threads 2 --batch 1
+    """The per-machine CPU table of docs/kernels.md: `python -m minigpt profile --threads 2 --batch 1
     --seq 512 1024 2048 4096 --head-dim 64 128 --backends ext sdpa` (fp32, causal, 8 heads).
     Memory is deterministic, so its figures are checked; the two shortest rows at D = 64 keep
     this quick."""
@@ -359,7 +359,7 @@ def test_backends_are_timed_in_turn(monkeypatch):
 
 
 def test_markdown_table(capsys):
-    """--markdown prints the README's table: backends side by side, ratios to sdpa, % of GEMM."""
+    """--markdown prints the table of docs/kernels.md: backends side by side, ratios to sdpa, % of GEMM."""
     assert profile.main(_TINY + ["--seq", "32", "48", "--backends", "naive", "sdpa",
                                  "--markdown"]) == 0
     out = capsys.readouterr().out

@@ -54,7 +54,7 @@ def _same_weights(a, b):
                                  pytest.param(signal.SIGTERM, id="SIGTERM")])
 def test_killed_run_resumes_exactly(text_file, tmp_path, sig):
     """Under the default attention backend ("ext" when built) and the default thread count: the
-    README's condition for bit-exact resume is the same thread count in both runs, nothing more."""
+    docs/reliability.md's condition for bit-exact resume is the same thread count in both runs, nothing more."""
     tiny = [a for a in TINY if a not in ("--attn-backend", "sdpa")]
     env = {k: v for k, v in _env().items()
            if k not in ("OMP_NUM_THREADS", "MINIGPT_ATTENTION_BACKEND")}

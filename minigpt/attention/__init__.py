@@ -57,10 +57,11 @@ from minigpt.attention.backends import (BACKENDS, ENV_BACKEND, REGISTRY, Backend
                                         unavailable_reason)
 from minigpt.attention.contract import check_inputs, slopes_for
 from minigpt.attention.reference import attention_probs, naive_attention
+from minigpt.attention.rule import rule_floor, within_rule
 
 __all__ = ["attention", "attention_backends", "BACKENDS", "Backend", "REGISTRY",
            "resolve_backend", "unavailable_reason", "available_backends", "cpu_autocast_dtype",
-           "naive_attention", "attention_probs"]
+           "naive_attention", "attention_probs", "within_rule", "rule_floor"]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,

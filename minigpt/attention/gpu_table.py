@@ -40,15 +40,15 @@ class Measurement:
     source: str                  # where the figures are committed
 
 
-# Filled from committed GPU profiles. The rows below are the one GPU run so far (README,
+# Filled from committed GPU profiles. The rows below are the one GPU run so far (docs/platforms.md,
 # "Platforms"): ext slower everywhere, so they only explain the default.
 MEASURED: Tuple[Measurement, ...] = (
     Measurement((9, 0), "bfloat16", "v1", "NVIDIA H100", (2.5, 3.9),
-                "the H100 run of README's Platforms table: python -m minigpt profile --device "
+                "the H100 run of docs/platforms.md's table: python -m minigpt profile --device "
                 "cuda, torch 2.11+cu130, causal, B*T 16k, T 1024-8192, head dims 64 and 128; "
                 "forward alone 2.3-3.1x"),
     Measurement((9, 0), "float32", "v1", "NVIDIA H100", (3.4, 4.5),
-                "the H100 run of README's Platforms table: python -m minigpt profile --device "
+                "the H100 run of docs/platforms.md's table: python -m minigpt profile --device "
                 "cuda, torch 2.11+cu130, causal, B*T 16k, T 1024-8192, head dims 64 and 128"),
 )
 

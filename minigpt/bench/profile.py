@@ -10,7 +10,7 @@ device (the registry says so, or a tiny trial call raises) is listed as skipped 
 
 Above the table: the machine and the same-dtype GEMM rates of this run (minigpt.bench.machine)
 and the layout of q, k, v (--layout). --json writes {"machine", "gemm", "layout", "rows"}
-(--decode: the list of rows); --markdown prints the README's table (minigpt.bench.report).
+(--decode: the list of rows); --markdown prints the table of docs/kernels.md (minigpt.bench.report).
 
     python -m minigpt profile                                     # CPU defaults: fp32, causal, D=64
     python -m minigpt profile --seq 1024 2048 --heads 8 --batch 2 1
@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="N of the N x N x N same-dtype matmul whose rate the %%GEMM columns "
                         "are quoted against")
     p.add_argument("--markdown", action="store_true",
-                   help="also print the rows as a markdown table (the README's format)")
+                   help="also print the rows as a markdown table (the format of docs/kernels.md)")
     p.add_argument("--json", help="write the machine, the GEMM rates and the rows as JSON to "
                                   "this file ({machine, gemm, layout, rows}; --decode: the rows)")
     p.add_argument("--csv", help="write the rows as CSV to this file")

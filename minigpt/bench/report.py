@@ -1,5 +1,5 @@
 """The profiler's output: the rows of ``python -m minigpt profile`` as a text table, a markdown
-table (the README's format), a picture, JSON and CSV.
+table (the format of docs/kernels.md), a picture, JSON and CSV.
 
 A row is a dict with the shape (backend, B, H, Hkv, T, D, dtype, causal, layout) and either the
 figures (fwd_ms, fwd_bwd_ms, fwd_gflops, fwd_bwd_gflops, fwd_peak_mb, fwd_bwd_peak_mb; where

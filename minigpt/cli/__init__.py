@@ -39,7 +39,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run ``argv[0]`` as a command with the flags that follow; exit code 2 for an unknown one."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(usage(), end="")
+        print(usage(), end="", file=sys.stdout if argv else sys.stderr)  # no command: an error
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -206,7 +206,7 @@ def _accept_flat_model_fields(cls):
 TrainConfig = _accept_flat_model_fields(TrainConfig)
 
 
-# Presets: overrides of TrainConfig's defaults. Sizes and measured results: see README.md.
+# Presets: overrides of TrainConfig's defaults. Sizes and measured results: see docs/training.md.
 PRESETS: Dict[str, dict] = {
     # A 2-core CPU in under 4 minutes: nanoGPT's CPU recipe (4 layers, 4 heads, 128 wide,
     # block 64) with RoPE and QK-norm, no dropout, batch 32, trained with Muon. The defaults.
