@@ -44,7 +44,7 @@ MOVED = {
     "minigpt.gpu_table": "minigpt.attention.gpu_table",
     "minigpt.pretrained": "minigpt.hf.pretrained", "minigpt.gguf_file": "minigpt.hf.gguf_file",
     "minigpt.export": "minigpt.hf.export", "minigpt.chat": "minigpt.hf.chat",
-    "minigpt.visualize": "minigpt.analysis.pictures", "minigpt.plot": "minigpt.analysis.plot",
+    "minigpt.visualize": "minigpt.analysis.pictures", "minigpt.plot": "minigpt.analysis.curves",
     "minigpt.heads": "minigpt.analysis.heads", "minigpt.profile": "minigpt.bench.profile",
     "minigpt.bench_generate": "minigpt.bench.generate",
     "minigpt.coreference": "minigpt.experiments.coreference",

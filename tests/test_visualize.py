@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from minigpt.analysis import heads, importance
-from minigpt.analysis import plot
+from minigpt.analysis import curves as plot
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import CharTokenizer, GPT2Tokenizer
 from minigpt.cli.train import draw_curves
@@ -236,10 +236,10 @@ def test_head_importance_heatmap(tmp_path):
                    {"largest increase": (0.404, 0.0, 0.122), "masked": (0.733, 0.733, 0.733)})
 
 
-@pytest.mark.parametrize("module", [heads, plot])
-def test_every_flag_has_help_and_shows_its_default(module):
+@pytest.mark.parametrize("module, command", [(heads, "heads"), (plot, "plot")])
+def test_every_flag_has_help_and_shows_its_default(module, command):
     parser = module.build_parser()
-    assert parser.prog == f"python -m minigpt {module.__name__.rsplit('.', 1)[1]}"
+    assert parser.prog == f"python -m minigpt {command}"
     formatter = parser.formatter_class(parser.prog)
     flags = [a for a in parser._actions
              if a.option_strings and not isinstance(a, argparse._HelpAction)]

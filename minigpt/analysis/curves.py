@@ -2,8 +2,9 @@
 the position and window experiments.
 
 - read_metrics / plot_curves / plot_metrics_file: train/val loss (cross-entropy, nats/token) and
-  learning rate against iterations from a training run's metrics.jsonl (`python -m minigpt
-  plot`; train.py draws the same picture when it finishes).
+  learning rate against iterations from a training run's metrics.jsonl (train.py draws the
+  picture when it finishes; `python -m minigpt plot RUN [--out FILE]` draws it again: main()
+  below, exit codes 0 done, 2 bad input such as no log or no evaluation rows).
 - plot_prune_curve: val loss against the number of heads removed by greedy pruning (`python -m
   minigpt heads --prune`; Michel et al. 2019, "Are Sixteen Heads Really Better than One?",
   draw such curves for their models).
@@ -20,6 +21,7 @@ saves to `path` (the format follows its suffix) and returns it as a Path.
 from __future__ import annotations
 
 import json
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,6 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from minigpt.runtime import ArgumentParser, cli_main
 from minigpt.train.config import TrainConfig, lr_at
 
 
@@ -256,3 +259,32 @@ def plot_window_cost(results: dict, path, dpi: int = 110) -> Path:
     path = Path(path)
     fig.savefig(path, dpi=dpi)
     return path
+
+
+def build_parser() -> ArgumentParser:
+    """The command line of `python -m minigpt plot` (--help shows each flag's default)."""
+    parser = ArgumentParser(prog="python -m minigpt plot",
+                            description="Plot loss and learning-rate curves from a training "
+                                        "run's metrics.jsonl.")
+    parser.add_argument("run", type=Path, help="an out_dir holding metrics.jsonl, or the file")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output image, its format from the suffix (.png, .pdf, .svg); "
+                             "None = curves.png beside metrics.jsonl")
+    return parser
+
+
+@cli_main
+def main(argv=None) -> int:
+    """`python -m minigpt plot`: prints the picture's path; exit code 2 for bad input."""
+    args = build_parser().parse_args(argv)
+    try:
+        path = plot_metrics_file(args.run, args.out)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

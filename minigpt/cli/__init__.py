@@ -21,7 +21,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "profile": ("minigpt.bench.profile", "time attention backends against SDPA on this machine"),
     "bench-generate": ("minigpt.bench.generate", "generation speed with and without the KV cache"),
     "heads": ("minigpt.analysis.heads", "head importance and head pruning of a checkpoint"),
-    "plot": ("minigpt.analysis.plot", "training curves of a run directory as a picture"),
+    "plot": ("minigpt.analysis.curves", "training curves of a run directory as a picture"),
     "export": ("minigpt.hf.export", "a checkpoint as a Hugging Face directory or safetensors"),
     "experiments": ("minigpt.experiments", "the experiments: ablation, positions, window, ..."),
     "data": ("minigpt.train.data", "fetch and tokenize a corpus into the cache"),
