@@ -171,6 +171,16 @@ class GPTConfig:
                                   # Wolf 2017); False gives the head its own matrix
     zero_init_proj: bool = False  # start the residual projections (attention and MLP c_proj)
                                   # and an untied output head at zero (modded-nanogpt)
+    value_embeds: int = 0         # value embeddings (modded-nanogpt): this many extra token
+                                  # embedding tables, table i mixed into the values of layer i
+                                  # and of layer n_layer - value_embeds + i (v = a v + b ve, a
+                                  # and b learned); 0 = none, at most n_layer // 2
+    unet_skips: bool = False      # U-net skips (modded-nanogpt; Ronneberger et al. 2015): the
+                                  # outputs of the first n_layer // 2 blocks are added, with a
+                                  # learned weight each, to the inputs of the last ones in
+                                  # reverse order
+    logit_softcap: Optional[float] = None  # logits = cap tanh(logits / cap) (Gemma 2 team
+                                  # 2024; modded-nanogpt); None = uncapped
     window: Optional[int] = None  # sliding-window attention: each token sees its window most
                                   # recent tokens, itself included (Beltagy et al. 2020); None =
                                   # the whole causal context
@@ -208,6 +218,11 @@ class GPTConfig:
                 "must be a positive int (the number of most recent tokens each token attends "
                 "to, itself included) or None")
         require(self, "dropout", lambda x: 0.0 <= x < 1.0, "must be in [0, 1)")
+        require(self, "value_embeds", lambda x: 0 <= x <= self.n_layer // 2,
+                f"must be in [0, n_layer // 2 = {self.n_layer // 2}] (each table serves one "
+                f"layer of each half)")
+        require(self, "logit_softcap", lambda x: x is None or (is_number(x) and x > 0),
+                "must be a positive number or None")
         require(self, "rope_theta", lambda x: is_number(x) and x > 0, "must be positive")
         require(self, "rope_scaling", _is_rope_scaling,
                 "must be None or {'rope_type': 'llama3', 'factor', 'low_freq_factor', "
@@ -250,6 +265,10 @@ class GPTConfig:
         require(self, "layer_kv_heads" if self.layer_kv_heads else "n_kv_head",
                 lambda x: all(k >= 1 and q % k == 0 for q, k in zip(self.layer_heads, kv)),
                 f"must divide each layer's query heads (layer_heads={self.layer_heads})")
+        require(self, "value_embeds", lambda x: x == 0 or all(k == self.n_kv_head for k in kv),
+                f"must be 0 when layers have other key/value head counts than n_kv_head "
+                f"({self.n_kv_head}; layer_kv_heads={self.layer_kv_heads}): the tables are "
+                f"shared between layers")
 
     def num_params_estimate(self) -> Tuple[int, int]:
         """(embedding and head parameters, the blocks' parameters), without biases and norms:
@@ -258,6 +277,7 @@ class GPTConfig:
         embed = self.vocab_size * C * (1 if self.tie_embeddings else 2)
         if self.pos_embedding == "learned":
             embed += self.block_size * C
+        embed += self.value_embeds * self.vocab_size * self.n_kv_head * self.head_dim
         mlp = C * self.intermediate_size * (3 if self.mlp == "glu" else 2)
         blocks = 0
         for layer in range(self.n_layer if self.layer_heads is not None else 1):
@@ -277,6 +297,15 @@ class GPTConfig:
                               f"{self.vocab_size}, n_layer={self.n_layer}, n_embd={self.n_embd}, "
                               f"intermediate_size={self.intermediate_size}), more than "
                               f"{MAX_PARAMS:.3g} (2^40)")
+
+    def value_embed_table(self, layer: int) -> Optional[int]:
+        """The value-embedding table layer mixes into its values, or None (value_embeds)."""
+        k = self.value_embeds
+        if layer < k:
+            return layer
+        if layer >= self.n_layer - k:
+            return layer - (self.n_layer - k)
+        return None
 
     def heads(self, layer: int) -> Tuple[int, int]:
         """(query heads, key/value heads) of layer (0 <= layer < n_layer)."""

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minigpt.attention import attention, cpu_autocast_dtype
+from minigpt.attention import attention, cpu_autocast_dtype, qk_rope
 from minigpt.config import Activation, GPTConfig
 from minigpt.positions import (RotaryEmbedding, alibi_slopes, sinusoidal_encoding,
                                with_block_size)
@@ -105,15 +105,19 @@ class CausalSelfAttention(nn.Module):
             self.alibi_slopes = None
         self.window = config.window
         self.backend = config.attn_backend
+        # Value embeddings: v = value_mix[0] v + value_mix[1] ve (modded-nanogpt's lambdas).
+        self.value_mix = (nn.Parameter(torch.tensor([0.5, 0.5]))
+                          if config.value_embed_table(layer) is not None else None)
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, eps=1e-6)
             self.k_norm = RMSNorm(config.head_dim, eps=1e-6)
         else:
             self.q_norm = self.k_norm = nn.Identity()
 
-    def qkv(self, x, pos):
+    def qkv(self, x, pos, ve=None):
         """Queries, keys and values of x (B, T, C) at positions pos (T,), RoPE applied:
-        q (B, nh, T, hd), k and v (B, nkv, T, hd), views of one projection."""
+        q (B, nh, T, hd), k and v (B, nkv, T, hd), views of one projection. ve: this layer's
+        value embeddings (B, T, nkv * hd), mixed into v, or None."""
         B, T, C = x.size()  # batch, time, channels (n_embd)
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.c_attn(x)  # (B, T, (nh + 2 nkv) hd)
@@ -121,21 +125,39 @@ class CausalSelfAttention(nn.Module):
                 torch.is_autocast_enabled("cpu"):
             # Cast once to the dtype attention() computes in under CPU autocast.
             qkv = qkv.to(cpu_autocast_dtype(qkv.dtype, self.backend))
-        q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=2)
-        q = self.q_norm(q.view(B, T, nh, hd))  # (B, T, nh, hd)
-        k = self.k_norm(k.view(B, T, nkv, hd))  # (B, T, nkv, hd)
-        if self.rotary is not None:
-            q, k = self.rotary(q, pos), self.rotary(k, pos)
+        if self.rotary is not None and self.backend in (None, "ext") and qk_rope.available(qkv):
+            # The same as qk_normed_rotated, in one compiled pass (minigpt.attention.qk_rope).
+            qk, v = qkv.split([(nh + nkv) * hd, nkv * hd], dim=2)
+            norm = isinstance(self.q_norm, RMSNorm)
+            qk = qk_rope.qk_norm_rope(qk, nh, nkv, self.q_norm.weight if norm else None,
+                                      self.k_norm.weight if norm else None,
+                                      *self.rotary.cos_sin(pos), self.q_norm.eps if norm else 0.0,
+                                      norm)
+            q, k = qk.split([nh, nkv], dim=2)  # (B, T, nh, hd), (B, T, nkv, hd)
+        else:
+            q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=2)
+            q, k = self.qk_normed_rotated(q.view(B, T, nh, hd), k.view(B, T, nkv, hd), pos)
+        if ve is not None:
+            mix = self.value_mix.to(v.dtype)
+            v = mix[0] * v + mix[1] * ve.to(v.dtype)
         q = q.transpose(1, 2)  # (B, nh, T, hd)
         k = k.transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         return q, k, v
 
-    def forward(self, x, pos, kv_cache: Optional[KVCache] = None, layer: int = 0):
-        """x (B, T, C), pos (T,) int64; kv_cache the model's (layer: this block's index in it).
-        Returns (B, T, C)."""
+    def qk_normed_rotated(self, q, k, pos):
+        """QK-norm (if any), then RoPE (if any), of q (B, T, nh, hd) and k (B, T, nkv, hd) at
+        positions pos (T,)."""
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary is not None:
+            q, k = self.rotary(q, pos), self.rotary(k, pos)
+        return q, k
+
+    def forward(self, x, pos, kv_cache: Optional[KVCache] = None, layer: int = 0, ve=None):
+        """x (B, T, C), pos (T,) int64; kv_cache the model's (layer: this block's index in it);
+        ve (B, T, nkv * hd) value embeddings or None. Returns (B, T, C)."""
         B, T, C = x.size()
-        q, k, v = self.qkv(x, pos)
+        q, k, v = self.qkv(x, pos, ve)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nkv, Tk, hd), Tk = cached + T
         y = attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes, window=self.window,
@@ -204,8 +226,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, pos, kv_cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), pos, kv_cache, layer)
+    def forward(self, x, pos, kv_cache=None, layer=0, ve=None):
+        x = x + self.attn(self.ln_1(x), pos, kv_cache, layer, ve)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -254,6 +276,12 @@ class GPT(nn.Module):
         ))
         if config.pos_embedding == "learned":
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        if config.value_embeds:  # tables of n_kv_head * head_dim values per token
+            self.transformer.ve = nn.ModuleList(
+                nn.Embedding(config.vocab_size, config.n_kv_head * config.head_dim)
+                for _ in range(config.value_embeds))
+        if config.unet_skips:  # one weight per skip, from block i to block n_layer - 1 - i
+            self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:  # weight tying (Press & Wolf 2017)
             self.transformer.wte.weight = self.lm_head.weight
@@ -341,13 +369,25 @@ class GPT(nn.Module):
         start = 0 if kv_cache is None else kv_cache.length
         pos = torch.arange(start, start + T, device=idx.device)  # (T,) int64
         x = self.embed(idx, pos)  # (B, T, C)
+        cfg = self.config
+        ve = [self.transformer.ve[i](idx) if i is not None else None  # (B, T, nkv * hd)
+              for i in map(cfg.value_embed_table, range(cfg.n_layer))] if cfg.value_embeds \
+            else [None] * cfg.n_layer
+        skips = []  # U-net: the first half's outputs, taken back in reverse order
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, pos, kv_cache, layer)
+            if cfg.unet_skips and layer >= cfg.n_layer - cfg.n_layer // 2:
+                x = x + self.skip_weights[layer - (cfg.n_layer - cfg.n_layer // 2)] * skips.pop()
+            x = block(x, pos, kv_cache, layer, ve[layer])
+            if cfg.unet_skips and layer < cfg.n_layer // 2:
+                skips.append(x)
         if kv_cache is not None:
             kv_cache.advance(T)
             if kv_cache.last_logits_only:
                 x = x[:, -1:]  # (B, 1, C)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
+        if cfg.logit_softcap is not None:
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # not bf16
+            logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),

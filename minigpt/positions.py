@@ -68,6 +68,14 @@ class RotaryEmbedding(nn.Module):
         medium = (wavelength >= old / high) & (wavelength <= old / low)
         return torch.where(medium, (1 - s) * inv_freq / factor + s * inv_freq, scaled)
 
+    def cos_sin(self, pos: torch.Tensor):
+        """cos and sin of the angles at positions pos (T,): two (T, head_dim/2) float32
+        tensors (computed in float64), what the fused QK-norm + RoPE op takes."""
+        dtype = self.angle_dtype(pos.device)
+        inv_freq = self.inv_freq(self.head_dim, self.theta, self.scaling, dtype, pos.device)
+        angles = pos.to(dtype)[:, None] * inv_freq[None, :]  # (T, hd/2)
+        return angles.cos().float(), angles.sin().float()
+
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """x: (B, T, H, head_dim); pos: (T,) int64 absolute positions. Returns x rotated, in
         x's dtype (bfloat16/float16 are rotated in float32).

@@ -209,6 +209,12 @@ def export_architecture(cfg: GPTConfig) -> str:
         shared.append("qk_norm=True (neither has query/key normalisation)")
     if cfg.window is not None:
         shared.append(f"window={cfg.window} (neither has sliding-window attention)")
+    if cfg.value_embeds:
+        shared.append(f"value_embeds={cfg.value_embeds} (neither has value embeddings)")
+    if cfg.unet_skips:
+        shared.append("unet_skips=True (neither has skips between blocks)")
+    if cfg.logit_softcap is not None:
+        shared.append(f"logit_softcap={cfg.logit_softcap} (neither caps its logits)")
     if cfg.layer_heads is not None:
         shared.append(f"layer_heads={list(cfg.layer_heads)} (per-layer head counts, as head "
                       f"pruning leaves them; both have one head count for every layer)")

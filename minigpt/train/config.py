@@ -19,6 +19,7 @@ from minigpt.config import (ConfigError, GPTConfig, check_types, is_number, requ
                             type_hints, type_requirement)
 from minigpt.runtime import DTYPES
 from minigpt.tokenizer import TOKENIZERS
+from minigpt.train.data import DataOrder
 
 Tokenizer = Literal[TOKENIZERS]  # the names minigpt.tokenizer knows
 DType = Literal[DTYPES]
@@ -60,6 +61,17 @@ class TrainConfig:
                                       # (see minigpt.train.optim)
     batch_size: int = 32              # sequences per micro-step (per process)
     grad_accum: int = 1               # micro-steps per optimizer step
+    batch_size_start: Optional[int] = None  # sequences per micro-step at step 0, growing
+                                      # linearly to batch_size over ramp_iters steps (a ramp
+                                      # of the batch size, as GPT-3 and modded-nanogpt do);
+                                      # None = batch_size throughout
+    block_size_start: Optional[int] = None  # tokens per training sequence at step 0, growing
+                                      # linearly to the model's block_size over ramp_iters
+                                      # steps (a sequence-length schedule); None = block_size
+    ramp_iters: int = 0               # steps of the batch_size_start / block_size_start ramps
+    data_order: DataOrder = "random"  # "random": windows at uniformly random tokens, with
+                                      # replacement (nanoGPT's); "epochs": passes over the
+                                      # corpus in shuffled windows, each token once per pass
     max_iters: int = 1400             # optimizer steps
     learning_rate: float = 3e-3       # peak learning rate
     min_lr: float = 2e-4              # floor of the cosine decay
@@ -122,7 +134,11 @@ class TrainConfig:
                      "muon_ns_steps"):
             require(self, name, lambda x: x > 0, "must be > 0")
         require(self, "lr_decay_iters", lambda x: x is None or x > 0, "must be > 0 (or None)")
-        for name in ("max_iters", "warmup_iters", "skip_nonfinite"):
+        require(self, "batch_size_start", lambda x: x is None or 0 < x <= self.batch_size,
+                f"must be in [1, batch_size={self.batch_size}] (or None)")
+        require(self, "block_size_start", lambda x: x is None or 0 < x <= self.model.block_size,
+                f"must be in [1, block_size={self.model.block_size}] (or None)")
+        for name in ("max_iters", "warmup_iters", "skip_nonfinite", "ramp_iters"):
             require(self, name, lambda x: x >= 0, "must be >= 0")
         require(self, "learning_rate", lambda x: is_number(x) and x > 0, "must be > 0")
         require(self, "cooldown_frac", lambda x: is_number(x) and 0 < x <= 1, "must be in (0, 1]")
@@ -268,6 +284,20 @@ def lr_at(it: int, cfg: TrainConfig, elapsed: Optional[float] = None) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * p)) * span
 
 
+def batch_shape(it: int, cfg: TrainConfig) -> Tuple[int, int]:
+    """(sequences, tokens per sequence) of each micro-batch of step it: batch_size_start and
+    block_size_start (when set) growing linearly, rounded to whole numbers, to batch_size and
+    the model's block_size over the first ramp_iters steps; after that (batch_size,
+    block_size)."""
+    frac = min(it / cfg.ramp_iters, 1.0) if cfg.ramp_iters > 0 else 1.0
+
+    def ramp(start: Optional[int], end: int) -> int:
+        return end if start is None else round(start + frac * (end - start))
+
+    return ramp(cfg.batch_size_start, cfg.batch_size), ramp(cfg.block_size_start,
+                                                            cfg.model.block_size)
+
+
 _FIELD_LINE = re.compile(r"^\s+(\w+)\s*:[^#]*#\s?(.*)$")
 _COMMENT_LINE = re.compile(r"^\s+#\s?(.*)$")
 
@@ -368,6 +398,6 @@ def fixed_on_resume() -> Tuple[str, ...]:
     return TrainConfig.FIXED_ON_RESUME + shape
 
 
-__all__ = ["TrainConfig", "PRESETS", "DEFAULT_MODEL", "lr_at", "field_help", "apply_overrides",
+__all__ = ["TrainConfig", "PRESETS", "DEFAULT_MODEL", "lr_at", "batch_shape", "field_help", "apply_overrides",
            "default_settings", "fixed_on_resume", "check_settings", "Tokenizer", "DType",
            "Optimizer", "LRSchedule", "Logger"]

@@ -29,7 +29,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Literal, Optional, Union, get_args
 
 import numpy as np
 import torch
@@ -254,29 +254,65 @@ def load_corpus(data: Optional[str] = None, tokenizer: Union[str, object] = "cha
     return Corpus(train=train, val=val, tokenizer=tok, source=str(path))
 
 
+DataOrder = Literal["random", "epochs"]
+
+
 class BatchSampler:
-    """Random (B, block_size) windows of a token array, reproducible from a seed.
+    """(B, block_size) windows of a token array, reproducible from a seed.
+
+    order "random" (nanoGPT's): each window starts at a uniformly random token, drawn with
+    replacement, so within a pass some tokens are seen several times and others not at all.
+    order "epochs": passes over the corpus cut into windows of T tokens at a random offset, in a
+    random permutation: every token (but up to T at the ends) once per pass. A new pass starts
+    when one runs out (its rest is used first) or when T changes.
 
     Every rank of a distributed run draws the same global batch (B * world_size windows) from
     the same generator and keeps its own slice, so N ranks see exactly the data one process would
-    see with the global batch. The generator state is saved in checkpoints for exact resume.
+    see with the global batch. The generator state (and the pass under way) is saved in
+    checkpoints for an exact resume.
     """
 
     def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, order: str = "random"):
         if len(tokens) < block_size + 1:
             raise DataError(f"the split has {len(tokens)} tokens, fewer than block_size + 1 = "
                             f"{block_size + 1}; use a longer text or a smaller --block-size")
+        if order not in get_args(DataOrder):
+            raise ValueError(f"order must be one of {', '.join(get_args(DataOrder))}, got "
+                             f"{order!r}")
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.order = rank, world_size, order
         self.generator = torch.Generator().manual_seed(seed)
+        self.epoch_starts = torch.zeros(0, dtype=torch.int64)  # the pass under way ("epochs")
+        self.epoch_T = 0
 
-    def next(self, device="cpu"):
-        """(x, y) int64 tensors of shape (batch_size, block_size); y is x shifted by one."""
-        hi = len(self.tokens) - self.block_size
-        starts = torch.randint(hi, (self.batch_size * self.world_size,), generator=self.generator)
-        starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
-        window = np.stack([self.tokens[s:s + self.block_size + 1] for s in starts])
+    def _starts(self, n: int, T: int) -> torch.Tensor:
+        """n window starts for windows of T + 1 tokens."""
+        hi = len(self.tokens) - T
+        if self.order == "random":
+            return torch.randint(hi, (n,), generator=self.generator)
+        taken = []
+        while n > 0:
+            if self.epoch_T != T or len(self.epoch_starts) == 0:
+                offset = int(torch.randint(T, (1,), generator=self.generator))
+                starts = torch.arange(offset, hi, T)
+                self.epoch_starts = starts[torch.randperm(len(starts), generator=self.generator)]
+                self.epoch_T = T
+            taken.append(self.epoch_starts[:n])
+            self.epoch_starts = self.epoch_starts[n:]
+            n -= len(taken[-1])
+        return torch.cat(taken)
+
+    def next(self, device="cpu", batch_size: Optional[int] = None,
+             block_size: Optional[int] = None):
+        """(x, y) int64 tensors of shape (B, T), by default (batch_size, block_size); y is x
+        shifted by one. batch_size, block_size: this batch's B and T instead (T at most the
+        sampler's block_size)."""
+        B = self.batch_size if batch_size is None else batch_size
+        T = self.block_size if block_size is None else min(block_size, self.block_size)
+        starts = self._starts(B * self.world_size, T)
+        starts = starts[self.rank * B:(self.rank + 1) * B].tolist()
+        window = np.stack([self.tokens[s:s + T + 1] for s in starts])
         xy = torch.from_numpy(window.astype(np.int64))
         x, y = xy[:, :-1], xy[:, 1:]
         if torch.device(device).type == "cuda":
@@ -285,10 +321,15 @@ class BatchSampler:
         return x.to(device), y.to(device)
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        state = {"generator": self.generator.get_state()}
+        if self.order == "epochs":
+            state.update(epoch_starts=self.epoch_starts.clone(), epoch_T=self.epoch_T)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+        if self.order == "epochs" and "epoch_starts" in state:
+            self.epoch_starts, self.epoch_T = state["epoch_starts"].clone(), state["epoch_T"]
 
 
 def build_parser() -> argparse.ArgumentParser:

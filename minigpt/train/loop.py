@@ -28,7 +28,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from minigpt.checkpoint import load_checkpoint
-from minigpt.train.config import PRESETS, TrainConfig, lr_at
+from minigpt.train.config import PRESETS, TrainConfig, batch_shape, lr_at
 from minigpt.model import GPT
 from minigpt.runtime import (Distributed, check_cache_dir, check_dir_target, check_input_file,
                              pick_device, resolve_precision)
@@ -160,7 +160,8 @@ def setup(cfg: TrainConfig, resume_state: Optional[dict], log) -> Tuple[Run, Pro
     raw_model.to(device)
     optimizer = build_optimizer(raw_model, cfg, device.type)
     train_batches = BatchSampler(corpus.train, cfg.model.block_size, cfg.batch_size,
-                                 seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
+                                 seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
+                                 order=cfg.data_order)
     precision = resolve_precision(cfg.dtype, device)
     scaler = precision.grad_scaler()
     progress = Progress()
@@ -284,7 +285,8 @@ def train_step(run: Run, progress: Progress) -> None:
     t0 = time.perf_counter()
     lr = lr_at(progress.iter_num, cfg, schedule_time(run))
     run.optimizer.set_lr(lr)
-    loss, norm = gradients(run.model, [run.train_batches.next(run.device)
+    B, T = batch_shape(progress.iter_num, cfg)
+    loss, norm = gradients(run.model, [run.train_batches.next(run.device, B, T)
                                        for _ in range(cfg.grad_accum)],
                            run.optimizer, scaler, autocast=run.precision.autocast,
                            grad_clip=cfg.grad_clip)
@@ -298,8 +300,7 @@ def train_step(run: Run, progress: Progress) -> None:
     optimizer_step(run.optimizer, scaler)
     progress.iter_num += 1
     progress.train_time += time.perf_counter() - t0
-    progress.train_tokens += (cfg.batch_size * cfg.model.block_size * cfg.grad_accum
-                              * run.dist.world_size)
+    progress.train_tokens += B * T * cfg.grad_accum * run.dist.world_size
     if run.bar is not None:
         run.bar.update(1)
     if progress.iter_num % cfg.log_interval == 0:

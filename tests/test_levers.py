@@ -1,0 +1,224 @@
+"""The training levers from the modded-nanogpt speedrun: value embeddings, U-net skips, logit
+soft-capping (GPTConfig), and the batch-size / sequence-length ramps (TrainConfig)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from minigpt.hf.convert import export_architecture
+from minigpt.hf.pretrained import PretrainedError
+from minigpt.model import GPT, GPTConfig, KVCache
+from minigpt.train.config import TrainConfig, batch_shape
+from minigpt.train.data import BatchSampler
+from minigpt.train.optim import build_optimizer
+
+BASE = dict(vocab_size=50, block_size=16, n_layer=4, n_head=4, n_embd=32, attn_backend="naive")
+
+
+def build(seed=0, **kw):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**BASE, **kw})).double().eval()
+
+
+def shared_weights(src: GPT, dst: GPT) -> None:
+    """Copy the parameters the two models share from src into dst."""
+    theirs = src.state_dict()
+    mine = dst.state_dict()
+    common = {k: v for k, v in theirs.items() if k in mine}
+    assert len(common) >= len(mine) - 6 and len(common) >= len(theirs) - 6
+    dst.load_state_dict(common, strict=False)
+
+
+def perturb(model: GPT, seed=1) -> None:
+    """Random values for every parameter: a model right after init hides mistakes (zero-
+    initialised scalars, identity mixes)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+
+
+def test_value_embeddings_mix_into_v_of_the_first_and_last_layers():
+    cfg = GPTConfig(**BASE, value_embeds=1)
+    assert [cfg.value_embed_table(i) for i in range(4)] == [0, None, None, 0]
+    cfg = GPTConfig(**BASE, value_embeds=2)
+    assert [cfg.value_embed_table(i) for i in range(4)] == [0, 1, 0, 1]
+    model = build(value_embeds=2)
+    assert len(model.transformer.ve) == 2 and model.transformer.ve[0].weight.shape == (50, 32)
+    # With the mix at (1, 0) the values are the plain ones: the model equals one without tables.
+    plain = build()
+    perturb(plain)
+    shared_weights(plain, model)
+    idx = torch.randint(50, (3, 16))
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.value_mix.copy_(torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(model(idx)[0], plain(idx)[0], rtol=0, atol=1e-12)
+    # With (0, 1) layer 0's values are its table's rows of the tokens: attention output by hand.
+    with torch.no_grad():
+        model.transformer.h[0].attn.value_mix.copy_(torch.tensor([0.0, 1.0]))
+    attn = model.transformer.h[0].attn
+    x = model.transformer.h[0].ln_1(model.embed(idx, torch.arange(16)))
+    ve = model.transformer.ve[0](idx)
+    q, k, v = attn.qkv(x, torch.arange(16), ve)
+    torch.testing.assert_close(v, ve.view(3, 16, 4, 8).transpose(1, 2), rtol=0, atol=0)
+    assert not torch.allclose(model(idx)[0], plain(idx)[0])
+
+
+def test_unet_skips_add_the_first_half_in_reverse_order():
+    model = build(unet_skips=True)
+    perturb(model)
+    assert model.skip_weights.shape == (2,)
+    idx = torch.randint(50, (2, 16))
+    # By hand: outputs of blocks 0 and 1 come back before blocks 3 and 2.
+    pos = torch.arange(16)
+    h = model.transformer.h
+    w = model.skip_weights
+    x0 = h[0](model.embed(idx, pos), pos)
+    x1 = h[1](x0, pos)
+    x2 = h[2](x1 + w[0] * x1, pos)
+    x3 = h[3](x2 + w[1] * x0, pos)
+    expected = model.lm_head(model.transformer.ln_f(x3))
+    torch.testing.assert_close(model(idx)[0], expected, rtol=0, atol=1e-12)
+    # Zero weights give the plain model.
+    plain = build()
+    shared_weights(model, plain)
+    with torch.no_grad():
+        model.skip_weights.zero_()
+    torch.testing.assert_close(model(idx)[0], plain(idx)[0], rtol=0, atol=1e-12)
+
+
+def test_logit_softcap_bounds_the_logits():
+    capped = build(logit_softcap=0.5)
+    perturb(capped)
+    plain = build()
+    shared_weights(capped, plain)
+    idx = torch.randint(50, (2, 16))
+    raw = plain(idx)[0]
+    assert raw.abs().max() > 1.0  # the cap is doing something
+    logits, loss = capped(idx, idx)
+    torch.testing.assert_close(logits, 0.5 * torch.tanh(raw / 0.5), rtol=0, atol=1e-12)
+    assert logits.abs().max() < 0.5
+    expected = torch.nn.functional.cross_entropy(logits.view(-1, 50), idx.view(-1))
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("options", [dict(value_embeds=2), dict(unet_skips=True),
+                                     dict(logit_softcap=3.0),
+                                     dict(value_embeds=1, unet_skips=True, logit_softcap=3.0)],
+                         ids=["value_embeds", "unet", "softcap", "all"])
+def test_levers_decode_with_the_cache_as_without(options):
+    model = build(**options)
+    perturb(model)
+    idx = torch.randint(50, (2, 12))
+    cache = KVCache(model.config, 2)
+    model(idx[:, :5], kv_cache=cache)
+    for t in range(5, 12):
+        step, _ = model(idx[:, t:t + 1], kv_cache=cache)
+        torch.testing.assert_close(step[:, -1], model(idx[:, :t + 1])[0][:, -1], atol=1e-10,
+                                   rtol=0)
+
+
+def test_levers_get_gradients_and_the_right_optimizer():
+    model = build(value_embeds=2, unet_skips=True, logit_softcap=3.0).float().train()
+    idx = torch.randint(50, (4, 16))
+    _, loss = model(idx, idx.roll(1, dims=1))
+    loss.backward()
+    names = dict(model.named_parameters())
+    for name in ("transformer.ve.0.weight", "transformer.ve.1.weight", "skip_weights",
+                 "transformer.h.0.attn.value_mix", "transformer.h.3.attn.value_mix"):
+        assert names[name].grad is not None and names[name].grad.abs().sum() > 0, name
+    opt = build_optimizer(model, TrainConfig(), "cpu")
+    adamw, muon = opt.members
+    muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
+    for name in ("transformer.ve.0.weight", "skip_weights", "transformer.h.0.attn.value_mix"):
+        assert id(names[name]) not in muon_ids, name  # embeddings and scalars: AdamW
+
+
+def test_param_count_includes_the_tables():
+    model = build(value_embeds=2, unet_skips=True)
+    assert model.num_params() == build().num_params() + 2 * 50 * 32 + 2 + 4 * 2  # tables, skips, mixes
+    embed, _ = GPTConfig(**BASE, value_embeds=2).num_params_estimate()
+    assert embed == 50 * 32 + 2 * 50 * 32
+
+
+@pytest.mark.parametrize("kw, pattern", [
+    (dict(value_embeds=3), r"value_embeds must be in \[0, n_layer // 2 = 2\]"),
+    (dict(value_embeds=-1), "value_embeds"),
+    (dict(logit_softcap=0.0), "logit_softcap must be a positive number"),
+    (dict(logit_softcap=float("inf")), "logit_softcap"),
+    (dict(value_embeds=1, layer_heads=(4, 2, 4, 4)), "value_embeds must be 0 when layers"),
+])
+def test_lever_config_errors(kw, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        GPTConfig(**{**BASE, **kw})
+
+
+@pytest.mark.parametrize("kw, name", [(dict(value_embeds=1), "value_embeds"),
+                                      (dict(unet_skips=True), "unet_skips"),
+                                      (dict(logit_softcap=30.0), "logit_softcap")])
+def test_export_names_the_lever_transformers_lacks(kw, name):
+    cfg = GPTConfig(**{**BASE, "pos_embedding": "learned", **kw})
+    with pytest.raises(PretrainedError, match=name):
+        export_architecture(cfg)
+
+
+def test_batch_shape_ramps_linearly_then_holds():
+    cfg = TrainConfig(batch_size=32, batch_size_start=8, block_size_start=16, ramp_iters=100,
+                      block_size=64)
+    assert batch_shape(0, cfg) == (8, 16)
+    assert batch_shape(50, cfg) == (20, 40)
+    assert batch_shape(100, cfg) == (32, 64)
+    assert batch_shape(10_000, cfg) == (32, 64)
+    shapes = [batch_shape(i, cfg) for i in range(101)]
+    assert all(a <= b for a, b in zip(shapes, shapes[1:]))  # never shrinks
+    assert batch_shape(0, TrainConfig(block_size=64)) == (32, 64)  # no ramp by default
+    assert batch_shape(0, TrainConfig(batch_size_start=4, block_size=64)) == (32, 64)
+
+
+@pytest.mark.parametrize("kw, pattern", [
+    (dict(batch_size_start=0), "batch_size_start must be in"),
+    (dict(batch_size_start=33), r"batch_size_start must be in \[1, batch_size=32\]"),
+    (dict(block_size_start=65, block_size=64), r"block_size_start must be in \[1, block_size=64\]"),
+    (dict(ramp_iters=-1), "ramp_iters must be >= 0"),
+])
+def test_ramp_config_errors(kw, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        TrainConfig(**kw)
+
+
+def test_sampler_draws_the_asked_shape_from_the_corpus():
+    tokens = np.random.default_rng(0).integers(0, 50, 1000).astype(np.uint16)
+    sampler = BatchSampler(tokens, block_size=64, batch_size=8, seed=3)
+    x, y = sampler.next("cpu", batch_size=3, block_size=10)
+    assert x.shape == y.shape == (3, 10) and x.dtype == torch.int64
+    torch.testing.assert_close(x[:, 1:], y[:, :-1])
+    text = tokens.tolist()
+    for row in x.tolist():  # each row is a window of the corpus
+        assert any(text[s:s + 10] == row for s in range(len(text) - 10))
+    assert sampler.next("cpu")[0].shape == (8, 64)
+    assert sampler.next("cpu", block_size=500)[0].shape == (8, 64)  # at most block_size
+
+
+def test_ramped_run_trains_and_resumes_exactly(tmp_path):
+    from minigpt.train.loop import train
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(chr(97 + (i * 7 + i // 13) % 26) for i in range(20_000)))
+    kw = dict(data=str(text), n_layer=2, n_head=2, n_embd=16, block_size=16, batch_size=8,
+              batch_size_start=2, block_size_start=4, ramp_iters=6, eval_interval=4, eval_iters=2,
+              progress=False, learning_rate=1e-2, dtype="float32", device="cpu")
+    full = train(TrainConfig(out_dir=str(tmp_path / "full"), max_iters=8, **kw), log=lambda m: None)
+    assert math.isfinite(full.final_val_loss) and full.final_val_loss < math.log(26)
+    # Resume from step 4: the same weights at step 8 as the uninterrupted run.
+    half = train(TrainConfig(out_dir=str(tmp_path / "half"), max_iters=4, **kw),
+                 log=lambda m: None)
+    assert half.iters == 4
+    resumed = train(TrainConfig(out_dir=str(tmp_path / "half"), max_iters=8, resume=True, **kw),
+                    log=lambda m: None)
+    a = torch.load(full.checkpoint, weights_only=False)["model"]
+    b = torch.load(resumed.checkpoint, weights_only=False)["model"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)

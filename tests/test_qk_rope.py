@@ -1,0 +1,124 @@
+"""The fused QK-norm + RoPE CPU op (csrc/qk_rope_cpu.cpp, minigpt.attention.qk_rope) against a
+float64 reference of the same math, by the correctness rule of docs/design.md, and the model's
+use of it."""
+
+import pytest
+import torch
+
+from minigpt.attention import qk_rope
+from minigpt.attention.rule import within_rule
+from minigpt.config import GPTConfig
+from minigpt.model import GPT, CausalSelfAttention
+from minigpt.positions import RotaryEmbedding
+
+pytestmark = pytest.mark.skipif(not qk_rope.available(torch.zeros(1)),
+                                reason="the compiled module (with the fused op) is not built")
+
+
+def reference(qk, n_q, n_k, q_gain, k_gain, pos, theta, eps, norm):
+    """The unfused math in qk's dtype (angles in float64): RMSNorm with gain per head, then
+    RoPE of pairs."""
+    B, T, _ = qk.shape
+    x = qk.reshape(B, T, n_q + n_k, -1)
+    D = x.shape[-1]
+    if norm:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        ones = torch.ones(D, dtype=x.dtype)
+        gains = torch.stack([q_gain if q_gain is not None else ones] * n_q
+                            + [k_gain if k_gain is not None else ones] * n_k)
+        x = x * gains
+    angles = pos.double()[:, None] * theta ** (-torch.arange(0, D, 2).double() / D)[None]
+    cos = angles.cos().to(x.dtype)[None, :, None]
+    sin = angles.sin().to(x.dtype)[None, :, None]
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+
+
+@pytest.mark.parametrize("B, T, n_q, n_k, D", [(2, 17, 4, 4, 32), (1, 64, 6, 2, 64),
+                                               (3, 5, 2, 1, 16), (2, 33, 3, 3, 80)])
+@pytest.mark.parametrize("norm, gains", [(True, True), (True, False), (False, False)],
+                         ids=["norm+gains", "norm", "rope-only"])
+def test_values_and_gradients_match_float64(B, T, n_q, n_k, D, norm, gains):
+    g = torch.Generator().manual_seed(B * 1000 + T * 10 + D)
+    width = (n_q + 2 * n_k) * D  # a c_attn output: the op reads the q and k columns
+    qkv = torch.randn(B, T, width, generator=g) * 2
+    qk = qkv[..., :(n_q + n_k) * D]  # a strided view, as the model passes it
+    q_gain = torch.randn(D, generator=g) if gains else None
+    k_gain = torch.randn(D, generator=g) if gains else None
+    pos = torch.arange(3, 3 + T)
+    cos, sin = RotaryEmbedding(D, 10000.0).cos_sin(pos)
+    dout = torch.randn(B, T, n_q + n_k, D, generator=g)
+
+    def run(impl, dtype):
+        x = qk.detach().to(dtype).requires_grad_()
+        gq = q_gain.detach().to(dtype).requires_grad_() if gains else None
+        gk = k_gain.detach().to(dtype).requires_grad_() if gains else None
+        out = impl(x, gq, gk)
+        out.backward(dout.to(dtype))
+        grads = [x.grad] + ([gq.grad, gk.grad] if gains else [])
+        return [out] + grads
+
+    fused = run(lambda x, gq, gk: qk_rope.qk_norm_rope(x, n_q, n_k, gq, gk, cos, sin, 1e-6,
+                                                       norm), torch.float32)
+    ref64 = run(lambda x, gq, gk: reference(x, n_q, n_k, gq, gk, pos, 10000.0, 1e-6, norm),
+                torch.float64)
+    ref32 = run(lambda x, gq, gk: reference(x, n_q, n_k, gq, gk, pos, 10000.0, 1e-6, norm),
+                torch.float32)
+    for name, f, r64, r32 in zip(["out", "dqk", "dq_gain", "dk_gain"], fused, ref64, ref32):
+        assert f.shape == r64.shape and f.dtype == torch.float32, name
+        verdict = within_rule(f, r32, r64, torch.float32)
+        assert verdict.ok, (name, verdict)
+
+
+def test_bad_inputs_raise_one_line_errors():
+    qkv = torch.randn(2, 8, 96)
+    cos, sin = RotaryEmbedding(16, 10000.0).cos_sin(torch.arange(8))
+    with pytest.raises(RuntimeError, match="float32"):
+        qk_rope.qk_norm_rope(qkv.double(), 2, 2, None, None, cos, sin, 1e-6, True)
+    with pytest.raises(RuntimeError, match="must fit qkv's width"):
+        qk_rope.qk_norm_rope(qkv, 4, 4, None, None, cos, sin, 1e-6, True)
+    with pytest.raises(RuntimeError, match="cos and sin"):
+        qk_rope.qk_norm_rope(qkv, 2, 2, None, None, cos[:4], sin[:4], 1e-6, True)
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_model_uses_the_fused_op_and_matches_the_pytorch_code(monkeypatch, qk_norm):
+    """The attention layer with the fused op and with the PyTorch code: the same q, k, v and
+    gradients to float32 rounding; the fused op is what ran."""
+    cfg = GPTConfig(vocab_size=65, block_size=32, n_layer=1, n_head=4, n_kv_head=2, n_embd=64,
+                    qk_norm=qk_norm)
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(cfg)
+    if qk_norm:
+        with torch.no_grad():
+            attn.q_norm.weight.normal_()
+            attn.k_norm.weight.normal_()
+    x = torch.randn(3, 19, 64)
+    pos = torch.arange(19)
+    calls = []
+    fused_fn = qk_rope.qk_norm_rope
+    monkeypatch.setattr(qk_rope, "qk_norm_rope", lambda *a: calls.append(1) or fused_fn(*a))
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(qk_rope, "available", lambda t, on=fused: on)
+        attn.zero_grad()
+        xx = x.clone().requires_grad_()
+        q, k, v = attn.qkv(xx, pos)
+        weights = [torch.randn(t.shape, generator=torch.Generator().manual_seed(i))
+                   for i, t in enumerate((q, k, v))]
+        torch.autograd.backward([q, k, v], weights)
+        grads = [xx.grad, attn.c_attn.weight.grad.clone()]
+        if qk_norm:
+            grads += [attn.q_norm.weight.grad.clone(), attn.k_norm.weight.grad.clone()]
+        results.append([q, k, v] + grads)
+    assert len(calls) == 1
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_naive_backend_keeps_the_pytorch_code(monkeypatch):
+    """A model on the readable "naive" backend never calls compiled code."""
+    model = GPT(GPTConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=32,
+                          qk_norm=True, attn_backend="naive"))
+    monkeypatch.setattr(qk_rope, "qk_norm_rope", lambda *a: pytest.fail("fused op called"))
+    model(torch.randint(65, (2, 16)))
