@@ -171,14 +171,12 @@ class GPTConfig:
                                   # Wolf 2017); False gives the head its own matrix
     zero_init_proj: bool = False  # start the residual projections (attention and MLP c_proj)
                                   # and an untied output head at zero (modded-nanogpt)
-    value_embeds: int = 0         # value embeddings (modded-nanogpt): this many extra token
-                                  # embedding tables, table i mixed into the values of layer i
-                                  # and of layer n_layer - value_embeds + i (v = a v + b ve, a
-                                  # and b learned); 0 = none, at most n_layer // 2
-    unet_skips: bool = False      # U-net skips (modded-nanogpt; Ronneberger et al. 2015): the
-                                  # outputs of the first n_layer // 2 blocks are added, with a
-                                  # learned weight each, to the inputs of the last ones in
-                                  # reverse order
+    value_embeds: int = 0         # value embeddings (modded-nanogpt): tables of token vectors,
+                                  # table i mixed into the values of layers i and n_layer -
+                                  # value_embeds + i (v = a v + b ve, learned a, b); <= n_layer//2
+    unet_skips: bool = False      # U-net skips (modded-nanogpt; Ronneberger et al. 2015): block
+                                  # i's output, times a learned weight, joins the input of
+                                  # block n_layer - 1 - i, for i < n_layer // 2
     logit_softcap: Optional[float] = None  # logits = cap tanh(logits / cap) (Gemma 2 team
                                   # 2024; modded-nanogpt); None = uncapped
     window: Optional[int] = None  # sliding-window attention: each token sees its window most
@@ -300,12 +298,8 @@ class GPTConfig:
 
     def value_embed_table(self, layer: int) -> Optional[int]:
         """The value-embedding table layer mixes into its values, or None (value_embeds)."""
-        k = self.value_embeds
-        if layer < k:
-            return layer
-        if layer >= self.n_layer - k:
-            return layer - (self.n_layer - k)
-        return None
+        k, n = self.value_embeds, self.n_layer
+        return layer if layer < k else (layer - (n - k) if layer >= n - k else None)
 
     def heads(self, layer: int) -> Tuple[int, int]:
         """(query heads, key/value heads) of layer (0 <= layer < n_layer)."""

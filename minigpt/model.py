@@ -129,10 +129,9 @@ class CausalSelfAttention(nn.Module):
             # The same as qk_normed_rotated, in one compiled pass (minigpt.attention.qk_rope).
             qk, v = qkv.split([(nh + nkv) * hd, nkv * hd], dim=2)
             norm = isinstance(self.q_norm, RMSNorm)
-            qk = qk_rope.qk_norm_rope(qk, nh, nkv, self.q_norm.weight if norm else None,
-                                      self.k_norm.weight if norm else None,
-                                      *self.rotary.cos_sin(pos), self.q_norm.eps if norm else 0.0,
-                                      norm)
+            gains = (self.q_norm.weight, self.k_norm.weight) if norm else (None, None)
+            qk = qk_rope.qk_norm_rope(qk, nh, nkv, *gains, *self.rotary.cos_sin(pos),
+                                      self.q_norm.eps if norm else 0.0, norm)
             q, k = qk.split([nh, nkv], dim=2)  # (B, T, nh, hd), (B, T, nkv, hd)
         else:
             q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=2)
@@ -254,6 +253,26 @@ def check_input(idx, config: GPTConfig, kv_cache: Optional[KVCache] = None) -> N
                              f"vocabulary [0, vocab_size={V})")
 
 
+def init_weights(model: "GPT") -> None:
+    """GPT-2's initialisation: weights N(0, 0.02), biases 0, and the residual projections
+    N(0, 0.02 / sqrt(2 n_layer)) so that the stream's variance does not grow with depth;
+    zero_init_proj starts every block as the identity (and an untied head at zero)."""
+    config = model.config
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            if config.zero_init_proj:
+                torch.nn.init.zeros_(p)
+            else:
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+    if config.zero_init_proj and not config.tie_embeddings:
+        torch.nn.init.zeros_(model.lm_head.weight)
+
+
 class GPT(nn.Module):
     """The language model (GPT-2's, Radford et al. 2019, with the options of GPTConfig).
 
@@ -277,31 +296,15 @@ class GPT(nn.Module):
         if config.pos_embedding == "learned":
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         if config.value_embeds:  # tables of n_kv_head * head_dim values per token
-            self.transformer.ve = nn.ModuleList(
-                nn.Embedding(config.vocab_size, config.n_kv_head * config.head_dim)
-                for _ in range(config.value_embeds))
+            self.transformer.ve = nn.ModuleList(nn.Embedding(
+                config.vocab_size, config.n_kv_head * config.head_dim) for _ in
+                range(config.value_embeds))
         if config.unet_skips:  # one weight per skip, from block i to block n_layer - 1 - i
             self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:  # weight tying (Press & Wolf 2017)
             self.transformer.wte.weight = self.lm_head.weight
-        self.apply(self._init_weights)
-        # GPT-2 scales the residual projections by 1/sqrt(2 n_layer) so that the stream's
-        # variance does not grow with depth; zero_init_proj starts every block as the identity.
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                if config.zero_init_proj:
-                    torch.nn.init.zeros_(p)
-                else:
-                    torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        if config.zero_init_proj and not config.tie_embeddings:
-            torch.nn.init.zeros_(self.lm_head.weight)
-
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            torch.nn.init.zeros_(module.bias)
+        init_weights(self)
 
     @classmethod
     def from_checkpoint(cls, state: dict) -> "GPT":
@@ -369,15 +372,13 @@ class GPT(nn.Module):
         start = 0 if kv_cache is None else kv_cache.length
         pos = torch.arange(start, start + T, device=idx.device)  # (T,) int64
         x = self.embed(idx, pos)  # (B, T, C)
-        cfg = self.config
-        ve = [self.transformer.ve[i](idx) if i is not None else None  # (B, T, nkv * hd)
-              for i in map(cfg.value_embed_table, range(cfg.n_layer))] if cfg.value_embeds \
-            else [None] * cfg.n_layer
-        skips = []  # U-net: the first half's outputs, taken back in reverse order
+        cfg, skips = self.config, []  # U-net skips: the first half's outputs, in reverse order
         for layer, block in enumerate(self.transformer.h):
             if cfg.unet_skips and layer >= cfg.n_layer - cfg.n_layer // 2:
                 x = x + self.skip_weights[layer - (cfg.n_layer - cfg.n_layer // 2)] * skips.pop()
-            x = block(x, pos, kv_cache, layer, ve[layer])
+            table = cfg.value_embed_table(layer)  # value embeddings (B, T, nkv * hd) or None
+            x = block(x, pos, kv_cache, layer, None if table is None else
+                      self.transformer.ve[table](idx))
             if cfg.unet_skips and layer < cfg.n_layer // 2:
                 skips.append(x)
         if kv_cache is not None:

@@ -81,7 +81,7 @@ def test_choice_flags_offer_the_literal_types_values():
             if typing.get_origin(kind) is typing.Literal:
                 literals += 1
                 assert tuple(actions[name].choices) == typing.get_args(kind), name
-    assert literals == 10  # activation, norm, mlp, pos_embedding, attn_backend, tokenizer, ...
+    assert literals == 11  # activation, norm, mlp, pos_embedding, attn_backend, tokenizer, ...
     assert actions["attn_backend"].choices == BACKENDS
     with pytest.raises(ConfigError, match="GPTConfig.activation must be one of gelu, gelu_tanh, "
                                           "silu, relu2, got 'swish'"):
@@ -93,7 +93,7 @@ def test_fixed_on_resume_is_the_shape_and_the_tokenizer():
         "tokenizer", "optimizer", "init_from", "block_size", "n_layer", "n_head", "n_kv_head",
         "n_embd", "head_dim", "bias", "attn_bias", "mlp_bias", "norm_bias", "pos_embedding",
         "rope_theta", "rope_scaling", "norm", "norm_eps", "mlp", "intermediate_size",
-        "activation", "qk_norm",
+        "activation", "qk_norm", "value_embeds", "unet_skips", "logit_softcap",
         "tie_embeddings", "zero_init_proj", "window", "layer_heads", "layer_kv_heads"}
 
 

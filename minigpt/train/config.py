@@ -33,7 +33,7 @@ DEFAULT_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, qk_norm=Tru
 
 # What settings added since checkpoints were first written meant before they existed: a saved
 # config without them describes a run that used these values (see TrainConfig.from_saved).
-SAVED_BEFORE = {"optimizer": "adamw", "lr_schedule": "cosine"}
+SAVED_BEFORE = {"optimizer": "adamw", "lr_schedule": "cosine", "data_order": "random"}
 MODEL_SAVED_BEFORE = {"qk_norm": False}
 
 
@@ -69,9 +69,9 @@ class TrainConfig:
                                       # linearly to the model's block_size over ramp_iters
                                       # steps (a sequence-length schedule); None = block_size
     ramp_iters: int = 0               # steps of the batch_size_start / block_size_start ramps
-    data_order: DataOrder = "random"  # "random": windows at uniformly random tokens, with
-                                      # replacement (nanoGPT's); "epochs": passes over the
-                                      # corpus in shuffled windows, each token once per pass
+    data_order: DataOrder = "epochs"  # "epochs": passes over the corpus in shuffled windows,
+                                      # each token once per pass; "random": windows at
+                                      # uniformly random tokens, with replacement (nanoGPT's)
     max_iters: int = 1400             # optimizer steps
     learning_rate: float = 3e-3       # peak learning rate
     min_lr: float = 2e-4              # floor of the cosine decay
