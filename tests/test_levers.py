@@ -222,3 +222,43 @@ def test_ramped_run_trains_and_resumes_exactly(tmp_path):
     b = torch.load(resumed.checkpoint, weights_only=False)["model"]
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_update_ema_is_the_moving_average():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**BASE)).float()
+    ema = GPT(GPTConfig(**BASE)).float().requires_grad_(False)
+    before = {n: p.clone() for n, p in ema.named_parameters()}
+    from minigpt.train.loop import update_ema
+
+    update_ema(ema, model, 0.9)
+    for (name, e), m in zip(ema.named_parameters(), model.parameters()):
+        torch.testing.assert_close(e, 0.9 * before[name] + 0.1 * m, rtol=1e-6, atol=1e-7)
+    assert ema.transformer.wte.weight is ema.lm_head.weight  # the tie survives
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.8])
+def test_ema_run_saves_and_evaluates_the_average(tmp_path, decay):
+    """With an EMA the checkpoint's "model" is the average (the weights evaluated) and
+    "train_weights" the trained ones; without, "model" is the trained weights."""
+    from minigpt.train.loop import mean_loss, train
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(chr(97 + (i * 7 + i // 13) % 26) for i in range(20_000)))
+    cfg = TrainConfig(data=str(text), n_layer=2, n_head=2, n_embd=16, block_size=16,
+                      batch_size=8, max_iters=6, eval_interval=3, eval_iters=2, progress=False,
+                      learning_rate=1e-2, dtype="float32", device="cpu", ema_decay=decay,
+                      out_dir=str(tmp_path / "run"))
+    result = train(cfg, log=lambda m: None)
+    state = torch.load(result.checkpoint, weights_only=False)
+    if decay == 0:
+        assert state["train_weights"] is None
+        return
+    trained, averaged = state["train_weights"], state["model"]
+    assert any(not torch.equal(trained[k], averaged[k]) for k in trained)
+    # The reported validation loss is the average's.
+    model = GPT.from_checkpoint(state)
+    sampler = BatchSampler(np.array([ord(c) - 97 for c in text.read_text()], dtype=np.uint16)
+                           [int(0.9 * 20_000):], 16, 8, seed=cfg.seed + 1_000_003)
+    batches = [sampler.next() for _ in range(2)]
+    assert mean_loss(model, batches).item() == pytest.approx(result.final_val_loss, abs=1e-5)

@@ -23,7 +23,8 @@ HELP = "each training option on and off at a fixed wall time"
 
 # name -> (what changes against the default, overrides of TrainConfig fields). The default
 # turns on Muon (Jordan et al. 2024), QK-norm (Henry et al. 2020), a 30-step warmup and the
-# warmup-stable-decay schedule (Hu et al. 2024; Hagele et al. 2024) with momentum 0.9.
+# warmup-stable-decay schedule (Hu et al. 2024; Hagele et al. 2024) with momentum 0.9, and
+# shuffled passes over the corpus; the levers of the modded-nanogpt speedrun are off.
 ABLATIONS: Dict[str, tuple] = {
     "default": ("the default run", {}),
     "adamw": ("AdamW for every parameter instead of Muon for the hidden matrices",
@@ -40,10 +41,24 @@ ABLATIONS: Dict[str, tuple] = {
                 {"learning_rate": 2e-3}),
     "float32": ("float32 instead of bf16 autocast (dtype auto on a CPU with bf16 "
                 "instructions)", {"dtype": "float32"}),
-    "previous_default": ("the previous default: AdamW, cosine, 100 warmup steps, no QK-norm, "
-                         "float32",
+    "data_random": ("windows at random tokens, with replacement (nanoGPT's), instead of "
+                    "shuffled passes over the corpus", {"data_order": "random"}),
+    "value_embeds": ("value embeddings, 2 tables mixed into the values of layers 0, 1 and 2, 3 "
+                     "(modded-nanogpt)", {"model": {"value_embeds": 2}}),
+    "unet_skips": ("U-net skips from blocks 0, 1 to blocks 3, 2 (modded-nanogpt)",
+                   {"model": {"unet_skips": True}}),
+    "softcap_15": ("logits soft-capped at 15 (Gemma 2; modded-nanogpt)",
+                   {"model": {"logit_softcap": 15.0}}),
+    "batch_ramp": ("batch size ramped from 8 to 32 sequences over the first 300 steps",
+                   {"batch_size_start": 8, "ramp_iters": 300}),
+    "seq_ramp": ("sequence length ramped from 16 to 64 tokens over the first 300 steps",
+                 {"block_size_start": 16, "ramp_iters": 300}),
+    "compile": ("torch.compile of the model (its compile time inside the budget)",
+                {"compile": True}),
+    "previous_default": ("the default before Muon: AdamW, cosine, 100 warmup steps, no QK-norm, "
+                         "float32, random windows",
                          {"optimizer": "adamw", "lr_schedule": "cosine", "warmup_iters": 100,
-                          "learning_rate": 2e-3, "dtype": "float32",
+                          "learning_rate": 2e-3, "dtype": "float32", "data_order": "random",
                           "model": {"qk_norm": False}}),
 }
 

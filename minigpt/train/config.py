@@ -33,7 +33,8 @@ DEFAULT_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, qk_norm=Tru
 
 # What settings added since checkpoints were first written meant before they existed: a saved
 # config without them describes a run that used these values (see TrainConfig.from_saved).
-SAVED_BEFORE = {"optimizer": "adamw", "lr_schedule": "cosine", "data_order": "random"}
+SAVED_BEFORE = {"optimizer": "adamw", "lr_schedule": "cosine", "data_order": "random",
+                "ema_decay": 0.0}
 MODEL_SAVED_BEFORE = {"qk_norm": False}
 
 
@@ -92,6 +93,11 @@ class TrainConfig:
     muon_weight_decay: float = 0.0    # "muon": decoupled weight decay of the hidden matrices
     muon_ns_steps: int = 5            # "muon": Newton-Schulz iterations that orthogonalise
                                       # each update
+    ema_decay: float = 0.95           # the model evaluated and saved (checkpoint "model") is an
+                                      # exponential moving average of the trained weights,
+                                      # ema = decay ema + (1 - decay) w after every step
+                                      # (Polyak & Juditsky 1992; early weight averaging: Sanyal
+                                      # et al. 2023); 0 = the trained weights themselves
     # evaluation and logging
     eval_interval: int = 300          # steps between evaluations (and checkpoints)
     eval_iters: int = 10              # fixed batches per split per evaluation
@@ -147,7 +153,7 @@ class TrainConfig:
             require(self, name, lambda x: is_number(x) and x >= 0, "must be >= 0")
         require(self, "min_lr", lambda x: x <= self.learning_rate,
                 f"must not exceed learning_rate ({self.learning_rate})")
-        for name in ("beta1", "beta2", "muon_momentum"):
+        for name in ("beta1", "beta2", "muon_momentum", "ema_decay"):
             require(self, name, lambda x: is_number(x) and 0 <= x < 1, "must be in [0, 1)")
 
     def to_dict(self) -> dict:

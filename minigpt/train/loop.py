@@ -19,6 +19,7 @@ directory's lock in minigpt.train.rundir.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from minigpt.train.state import (Progress, Run, StopRequest, elapsed, open_recor
                                  teardown)
 
 __all__ = ["train", "TrainConfig", "TrainResult", "PRESETS", "lr_at", "NonFiniteLossError",
-           "mean_loss", "gradients", "optimizer_step"]
+           "mean_loss", "gradients", "optimizer_step", "update_ema"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -165,10 +166,13 @@ def setup(cfg: TrainConfig, resume_state: Optional[dict], log) -> Tuple[Run, Pro
     precision = resolve_precision(cfg.dtype, device)
     scaler = precision.grad_scaler()
     progress = Progress()
+    ema_model = None
+    if cfg.ema_decay > 0:
+        ema_model = copy.deepcopy(raw_model).requires_grad_(False)
     if resume_state is not None:
         progress.iter_num = resume_state["iter_num"]
         progress.best_val = resume_state["best_val_loss"]
-        restore(resume_state, raw_model, optimizer, train_batches, scaler, device)
+        restore(resume_state, raw_model, optimizer, train_batches, scaler, device, ema_model)
 
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if dist.enabled:
@@ -186,7 +190,8 @@ def setup(cfg: TrainConfig, resume_state: Optional[dict], log) -> Tuple[Run, Pro
     run = Run(cfg=cfg, device=device, dist=dist, precision=precision, raw_model=raw_model,
               model=model, optimizer=optimizer, scaler=scaler, tokenizer=tokenizer,
               train_batches=train_batches, eval_batches=eval_batches, ckpt_path=ckpt_path,
-              log=log, t_start=t_start, elapsed_before=(resume_state or {}).get("elapsed_s", 0.0))
+              log=log, t_start=t_start, elapsed_before=(resume_state or {}).get("elapsed_s", 0.0),
+              ema_model=ema_model)
     if dist.master:
         open_records(run, progress, corpus, pretrained)
     model.train()
@@ -215,7 +220,7 @@ def mean_loss(model: GPT, batches, autocast=contextlib.nullcontext) -> torch.Ten
 
 def evaluate(run: Run) -> Dict[str, float]:
     """Mean loss of the fixed batches of each split, averaged over every process."""
-    return {split: run.dist.sum(mean_loss(run.raw_model, batches, run.precision.autocast)).item()
+    return {split: run.dist.sum(mean_loss(run.eval_model, batches, run.precision.autocast)).item()
             / run.dist.world_size for split, batches in run.eval_batches.items()}
 
 
@@ -298,6 +303,8 @@ def train_step(run: Run, progress: Progress) -> None:
         skip_step(run, progress, loss_value)
         return
     optimizer_step(run.optimizer, scaler)
+    if run.ema_model is not None:
+        update_ema(run.ema_model, run.raw_model, cfg.ema_decay)
     progress.iter_num += 1
     progress.train_time += time.perf_counter() - t0
     progress.train_tokens += B * T * cfg.grad_accum * run.dist.world_size
@@ -309,6 +316,12 @@ def train_step(run: Run, progress: Progress) -> None:
                grad_norm=norm.item(), tokens_per_s=round(tok_s, 1), time_s=elapsed(run))
         if run.bar is not None:
             run.bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay ema + (1 - decay) model, parameter by parameter (one foreach call)."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
 
 
 def skip_step(run: Run, progress: Progress, loss_value: float) -> None:

@@ -50,7 +50,7 @@ class Run:
     device: torch.device
     dist: Distributed
     precision: Precision
-    raw_model: GPT                 # the module whose state is saved
+    raw_model: GPT                 # the module trained (saved as "train_weights" with an EMA)
     model: torch.nn.Module         # raw_model, compiled and/or wrapped in DDP
     optimizer: Optimizers
     scaler: Any                    # torch.amp.GradScaler, a no-op unless float16
@@ -64,6 +64,12 @@ class Run:
     metrics: Any = None            # the open metrics.jsonl (rank 0: open_records)
     logger: Any = None             # minigpt.train.loggers.Logger mirroring metrics.jsonl, or None
     bar: Any = None                # the tqdm progress bar, or None
+    ema_model: Optional[GPT] = None  # the weights' moving average (cfg.ema_decay), or None
+
+    @property
+    def eval_model(self) -> GPT:
+        """The model evaluated and saved as the checkpoint's "model": the EMA, if any."""
+        return self.ema_model if self.ema_model is not None else self.raw_model
 
 
 @dataclass
@@ -143,9 +149,14 @@ def _resumed_model_config(wanted: GPTConfig, saved: dict) -> GPTConfig:
     return replace(saved_cfg, **{name: getattr(wanted, name) for name in GPTConfig.TUNABLE})
 
 
-def restore(state: dict, model, optimizer, train_batches, scaler, device) -> None:
-    """Load a checkpoint's model, optimizer, sampler, RNG and GradScaler states in place."""
-    model.load_state_dict(state["model"])
+def restore(state: dict, model, optimizer, train_batches, scaler, device,
+            ema_model=None) -> None:
+    """Load a checkpoint's model (and EMA), optimizer, sampler, RNG and GradScaler states in
+    place. With an EMA the checkpoint's "model" is the average and "train_weights" the trained
+    weights; a checkpoint without them started its average from "model"."""
+    model.load_state_dict(state.get("train_weights") or state["model"])
+    if ema_model is not None:
+        ema_model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     train_batches.load_state_dict(state["sampler"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -161,7 +172,8 @@ def save(run: Run, progress: Progress, val_loss: Optional[float]) -> None:
         return
     device = run.device
     save_checkpoint({
-        "model": run.raw_model.state_dict(),
+        "model": run.eval_model.state_dict(),
+        "train_weights": run.raw_model.state_dict() if run.ema_model is not None else None,
         "optimizer": run.optimizer.state_dict(),
         "model_config": run.cfg.model.to_dict(),
         "train_config": run.cfg.to_dict(),
