@@ -217,8 +217,7 @@ class GPTConfig:
                 "to, itself included) or None")
         require(self, "dropout", lambda x: 0.0 <= x < 1.0, "must be in [0, 1)")
         require(self, "value_embeds", lambda x: 0 <= x <= self.n_layer // 2,
-                f"must be in [0, n_layer // 2 = {self.n_layer // 2}] (each table serves one "
-                f"layer of each half)")
+                f"must be in [0, n_layer // 2 = {self.n_layer // 2}]")
         require(self, "logit_softcap", lambda x: x is None or (is_number(x) and x > 0),
                 "must be a positive number or None")
         require(self, "rope_theta", lambda x: is_number(x) and x > 0, "must be positive")
@@ -265,8 +264,7 @@ class GPTConfig:
                 f"must divide each layer's query heads (layer_heads={self.layer_heads})")
         require(self, "value_embeds", lambda x: x == 0 or all(k == self.n_kv_head for k in kv),
                 f"must be 0 when layers have other key/value head counts than n_kv_head "
-                f"({self.n_kv_head}; layer_kv_heads={self.layer_kv_heads}): the tables are "
-                f"shared between layers")
+                f"({self.n_kv_head}; layer_kv_heads={self.layer_kv_heads})")
 
     def num_params_estimate(self) -> Tuple[int, int]:
         """(embedding and head parameters, the blocks' parameters), without biases and norms:

@@ -136,17 +136,15 @@ class CausalSelfAttention(nn.Module):
         else:
             q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=2)
             q, k = self.qk_normed_rotated(q.view(B, T, nh, hd), k.view(B, T, nkv, hd), pos)
-        if ve is not None:
-            mix = self.value_mix.to(v.dtype)
-            v = mix[0] * v + mix[1] * ve.to(v.dtype)
+        if ve is not None:  # value embeddings: v = a v + b ve
+            v = torch.stack([v, ve.to(v.dtype)], -1) @ self.value_mix.to(v.dtype)
         q = q.transpose(1, 2)  # (B, nh, T, hd)
         k = k.transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         return q, k, v
 
     def qk_normed_rotated(self, q, k, pos):
-        """QK-norm (if any), then RoPE (if any), of q (B, T, nh, hd) and k (B, T, nkv, hd) at
-        positions pos (T,)."""
+        """QK-norm, then RoPE (each if any) of q (B, T, nh, hd), k (B, T, nkv, hd) at pos."""
         q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
             q, k = self.rotary(q, pos), self.rotary(k, pos)

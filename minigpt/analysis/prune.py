@@ -277,7 +277,8 @@ def pruned_checkpoint(state: dict, pruned: GPT, info: dict) -> dict:
     the CPU) and config; with a training run's state (train_config), everything `train.py
     --resume` needs, the model in train_config replaced and a fresh optimizer state (moments of
     the removed heads' weights have no place in the smaller matrices, so every moment restarts
-    at zero; the data sampler and RNG continue where training stopped). info goes under
+    at zero; the data sampler and RNG continue where training stopped; the trained weights
+    restart from the pruned model, which is the weights' average with an EMA). info goes under
     "pruned" (what was removed and the measured losses)."""
     out = {"model": {k: v.detach().cpu() for k, v in pruned.state_dict().items()},
            "model_config": pruned.config.to_dict(), "tokenizer": state["tokenizer"],
@@ -287,7 +288,7 @@ def pruned_checkpoint(state: dict, pruned: GPT, info: dict) -> dict:
         device_type = next(pruned.parameters()).device.type
         optimizer = build_optimizer(pruned, TrainConfig.from_saved(train_cfg), device_type)
         out.update({k: v for k, v in state.items() if k not in out and k not in
-                    ("optimizer", "train_config")})
+                    ("optimizer", "train_config", "train_weights")})
         out.update(train_config=train_cfg, optimizer=optimizer.state_dict(),
                    best_val_loss=float("inf"), val_loss=None)
     return out

@@ -1,25 +1,23 @@
 """The training loop: train(cfg) trains a GPT as a TrainConfig says and returns a TrainResult.
 
-A step with the default settings (TrainConfig, preset "shakespeare_char"): random windows of
-the corpus (BatchSampler); forward and backward under bf16 autocast where the device has bf16
-(CUDA; CPUs with AVX512_BF16 or AMX; else float32, or float16 with a GradScaler on older GPUs);
-the gradient's global norm clipped to 1.0; Muon (Jordan et al. 2024) for the blocks' weight
-matrices and AdamW (Loshchilov & Hutter 2019) for embeddings, head, biases and gains
-(minigpt.train.optim); the learning rate warmed up for 30 steps, held, then decayed linearly to
-min_lr over the last 40% (warmup-stable-decay, lr_at). Settings add gradient accumulation, AdamW
-alone, a cosine schedule, a time budget, torch.compile; torchrun gives DistributedDataParallel.
+A step with the default settings (TrainConfig, preset "shakespeare_char"): windows from shuffled
+passes over the corpus (BatchSampler); forward and backward under bf16 autocast where the device
+has bf16 (CUDA; CPUs with AVX512_BF16 or AMX; else float32, or float16 with a GradScaler on older
+GPUs); the gradient's norm clipped to 1.0; Muon (Jordan et al. 2024) for the blocks' matrices,
+AdamW (Loshchilov & Hutter 2019) for the rest (minigpt.train.optim); the learning rate warmed up
+for 30 steps, held, then decayed linearly over the last 40% (lr_at); the weights' moving average
+updated (update_ema), which evaluations and checkpoints use. Settings add gradient accumulation,
+ramps, a cosine schedule, a time budget, torch.compile; torchrun gives DistributedDataParallel.
 
 train() reads top to bottom: setup() (Run: what stays fixed; Progress: what the loop changes),
-then evaluate_and_save() every eval_interval steps (mean_loss of fixed batches of each split, a
-checkpoint for an exact resume) and train_step() until max_iters, the time budget or a stop
-signal. Saving, restoring, metrics.jsonl and signals live in minigpt.train.state, the run
-directory's lock in minigpt.train.rundir.
+then evaluate_and_save() every eval_interval steps and train_step() until max_iters, the time
+budget or a stop signal. Saving, restoring, metrics.jsonl and signals: minigpt.train.state; the
+run directory's lock: minigpt.train.rundir.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -35,11 +33,11 @@ from minigpt.runtime import (Distributed, check_cache_dir, check_dir_target, che
                              pick_device, resolve_precision)
 from minigpt.train.data import BatchSampler
 from minigpt.train.loggers import check_logger
-from minigpt.train.optim import build_optimizer
+from minigpt.train.optim import build_optimizer, update_ema
 from minigpt.train.rundir import RunDir, RunDirLostError
 from minigpt.train.state import (Progress, Run, StopRequest, elapsed, open_records, record,
-                                 restore, save, save_interrupted, save_lost, starting_point,
-                                 teardown)
+                                 restore, save, save_interrupted, save_lost, start_ema,
+                                 starting_point, teardown)
 
 __all__ = ["train", "TrainConfig", "TrainResult", "PRESETS", "lr_at", "NonFiniteLossError",
            "mean_loss", "gradients", "optimizer_step", "update_ema"]
@@ -166,18 +164,16 @@ def setup(cfg: TrainConfig, resume_state: Optional[dict], log) -> Tuple[Run, Pro
     precision = resolve_precision(cfg.dtype, device)
     scaler = precision.grad_scaler()
     progress = Progress()
-    ema_model = None
-    if cfg.ema_decay > 0:
-        ema_model = copy.deepcopy(raw_model).requires_grad_(False)
     if resume_state is not None:
         progress.iter_num = resume_state["iter_num"]
         progress.best_val = resume_state["best_val_loss"]
-        restore(resume_state, raw_model, optimizer, train_batches, scaler, device, ema_model)
+        restore(resume_state, raw_model, optimizer, train_batches, scaler, device)
 
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if dist.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    ema_model = start_ema(cfg, raw_model, resume_state)  # after DDP's broadcast of the weights
 
     # Fixed evaluation batches: the same windows at every evaluation, so curves are comparable.
     eval_batches = {}
@@ -316,12 +312,6 @@ def train_step(run: Run, progress: Progress) -> None:
                grad_norm=norm.item(), tokens_per_s=round(tok_s, 1), time_s=elapsed(run))
         if run.bar is not None:
             run.bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-
-
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay ema + (1 - decay) model, parameter by parameter (one foreach call)."""
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
 
 
 def skip_step(run: Run, progress: Progress, loss_value: float) -> None:

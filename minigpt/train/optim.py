@@ -146,6 +146,13 @@ def _adjust_lr(lr: float, adjust_lr_fn, shape) -> float:
     return lr * math.sqrt(max(1, rows / cols))  # None or "original"
 
 
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay ema + (1 - decay) model, parameter by parameter (one foreach call): the
+    weights' exponential moving average (TrainConfig.ema_decay)."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+
+
 def _adamw(groups, cfg, device_type: str) -> torch.optim.AdamW:
     # The fused kernel exists for CPU and CUDA tensors and saves a Python loop over parameters.
     fused = device_type in ("cpu", "cuda")
@@ -185,4 +192,4 @@ def build_optimizer(model: torch.nn.Module, cfg, device_type: str) -> Optimizers
     return Optimizers(members)
 
 
-__all__ = ["OPTIMIZERS", "Muon", "Optimizers", "build_optimizer"]
+__all__ = ["OPTIMIZERS", "Muon", "Optimizers", "build_optimizer", "update_ema"]

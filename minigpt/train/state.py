@@ -18,6 +18,7 @@ Progress what the loop changes (the step, the best loss, timings, the history). 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import signal
 import time
@@ -149,14 +150,11 @@ def _resumed_model_config(wanted: GPTConfig, saved: dict) -> GPTConfig:
     return replace(saved_cfg, **{name: getattr(wanted, name) for name in GPTConfig.TUNABLE})
 
 
-def restore(state: dict, model, optimizer, train_batches, scaler, device,
-            ema_model=None) -> None:
-    """Load a checkpoint's model (and EMA), optimizer, sampler, RNG and GradScaler states in
+def restore(state: dict, model, optimizer, train_batches, scaler, device) -> None:
+    """Load a checkpoint's trained weights, optimizer, sampler, RNG and GradScaler states in
     place. With an EMA the checkpoint's "model" is the average and "train_weights" the trained
-    weights; a checkpoint without them started its average from "model"."""
+    weights; without, "model" is both."""
     model.load_state_dict(state.get("train_weights") or state["model"])
-    if ema_model is not None:
-        ema_model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     train_batches.load_state_dict(state["sampler"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -164,6 +162,18 @@ def restore(state: dict, model, optimizer, train_batches, scaler, device,
         torch.cuda.set_rng_state(state["rng"]["cuda"], device)
     if state.get("grad_scaler"):
         scaler.load_state_dict(state["grad_scaler"])
+
+
+def start_ema(cfg: TrainConfig, model: GPT, state: Optional[dict]) -> Optional[GPT]:
+    """The weights' moving average (cfg.ema_decay > 0; else None): a copy of model, or the
+    checkpoint's "model" when resuming. Made after DistributedDataParallel has broadcast rank
+    0's weights, so every rank averages the same weights."""
+    if cfg.ema_decay <= 0:
+        return None
+    ema = copy.deepcopy(model).requires_grad_(False)
+    if state is not None:
+        ema.load_state_dict(state["model"])
+    return ema
 
 
 def save(run: Run, progress: Progress, val_loss: Optional[float]) -> None:
