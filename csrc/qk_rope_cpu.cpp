@@ -48,24 +48,35 @@ const float* gain_ptr(const c10::optional<at::Tensor>& g, int64_t head_dim, cons
   return g->data_ptr<float>();
 }
 
+// What the forward and the backward read: checked shapes, qkv's rows, the angles and the gains.
+struct Operands {
+  int64_t B, T, H, D, P, sb, st;  // sizes; qkv's batch and time strides (in floats)
+  const float *x, *c, *s, *gq, *gk;
+};
+
+Operands operands(const char* op, const at::Tensor& qkv, int64_t n_q, int64_t n_k,
+                  int64_t head_dim, const c10::optional<at::Tensor>& q_gain,
+                  const c10::optional<at::Tensor>& k_gain, const at::Tensor& cos,
+                  const at::Tensor& sin) {
+  check_inputs(op, qkv, n_q, n_k, head_dim, cos, sin);
+  return {qkv.size(0), qkv.size(1), n_q + n_k, head_dim, head_dim / 2,
+          qkv.stride(0), qkv.stride(1), qkv.data_ptr<float>(), cos.data_ptr<float>(),
+          sin.data_ptr<float>(), gain_ptr(q_gain, head_dim, op), gain_ptr(k_gain, head_dim, op)};
+}
+
 // qk (B, T, n_q + n_k, head_dim) float32, rstd (B, T, n_q + n_k) (empty without norm).
 std::tuple<at::Tensor, at::Tensor> qk_norm_rope_forward(
     const at::Tensor& qkv, int64_t n_q, int64_t n_k, int64_t head_dim,
     const c10::optional<at::Tensor>& q_gain, const c10::optional<at::Tensor>& k_gain,
     const at::Tensor& cos, const at::Tensor& sin, double eps, bool norm) {
   const char* op = "minigpt::qk_norm_rope_forward";
-  check_inputs(op, qkv, n_q, n_k, head_dim, cos, sin);
-  const int64_t B = qkv.size(0), T = qkv.size(1), H = n_q + n_k, D = head_dim, P = D / 2;
+  const Operands a = operands(op, qkv, n_q, n_k, head_dim, q_gain, k_gain, cos, sin);
+  const int64_t B = a.B, T = a.T, H = a.H, D = a.D, P = a.P, sb = a.sb, st = a.st;
+  const float *x = a.x, *c = a.c, *s = a.s, *gq = a.gq, *gk = a.gk;
   at::Tensor qk = at::empty({B, T, H, D}, qkv.options());
   at::Tensor rstd = norm ? at::empty({B, T, H}, qkv.options()) : at::empty({0}, qkv.options());
-  const float* gq = gain_ptr(q_gain, D, op);
-  const float* gk = gain_ptr(k_gain, D, op);
-  const float* x = qkv.data_ptr<float>();
-  const int64_t sb = qkv.stride(0), st = qkv.stride(1);
   float* out = qk.data_ptr<float>();
   float* rs = norm ? rstd.data_ptr<float>() : nullptr;
-  const float* c = cos.data_ptr<float>();
-  const float* s = sin.data_ptr<float>();
   const float feps = static_cast<float>(eps);
   at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> y(D);
@@ -105,26 +116,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward(
     const c10::optional<at::Tensor>& k_gain, const at::Tensor& cos, const at::Tensor& sin,
     bool norm) {
   const char* op = "minigpt::qk_norm_rope_backward";
-  check_inputs(op, qkv, n_q, n_k, head_dim, cos, sin);
-  const int64_t B = qkv.size(0), T = qkv.size(1), H = n_q + n_k, D = head_dim, P = D / 2;
+  const Operands a = operands(op, qkv, n_q, n_k, head_dim, q_gain, k_gain, cos, sin);
+  const int64_t B = a.B, T = a.T, H = a.H, D = a.D, P = a.P, sb = a.sb, st = a.st;
+  const float *x = a.x, *c = a.c, *s = a.s, *gq = a.gq, *gk = a.gk;
   TORCH_CHECK(dqk.scalar_type() == at::kFloat && dqk.sizes() == at::IntArrayRef({B, T, H, D}),
               op, ": dqk must be float32 (B, T, n_q + n_k, head_dim)");
   TORCH_CHECK(!norm || (rstd.is_contiguous() && rstd.numel() == B * T * H), op,
               ": rstd must be the forward's");
   const at::Tensor g_c = dqk.contiguous();
-  const float* gq = gain_ptr(q_gain, D, op);
-  const float* gk = gain_ptr(k_gain, D, op);
   at::Tensor dx = at::empty({B, T, H * D}, qkv.options());
   // Per-worker partial sums of the gains' gradients, added in a fixed order: deterministic for
   // a given thread count.
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B * T));
   std::vector<float> dgain(static_cast<size_t>(workers * 2 * D), 0.f);
-  const float* x = qkv.data_ptr<float>();
-  const int64_t sb = qkv.stride(0), st = qkv.stride(1);
   const float* go = g_c.data_ptr<float>();
   const float* rs = norm ? rstd.data_ptr<float>() : nullptr;
-  const float* c = cos.data_ptr<float>();
-  const float* s = sin.data_ptr<float>();
   float* dxp = dx.data_ptr<float>();
   const int64_t chunk = (B * T + workers - 1) / workers;
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {

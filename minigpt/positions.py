@@ -68,12 +68,17 @@ class RotaryEmbedding(nn.Module):
         medium = (wavelength >= old / high) & (wavelength <= old / low)
         return torch.where(medium, (1 - s) * inv_freq / factor + s * inv_freq, scaled)
 
+    def angles(self, pos: torch.Tensor) -> torch.Tensor:
+        """The rotation angles at positions pos (T,) int64: (T, head_dim/2) in radians, of
+        angle_dtype (float64; float32 on MPS)."""
+        dtype = self.angle_dtype(pos.device)
+        inv_freq = self.inv_freq(self.head_dim, self.theta, self.scaling, dtype, pos.device)
+        return pos.to(dtype)[:, None] * inv_freq[None, :]  # (T, hd/2)
+
     def cos_sin(self, pos: torch.Tensor):
         """cos and sin of the angles at positions pos (T,): two (T, head_dim/2) float32
         tensors (computed in float64), what the fused QK-norm + RoPE op takes."""
-        dtype = self.angle_dtype(pos.device)
-        inv_freq = self.inv_freq(self.head_dim, self.theta, self.scaling, dtype, pos.device)
-        angles = pos.to(dtype)[:, None] * inv_freq[None, :]  # (T, hd/2)
+        angles = self.angles(pos)
         return angles.cos().float(), angles.sin().float()
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -84,9 +89,7 @@ class RotaryEmbedding(nn.Module):
         multiply, about 2.5x faster than the real form on a CPU. MPS has no complex dtypes and
         torch.compile generates no code for them: there rotate_real runs.
         """
-        dtype = self.angle_dtype(pos.device)
-        inv_freq = self.inv_freq(self.head_dim, self.theta, self.scaling, dtype, pos.device)
-        angles = pos.to(dtype)[:, None] * inv_freq[None, :]  # (T, hd/2)
+        angles = self.angles(pos)  # (T, hd/2)
         if x.device.type == "mps" or torch.compiler.is_compiling():
             return self.rotate_real(x, angles)
         real = torch.float64 if x.dtype == torch.float64 else torch.float32

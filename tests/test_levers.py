@@ -9,7 +9,7 @@ import torch
 
 from minigpt.hf.convert import export_architecture
 from minigpt.hf.pretrained import PretrainedError
-from minigpt.model import GPT, GPTConfig, KVCache
+from minigpt.model import GPT, GPTConfig
 from minigpt.train.config import TrainConfig, batch_shape
 from minigpt.train.data import BatchSampler
 from minigpt.train.optim import build_optimizer
@@ -103,22 +103,6 @@ def test_logit_softcap_bounds_the_logits():
     assert logits.abs().max() < 0.5
     expected = torch.nn.functional.cross_entropy(logits.view(-1, 50), idx.view(-1))
     torch.testing.assert_close(loss, expected)
-
-
-@pytest.mark.parametrize("options", [dict(value_embeds=2), dict(unet_skips=True),
-                                     dict(logit_softcap=3.0),
-                                     dict(value_embeds=1, unet_skips=True, logit_softcap=3.0)],
-                         ids=["value_embeds", "unet", "softcap", "all"])
-def test_levers_decode_with_the_cache_as_without(options):
-    model = build(**options)
-    perturb(model)
-    idx = torch.randint(50, (2, 12))
-    cache = KVCache(model.config, 2)
-    model(idx[:, :5], kv_cache=cache)
-    for t in range(5, 12):
-        step, _ = model(idx[:, t:t + 1], kv_cache=cache)
-        torch.testing.assert_close(step[:, -1], model(idx[:, :t + 1])[0][:, -1], atol=1e-10,
-                                   rtol=0)
 
 
 def test_levers_get_gradients_and_the_right_optimizer():

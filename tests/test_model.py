@@ -212,14 +212,23 @@ LLAMA_LIKE = dict(pos_embedding="rope", norm="rmsnorm", norm_eps=1e-6, mlp="glu"
 GPT2_LIKE = dict(pos_embedding="learned", activation="gelu_tanh", bias=True, norm_eps=1e-4)
 
 
-@pytest.mark.parametrize("options", [LLAMA_LIKE, GPT2_LIKE, dict(mlp="glu", activation="gelu"),
-                                     dict(attn_bias=True, mlp_bias=False, norm_bias=False)],
-                         ids=["llama-like", "gpt2-like", "geglu", "attn-bias-only"])
+@pytest.mark.parametrize("options", [
+    LLAMA_LIKE, GPT2_LIKE, dict(mlp="glu", activation="gelu"),
+    dict(attn_bias=True, mlp_bias=False, norm_bias=False), dict(value_embeds=2, n_layer=4),
+    dict(unet_skips=True, n_layer=4), dict(logit_softcap=3.0),
+    dict(value_embeds=1, unet_skips=True, logit_softcap=3.0, n_layer=4)],
+    ids=["llama-like", "gpt2-like", "geglu", "attn-bias-only", "value_embeds", "unet", "softcap",
+         "levers"])
 def test_model_options_decode_with_the_cache_as_without(options):
-    """Learned positions must follow the cache's offset; every option runs through attention."""
+    """Learned positions must follow the cache's offset; every option runs through attention.
+    Parameters are random (an initialised model hides mistakes: zero-initialised tables and
+    scalars, identity mixes)."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_embd=32,
-                          attn_backend="naive", **options)).double().eval()
+    model = GPT(GPTConfig(**{**dict(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_embd=32,
+                                    attn_backend="naive"), **options})).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
     idx = torch.randint(50, (2, 12))
     cache = KVCache(model.config, 2)
     model(idx[:, :5], kv_cache=cache)

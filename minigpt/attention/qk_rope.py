@@ -23,12 +23,22 @@ import torch
 from minigpt.attention import _ext
 
 
+_loaded: Optional[bool] = None  # whether the compiled module holds the op (looked up once)
+
+
+def _op_loaded() -> bool:
+    global _loaded
+    if _loaded is None:
+        _loaded = (_ext.module() is not None
+                   and hasattr(torch.ops.minigpt, "qk_norm_rope_forward"))
+    return _loaded
+
+
 def available(x: torch.Tensor) -> bool:
     """Whether the fused op serves x: float32 on the CPU, the compiled module loaded with the
     op, and not inside torch.compile (which traces the PyTorch code instead)."""
     return (x.dtype == torch.float32 and x.device.type == "cpu"
-            and not torch.compiler.is_compiling() and _ext.module() is not None
-            and hasattr(torch.ops.minigpt, "qk_norm_rope_forward"))
+            and not torch.compiler.is_compiling() and _op_loaded())
 
 
 class _QKNormRope(torch.autograd.Function):
