@@ -27,8 +27,13 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -39,6 +44,35 @@ namespace minigpt {
 namespace {
 
 #include "cpu/cpu16_tiles.h"
+#include "cpu/bf16_dot_tiles.h"
+
+// Whether bf16 tile products run on vdpbf16ps (cpu/bf16_dot_tiles.h) in this process: the CPU
+// has AVX512-BF16 and the CPU kernels' vector path is avx512 (MINIGPT_CPU_ISA=avx2 or portable
+// keep ATen's brgemm, as does float16).
+bool dpbf16_enabled() {
+  static const bool on = cpu_has_dpbf16() && std::strcmp(attention_cpu_isa(), "avx512") == 0;
+  return on;
+}
+
+// The dot-product path reads q, k, v (and dout) rows as 32-bit pairs in place: bf16, an even
+// head dim, and every pointer and stride even (4-byte aligned pairs).
+template <typename T>
+bool use_dpbf16(const AttentionParams& p, bool backward) {
+  if (!std::is_same_v<T, at::BFloat16> || !dpbf16_enabled() || p.D % 2 != 0) return false;
+  auto even = [](const void* ptr, const Strides4& st) {
+    return reinterpret_cast<std::uintptr_t>(ptr) % 4 == 0 && st.b % 2 == 0 && st.h % 2 == 0 &&
+           st.t % 2 == 0;
+  };
+  return even(p.q, p.q_stride) && even(p.k, p.k_stride) && even(p.v, p.v_stride) &&
+         (!backward || even(p.dout, p.dout_stride));
+}
+
+template <typename T>
+const uint16_t* u16(const T* x) { return reinterpret_cast<const uint16_t*>(x); }
+template <typename T>
+const uint32_t* words(const T* x) { return reinterpret_cast<const uint32_t*>(x); }
+template <typename T>
+uint32_t* words(T* x) { return reinterpret_cast<uint32_t*>(x); }
 
 
 // ---------------------------------------------------------------------------------------------
@@ -126,15 +160,26 @@ void run_forward(const AttentionParams& p) {
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
 
-  // K^T of every (batch, kv head), (D, Tk) row-major: the B operand of S = Q K^T.
-  const int64_t pairs = p.B * p.Hkv;
+  // K^T of every (batch, kv head), (D, Tk) row-major: the B operand of S = Q K^T. On the
+  // dot-product path, K^T packed by pack_t32 (the same size) and V packed in pairs of rows
+  // (Tk rounded up to even, x D words): the B operands of S = Q K^T and O~ += P V.
+  const bool dp = use_dpbf16<T>(p, false);
+  const int64_t pairs = p.B * p.Hkv, v_words = dp ? ceil_div(Tk, 2) * D : 0;
   at::Tensor kt_buf = at::empty({pairs * D * Tk}, at::TensorOptions().dtype(scalar_type_of<T>()));
+  at::Tensor vp_buf = at::empty({pairs * v_words}, at::TensorOptions().dtype(at::kInt));
   T* kt = kt_buf.data_ptr<T>();
+  uint32_t* vp = words(vp_buf.data_ptr<int32_t>());
   at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
     for (int64_t pair = begin; pair < end; ++pair) {
       const int64_t b = pair / p.Hkv, h = pair % p.Hkv;
-      transpose(Tk, D, k + b * p.k_stride.b + h * p.k_stride.h, p.k_stride.t, kt + pair * D * Tk,
-                Tk);
+      const T* kh = k + b * p.k_stride.b + h * p.k_stride.h;
+      if (dp) {
+        dpbf16::pack_t32(Tk, D, u16(kh), p.k_stride.t, words(kt + pair * D * Tk), Tk);
+        dpbf16::pack_pairs(Tk, D, u16(v + b * p.v_stride.b + h * p.v_stride.h), p.v_stride.t,
+                           vp + pair * v_words);
+      } else {
+        transpose(Tk, D, kh, p.k_stride.t, kt + pair * D * Tk, Tk);
+      }
     }
   });
 
@@ -181,18 +226,32 @@ void run_forward(const AttentionParams& p) {
         std::fill(row_sum, row_sum + rows, 0.0f);
         std::fill(acc, acc + rows * D, 0.0f);
 
-        const int64_t key_end = visible_key_end(p, r0, nr), key_begin = p.first_key(r0);
+        // The dot-product path starts at an even key, so that its pairs of keys are the
+        // packed ones (a key before the window's first is masked like any other).
+        const int64_t key_end = visible_key_end(p, r0, nr);
+        const int64_t key_begin = dp ? p.first_key(r0) & ~int64_t{1} : p.first_key(r0);
         const T* kt_pair = kt + pair * D * Tk;
         const T* v_pair = v + b * p.v_stride.b + kvh * p.v_stride.h;
         for (int64_t j0 = key_begin; j0 < key_end; j0 += kBlockK) {
           const int64_t nk = std::min(BK, key_end - j0);
           // S = Q K_j^T: B is the (D, nk) block of K^T.
-          tile_gemm<T>(rows, nk, D, qbuf, D, kt_pair + j0, Tk, s, BK, false);
+          if (dp)
+            dpbf16::gemm(rows, nk, D / 2, words(qbuf), D / 2, words(kt_pair) + j0, Tk, s, BK,
+                         false);
+          else
+            tile_gemm<T>(rows, nk, D, qbuf, D, kt_pair + j0, Tk, s, BK, false);
           // Online softmax per row (Alg. 1), P written as T for the product with V.
           online_softmax<T>(p, rb, s, BK, j0, nk, row_max, row_sum, acc, pbuf);
-          // O~ += P V_j.
-          tile_gemm<T>(rows, D, nk, pbuf, BK, v_pair + j0 * p.v_stride.t, p.v_stride.t, acc, D,
-                       true);
+          // O~ += P V_j (an odd last key pairs with a zero column of P).
+          if (dp) {
+            if (nk % 2)
+              for (int64_t r = 0; r < rows; ++r) pbuf[r * BK + nk] = T(0.0f);
+            dpbf16::gemm(rows, D, (nk + 1) / 2, words(pbuf), BK / 2, vp + pair * v_words +
+                         (j0 / 2) * D, D, acc, D, true);
+          } else {
+            tile_gemm<T>(rows, D, nk, pbuf, BK, v_pair + j0 * p.v_stride.t, p.v_stride.t, acc,
+                         D, true);
+          }
         }
 
         finish_rows<T>(p, rb, b, acc, row_max, row_sum);
@@ -252,6 +311,41 @@ void run_backward(const AttentionParams& p) {
                                                : (pair_last(w) - pair_first(w) + 1) * G * head_size);
   at::Tensor dq_parts = at::zeros({part_offset[workers]}, at::TensorOptions().dtype(at::kFloat));
 
+  // The dot-product path's B operands, packed once (cpu/bf16_dot_tiles.h): K^T and V^T of each
+  // (batch, kv head) by pack_t32 (D/2 x Tk words), and K (per kv head), Q and dO (per query
+  // head) in pairs of rows (ceil(T/2) x D words).
+  const bool dp = use_dpbf16<T>(p, true);
+  const int64_t kt_words = dp ? D / 2 * p.Tk : 0, kp_words = dp ? ceil_div(p.Tk, 2) * D : 0;
+  const int64_t qp_words = dp ? ceil_div(p.Tq, 2) * D : 0;
+  at::Tensor packs = at::empty({pairs * (2 * kt_words + kp_words) + 2 * p.B * p.Hq * qp_words},
+                               at::TensorOptions().dtype(at::kInt));
+  uint32_t* kt32 = words(packs.data_ptr<int32_t>());
+  uint32_t* vt32 = kt32 + pairs * kt_words;
+  uint32_t* kpair = vt32 + pairs * kt_words;
+  uint32_t* qpair = kpair + pairs * kp_words;
+  uint32_t* dopair = qpair + p.B * p.Hq * qp_words;
+  if (dp) {
+    at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t pair = begin; pair < end; ++pair) {
+        const int64_t b = pair / p.Hkv, h = pair % p.Hkv;
+        const uint16_t* kh = u16(k + b * p.k_stride.b + h * p.k_stride.h);
+        const uint16_t* vh = u16(v + b * p.v_stride.b + h * p.v_stride.h);
+        dpbf16::pack_t32(p.Tk, D, kh, p.k_stride.t, kt32 + pair * kt_words, p.Tk);
+        dpbf16::pack_t32(p.Tk, D, vh, p.v_stride.t, vt32 + pair * kt_words, p.Tk);
+        dpbf16::pack_pairs(p.Tk, D, kh, p.k_stride.t, kpair + pair * kp_words);
+      }
+    });
+    at::parallel_for(0, p.B * p.Hq, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / p.Hq, h = bh % p.Hq;
+        dpbf16::pack_pairs(p.Tq, D, u16(q + b * p.q_stride.b + h * p.q_stride.h), p.q_stride.t,
+                           qpair + bh * qp_words);
+        dpbf16::pack_pairs(p.Tq, D, u16(dout + b * p.dout_stride.b + h * p.dout_stride.h),
+                           p.dout_stride.t, dopair + bh * qp_words);
+      }
+    });
+  }
+
   // Per-worker scratch. T: K_j^T and V_j^T (D x BK), P and dS (BQ x BK) and their transposes
   // (BK x BQ). float: S then P, dP (BQ x BK), and the dK and dV accumulators (BK x D).
   const int64_t t_elems = 2 * D * BK + 4 * BQ * BK;
@@ -271,8 +365,8 @@ void run_backward(const AttentionParams& p) {
       T* pbt = dsb + BQ * BK;                         // (nk, BQ) P^T
       T* dsbt = pbt + BQ * BK;                        // (nk, BQ) dS^T
       float* s = f_scratch.data_ptr<float>() + w * f_elems;  // (nq, BK) S, then P
-      float* dp = s + BQ * BK;                               // (nq, BK) dP
-      float* dk_acc = dp + BQ * BK;
+      float* dpt = s + BQ * BK;                              // (nq, BK) dP
+      float* dk_acc = dpt + BQ * BK;
       float* dv_acc = dk_acc + BK * D;
 
       for (int64_t u = bounds[w]; u < bounds[w + 1]; ++u) {
@@ -281,8 +375,10 @@ void run_backward(const AttentionParams& p) {
         const T* kj = k + b * p.k_stride.b + kvh * p.k_stride.h + j0 * p.k_stride.t;
         const T* vj = v + b * p.v_stride.b + kvh * p.v_stride.h + j0 * p.v_stride.t;
         // B operands of this key tile: K_j^T and V_j^T (D x nk); K_j is read in place.
-        transpose(nk, D, kj, p.k_stride.t, kt, nk);
-        transpose(nk, D, vj, p.v_stride.t, vt, nk);
+        if (!dp) {
+          transpose(nk, D, kj, p.k_stride.t, kt, nk);
+          transpose(nk, D, vj, p.v_stride.t, vt, nk);
+        }
         std::fill(dk_acc, dk_acc + nk * D, 0.0f);
         std::fill(dv_acc, dv_acc + nk * D, 0.0f);
 
@@ -296,8 +392,15 @@ void run_backward(const AttentionParams& p) {
             const T* qi = q + b * p.q_stride.b + h * p.q_stride.h + r0 * p.q_stride.t;
             const T* doi = dout + b * p.dout_stride.b + h * p.dout_stride.h + r0 * p.dout_stride.t;
             // S = Q_i K_j^T and dP = dO_i V_j^T.
-            tile_gemm<T>(nq, nk, D, qi, p.q_stride.t, kt, nk, s, BK, false);
-            tile_gemm<T>(nq, nk, D, doi, p.dout_stride.t, vt, nk, dp, BK, false);
+            if (dp) {
+              dpbf16::gemm(nq, nk, D / 2, words(qi), p.q_stride.t / 2,
+                           kt32 + pair * kt_words + j0, p.Tk, s, BK, false);
+              dpbf16::gemm(nq, nk, D / 2, words(doi), p.dout_stride.t / 2,
+                           vt32 + pair * kt_words + j0, p.Tk, dpt, BK, false);
+            } else {
+              tile_gemm<T>(nq, nk, D, qi, p.q_stride.t, kt, nk, s, BK, false);
+              tile_gemm<T>(nq, nk, D, doi, p.dout_stride.t, vt, nk, dpt, BK, false);
+            }
             const int64_t row0 = (b * p.Hq + h) * p.Tq + r0;
             for (int64_t r = 0; r < nq; ++r) {
               float* sr = s + r * BK;
@@ -306,14 +409,27 @@ void run_backward(const AttentionParams& p) {
               // P = exp(S - lse); a row with no visible key (lse = -inf) has P = 0.
               const float m = lse == kNegInf ? std::numeric_limits<float>::infinity() : lse;
               exp_row<T>(sr, m, nk, pb + r * BK);
-              ds_row<T>(sr, dp + r * BK, delta[row0 + r], p.scale, nk, dsb + r * BK);
+              ds_row<T>(sr, dpt + r * BK, delta[row0 + r], p.scale, nk, dsb + r * BK);
             }
             transpose(nq, nk, pb, BK, pbt, BQ);
             transpose(nq, nk, dsb, BK, dsbt, BQ);
             // dV_j += P^T dO_i, dK_j += dS^T Q_i (dS carries the scale), dQ_i += dS K_j.
-            tile_gemm<T>(nk, D, nq, pbt, BQ, doi, p.dout_stride.t, dv_acc, D, true);
-            tile_gemm<T>(nk, D, nq, dsbt, BQ, qi, p.q_stride.t, dk_acc, D, true);
-            tile_gemm<T>(nq, D, nk, dsb, BK, kj, p.k_stride.t, dq_head + r0 * D, D, true);
+            if (dp) {
+              // An odd last row or key pairs with a zero column of P^T and dS^T, or of dS.
+              for (int64_t c = 0; c < nk && nq % 2; ++c)
+                pbt[c * BQ + nq] = dsbt[c * BQ + nq] = T(0.0f);
+              for (int64_t r = 0; r < nq && nk % 2; ++r) dsb[r * BK + nk] = T(0.0f);
+              const uint32_t* dop = dopair + (b * p.Hq + h) * qp_words + (r0 / 2) * D;
+              const uint32_t* qp = qpair + (b * p.Hq + h) * qp_words + (r0 / 2) * D;
+              dpbf16::gemm(nk, D, (nq + 1) / 2, words(pbt), BQ / 2, dop, D, dv_acc, D, true);
+              dpbf16::gemm(nk, D, (nq + 1) / 2, words(dsbt), BQ / 2, qp, D, dk_acc, D, true);
+              dpbf16::gemm(nq, D, (nk + 1) / 2, words(dsb), BK / 2,
+                           kpair + pair * kp_words + (j0 / 2) * D, D, dq_head + r0 * D, D, true);
+            } else {
+              tile_gemm<T>(nk, D, nq, pbt, BQ, doi, p.dout_stride.t, dv_acc, D, true);
+              tile_gemm<T>(nk, D, nq, dsbt, BQ, qi, p.q_stride.t, dk_acc, D, true);
+              tile_gemm<T>(nq, D, nk, dsb, BK, kj, p.k_stride.t, dq_head + r0 * D, D, true);
+            }
           }
         }
         T* dkj = static_cast<T*>(p.dk) + b * p.dk_stride.b + kvh * p.dk_stride.h +
@@ -351,6 +467,8 @@ void run_backward(const AttentionParams& p) {
 }
 
 }  // namespace
+
+const char* attention_cpu16_products() { return dpbf16_enabled() ? "avx512_bf16" : "brgemm"; }
 
 void attention_forward_cpu16(const AttentionParams& p) {
   if (p.dtype == DType::BFloat16)

@@ -96,6 +96,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         info["openmp"] = false;
 #endif
         info["vector_isa"] = std::string(minigpt::attention_cpu_isa());
+        info["bf16_products"] = std::string(minigpt::attention_cpu16_products());
         // What the kernels implement (attention.h), so Python never restates it.
         pybind11::dict dtypes;
         pybind11::list cpu, cuda, head_dims;

@@ -1,0 +1,179 @@
+// minigpt attention, CPU bfloat16: tile products on AVX512-BF16 dot products (vdpbf16ps), for
+// CPUs that have them (AMD Zen 4 and later, Intel Cooper Lake and Sapphire Rapids and later).
+// Included once by attention_cpu_bf16.cpp inside its anonymous namespace, after <immintrin.h>.
+//
+// vdpbf16ps multiplies 16 pairs of bf16 by 16 pairs and adds each pair's two products to a
+// float32 lane: c[n] += a[2i] b[2i][n] + a[2i+1] b[2i+1][n]. So C (M x N, float32) += A B, with
+// K the summed dimension, takes
+//   A: row-major bf16 with K even, read as 32-bit words: word (m, kp) = (A[m][2kp], A[m][2kp+1]),
+//      broadcast to the 16 lanes;
+//   B: packed in pairs of rows ("VNNI" layout): word (kp, n) = (B[2kp][n], B[2kp+1][n]), 16
+//      consecutive columns per vector.
+// Two packings give B from the row-major (n x D) blocks attention holds (q, k, v, dout):
+//   pack_t32: B = X^T (D x n), for S = Q K^T and dP = dO V^T; word (dp, c) = (X[c][2dp],
+//     X[c][2dp+1]): the transpose of X read as (n x D/2) 32-bit words.
+//   pack_pairs: B = X (n x D), for O += P V, dV += P^T dO, dK += dS^T Q, dQ += dS K; word
+//     (cp, d) = (X[2cp][d], X[2cp+1][d]): rows 2cp and 2cp+1 interleaved (a missing last row
+//     is 0).
+// An odd K is padded with a zero column in A (its pair's B word may hold anything finite).
+#pragma once
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MINIGPT_HAVE_DPBF16 1
+
+// Whether this CPU (and its operating system) runs vdpbf16ps on zmm registers.
+bool cpu_has_dpbf16() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+}
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+// GCC's intrinsics start some vectors from _mm512_undefined_*(), which it then reports as
+// possibly uninitialised.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+namespace dpbf16 {
+
+// Register block: MR rows x NV vectors of 16 columns of C in zmm registers (6 x 4 = 24 of the
+// 32, the rest NV vectors of B and one broadcast of A), as the float32 AVX-512 path. TAIL: the
+// last vector holds fewer than 16 columns (mask `last`).
+template <int MR, int NV, bool TAIL>
+inline void block(int64_t Kp, const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb,
+                  float* c, int64_t ldc, bool accumulate, __mmask16 last) {
+  __m512 acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) {
+      if (!accumulate)
+        acc[m][v] = _mm512_setzero_ps();
+      else if (TAIL && v == NV - 1)
+        acc[m][v] = _mm512_maskz_loadu_ps(last, c + m * ldc + 16 * v);
+      else
+        acc[m][v] = _mm512_loadu_ps(c + m * ldc + 16 * v);
+    }
+  for (int64_t kp = 0; kp < Kp; ++kp) {
+    __m512bh bv[NV];
+    for (int v = 0; v < NV; ++v)
+      bv[v] = (TAIL && v == NV - 1)
+                  ? (__m512bh)_mm512_maskz_loadu_epi32(last, b + kp * ldb + 16 * v)
+                  : (__m512bh)_mm512_loadu_si512(b + kp * ldb + 16 * v);
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[m * lda + kp]));
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], av, bv[v]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) {
+      if (TAIL && v == NV - 1)
+        _mm512_mask_storeu_ps(c + m * ldc + 16 * v, last, acc[m][v]);
+      else
+        _mm512_storeu_ps(c + m * ldc + 16 * v, acc[m][v]);
+    }
+}
+
+// One panel of up to 16 * NV columns, all M rows, in blocks of 6 rows.
+template <int NV, bool TAIL>
+void panel(int64_t M, int64_t Kp, const uint32_t* a, int64_t lda, const uint32_t* b,
+           int64_t ldb, float* c, int64_t ldc, bool accumulate, __mmask16 last) {
+  int64_t m = 0;
+  for (; m + 6 <= M; m += 6)
+    block<6, NV, TAIL>(Kp, a + m * lda, lda, b, ldb, c + m * ldc, ldc, accumulate, last);
+  const uint32_t* ar = a + m * lda;
+  float* cr = c + m * ldc;
+  switch (M - m) {
+    case 5: block<5, NV, TAIL>(Kp, ar, lda, b, ldb, cr, ldc, accumulate, last); break;
+    case 4: block<4, NV, TAIL>(Kp, ar, lda, b, ldb, cr, ldc, accumulate, last); break;
+    case 3: block<3, NV, TAIL>(Kp, ar, lda, b, ldb, cr, ldc, accumulate, last); break;
+    case 2: block<2, NV, TAIL>(Kp, ar, lda, b, ldb, cr, ldc, accumulate, last); break;
+    case 1: block<1, NV, TAIL>(Kp, ar, lda, b, ldb, cr, ldc, accumulate, last); break;
+    default: break;
+  }
+}
+
+template <bool TAIL>
+void panel_any(int64_t nv, int64_t M, int64_t Kp, const uint32_t* a, int64_t lda,
+               const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate,
+               __mmask16 last) {
+  switch (nv) {
+    case 4: panel<4, TAIL>(M, Kp, a, lda, b, ldb, c, ldc, accumulate, last); break;
+    case 3: panel<3, TAIL>(M, Kp, a, lda, b, ldb, c, ldc, accumulate, last); break;
+    case 2: panel<2, TAIL>(M, Kp, a, lda, b, ldb, c, ldc, accumulate, last); break;
+    default: panel<1, TAIL>(M, Kp, a, lda, b, ldb, c, ldc, accumulate, last); break;
+  }
+}
+
+// C[M x N] (+)= A B over Kp pairs of K: a (M x Kp words, leading dim lda words), b packed (Kp x
+// N words, leading dim ldb words), c float32 (leading dim ldc). Kp = 0 leaves or zeroes C.
+void gemm(int64_t M, int64_t N, int64_t Kp, const uint32_t* a, int64_t lda, const uint32_t* b,
+          int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  for (int64_t n0 = 0; n0 < N; n0 += 64) {
+    const int64_t nn = std::min<int64_t>(64, N - n0), nv = (nn + 15) / 16, rem = nn % 16;
+    if (rem == 0)
+      panel_any<false>(nv, M, Kp, a, lda, b + n0, ldb, c + n0, ldc, accumulate, 0xFFFF);
+    else
+      panel_any<true>(nv, M, Kp, a, lda, b + n0, ldb, c + n0, ldc, accumulate,
+                      static_cast<__mmask16>((1u << rem) - 1));
+  }
+}
+
+// dst word (dp, c), leading dim ldd, = (x[c][2dp], x[c][2dp+1]) for c < n, dp < D/2: x (n x D)
+// bf16 with row stride ldx (even), D even.
+void pack_t32(int64_t n, int64_t D, const uint16_t* x, int64_t ldx, uint32_t* dst, int64_t ldd) {
+  const int64_t Dp = D / 2, ldw = ldx / 2;
+  const uint32_t* xw = reinterpret_cast<const uint32_t*>(x);
+  constexpr int64_t kB = 16;  // cache blocking
+  for (int64_t c0 = 0; c0 < n; c0 += kB)
+    for (int64_t d0 = 0; d0 < Dp; d0 += kB)
+      for (int64_t c = c0; c < std::min(n, c0 + kB); ++c)
+        for (int64_t dp = d0; dp < std::min(Dp, d0 + kB); ++dp)
+          dst[dp * ldd + c] = xw[c * ldw + dp];
+}
+
+// dst word (cp, d), leading dim D, = (x[2cp][d], x[2cp+1][d]) for cp < ceil(n/2), d < D; a
+// missing row 2cp+1 = n reads as 0. x (n x D) bf16 with row stride ldx.
+void pack_pairs(int64_t n, int64_t D, const uint16_t* x, int64_t ldx, uint32_t* dst) {
+  for (int64_t c = 0; c < n; c += 2) {
+    const uint16_t* lo = x + c * ldx;
+    const uint16_t* hi = c + 1 < n ? lo + ldx : nullptr;
+    uint32_t* o = dst + (c / 2) * D;
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) {
+      const __m512i l = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(lo + d)));
+      const __m512i h = hi ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(hi + d)))
+                           : _mm512_setzero_si512();
+      _mm512_storeu_si512(o + d, _mm512_or_si512(l, _mm512_slli_epi32(h, 16)));
+    }
+    for (; d < D; ++d) o[d] = uint32_t(lo[d]) | (hi ? uint32_t(hi[d]) << 16 : 0u);
+  }
+}
+
+}  // namespace dpbf16
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
+
+#else
+// Elsewhere the path is never chosen (cpu_has_dpbf16() is false); these keep its call sites
+// free of #ifdefs.
+bool cpu_has_dpbf16() { return false; }
+namespace dpbf16 {
+inline void gemm(int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t,
+                 float*, int64_t, bool) {
+  TORCH_CHECK(false, "minigpt: AVX512-BF16 tiles are not built for this CPU");
+}
+inline void pack_t32(int64_t, int64_t, const uint16_t*, int64_t, uint32_t*, int64_t) {
+  TORCH_CHECK(false, "minigpt: AVX512-BF16 tiles are not built for this CPU");
+}
+inline void pack_pairs(int64_t, int64_t, const uint16_t*, int64_t, uint32_t*) {
+  TORCH_CHECK(false, "minigpt: AVX512-BF16 tiles are not built for this CPU");
+}
+}  // namespace dpbf16
+#endif
