@@ -183,19 +183,20 @@ void run_forward(const AttentionParams& p) {
     }
   });
 
+  const int64_t BK = kBlockK;
   const int64_t query_tiles = ceil_div(p.Tq, kBlockQ);
   const int64_t units = pairs * query_tiles;
   std::vector<int64_t> cost(units);
   for (int64_t u = 0; u < units; ++u) {
     const int64_t r0 = (u % query_tiles) * kBlockQ, nr = std::min(kBlockQ, p.Tq - r0);
-    cost[u] = 1 + ceil_div(visible_key_end(p, r0, nr) - p.first_key(r0), kBlockK);
+    cost[u] = 1 + ceil_div(visible_key_end(p, r0, nr) - p.first_key(r0), BK);
   }
   const std::vector<int64_t> bounds = split_by_cost(cost.data(), units, at::get_num_threads());
   const int64_t workers = static_cast<int64_t>(bounds.size()) - 1;
 
   // Per-worker scratch. T: the gathered Q rows (R x D) and P (R x kBlockK). float: S then P
   // (R x kBlockK), O~ (R x D), m and l.
-  const int64_t R = G * kBlockQ, BK = kBlockK;
+  const int64_t R = G * kBlockQ;
   const int64_t t_elems = R * D + R * BK;
   const int64_t f_elems = R * BK + R * D + 2 * R;
   at::Tensor t_scratch =
@@ -232,7 +233,7 @@ void run_forward(const AttentionParams& p) {
         const int64_t key_begin = dp ? p.first_key(r0) & ~int64_t{1} : p.first_key(r0);
         const T* kt_pair = kt + pair * D * Tk;
         const T* v_pair = v + b * p.v_stride.b + kvh * p.v_stride.h;
-        for (int64_t j0 = key_begin; j0 < key_end; j0 += kBlockK) {
+        for (int64_t j0 = key_begin; j0 < key_end; j0 += BK) {
           const int64_t nk = std::min(BK, key_end - j0);
           // S = Q K_j^T: B is the (D, nk) block of K^T.
           if (dp)

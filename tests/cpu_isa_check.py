@@ -3,12 +3,16 @@ MINIGPT_CPU_ISA (read once per process) picks the vector path under test:
 
     MINIGPT_CPU_ISA=avx2 python tests/cpu_isa_check.py
 
-Prints the path in use (build_info()["vector_isa"]) on the first line and "ok" on the last; any
-failed check raises. float32: out and dq, dk, dv within the project's rule (at most 2x the naive
+Prints the path in use (build_info()["vector_isa"]) and what computes the bfloat16 tile
+products (build_info()["bf16_products"]: our AVX512-BF16 tiles or ATen's brgemm) on the first
+line and "ok" on the last; any failed check raises. float32: out and dq, dk, dv within the project's rule (at most 2x the naive
 float32 computation's error against float64, plus 1e-6) over odd sizes, head dims that are not a
 multiple of any vector width, causal both ways, grouped-query heads, the model's strided
 (B, T, H, D) views and decode steps (Tq 1-4, one or several key chunks). float64: the same against
-the float64 reference to 1e-12, and gradcheck on small cases.
+the float64 reference to 1e-12, and gradcheck on small cases. bfloat16: out and every gradient
+within the rule in bfloat16, over odd lengths (odd last key and query tiles), GQA, the strided
+layouts, a window starting at an odd key, an odd head dim and rows at odd offsets (whose
+32-bit pairs are misaligned: both served by brgemm), and a decode step.
 """
 
 import sys
@@ -49,6 +53,17 @@ FLOAT64_CASES = [
     (2, 2, 2, 70, 130, 64, False, "contiguous"),
 ]
 
+# (B, Hq, Hkv, Tq, Tk, D, causal, layout, window)
+BFLOAT16_CASES = [
+    (1, 2, 2, 129, 129, 64, True, "transposed", None),
+    (2, 4, 2, 17, 301, 80, True, "contiguous", None),
+    (1, 2, 1, 300, 300, 128, False, "sliced", None),
+    (1, 4, 4, 257, 257, 32, True, "transposed", 37),
+    (1, 2, 1, 33, 33, 17, True, "contiguous", None),
+    (1, 2, 1, 65, 65, 64, True, "odd-stride", None),
+    (1, 4, 2, 1, 300, 64, True, "transposed", None),
+]
+
 GRADCHECK_CASES = [
     (1, 2, 1, 5, 7, 12, True, "transposed"),
     (1, 2, 2, 2, 9, 8, False, "contiguous"),  # decode path
@@ -84,6 +99,24 @@ def check_float64(B, Hq, Hkv, Tq, Tk, D, causal, layout):
         assert max_err(g, r) < 1e-11, f"{name}: d{which} error {max_err(g, r):.3e}"
 
 
+def check_bfloat16(B, Hq, Hkv, Tq, Tk, D, causal, layout, window):
+    q, k, v = rand_qkv(B, Hq, Hkv, Tq, Tk, D, dtype=torch.bfloat16,
+                       layout="contiguous" if layout == "odd-stride" else layout, seed=Tq + D)
+    if layout == "odd-stride":  # rows D + 1 apart from an odd offset: pairs not 4-byte aligned
+        q, k, v = (torch.randn(*t.shape[:-1], D + 1, dtype=t.dtype)[..., 1:].requires_grad_()
+                   for t in (q, k, v))
+    name = f"bfloat16 {(B, Hq, Hkv, Tq, Tk, D)} causal={causal} {layout} window={window}"
+    fast = attention(q, k, v, causal=causal, backend="ext", window=window)
+    naive = attention(q, k, v, causal=causal, backend="naive", window=window)
+    ref = reference_attention(q, k, v, causal, None, None, window)
+    dout = torch.randn(fast.shape, generator=torch.Generator().manual_seed(D), dtype=fast.dtype)
+    ref_grads = _grads(ref, (q, k, v), dout.double())
+    check_rule(f"{name}: out", fast, naive, ref, torch.bfloat16)
+    for which, g, n, r in zip("qkv", _grads(fast, (q, k, v), dout),
+                              _grads(naive, (q, k, v), dout), ref_grads):
+        check_rule(f"{name}: d{which}", g, n, r, torch.bfloat16, grad_scale(ref_grads))
+
+
 def gradcheck(B, Hq, Hkv, Tq, Tk, D, causal, layout):
     q, k, v = rand_qkv(B, Hq, Hkv, Tq, Tk, D, dtype=torch.float64, layout=layout, seed=D)
     assert torch.autograd.gradcheck(
@@ -91,10 +124,11 @@ def gradcheck(B, Hq, Hkv, Tq, Tk, D, causal, layout):
 
 
 def main():
-    print(_ext.build_info()["vector_isa"], flush=True)
+    info = _ext.build_info()
+    print(info["vector_isa"], info["bf16_products"], flush=True)
     timing = "--time" in sys.argv
     for check, cases in [(check_float32, FLOAT32_CASES), (check_float64, FLOAT64_CASES),
-                         (gradcheck, GRADCHECK_CASES)]:
+                         (check_bfloat16, BFLOAT16_CASES), (gradcheck, GRADCHECK_CASES)]:
         for case in cases:
             t0 = time.perf_counter()
             check(*case)

@@ -51,6 +51,10 @@ def test_vector_path_against_reference(isa):
         assert RANK[used] < RANK[PATHS[isa]], f"asked for {isa}, ran {used}"
         pytest.skip(f"this CPU lacks {isa}; the checks passed on {used}")
     assert used == PATHS[isa], f"MINIGPT_CPU_ISA={isa} ran {used}"
+    # Our AVX512-BF16 tiles on the avx512 path of a CPU with vdpbf16ps; ATen's brgemm otherwise.
+    dot = isa == "avx512" and torch.backends.cpu.get_cpu_capability() == "AVX512" and \
+        torch.cpu._is_avx512_bf16_supported()
+    assert lines[1] == ("avx512_bf16" if dot else "brgemm"), lines[1]
     assert lines[-1] == "ok"
 
 
