@@ -412,13 +412,12 @@ void run_backward(const AttentionParams& p) {
               exp_row<T>(sr, m, nk, pb + r * BK);
               ds_row<T>(sr, dpt + r * BK, delta[row0 + r], p.scale, nk, dsb + r * BK);
             }
-            transpose(nq, nk, pb, BK, pbt, BQ);
-            transpose(nq, nk, dsb, BK, dsbt, BQ);
             // dV_j += P^T dO_i, dK_j += dS^T Q_i (dS carries the scale), dQ_i += dS K_j.
             if (dp) {
-              // An odd last row or key pairs with a zero column of P^T and dS^T, or of dS.
-              for (int64_t c = 0; c < nk && nq % 2; ++c)
-                pbt[c * BQ + nq] = dsbt[c * BQ + nq] = T(0.0f);
+              // P^T and dS^T with rows paired (an odd last row pairs with zeros); an odd last
+              // key pairs with a zero column of dS.
+              dpbf16::pack_pairs_transposed(nq, nk, u16(pb), BK, words(pbt), BQ / 2);
+              dpbf16::pack_pairs_transposed(nq, nk, u16(dsb), BK, words(dsbt), BQ / 2);
               for (int64_t r = 0; r < nq && nk % 2; ++r) dsb[r * BK + nk] = T(0.0f);
               const uint32_t* dop = dopair + (b * p.Hq + h) * qp_words + (r0 / 2) * D;
               const uint32_t* qp = qpair + (b * p.Hq + h) * qp_words + (r0 / 2) * D;
@@ -427,6 +426,8 @@ void run_backward(const AttentionParams& p) {
               dpbf16::gemm(nq, D, (nk + 1) / 2, words(dsb), BK / 2,
                            kpair + pair * kp_words + (j0 / 2) * D, D, dq_head + r0 * D, D, true);
             } else {
+              transpose(nq, nk, pb, BK, pbt, BQ);
+              transpose(nq, nk, dsb, BK, dsbt, BQ);
               tile_gemm<T>(nk, D, nq, pbt, BQ, doi, p.dout_stride.t, dv_acc, D, true);
               tile_gemm<T>(nk, D, nq, dsbt, BQ, qi, p.q_stride.t, dk_acc, D, true);
               tile_gemm<T>(nq, D, nk, dsb, BK, kj, p.k_stride.t, dq_head + r0 * D, D, true);

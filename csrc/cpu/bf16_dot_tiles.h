@@ -152,6 +152,59 @@ void pack_pairs(int64_t n, int64_t D, const uint16_t* x, int64_t ldx, uint32_t* 
   }
 }
 
+// Transposes 16 x 16 32-bit words in place: r[i] lane l becomes r[l] lane i.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  // c[j][g]: in its 128-bit lane L, column 4L + j of rows 4g .. 4g + 3.
+  __m512i c[4][4];
+  for (int g = 0; g < 4; ++g) {
+    c[0][g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    c[1][g] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    c[2][g] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    c[3][g] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512i u0 = _mm512_shuffle_i32x4(c[j][0], c[j][1], 0x44);  // lanes 0, 1 of each
+    const __m512i u1 = _mm512_shuffle_i32x4(c[j][0], c[j][1], 0xEE);  // lanes 2, 3
+    const __m512i u2 = _mm512_shuffle_i32x4(c[j][2], c[j][3], 0x44);
+    const __m512i u3 = _mm512_shuffle_i32x4(c[j][2], c[j][3], 0xEE);
+    r[j] = _mm512_shuffle_i32x4(u0, u2, 0x88);       // lane 0 of the four row groups
+    r[4 + j] = _mm512_shuffle_i32x4(u0, u2, 0xDD);   // lane 1
+    r[8 + j] = _mm512_shuffle_i32x4(u1, u3, 0x88);   // lane 2
+    r[12 + j] = _mm512_shuffle_i32x4(u1, u3, 0xDD);  // lane 3
+  }
+}
+
+// dst word (c, rp), leading dim ldd, = (x[2rp][c], x[2rp+1][c]) for c < cols, rp <
+// ceil(rows/2); a missing row 2rp+1 = rows reads as 0. x (rows x cols) bf16 with row stride
+// ldx. The A operand X^T of dV += P^T dO and dK += dS^T Q, in 16 x 16 word blocks.
+void pack_pairs_transposed(int64_t rows, int64_t cols, const uint16_t* x, int64_t ldx,
+                           uint32_t* dst, int64_t ldd) {
+  auto word = [&](int64_t rp, int64_t c) {
+    const uint32_t lo = x[2 * rp * ldx + c];
+    return 2 * rp + 1 < rows ? lo | uint32_t(x[(2 * rp + 1) * ldx + c]) << 16 : lo;
+  };
+  const int64_t full_rp = rows / 32 * 16, full_c = cols / 16 * 16, n_rp = (rows + 1) / 2;
+  for (int64_t rp0 = 0; rp0 < full_rp; rp0 += 16)
+    for (int64_t c0 = 0; c0 < full_c; c0 += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        const uint16_t* lo = x + 2 * (rp0 + i) * ldx + c0;
+        const __m512i l = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)lo));
+        const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(lo + ldx)));
+        r[i] = _mm512_or_si512(l, _mm512_slli_epi32(h, 16));
+      }
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + (c0 + i) * ldd + rp0, r[i]);
+    }
+  for (int64_t c = 0; c < cols; ++c)  // the edges
+    for (int64_t rp = c < full_c ? full_rp : 0; rp < n_rp; ++rp) dst[c * ldd + rp] = word(rp, c);
+}
+
 }  // namespace dpbf16
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -173,6 +226,9 @@ inline void pack_t32(int64_t, int64_t, const uint16_t*, int64_t, uint32_t*, int6
   TORCH_CHECK(false, "minigpt: AVX512-BF16 tiles are not built for this CPU");
 }
 inline void pack_pairs(int64_t, int64_t, const uint16_t*, int64_t, uint32_t*) {
+  TORCH_CHECK(false, "minigpt: AVX512-BF16 tiles are not built for this CPU");
+}
+inline void pack_pairs_transposed(int64_t, int64_t, const uint16_t*, int64_t, uint32_t*, int64_t) {
   TORCH_CHECK(false, "minigpt: AVX512-BF16 tiles are not built for this CPU");
 }
 }  // namespace dpbf16
