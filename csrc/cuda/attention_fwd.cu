@@ -15,10 +15,15 @@
 // b_ij is ALiBi's bias (0 without it); with a window, only the key tiles that some row of a block
 // can see are loaded (key_tiles in common.cuh).
 //
-// bf16/fp16: one CTA per (tile of BM packed rows, kv head, batch); 4 warps (BM = 64) or 1 warp
-// (BM = 16, for decode-sized problems), each warp owning 16 rows. S = Q K^T and O += P V run on
-// tensor cores (mma.sync m16n8k16, fp32 accumulators); the softmax stays in registers; K/V tiles
-// of BN = 64 rows stream through shared memory with cp.async double buffering.
+// bf16/fp16: one CTA per (tile of BM packed rows, kv head, batch). As in FlashAttention-2
+// (kernel_traits.h), 4 warps along BM = 128 rows, each warp owning 32 rows (MT = 2 m16 tiles), so
+// every K and V fragment loaded by ldmatrix feeds 4 MMAs (D <= 96); for D = 128, whose 32-row
+// warps would spill, 4 warps of 16 rows (BM = 64, MT = 1); 1 warp of 16 rows (BM = 16, MT = 1)
+// for decode-sized problems. S = Q K^T and O += P V run on tensor cores (mma.sync m16n8k16, fp32
+// accumulators); the softmax stays in registers; K/V tiles of BN = 64 rows stream through shared
+// memory with cp.async double buffering (32-key tiles for D = 96 with 32-row warps). Q fragments
+// stay in registers, except with 32-row warps and D = 96, where they are re-read from shared
+// memory per key tile (FA2's Is_Q_in_regs = false) to stay within the register file.
 // Rows are packed per GQA group: row r of kv head h_kv is query head h_kv * G + r / Tq, position
 // r % Tq, so a decode step (Tq = 1) puts all G query heads of a group into one small tile.
 //
@@ -34,25 +39,27 @@ namespace {
 // ----------------------------------------------------------------------------------------------
 // bf16 / fp16 tensor-core forward.
 
-template <typename T, int D, int BM, int BN>
+template <typename T, int D, int BM, int BN, int MT>
 struct FwdTraits {
-  static constexpr int kWarps = BM / 16;
+  static constexpr int kWarps = BM / (16 * MT);
   static constexpr int kThreads = kWarps * 32;
   // Shared rows padded by 16 bytes: the 8 row addresses of one ldmatrix land on distinct banks.
   static constexpr int kStride = D + 8;
   static constexpr size_t kSmemBytes = static_cast<size_t>(BM + 4 * BN) * kStride * sizeof(T);
-  static_assert(D % 16 == 0 && BN % 16 == 0 && BM % 16 == 0, "tile sizes");
+  static_assert(D % 16 == 0 && BN % 16 == 0 && BM % (16 * MT) == 0, "tile sizes");
+  static constexpr bool kQInRegs = MT == 1 || D <= 64;
 };
 
 // ALIBI and WINDOW are template flags (FlashAttention-2's Has_alibi / Is_local): a kernel without
 // them carries no code for them. Each key tile runs one of two copies of the loop body: with the
 // mask (tiles on the causal diagonal, at the window's edge or past Tk) or without it, so the
 // mask-free loop has no masking instruction. Indices are 32-bit, bounds computed once per CTA.
-template <typename T, int D, int BM, int BN, bool CAUSAL, bool ALIBI, bool WINDOW>
-__global__ void __launch_bounds__(BM / 16 * 32)
+template <typename T, int D, int BM, int BN, int MT, bool CAUSAL, bool ALIBI, bool WINDOW>
+__global__ void __launch_bounds__(BM / (16 * MT) * 32)
     attention_fwd_kernel(const AttentionParams p) {
   static_assert(CAUSAL || !WINDOW, "the window needs the causal mask");
-  using Tr = FwdTraits<T, D, BM, BN>;
+  using Tr = FwdTraits<T, D, BM, BN, MT>;
+  constexpr int kRows = 2 * MT;  // C-fragment rows per thread: (m tile mt, half h) -> 2 mt + h
   constexpr int kS = Tr::kStride;
   constexpr int kThreads = Tr::kThreads;
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
@@ -131,32 +138,45 @@ __global__ void __launch_bounds__(BM / 16 * 32)
 
   cp_async_wait<1>();  // the Q group has landed
   __syncthreads();
-  uint32_t qf[D / 16][4];  // this warp's 16 Q rows as A fragments, kept for the whole kernel
+  const int warp_row = warp * 16 * MT;  // this warp's first row in the tile
+  // This warp's Q rows as A fragments, kept for the whole kernel where D <= 64.
+  uint32_t qf[Tr::kQInRegs ? MT : 1][Tr::kQInRegs ? D / 16 : 1][4];
+  if constexpr (Tr::kQInRegs) {
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(qf[kk], sQ + lds_row_a(warp * 16, kk * 16, kS, lane));
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        ldsm_x4(qf[mt][kk], sQ + lds_row_a(warp_row + 16 * mt, kk * 16, kS, lane));
+  }
 
-  // The two rows this thread holds in C fragments: h = 0 -> row g, h = 1 -> row g + 8.
-  int last_key[2], first_vis[2];
-  float slope[2];  // ALiBi slope * log2(e) of the row's head
+  // The rows this thread holds in C fragments: x = 2 mt + h -> row 16 mt + g + 8 h of the warp.
+  int last_key[kRows], first_vis[kRows];
+  float slope[kRows];  // ALiBi slope * log2(e) of the row's head
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r0h = r0 + warp * 16 + g + 8 * h;
+  for (int x = 0; x < kRows; ++x) {
+    const int r0h = r0 + warp_row + 16 * (x >> 1) + g + 8 * (x & 1);
     // Rows past the end are computed on zeros and never stored; any finite limit will do.
     const int r = r0h < rows ? r0h : rows - 1;
     const int hg = r / Tq;
     const int i = r - hg * Tq;
-    last_key[h] = i + offset;
-    first_vis[h] = WINDOW ? first_key32(i, offset, window) : 0;
-    slope[h] = ALIBI ? p.alibi_slopes[hkv * group + hg] * kLog2e : 0.f;
+    last_key[x] = i + offset;
+    first_vis[x] = WINDOW ? first_key32(i, offset, window) : 0;
+    slope[x] = ALIBI ? p.alibi_slopes[hkv * group + hg] * kLog2e : 0.f;
   }
 
-  float o[D / 8][4];
+  float o[MT][D / 8][4];
 #pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt)
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) o[dt][e] = 0.f;
-  float m_run[2] = {-INFINITY, -INFINITY};  // running max of S * scale * log2(e)
-  float l_run[2] = {0.f, 0.f};              // this thread's part of the running row sum
+    for (int dt = 0; dt < D / 8; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[mt][dt][e] = 0.f;
+  float m_run[kRows], l_run[kRows];  // running max of S * scale * log2(e); this thread's part of
+#pragma unroll                       // the running row sum
+  for (int x = 0; x < kRows; ++x) {
+    m_run[x] = -INFINITY;
+    l_run[x] = 0.f;
+  }
   const float scale_log2 = p.scale * kLog2e;
   // Without ALiBi the scores stay unscaled until exp2: the scale folds into one FFMA there.
   const float s_mul = ALIBI ? 1.f : scale_log2;
@@ -171,77 +191,108 @@ __global__ void __launch_bounds__(BM / 16 * 32)
     const T* cK = sK + stage * BN * kS;
     const T* cV = sV + stage * BN * kS;
 
-    // S = Q K^T: B[k = d][n = key] = K[key][d], so K rows load as B fragments directly.
-    float s[BN / 8][4];
+    // S = Q K^T: B[k = d][n = key] = K[key][d], so K rows load as B fragments directly; each
+    // K fragment feeds the MT m tiles.
+    float s[MT][BN / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+      for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t qs[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        if constexpr (Tr::kQInRegs) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) qs[mt][e] = qf[mt][kk][e];
+        } else {
+          ldsm_x4(qs[mt], sQ + lds_row_a(warp_row + 16 * mt, kk * 16, kS, lane));
+        }
+      }
 #pragma unroll
       for (int np = 0; np < BN / 16; ++np) {
         uint32_t kb[4];
         ldsm_x4(kb, cK + lds_row_b(np * 16, kk * 16, kS, lane));
-        mma_16816<T>(s[2 * np], qf[kk], kb[0], kb[1]);
-        mma_16816<T>(s[2 * np + 1], qf[kk], kb[2], kb[3]);
-      }
-    }
-
-    // Online softmax (Alg. 1 line 10), base 2.
-    const int n0 = tiles.at(step) * BN;
-    float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[nt][e];
-        const int jl = nt * 8 + 2 * tq + (e & 1);  // key within the tile
-        if constexpr (ALIBI)  // j - i' = n0 + jl - last_key, small integers: exact in float
-          x = fmaf(slope[e >> 1], static_cast<float>(n0 + jl - last_key[e >> 1]), x * scale_log2);
-        if constexpr (MASK) {
-          const int j = n0 + jl;
-          if (j >= Tk || (CAUSAL && j > last_key[e >> 1]) || (WINDOW && j < first_vis[e >> 1]))
-            x = -INFINITY;
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16816<T>(s[mt][2 * np], qs[mt], kb[0], kb[1]);
+          mma_16816<T>(s[mt][2 * np + 1], qs[mt], kb[2], kb[3]);
         }
-        s[nt][e] = x;
-        mx[e >> 1] = fmaxf(mx[e >> 1], x);
       }
     }
-    float base[2], corr[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const float m_new = fmaxf(m_run[h], quad_max(mx[h]) * s_mul);
-      // A row with no visible key so far keeps m = -inf; subtracting 0 instead avoids inf - inf.
-      base[h] = m_new == -INFINITY ? 0.f : m_new;
-      corr[h] = exp2f(m_run[h] - base[h]);
-      m_run[h] = m_new;
-      l_run[h] *= corr[h];
-    }
-#pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[nt][e] = exp2f(fmaf(s[nt][e], s_mul, -base[e >> 1]));
-        l_run[e >> 1] += s[nt][e];
-      }
-    }
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) o[dt][e] *= corr[e >> 1];
 
-    // O += P V: P from registers as A; B[k = key][n = d] = V[key][d] needs ldmatrix.trans.
+    // Online softmax (Alg. 1 line 10), base 2. Row x = 2 mt + (e >> 1).
+    const int n0 = tiles.at(step) * BN;
+    float mx[kRows];
+#pragma unroll
+    for (int x = 0; x < kRows; ++x) mx[x] = -INFINITY;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int x = 2 * mt + (e >> 1);
+          float v = s[mt][nt][e];
+          const int jl = nt * 8 + 2 * tq + (e & 1);  // key within the tile
+          if constexpr (ALIBI)  // j - i' = n0 + jl - last_key, small integers: exact in float
+            v = fmaf(slope[x], static_cast<float>(n0 + jl - last_key[x]), v * scale_log2);
+          if constexpr (MASK) {
+            const int j = n0 + jl;
+            if (j >= Tk || (CAUSAL && j > last_key[x]) || (WINDOW && j < first_vis[x]))
+              v = -INFINITY;
+          }
+          s[mt][nt][e] = v;
+          mx[x] = fmaxf(mx[x], v);
+        }
+      }
+    float base[kRows], corr[kRows];
+#pragma unroll
+    for (int x = 0; x < kRows; ++x) {
+      const float m_new = fmaxf(m_run[x], quad_max(mx[x]) * s_mul);
+      // A row with no visible key so far keeps m = -inf; subtracting 0 instead avoids inf - inf.
+      base[x] = m_new == -INFINITY ? 0.f : m_new;
+      corr[x] = exp2f(m_run[x] - base[x]);
+      m_run[x] = m_new;
+      l_run[x] *= corr[x];
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int x = 2 * mt + (e >> 1);
+          s[mt][nt][e] = exp2f(fmaf(s[mt][nt][e], s_mul, -base[x]));
+          l_run[x] += s[mt][nt][e];
+        }
+      }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[mt][dt][e] *= corr[2 * mt + (e >> 1)];
+
+    // O += P V: P from registers as A; B[k = key][n = d] = V[key][d] needs ldmatrix.trans; each
+    // V fragment feeds the MT m tiles.
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
-      uint32_t a[4];
-      c_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) c_to_a<T>(a[mt], s[mt][2 * kk], s[mt][2 * kk + 1]);
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         uint32_t vb[4];
         ldsm_x4_trans(vb, cV + lds_row_a(kk * 16, dp * 16, kS, lane));
-        mma_16816<T>(o[2 * dp], a, vb[0], vb[1]);
-        mma_16816<T>(o[2 * dp + 1], a, vb[2], vb[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16816<T>(o[mt][2 * dp], a[mt], vb[0], vb[1]);
+          mma_16816<T>(o[mt][2 * dp + 1], a[mt], vb[2], vb[3]);
+        }
       }
     }
     __syncthreads();  // all warps are done with this stage before it is refilled
@@ -261,9 +312,10 @@ __global__ void __launch_bounds__(BM / 16 * 32)
   // Epilogue (Alg. 1 lines 12-13): O / l and L = ln 2 * m + ln l.
   T* out_base = static_cast<T*>(p.out) + b * p.out_stride.b;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const float l = quad_sum(l_run[h]);
-    const int r = r0 + warp * 16 + g + 8 * h;
+  for (int x = 0; x < kRows; ++x) {
+    const int mt = x >> 1, h = x & 1;
+    const float l = quad_sum(l_run[x]);
+    const int r = r0 + warp_row + 16 * mt + g + 8 * h;
     if (r >= rows) continue;
     const int hg = r / Tq;
     const int i = r - hg * Tq;
@@ -272,9 +324,10 @@ __global__ void __launch_bounds__(BM / 16 * 32)
     T* dst = out_base + head * p.out_stride.h + static_cast<int64_t>(i) * p.out_stride.t;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt)
-      store_b32(dst + dt * 8 + 2 * tq, pack2<T>(o[dt][2 * h] * inv, o[dt][2 * h + 1] * inv));
+      store_b32(dst + dt * 8 + 2 * tq,
+                pack2<T>(o[mt][dt][2 * h] * inv, o[mt][dt][2 * h + 1] * inv));
     if (tq == 0)
-      p.lse[(b * p.Hq + head) * p.Tq + i] = l > 0.f ? m_run[h] * kLn2 + logf(l) : -INFINITY;
+      p.lse[(b * p.Hq + head) * p.Tq + i] = l > 0.f ? m_run[x] * kLn2 + logf(l) : -INFINITY;
   }
 }
 
@@ -283,20 +336,21 @@ __global__ void __launch_bounds__(BM / 16 * 32)
 // ----------------------------------------------------------------------------------------------
 // Launchers.
 
-template <typename T, int D, bool CAUSAL, int BM, int BN, bool ALIBI, bool WINDOW>
+template <typename T, int D, bool CAUSAL, int BM, int BN, int MT, bool ALIBI, bool WINDOW>
 int launch_fwd_half_kernel(const AttentionParams& p, cudaStream_t stream, int64_t tiles) {
-  using Tr = FwdTraits<T, D, BM, BN>;
-  auto kernel = attention_fwd_kernel<T, D, BM, BN, CAUSAL, ALIBI, WINDOW>;
+  using Tr = FwdTraits<T, D, BM, BN, MT>;
+  auto kernel = attention_fwd_kernel<T, D, BM, BN, MT, CAUSAL, ALIBI, WINDOW>;
   if (int err = prepare_smem(kernel, Tr::kSmemBytes)) return err;
   return launch(kernel, dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(p.Hkv),
                              static_cast<unsigned>(p.B)),
                 dim3(Tr::kThreads), Tr::kSmemBytes, stream, p);
 }
 
-template <typename T, int D, bool CAUSAL, int BM>
+template <typename T, int D, bool CAUSAL, int BM, int MT>
 int launch_fwd_half(const AttentionParams& p, cudaStream_t stream) {
-  constexpr int BN = 64;
-  using Tr = FwdTraits<T, D, BM, BN>;
+  // 32 rows per warp hold 2 x D/8 x 4 output and 2 x BN/8 x 4 score floats: for D >= 96 the
+  // scores of 64-key tiles spill past the 255-register limit (ptxas), 32-key tiles do not.
+  constexpr int BN = MT == 2 && D >= 96 ? 32 : 64;
   const int64_t tiles = ceil_div(p.Hq / p.Hkv * p.Tq, BM);
   if (tiles > 0x7fffffff || p.Hkv > 65535 || !fits_int32_indices(p)) return kErrGrid;
   return MINIGPT_BOOL_SWITCH(p.alibi_slopes != nullptr, kAlibi, [&] {
@@ -304,7 +358,8 @@ int launch_fwd_half(const AttentionParams& p, cudaStream_t stream) {
       if constexpr (kWindow && !CAUSAL) {
         return static_cast<int>(kErrShape);  // unreachable: the window needs causal
       } else {
-        return launch_fwd_half_kernel<T, D, CAUSAL, BM, BN, kAlibi, kWindow>(p, stream, tiles);
+        return launch_fwd_half_kernel<T, D, CAUSAL, BM, BN, MT, kAlibi, kWindow>(p, stream,
+                                                                                 tiles);
       }
     });
   });
@@ -320,9 +375,12 @@ int run_fwd_half(const AttentionParams& p, cudaStream_t stream) {
       !rows_aligned(p.v, p.v_stride, p.B, p.Hkv, p.Tk, eb, 16) ||
       !rows_aligned(p.out, p.out_stride, p.B, p.Hq, p.Tq, eb, 4))
     return kErrAlignment;
-  // Few packed rows (decode): a 1-warp, 16-row tile instead of wasting most of a 64-row one.
-  if (p.Hq / p.Hkv * p.Tq <= 16) return launch_fwd_half<T, D, CAUSAL, 16>(p, stream);
-  return launch_fwd_half<T, D, CAUSAL, 64>(p, stream);
+  // Few packed rows (decode): a 1-warp, 16-row tile instead of wasting most of a 128-row one.
+  if (p.Hq / p.Hkv * p.Tq <= 16) return launch_fwd_half<T, D, CAUSAL, 16, 1>(p, stream);
+  // D = 128 with 32 rows per warp spills past 255 registers even with 32-key tiles (ptxas):
+  // there 4 warps of 16 rows (BM = 64).
+  if constexpr (D <= 96) return launch_fwd_half<T, D, CAUSAL, 128, 2>(p, stream);
+  else return launch_fwd_half<T, D, CAUSAL, 64, 1>(p, stream);
 }
 
 template <int D, bool CAUSAL>
