@@ -36,6 +36,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -50,9 +51,21 @@ namespace {
 
 // Whether bf16 tile products run on vdpbf16ps (cpu/bf16_dot_tiles.h) in this process: the CPU
 // has AVX512-BF16 and the CPU kernels' vector path is avx512 (MINIGPT_CPU_ISA=avx2 or portable
-// keep ATen's brgemm, as does float16).
+// keep ATen's brgemm, as does float16), unless MINIGPT_CPU_BF16_PRODUCTS=brgemm asks for ATen's
+// (oneDNN's, which uses AMX where the CPU has it). Read once per process.
+bool select_dpbf16() {
+  const char* env = std::getenv("MINIGPT_CPU_BF16_PRODUCTS");
+  const bool best = cpu_has_dpbf16() && std::strcmp(attention_cpu_isa(), "avx512") == 0;
+  if (env == nullptr || *env == '\0') return best;
+  if (std::strcmp(env, "brgemm") == 0) return false;
+  TORCH_CHECK(std::strcmp(env, "avx512_bf16") == 0, "MINIGPT_CPU_BF16_PRODUCTS='", env,
+              "' is not one of avx512_bf16, brgemm (unset it for the best this CPU has)");
+  if (!best) TORCH_WARN("MINIGPT_CPU_BF16_PRODUCTS=avx512_bf16: not available here; using brgemm");
+  return best;
+}
+
 bool dpbf16_enabled() {
-  static const bool on = cpu_has_dpbf16() && std::strcmp(attention_cpu_isa(), "avx512") == 0;
+  static const bool on = select_dpbf16();  // a throw leaves it unset, to throw again next call
   return on;
 }
 

@@ -34,8 +34,8 @@ def _cpu_has(isa):
             "avx2": capability in ("AVX2", "AVX512"), "portable": True}[isa]
 
 
-def _run(args, isa, timeout=600):
-    env = {**os.environ, "MINIGPT_CPU_ISA": isa}
+def _run(args, isa, timeout=600, **extra_env):
+    env = {**os.environ, "MINIGPT_CPU_ISA": isa, **extra_env}
     return subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -85,3 +85,20 @@ def test_unknown_path_is_refused():
     r = _run(["-c", CALL], "avx3")
     assert r.returncode != 0
     assert "MINIGPT_CPU_ISA='avx3' is not one of avx512, avx2, portable" in r.stderr
+
+
+@needs_ext
+def test_bf16_products_can_be_forced_to_brgemm():
+    """MINIGPT_CPU_BF16_PRODUCTS=brgemm: the bf16 checks pass on ATen's brgemm on the best path."""
+    r = _run([str(TESTS / "cpu_isa_check.py")], "", MINIGPT_CPU_BF16_PRODUCTS="brgemm")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.split()
+    assert lines[1] == "brgemm" and lines[-1] == "ok", r.stdout[:200]
+
+
+@needs_ext
+def test_unknown_bf16_products_are_refused():
+    call = CALL.replace("torch.randn(1, 1, 4, 8)", "torch.randn(1, 1, 4, 8, dtype=torch.bfloat16)")
+    r = _run(["-c", call], "", MINIGPT_CPU_BF16_PRODUCTS="amx")
+    assert r.returncode != 0
+    assert "MINIGPT_CPU_BF16_PRODUCTS='amx' is not one of avx512_bf16, brgemm" in r.stderr
