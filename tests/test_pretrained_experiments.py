@@ -120,6 +120,9 @@ def test_position_losses_equal_one_forward_and_extrapolate_past_the_context():
         ref = F.cross_entropy(logits[0], x[1:], reduction="none")
         assert torch.allclose(losses[s], ref.detach(), atol=1e-5, rtol=0)
     assert model.config.block_size == 32  # the model itself is unchanged
+    overlapping = length.position_losses(model, tokens, 48, 3, chunk=16, stride=24,
+                                         log=lambda s: None)
+    assert torch.allclose(overlapping[[0, 2]], losses, atol=1e-9)  # starts 0, 24, 48
     with pytest.raises(ValueError, match="need 97 tokens, got 96"):
         length.position_losses(model, tokens[:96], 48, 2)
     with pytest.raises(ValueError, match="chunk must be >= 1"):
@@ -145,6 +148,16 @@ def test_buckets_cover_every_position_once():
     assert summary["500-1000"] == pytest.approx(losses[:, 500:].mean().item())
     assert summary["last 125"] == pytest.approx(losses[:, -125:].mean().item())
     assert length.summarize(losses[:, :400], 500)["500-400"] is None
+
+
+def test_same_tokens_compares_each_token_inside_and_past_the_context():
+    # 2 sequences of 8, stride 4, context 4: text tokens 4..7 are read at positions 4..7 in
+    # sequence 0 (past) and 0..3 in sequence 1 (inside)
+    losses = torch.tensor([[0.0, 0, 0, 0, 5, 6, 7, 8], [1, 2, 3, 4, 0, 0, 0, 0]],
+                          dtype=torch.float64)
+    same = length.same_tokens(losses, stride=4, context=4)
+    assert same == {"tokens": 4, "inside": 2.5, "past": 6.5}
+    assert length.same_tokens(losses, stride=8, context=4) is None  # no overlap
 
 
 def _one_line(capsys, argv, says):

@@ -3,9 +3,10 @@ to its trained context and past it.
 
     python -m minigpt experiments length --init-from model.gguf --data alice29.txt --out runs/length
 
-The text is cut into --sequences consecutive sequences of --length tokens (default: twice the
-model's context, GPTConfig.block_size, which a GGUF file's context_length or a config's
-max_position_embeddings sets). Each runs through the model in chunks of --chunk tokens against
+The text gives --sequences sequences of --length tokens, --stride apart (default: consecutive;
+a shorter stride overlaps them, so the same text is read inside the context in one sequence and
+past it in another); --length defaults to twice the model's context (GPTConfig.block_size,
+which a GGUF file's context_length or a config's max_position_embeddings sets). Each runs through the model in chunks of --chunk tokens against
 a KV cache (the attention and the cost of one forward at that length, with one chunk's logits in
 memory), and every token's next-token loss is kept. The losses are averaged over the sequences
 in buckets of positions: doubling up to --bucket (1, 2, 4, ...), then --bucket wide. Positions
@@ -32,40 +33,44 @@ SEQUENCES, BUCKET, CHUNK = 2, 256, 1024
 
 @torch.no_grad()
 def position_losses(model, tokens, length: int, sequences: int, chunk: int = CHUNK,
-                    log=print) -> torch.Tensor:
-    """Next-token loss (nats) at every position of sequences consecutive sequences of tokens.
+                    stride: Optional[int] = None, log=print) -> torch.Tensor:
+    """Next-token loss (nats) at every position of sequences sequences of tokens.
 
-    Sequence s is tokens[s * length : (s + 1) * length + 1]: its first length tokens predict
-    the next ones. It runs chunk tokens at a time against a KVCache (the same logits as one
+    Sequence s is tokens[s * stride : s * stride + length + 1] (stride default length:
+    consecutive sequences; a shorter stride overlaps them, so the same text is read at other
+    positions): its first length tokens predict the next ones. It runs chunk tokens at a time against a KVCache (the same logits as one
     forward of the whole sequence); past model.config.block_size, through
     model.with_block_size(length).
 
     Args:
-        model: a GPT. tokens: 1-d integers, at least sequences * length + 1.
-        length, sequences, chunk: positive ints.
+        model: a GPT. tokens: 1-d integers, at least (sequences - 1) * stride + length + 1.
+        length, sequences, chunk, stride: positive ints.
 
     Returns:
         (sequences, length) float64 tensor on the CPU; [s, i] is the loss of predicting token
         i + 1 of sequence s from tokens 0..i.
 
     Raises:
-        ValueError: a non-positive length, sequences or chunk, or too few tokens.
+        ValueError: a non-positive length, sequences, chunk or stride, or too few tokens.
     """
     from minigpt.model import KVCache
 
-    for name, value in (("length", length), ("sequences", sequences), ("chunk", chunk)):
+    stride = length if stride is None else stride
+    for name, value in (("length", length), ("sequences", sequences), ("chunk", chunk),
+                        ("stride", stride)):
         if value < 1:
             raise ValueError(f"position_losses: {name} must be >= 1, got {value}")
-    if len(tokens) < sequences * length + 1:
-        raise ValueError(f"position_losses: {sequences} sequences of {length} tokens need "
-                         f"{sequences * length + 1} tokens, got {len(tokens)}")
+    need = (sequences - 1) * stride + length + 1
+    if len(tokens) < need:
+        raise ValueError(f"position_losses: {sequences} sequences of {length} tokens "
+                         f"{stride} apart need {need} tokens, got {len(tokens)}")
     m = model if length <= model.config.block_size else model.with_block_size(length)
     m.eval()
     device = next(m.parameters()).device
     out = torch.empty(sequences, length, dtype=torch.float64)
     for s in range(sequences):
         t0 = time.perf_counter()
-        ids = torch.as_tensor(tokens[s * length:(s + 1) * length + 1], dtype=torch.int64)
+        ids = torch.as_tensor(tokens[s * stride:s * stride + length + 1], dtype=torch.int64)
         ids = ids.to(device)
         cache = KVCache(m.config, 1)
         for start in range(0, length, chunk):
@@ -125,15 +130,42 @@ def summarize(losses: torch.Tensor, context: int) -> dict:
             f"last {tail}": mean(length - tail, length) if length > context else None}
 
 
+def same_tokens(losses: torch.Tensor, stride: int, context: int) -> Optional[dict]:
+    """The tokens of the text that overlapping sequences (position_losses with stride <
+    length) predict both inside the context (position < context) and past it: {"tokens": how
+    many, "inside" and "past": their mean loss (nats/token) at those positions, each token's
+    occurrences averaged first}; None when no token is read both ways."""
+    sequences, length = losses.shape
+    text = (torch.arange(sequences)[:, None] * stride + torch.arange(length)).flatten()
+    inside = (torch.arange(length) < context).expand(sequences, length).flatten()
+    flat, n = losses.flatten(), int(text.max()) + 1
+    means = []
+    for mask in (inside, ~inside):
+        total = torch.zeros(n, dtype=torch.float64).index_add_(0, text[mask], flat[mask])
+        count = torch.zeros(n, dtype=torch.float64).index_add_(
+            0, text[mask], torch.ones(int(mask.sum()), dtype=torch.float64))
+        means.append((total, count))
+    both = (means[0][1] > 0) & (means[1][1] > 0)
+    if not both.any():
+        return None
+    inside_mean, past_mean = ((t[both] / c[both]).mean().item() for t, c in means)
+    return {"tokens": int(both.sum()), "inside": inside_mean, "past": past_mean}
+
+
 def markdown(results: dict) -> str:
     """results (run()'s) as Markdown: the summary, then one row per bucket."""
     ctx = results["context"]
     lines = [f"Loss against position: {results['source']} (context {ctx:,}) on "
              f"{results['sequences']} sequences of {results['length']:,} tokens of "
-             f"{results['data']} ({results['seconds_per_sequence']:.0f} s per sequence).", "",
+             f"{results['data']}, starting {results['stride']:,} tokens apart "
+             f"({results['seconds_per_sequence']:.0f} s per sequence).", "",
              "| positions | mean loss (nats/token) |", "| --- | --- |"]
     lines += [f"| {k} | {'-' if v is None else f'{v:.4f}'} |"
               for k, v in results["summary"].items()]
+    same = results["same_tokens"]
+    if same is not None:
+        lines += ["", f"The same {same['tokens']:,} tokens of the text, read inside the context "
+                  f"and past it: {same['inside']:.4f} and {same['past']:.4f} nats/token."]
     lines += ["", "| positions | tokens | loss | std over sequences |", "| --- | --- | --- | --- |"]
     lines += [f"| {b['start']}-{b['end'] - 1} | {b['tokens']:,} | {b['loss']:.4f} | "
               f"{b['std']:.4f} |" for b in results["buckets"]]
@@ -171,10 +203,14 @@ def add_arguments(p: argparse.ArgumentParser, quick: bool = False) -> None:
     p.add_argument("--init-from", required=True, metavar="PATH",
                    help="a pretrained model: Hugging Face directory or GGUF file")
     p.add_argument("--data", required=True, metavar="FILE",
-                   help="long UTF-8 text (a book); its first sequences * length + 1 tokens")
+                   help="long UTF-8 text (a book): (sequences - 1) * stride + length + 1 "
+                        "tokens from its start")
     p.add_argument("--length", type=int, default=0,
                    help="tokens per sequence (0: twice the model's context)")
     p.add_argument("--sequences", type=int, default=SEQUENCES, help="sequences averaged")
+    p.add_argument("--stride", type=int, default=0,
+                   help="tokens between the sequences' starts (0: --length, consecutive; less "
+                        "overlaps them, so the same text is also read at other positions)")
     p.add_argument("--bucket", type=int, default=BUCKET, help="bucket width in positions")
     p.add_argument("--chunk", type=int, default=CHUNK,
                    help="tokens per forward against the KV cache (memory, not results)")
@@ -189,6 +225,7 @@ def run(p: argparse.ArgumentParser, args) -> int:
     from minigpt.hf.pretrained import PretrainedError
 
     for flag, value, low in (("--length", args.length, 0), ("--sequences", args.sequences, 1),
+                             ("--stride", args.stride, 0),
                              ("--bucket", args.bucket, 1), ("--chunk", args.chunk, 1)):
         if value < low:
             p.error(f"argument {flag}: must be >= {low}, got {value}")
@@ -202,12 +239,14 @@ def run(p: argparse.ArgumentParser, args) -> int:
     length = args.length or 2 * context
     if args.bucket > length:
         p.error(f"argument --bucket: at most --length {length}, got {args.bucket}")
-    tokens = text_tokens(args.data, tokenizer, args.sequences * length + 1)
+    stride = args.stride or length
+    tokens = text_tokens(args.data, tokenizer, (args.sequences - 1) * stride + length + 1)
     t0 = time.perf_counter()
-    losses = position_losses(model, tokens, length, args.sequences, args.chunk)
+    losses = position_losses(model, tokens, length, args.sequences, args.chunk, stride)
     results = dict(source=Path(args.init_from).name, data=Path(args.data).name,
-                   context=context, length=length, sequences=args.sequences,
+                   context=context, length=length, sequences=args.sequences, stride=stride,
                    seconds_per_sequence=(time.perf_counter() - t0) / args.sequences,
-                   summary=summarize(losses, context), buckets=bucketed(losses, args.bucket))
+                   summary=summarize(losses, context), buckets=bucketed(losses, args.bucket),
+                   same_tokens=same_tokens(losses, stride, context))
     write_results(args.out, results, markdown(results), plot, "length.png")
     return 0
