@@ -173,22 +173,26 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path, dpi: int = 110):
-    """The bucket means against position (bucket midpoints), linear and log2 axes, the
-    trained context marked."""
+    """The bucket means against position: linear axis (bucket midpoints), and log2 axis (at
+    midpoint + 1, so that position 0 has a place); the trained context marked."""
     from matplotlib.figure import Figure
 
-    b = results["buckets"]
+    b, ctx = results["buckets"], results["context"]
     mid = [(r["start"] + r["end"] - 1) / 2 for r in b]
     loss = [r["loss"] for r in b]
     fig = Figure(figsize=(10.0, 3.8), layout="constrained")
     axes = fig.subplots(1, 2)
     for ax, log in zip(axes, (False, True)):
-        ax.plot(mid, loss, "o-" if log else "-", ms=3)
-        ax.axvline(results["context"], color="gray", ls="--", lw=1,
-                   label=f"trained context ({results['context']:,})")
+        x = [m + 1 for m in mid] if log else mid
+        ax.plot(x, loss, "o-" if log else "-", ms=3)
+        ax.axvline(ctx + 1 if log else ctx, color="gray", ls="--", lw=1,
+                   label=f"trained context ({ctx:,})")
         if log:
-            ax.set_xscale("symlog", base=2, linthresh=1)
-        ax.set_xlabel("token position")
+            ax.set_xscale("log", base=2)
+            ticks = [4 ** k for k in range(0, 16) if 4 ** k <= results["length"]]
+            ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
+            ax.minorticks_off()
+        ax.set_xlabel("token position + 1 (log axis)" if log else "token position")
         ax.set_ylabel("next-token loss (nats)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
