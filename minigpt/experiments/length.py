@@ -6,9 +6,10 @@ to its trained context and past it.
 The text gives --sequences sequences of --length tokens, --stride apart (default: consecutive;
 a shorter stride overlaps them, so the same text is read inside the context in one sequence and
 past it in another); --length defaults to twice the model's context (GPTConfig.block_size,
-which a GGUF file's context_length or a config's max_position_embeddings sets). Each runs through the model in chunks of --chunk tokens against
-a KV cache (the attention and the cost of one forward at that length, with one chunk's logits in
-memory), and every token's next-token loss is kept. The losses are averaged over the sequences
+which a GGUF file's context_length or a config's max_position_embeddings sets). Each runs
+through the model in chunks of --chunk tokens against a KV cache (the attention and the cost of
+one forward at that length, with one chunk's logits in memory), and every token's next-token
+loss is kept. The losses are averaged over the sequences
 in buckets of positions: doubling up to --bucket (1, 2, 4, ...), then --bucket wide. Positions
 past the context are RoPE extrapolation: rotary angles the model never saw in training
 (Press et al. 2022, "Train Short, Test Long", measured this for models trained from scratch).
@@ -38,9 +39,9 @@ def position_losses(model, tokens, length: int, sequences: int, chunk: int = CHU
 
     Sequence s is tokens[s * stride : s * stride + length + 1] (stride default length:
     consecutive sequences; a shorter stride overlaps them, so the same text is read at other
-    positions): its first length tokens predict the next ones. It runs chunk tokens at a time against a KVCache (the same logits as one
-    forward of the whole sequence); past model.config.block_size, through
-    model.with_block_size(length).
+    positions): its first length tokens predict the next ones. It runs chunk tokens at a time
+    against a KVCache (the same logits as one forward of the whole sequence); past
+    model.config.block_size, through model.with_block_size(length).
 
     Args:
         model: a GPT. tokens: 1-d integers, at least (sequences - 1) * stride + length + 1.
