@@ -8,6 +8,10 @@
                                                             # cost and loss
     python -m minigpt experiments coreference --init-from M  # coreference.py: does attention
                                                             # resolve "it"?
+    python -m minigpt experiments prune --init-from M --data F  # pruning.py: 10-50% of a
+                                                            # pretrained model's heads removed
+    python -m minigpt experiments length --init-from M --data F  # length.py: loss against
+                                                            # position, past the context
 
 Each module holds its experiment as functions returning plain rows, a Markdown table,
 ``add_arguments(parser)`` for its flags and ``run(parser, args)``; common.py what they share.
@@ -29,6 +33,8 @@ EXPERIMENTS: Dict[str, str] = {
     "positions": "minigpt.experiments.positions",
     "window": "minigpt.experiments.window",
     "coreference": "minigpt.experiments.coreference",
+    "prune": "minigpt.experiments.pruning",
+    "length": "minigpt.experiments.length",
 }
 
 

@@ -50,3 +50,38 @@ def write_results(out_dir, results, table: str, plot=None, png_name: str = "") -
         plot(results, paths[-1])
     print(table)
     print(", ".join(str(path) for path in paths))
+
+
+def load_pretrained(init_from: str):
+    """(model in eval mode on the CPU, float32; its tokenizer) of a pretrained model: a Hugging
+    Face directory or a GGUF file (minigpt.hf.pretrained.pretrained_state).
+
+    Raises:
+        minigpt.hf.pretrained.PretrainedError, OSError: what pretrained_state raises.
+    """
+    from minigpt.hf.pretrained import pretrained_state
+    from minigpt.model import GPT
+    from minigpt.tokenizer import from_state
+
+    state = pretrained_state(init_from)
+    return GPT.from_checkpoint(state).eval(), from_state(state["tokenizer"])
+
+
+def text_tokens(path, tokenizer, need: int, flag: str = "--data"):
+    """The UTF-8 text file at path, tokenized: a 1-d int64 numpy array of at least need tokens.
+
+    Raises:
+        PathError: the file is unreadable, not UTF-8, or shorter than need tokens (naming flag,
+            the path and the counts).
+    """
+    import numpy as np
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PathError(f"{flag} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    tokens = np.asarray(tokenizer.encode(text), dtype=np.int64)
+    if len(tokens) < need:
+        raise PathError(f"{flag} {path}: {len(tokens):,} tokens, this experiment needs "
+                        f"{need:,}")
+    return tokens
