@@ -327,30 +327,15 @@ void run_backward(const AttentionParams& p) {
                                                : (pair_last(w) - pair_first(w) + 1) * G * head_size);
   at::Tensor dq_parts = at::zeros({part_offset[workers]}, at::TensorOptions().dtype(at::kFloat));
 
-  // The dot-product path's B operands, packed once (cpu/bf16_dot_tiles.h): K^T and V^T of each
-  // (batch, kv head) by pack_t32 (D/2 x Tk words), and K (per kv head), Q and dO (per query
-  // head) in pairs of rows (ceil(T/2) x D words).
+  // The dot-product path's B operands from Q and dO, which every key tile reads: packed once
+  // per query head in pairs of rows (cpu/bf16_dot_tiles.h; ceil(Tq/2) x D words). Those from K
+  // and V are packed per key tile, by the one unit that reads them.
   const bool dp = use_dpbf16<T>(p, true);
-  const int64_t kt_words = dp ? D / 2 * p.Tk : 0, kp_words = dp ? ceil_div(p.Tk, 2) * D : 0;
   const int64_t qp_words = dp ? ceil_div(p.Tq, 2) * D : 0;
-  at::Tensor packs = at::empty({pairs * (2 * kt_words + kp_words) + 2 * p.B * p.Hq * qp_words},
-                               at::TensorOptions().dtype(at::kInt));
-  uint32_t* kt32 = words(packs.data_ptr<int32_t>());
-  uint32_t* vt32 = kt32 + pairs * kt_words;
-  uint32_t* kpair = vt32 + pairs * kt_words;
-  uint32_t* qpair = kpair + pairs * kp_words;
+  at::Tensor packs = at::empty({2 * p.B * p.Hq * qp_words}, at::TensorOptions().dtype(at::kInt));
+  uint32_t* qpair = words(packs.data_ptr<int32_t>());
   uint32_t* dopair = qpair + p.B * p.Hq * qp_words;
   if (dp) {
-    at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t pair = begin; pair < end; ++pair) {
-        const int64_t b = pair / p.Hkv, h = pair % p.Hkv;
-        const uint16_t* kh = u16(k + b * p.k_stride.b + h * p.k_stride.h);
-        const uint16_t* vh = u16(v + b * p.v_stride.b + h * p.v_stride.h);
-        dpbf16::pack_t32(p.Tk, D, kh, p.k_stride.t, kt32 + pair * kt_words, p.Tk);
-        dpbf16::pack_t32(p.Tk, D, vh, p.v_stride.t, vt32 + pair * kt_words, p.Tk);
-        dpbf16::pack_pairs(p.Tk, D, kh, p.k_stride.t, kpair + pair * kp_words);
-      }
-    });
     at::parallel_for(0, p.B * p.Hq, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / p.Hq, h = bh % p.Hq;
@@ -363,8 +348,9 @@ void run_backward(const AttentionParams& p) {
   }
 
   // Per-worker scratch. T: K_j^T and V_j^T (D x BK), P and dS (BQ x BK) and their transposes
-  // (BK x BQ). float: S then P, dP (BQ x BK), and the dK and dV accumulators (BK x D).
-  const int64_t t_elems = 2 * D * BK + 4 * BQ * BK;
+  // (BK x BQ), and (dot-product path) K_j in pairs of rows (BK x D). float: S then P, dP
+  // (BQ x BK), and the dK and dV accumulators (BK x D).
+  const int64_t t_elems = 3 * D * BK + 4 * BQ * BK;
   const int64_t f_elems = 2 * BQ * BK + 2 * BK * D;
   at::Tensor t_scratch =
       at::empty({workers * t_elems}, at::TensorOptions().dtype(scalar_type_of<T>()));
@@ -380,6 +366,7 @@ void run_backward(const AttentionParams& p) {
       T* dsb = pb + BQ * BK;                          // (nq, BK) dS as T
       T* pbt = dsb + BQ * BK;                         // (nk, BQ) P^T
       T* dsbt = pbt + BQ * BK;                        // (nk, BQ) dS^T
+      uint32_t* kpair = words(dsbt + BQ * BK);        // (ceil(nk / 2), D) K_j in pairs of rows
       float* s = f_scratch.data_ptr<float>() + w * f_elems;  // (nq, BK) S, then P
       float* dpt = s + BQ * BK;                              // (nq, BK) dP
       float* dk_acc = dpt + BQ * BK;
@@ -390,8 +377,13 @@ void run_backward(const AttentionParams& p) {
         const int64_t j0 = (u % key_tiles) * BK, nk = std::min(BK, p.Tk - j0);
         const T* kj = k + b * p.k_stride.b + kvh * p.k_stride.h + j0 * p.k_stride.t;
         const T* vj = v + b * p.v_stride.b + kvh * p.v_stride.h + j0 * p.v_stride.t;
-        // B operands of this key tile: K_j^T and V_j^T (D x nk); K_j is read in place.
-        if (!dp) {
+        // B operands of this key tile: K_j^T and V_j^T (D x nk); K_j is read in place, or
+        // packed in pairs of rows on the dot-product path.
+        if (dp) {
+          dpbf16::pack_t32(nk, D, u16(kj), p.k_stride.t, words(kt), BK);
+          dpbf16::pack_t32(nk, D, u16(vj), p.v_stride.t, words(vt), BK);
+          dpbf16::pack_pairs(nk, D, u16(kj), p.k_stride.t, kpair);
+        } else {
           transpose(nk, D, kj, p.k_stride.t, kt, nk);
           transpose(nk, D, vj, p.v_stride.t, vt, nk);
         }
@@ -410,9 +402,9 @@ void run_backward(const AttentionParams& p) {
             // S = Q_i K_j^T and dP = dO_i V_j^T.
             if (dp) {
               dpbf16::gemm(nq, nk, D / 2, words(qi), p.q_stride.t / 2,
-                           kt32 + pair * kt_words + j0, p.Tk, s, BK, false);
+                           words(kt), BK, s, BK, false);
               dpbf16::gemm(nq, nk, D / 2, words(doi), p.dout_stride.t / 2,
-                           vt32 + pair * kt_words + j0, p.Tk, dpt, BK, false);
+                           words(vt), BK, dpt, BK, false);
             } else {
               tile_gemm<T>(nq, nk, D, qi, p.q_stride.t, kt, nk, s, BK, false);
               tile_gemm<T>(nq, nk, D, doi, p.dout_stride.t, vt, nk, dpt, BK, false);
@@ -439,7 +431,7 @@ void run_backward(const AttentionParams& p) {
               dpbf16::gemm(nk, D, (nq + 1) / 2, words(pbt), BQ / 2, dop, D, dv_acc, D, true);
               dpbf16::gemm(nk, D, (nq + 1) / 2, words(dsbt), BQ / 2, qp, D, dk_acc, D, true);
               dpbf16::gemm(nq, D, (nk + 1) / 2, words(dsb), BK / 2,
-                           kpair + pair * kp_words + (j0 / 2) * D, D, dq_head + r0 * D, D, true);
+                           kpair, D, dq_head + r0 * D, D, true);
             } else {
               transpose(nq, nk, pb, BK, pbt, BQ);
               transpose(nq, nk, dsb, BK, dsbt, BQ);
