@@ -319,11 +319,12 @@ def cpu_autocast_dtype(dtype: torch.dtype, backend: Optional[str] = None) -> tor
     for the backend asked for (None: the default): float32, unless
     $MINIGPT_CPU_AUTOCAST_ATTENTION=bfloat16 keeps bfloat16 on a CPU with bf16 dot-product
     instructions (runtime.bf16_supported: AVX512_BF16 or AMX) where that backend is "ext".
-    float32 is the default because it was measured faster: on an AMD EPYC (Zen 4, AVX512_BF16,
-    2 threads) "ext" takes 2.6 ms in float32 against 4.7 ms in bfloat16 for the default model's
-    forward+backward (B 32, 4 heads, T 64, D 32), and 29.6 against 42.7 ms at B 16, 6 heads,
-    T 256, D 64. float16 is always computed in float32. The model calls this too, to cast its
-    projections once."""
+    float32 is the default because bfloat16 was not measured faster end to end: on an AMD EPYC
+    (Zen 4, AVX512_BF16, 2 threads) "ext" takes 4.3 ms in either dtype at B 32, 4 heads, T 64,
+    D 32 (forward+backward) and 26.3 (bfloat16) against 31.3 ms at B 16, 6 heads, T 256, D 64,
+    while the fused QK-norm + RoPE op before it is float32-only; a default training run is as
+    fast either way (docs/kernels.md). float16 is always computed in float32. The model calls
+    this too, to cast its projections once."""
     wanted = os.environ.get(_ENV_AUTOCAST, "").strip().lower()
     if wanted not in ("", "float32", "bfloat16"):
         raise ValueError(f"${_ENV_AUTOCAST} must be float32 or bfloat16, got {wanted!r}")
