@@ -52,6 +52,23 @@ def write_results(out_dir, results, table: str, plot=None, png_name: str = "") -
     print(", ".join(str(path) for path in paths))
 
 
+def even_batches(x, y, rows: int) -> list:
+    """(x, y) cut into batches of an equal number of rows, the most that divides x's rows and
+    is at most rows (so mean_loss's mean of batch means is the mean over tokens)."""
+    n = x.shape[0]
+    size = max(d for d in range(1, min(rows, n) + 1) if n % d == 0)
+    return list(zip(x.split(size), y.split(size)))
+
+
+def pretrained_arguments(p: argparse.ArgumentParser, data_help: Optional[str] = None) -> None:
+    """--init-from (required), and --data (required) where data_help says what text it takes:
+    the flags of the experiments on a pretrained model."""
+    p.add_argument("--init-from", required=True, metavar="PATH",
+                   help="a pretrained model: Hugging Face directory or GGUF file")
+    if data_help is not None:
+        p.add_argument("--data", required=True, metavar="FILE", help=data_help)
+
+
 def load_pretrained(init_from: str):
     """(model in eval mode on the CPU, float32; its tokenizer) of a pretrained model: a Hugging
     Face directory or a GGUF file (minigpt.hf.pretrained.pretrained_state).

@@ -30,7 +30,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from minigpt.experiments.common import write_results
+from minigpt.experiments.common import pretrained_arguments, write_results
 
 # (sentence with {} for the deciding word, candidate A, candidate B, word -> A, word -> B)
 PAIRS: List[Tuple[str, str, str, str, str]] = [
@@ -193,8 +193,7 @@ HELP = 'does a pretrained model\'s attention resolve "it"?'
 
 def add_arguments(p: argparse.ArgumentParser, quick: bool = False) -> None:
     """The flags of ``experiments coreference`` (it has no --quick; quick is ignored)."""
-    p.add_argument("--init-from", required=True, metavar="PATH",
-                   help="a pretrained model: Hugging Face directory or GGUF file")
+    pretrained_arguments(p)
     p.add_argument("--out", default="runs/coreference",
                    help="results.md, results.json and coreference.png go here")
 

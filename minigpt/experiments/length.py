@@ -26,7 +26,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from minigpt.experiments.common import check_paths, load_pretrained, text_tokens, write_results
+from minigpt.experiments.common import (check_paths, load_pretrained, pretrained_arguments,
+                                        text_tokens, write_results)
 
 HELP = "a pretrained model's loss against position, to its context and past it"
 SEQUENCES, BUCKET, CHUNK = 2, 256, 1024
@@ -205,11 +206,8 @@ def plot(results: dict, path, dpi: int = 110):
 
 def add_arguments(p: argparse.ArgumentParser, quick: bool = False) -> None:
     """The flags of ``experiments length`` (it has no --quick; quick is ignored)."""
-    p.add_argument("--init-from", required=True, metavar="PATH",
-                   help="a pretrained model: Hugging Face directory or GGUF file")
-    p.add_argument("--data", required=True, metavar="FILE",
-                   help="long UTF-8 text (a book): (sequences - 1) * stride + length + 1 "
-                        "tokens from its start")
+    pretrained_arguments(p, "long UTF-8 text (a book): (sequences - 1) * stride + length + 1 "
+                            "tokens from its start")
     p.add_argument("--length", type=int, default=0,
                    help="tokens per sequence (0: twice the model's context)")
     p.add_argument("--sequences", type=int, default=SEQUENCES, help="sequences averaged")

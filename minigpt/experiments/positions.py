@@ -20,7 +20,7 @@ from typing import Dict, Optional, Sequence, get_args
 
 from minigpt.config import GPTConfig, PosEmbedding
 from minigpt.train.config import TrainConfig, apply_overrides, default_settings
-from minigpt.experiments.common import check_paths, train_run, write_results
+from minigpt.experiments.common import check_paths, even_batches, train_run, write_results
 
 HELP = "each position encoding trained at a short context, evaluated at 1x-8x that context"
 
@@ -36,14 +36,6 @@ assert tuple(ENCODINGS) == get_args(PosEmbedding)
 FACTORS = (1, 2, 4, 8)  # evaluation lengths, as multiples of the training context
 MAX_ITERS, EVAL_TOKENS = 600, 32768  # steps per encoding, evaluation tokens
 QUICK = dict(max_iters=150, eval_tokens=8192)  # --quick: a few minutes on 2 CPU cores
-
-
-def _even_batches(x, y, rows: int) -> list:
-    """(x, y) cut into batches of an equal number of rows, the most that divides x's rows and
-    is at most rows (mean_loss averages batch means)."""
-    n = x.shape[0]
-    size = max(d for d in range(1, min(rows, n) + 1) if n % d == 0)
-    return list(zip(x.split(size), y.split(size)))
 
 
 def eval_at_lengths(model, tokens, lengths: Sequence[int], n_tokens: int, device="cpu",
@@ -78,7 +70,7 @@ def eval_at_lengths(model, tokens, lengths: Sequence[int], n_tokens: int, device
         m = model if L <= model.config.block_size else model.with_block_size(L)
         x = span[:-1].view(-1, L)  # (n_tokens / L, L)
         y = span[1:].view(-1, L)
-        losses[L] = mean_loss(m, _even_batches(x, y, max(1, batch_tokens // L))).item()
+        losses[L] = mean_loss(m, even_batches(x, y, max(1, batch_tokens // L))).item()
     return losses
 
 

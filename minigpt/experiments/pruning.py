@@ -28,7 +28,8 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from minigpt.experiments.common import check_paths, load_pretrained, text_tokens, write_results
+from minigpt.experiments.common import (check_paths, even_batches, load_pretrained,
+                                        pretrained_arguments, text_tokens, write_results)
 
 HELP = "prune 10-50 percent of a pretrained model's heads, in order of importance"
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5)
@@ -45,9 +46,7 @@ def windows(tokens, context: int, rows: int = 4) -> list:
     if n < 1 or (len(span) - 1) % context:
         raise ValueError(f"windows: len(tokens) - 1 = {len(span) - 1} is not a positive "
                          f"multiple of context {context}")
-    x, y = span[:-1].view(n, context), span[1:].view(n, context)  # (n, context) each
-    size = max(d for d in range(1, min(rows, n) + 1) if n % d == 0)
-    return list(zip(x.split(size), y.split(size)))
+    return even_batches(span[:-1].view(n, context), span[1:].view(n, context), rows)
 
 
 class _Replay(nn.Module):
@@ -276,10 +275,8 @@ def plot(results: dict, path, dpi: int = 110):
 
 def add_arguments(p: argparse.ArgumentParser, quick: bool = False) -> None:
     """The flags of ``experiments prune`` (it has no --quick; quick is ignored)."""
-    p.add_argument("--init-from", required=True, metavar="PATH",
-                   help="a pretrained model: Hugging Face directory or GGUF file")
-    p.add_argument("--data", required=True, metavar="FILE",
-                   help="UTF-8 English text: held-out split first, calibration split at its end")
+    pretrained_arguments(p, "UTF-8 English text: held-out split first, calibration split at its "
+                            "end")
     p.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS),
                    help="shares of the query heads to remove, each in (0, 1)")
     p.add_argument("--context", type=int, default=CONTEXT, help="tokens per window")
