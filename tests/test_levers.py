@@ -1,6 +1,7 @@
 """The training levers from the modded-nanogpt speedrun: value embeddings, U-net skips, logit
 soft-capping (GPTConfig), and the batch-size / sequence-length ramps (TrainConfig)."""
 
+import json
 import math
 
 import numpy as np
@@ -235,6 +236,17 @@ def test_ema_run_saves_and_evaluates_the_average(tmp_path, decay):
                       out_dir=str(tmp_path / "run"))
     result = train(cfg, log=lambda m: None)
     state = torch.load(result.checkpoint, weights_only=False)
+    # The final whole-split loss is the saved model's, over every 16-token window of the
+    # validation split (1,999 tokens: 124 windows), each predicting from its own context.
+    tokens = torch.tensor([ord(c) - 97 for c in text.read_text()][int(0.9 * 20_000):])
+    n = (len(tokens) - 1) // 16
+    x, y = tokens[:n * 16].view(n, 16), tokens[1:n * 16 + 1].view(n, 16)
+    with torch.no_grad():
+        logits, _ = GPT.from_checkpoint(state).eval()(x, y)
+    whole = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+    assert result.val_loss_whole_split == pytest.approx(whole.item(), abs=1e-5)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["tokens"] for r in rows if r.get("event") == "whole_split"] == [n * 16]
     if decay == 0:
         assert state["train_weights"] is None
         return

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from minigpt.checkpoint import load_checkpoint
@@ -60,6 +61,9 @@ class TrainResult:
     interrupted: bool
     checkpoint: str                # the checkpoint this run wrote; "" when it wrote none
     history: list = field(default_factory=list)
+    # The evaluated model's loss over every window of the validation split (split_loss), taken
+    # once at the end of a completed run; None when the run was interrupted.
+    val_loss_whole_split: Optional[float] = None
 
 
 def train(cfg: TrainConfig, log=print, resume_state: Optional[dict] = None) -> TrainResult:
@@ -108,6 +112,8 @@ def train(cfg: TrainConfig, log=print, resume_state: Optional[dict] = None) -> T
                             save_interrupted(run, progress)
                         break
                     train_step(run, progress)
+            if lost is None and not progress.interrupted:
+                whole_split_evaluation(run, progress)
             # Every rank tears the process group down together: a rank that closed its gloo
             # connections while another was still saving made that one abort at exit.
             run.dist.barrier()
@@ -187,7 +193,7 @@ def setup(cfg: TrainConfig, resume_state: Optional[dict], log) -> Tuple[Run, Pro
               model=model, optimizer=optimizer, scaler=scaler, tokenizer=tokenizer,
               train_batches=train_batches, eval_batches=eval_batches, ckpt_path=ckpt_path,
               log=log, t_start=t_start, elapsed_before=(resume_state or {}).get("elapsed_s", 0.0),
-              ema_model=ema_model)
+              ema_model=ema_model, val_tokens=corpus.split("val"))
     if dist.master:
         open_records(run, progress, corpus, pretrained)
     model.train()
@@ -212,6 +218,56 @@ def mean_loss(model: GPT, batches, autocast=contextlib.nullcontext) -> torch.Ten
     finally:
         model.train(was_training)
     return total / len(batches)
+
+
+@torch.no_grad()
+def split_loss(model: GPT, tokens, block_size: int, batch_size: int, device,
+               autocast=contextlib.nullcontext, rank: int = 0, world_size: int = 1):
+    """Cross-entropy of model summed over every window of a split: the split cut into
+    consecutive, non-overlapping windows of block_size tokens from its first token (the last
+    partial window dropped), each window predicting its next tokens from its own context only,
+    as in training. tokens: the split's 1-d token array; batches of batch_size windows; this
+    process takes windows rank, rank + world_size, ... Unlike the sampled batches of the
+    evaluations during training, it has no sampling error: the validation loss of a 20,480-token
+    sample of tiny Shakespeare's validation split can differ from the whole split's by 0.03.
+
+    Returns:
+        (sum of the losses in nats, tokens counted): 0-dim float64 and int64 tensors on the
+        CPU, to be summed over processes; their ratio is the mean loss per token.
+    """
+    n = (len(tokens) - 1) // block_size
+    starts = list(range(rank * block_size, n * block_size, world_size * block_size))
+    total = torch.zeros((), dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(starts), batch_size):
+            window = np.stack([tokens[s:s + block_size + 1] for s in starts[i:i + batch_size]])
+            xy = torch.from_numpy(window.astype(np.int64)).to(device)
+            with autocast():
+                _, loss = model(xy[:, :-1], xy[:, 1:])
+            total += loss.double().cpu() * (xy.shape[0] * block_size)
+    finally:
+        model.train(was_training)
+    return total, torch.tensor(len(starts) * block_size, dtype=torch.int64)
+
+
+def whole_split_evaluation(run: Run, progress: Progress) -> None:
+    """The evaluated model's mean loss over the whole validation split (split_loss), logged,
+    recorded in metrics.jsonl (event "whole_split") and kept for the TrainResult."""
+    cfg = run.cfg
+    total, count = split_loss(run.eval_model, run.val_tokens, cfg.model.block_size,
+                              cfg.batch_size, run.device, run.precision.autocast,
+                              run.dist.rank, run.dist.world_size)
+    both = run.dist.sum(torch.stack([total, count.double()]).to(run.device))
+    loss, count = float(both[0] / both[1]), int(both[1])
+    progress.whole_split_val = loss
+    if run.dist.master:
+        windows = count // cfg.model.block_size
+        run.log(f"minigpt: val loss over the whole split ({count:,} tokens, {windows:,} windows "
+                f"of {cfg.model.block_size}): {loss:.4f}")
+        record(run, progress, event="whole_split", iter=progress.iter_num,
+               val_loss_whole_split=loss, tokens=count, time_s=elapsed(run))
 
 
 def evaluate(run: Run) -> Dict[str, float]:
@@ -344,7 +400,7 @@ def summarize(run: Run, progress: Progress) -> TrainResult:
         tokens_per_s=progress.train_tokens / progress.train_time if progress.train_time else 0.0,
         wall_time_s=wall, interrupted=progress.interrupted,
         checkpoint=str(run.ckpt_path) if progress.saved_iter is not None else "",
-        history=progress.history)
+        history=progress.history, val_loss_whole_split=progress.whole_split_val)
     if run.dist.master:
         where = (f"checkpoint {run.ckpt_path}" if progress.saved_iter is not None
                  else "no checkpoint written (no step taken)")

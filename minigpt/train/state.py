@@ -66,6 +66,7 @@ class Run:
     logger: Any = None             # minigpt.train.loggers.Logger mirroring metrics.jsonl, or None
     bar: Any = None                # the tqdm progress bar, or None
     ema_model: Optional[GPT] = None  # the weights' moving average (cfg.ema_decay), or None
+    val_tokens: Any = None         # the validation split's tokens (1-d array), for split_loss
 
     @property
     def eval_model(self) -> GPT:
@@ -86,6 +87,7 @@ class Progress:
     train_tokens: int = 0
     interrupted: bool = False
     saved_iter: Optional[int] = None  # the step of the last checkpoint this run wrote
+    whole_split_val: Optional[float] = None  # the final loss over the whole validation split
     history: List[dict] = field(default_factory=list)
 
 
