@@ -30,6 +30,8 @@
 // this file holds the delta and dQ-conversion kernels, the launchers and the entry point.
 #include "common.cuh"
 
+#include <cstdlib>
+
 namespace minigpt {
 namespace gpu {
 namespace {
@@ -165,12 +167,23 @@ inline int smem_optin(size_t* bytes) {
   return kSuccess;
 }
 
+// MINIGPT_CUDA_BWD_TILES=small: the dK/dV kernel's small tiles even where the large ones fit, so
+// that a GPU with room for both can test both. Read once.
+inline bool small_tiles_forced() {
+  static const bool forced = [] {
+    const char* e = std::getenv("MINIGPT_CUDA_BWD_TILES");
+    return e != nullptr && std::strcmp(e, "small") == 0;
+  }();
+  return forced;
+}
+
 // The dK/dV kernel with the large tiles where the device's shared memory holds them, else the
 // small ones (see BwdTraits).
 template <typename T, int D, bool CAUSAL, bool ALIBI, bool WINDOW>
 int launch_dkdv(const AttentionParams& p, cudaStream_t stream) {
   size_t optin = 0;
   if (int err = smem_optin(&optin)) return err;
+  if (small_tiles_forced()) optin = 0;
   const auto run = [&](auto large_tag) {
     constexpr bool kLarge = decltype(large_tag)::value;
     using Tr = BwdTraits<T, D, kLarge>;
