@@ -43,10 +43,11 @@ struct BwdTraits {
   static constexpr int kSRows = BM / WM, kSKeys = BN / (kWarps / WM);
   static constexpr int kKVKeys = BN / KV_WN, kKVCols = D / (kWarps / KV_WN);
   static constexpr int kQRows = BM / DQ_WM, kQCols = D / (kWarps / DQ_WM);
-  // S and dP of a warp's block are computed kSChunk keys at a time (scores_chunk): with the
-  // large tiles, dK, dV, S and dP of whole blocks would need more than 255 registers (ptxas
-  // spills from D = 64 on); a chunk costs one more ldmatrix of the Q and dO fragments.
-  static constexpr int kSChunk = D == 96 || (LARGE && D == 128) ? 16 : LARGE && D == 64 ? 32 : kSKeys;
+  // S and dP of a warp's block are computed kSChunk keys at a time (scores_chunk) where dK, dV,
+  // S and dP of whole blocks would need more than 255 registers (ptxas spills: large tiles at
+  // D = 64 and 128; small tiles at D = 96 reach 255); each chunk reloads the Q and dO fragments.
+  static constexpr int kSChunk =
+      (LARGE && D == 128) || (!LARGE && D == 96) ? 16 : LARGE && D == 64 ? 32 : kSKeys;
   static_assert(kSRows % 16 == 0 && kSKeys % 16 == 0 && kKVKeys % 16 == 0 &&
                     kKVCols % 16 == 0 && kQRows % 16 == 0 && kQCols % 16 == 0,
                 "warp blocks are whole 16 x 16 ldmatrix blocks");
