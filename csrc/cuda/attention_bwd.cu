@@ -16,17 +16,21 @@
 //
 // Kernels (bf16/fp16 on tensor cores, mma.sync m16n8k16 with fp32 accumulators):
 //   1. delta: one warp per row; it also zero-fills p.dq_accum (the host allocates it uninitialised).
-//   2. dK/dV: one CTA per (key tile of 64, kv head, batch), 4 warps of 16 keys; loops over the
-//      group's query heads and the query tiles that can see the key tile, keeping dK and dV in
-//      registers (the transposed scores S^T, P^T, dP^T, dS^T are computed directly so each warp's
-//      16 keys are the mma rows). Unless deterministic, dQ += dS K is added with float atomics into
-//      p.dq_accum (float2 atomics on sm_90); a last kernel scales dq_accum into p.dq's dtype.
+//   2. dK/dV, in FlashAttention-2's layout (bwd_dkdv.cuh): one CTA per (key tile, kv head,
+//      batch), 128 keys and 8 warps where the device's shared memory holds the tiles (64 keys and
+//      4 warps otherwise); loops over the group's query heads and the query tiles that can see the
+//      key tile, keeping dK and dV in registers. S and dP are computed once per step, P and dS go
+//      through shared memory to the dV, dK and dQ products. Unless deterministic, dQ += dS K is
+//      added with float atomics straight from the accumulators into p.dq_accum (float2 atomics
+//      on sm_90); a last kernel scales dq_accum into p.dq's dtype.
 //   3. deterministic: a separate dQ kernel, one CTA per (query tile of 64, query head, batch),
 //      loops over key tiles in order and writes p.dq directly; no atomics anywhere.
 // float32 runs the same three steps with CUDA-core kernels (no tensor cores).
 // The kernels are in bwd_dkdv.cuh, bwd_dq.cuh (bf16/fp16) and bwd_f32.cuh, included below;
 // this file holds the delta and dQ-conversion kernels, the launchers and the entry point.
 #include "common.cuh"
+
+#include <cstdlib>
 
 namespace minigpt {
 namespace gpu {
@@ -143,13 +147,51 @@ int launch_dq_convert(const AttentionParams& p, cudaStream_t stream) {
 
 template <typename Kernel>
 int launch_tiles(Kernel kernel, int64_t tiles, int64_t heads, size_t smem,
-                 const AttentionParams& p, cudaStream_t stream) {
+                 const AttentionParams& p, cudaStream_t stream, int threads = 128) {
   if (tiles == 0) return kSuccess;
   if (tiles > 0x7fffffff || heads > 65535) return kErrGrid;
   if (int err = prepare_smem(kernel, smem)) return err;
   return launch(kernel, dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(heads),
                              static_cast<unsigned>(p.B)),
-                dim3(128), smem, stream, p);
+                dim3(threads), smem, stream, p);
+}
+
+// Shared memory a block of the current device may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+inline int smem_optin(size_t* bytes) {
+  int dev = 0, optin = 0;
+  if (cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return cuda_code(e);
+  if (cudaError_t e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+      e != cudaSuccess)
+    return cuda_code(e);
+  *bytes = static_cast<size_t>(optin);
+  return kSuccess;
+}
+
+// MINIGPT_CUDA_BWD_TILES=small: the dK/dV kernel's small tiles even where the large ones fit, so
+// that a GPU with room for both can test both. Read once.
+inline bool small_tiles_forced() {
+  static const bool forced = [] {
+    const char* e = std::getenv("MINIGPT_CUDA_BWD_TILES");
+    return e != nullptr && std::strcmp(e, "small") == 0;
+  }();
+  return forced;
+}
+
+// The dK/dV kernel with the large tiles where the device's shared memory holds them, else the
+// small ones (see BwdTraits).
+template <typename T, int D, bool CAUSAL, bool ALIBI, bool WINDOW>
+int launch_dkdv(const AttentionParams& p, cudaStream_t stream) {
+  size_t optin = 0;
+  if (int err = smem_optin(&optin)) return err;
+  if (small_tiles_forced()) optin = 0;
+  const auto run = [&](auto large_tag) {
+    constexpr bool kLarge = decltype(large_tag)::value;
+    using Tr = BwdTraits<T, D, kLarge>;
+    return launch_tiles(attention_bwd_dkdv_kernel<T, D, kLarge, CAUSAL, ALIBI, WINDOW>,
+                        ceil_div(p.Tk, Tr::BN), p.Hkv, Tr::kSmemBytes, p, stream, Tr::kThreads);
+  };
+  if (optin >= BwdTraits<T, D, true>::kSmemBytes) return run(BoolTag<true>{});
+  return run(BoolTag<false>{});
 }
 
 template <typename T, int D, bool CAUSAL>
@@ -167,17 +209,13 @@ int run_bwd_half(const AttentionParams& p, cudaStream_t stream) {
     return kErrAlignment;
 
   if (int err = launch_delta<T>(p, stream)) return err;
-  // BM query rows per step: 64 for small heads, 32 for large ones (dK, dV stay in registers).
-  constexpr int BM = D <= 64 ? 64 : 32;
-  using Tr = BwdTraits<T, D, BM>;
   if (!fits_int32_indices(p)) return kErrGrid;
   const int err = MINIGPT_BOOL_SWITCH(p.alibi_slopes != nullptr, kAlibi, [&] {
     return MINIGPT_BOOL_SWITCH(CAUSAL && p.window > 0, kWindow, [&] {
       if constexpr (kWindow && !CAUSAL) {
         return static_cast<int>(kErrShape);  // unreachable: the window needs causal
       } else {
-        return launch_tiles(attention_bwd_dkdv_kernel<T, D, BM, CAUSAL, kAlibi, kWindow>,
-                            ceil_div(p.Tk, Tr::BN), p.Hkv, Tr::kSmemBytes, p, stream);
+        return launch_dkdv<T, D, CAUSAL, kAlibi, kWindow>(p, stream);
       }
     });
   });
