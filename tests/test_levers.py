@@ -222,6 +222,30 @@ def test_update_ema_is_the_moving_average():
     assert ema.transformer.wte.weight is ema.lm_head.weight  # the tie survives
 
 
+def test_final_evaluation_reads_at_most_the_cap(tmp_path, monkeypatch):
+    """On a validation split longer than WHOLE_SPLIT_MAX_TOKENS the final evaluation reads its
+    first windows only, and its row and log line say so."""
+    from minigpt.train import loop
+
+    monkeypatch.setattr(loop, "WHOLE_SPLIT_MAX_TOKENS", 500)
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(chr(97 + (i * 7 + i // 13) % 26) for i in range(20_000)))
+    cfg = TrainConfig(data=str(text), n_layer=1, n_head=2, n_embd=16, block_size=16,
+                      batch_size=8, max_iters=2, eval_interval=2, eval_iters=1, progress=False,
+                      dtype="float32", device="cpu", out_dir=str(tmp_path / "run"))
+    lines = []
+    result = loop.train(cfg, log=lines.append)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    final = [r for r in rows if r.get("event") == "whole_split"]
+    assert [(r["tokens"], r["whole"]) for r in final] == [(31 * 16, False)]
+    assert any("the split's first 500 tokens (496 tokens, 31 windows of 16)" in m for m in lines)
+    tokens = torch.tensor([ord(c) - 97 for c in text.read_text()][int(0.9 * 20_000):][:497])
+    x, y = tokens[:496].view(31, 16), tokens[1:497].view(31, 16)
+    with torch.no_grad():
+        _, loss = GPT.from_checkpoint(torch.load(result.checkpoint, weights_only=False)).eval()(x, y)
+    assert result.val_loss_whole_split == pytest.approx(loss.item(), abs=1e-5)
+
+
 @pytest.mark.parametrize("decay", [0.0, 0.8])
 def test_ema_run_saves_and_evaluates_the_average(tmp_path, decay):
     """With an EMA the checkpoint's "model" is the average (the weights evaluated) and
