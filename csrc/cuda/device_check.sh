@@ -11,7 +11,10 @@
 #   3. the CUDA tests (pytest -m cuda) with the default kernel set (v2)      tests-v2.log
 #      and, if those fail, with MINIGPT_CUDA_KERNELS=v1                       tests-v1.log
 #   4. compute-sanitizer memcheck and racecheck on one small case            sanitizer-*.log
-#      (bf16, GQA, causal, ALiBi and a window, Tq != Tk, forward + backward)
+#      (bf16, GQA, causal, ALiBi and a window, Tq 200 != Tk 300: masked and mask-free steps of
+#      the backward's 128-key tiles, forward + backward); then the same case with the dK/dV
+#      kernel's small tiles forced (MINIGPT_CUDA_BWD_TILES=small), its first-use self-check
+#      against float64 on, a failed check an error                           small-tiles.log
 #   5. the profile: bf16 and fp16, D = 64 and 128, T = 1024-8192, causal, ext (v2 and v1)
 #      against SDPA, side by side in one run; SDPA's kernel names via torch.profiler; ratios
 #      printed as a table                                                     profile.json,
@@ -84,8 +87,8 @@ if ((built == 0)); then
 import torch
 from minigpt import attention
 torch.manual_seed(0)
-q = torch.randn(1, 4, 70, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-k, v = (torch.randn(1, 2, 100, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+q = torch.randn(1, 4, 200, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+k, v = (torch.randn(1, 2, 300, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         for _ in range(2))
 slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], device="cuda")
 for kw in ({}, {"alibi_slopes": slopes, "window": 23}):
@@ -99,6 +102,9 @@ PYEOF
     step "compute-sanitizer $tool" 75 "$out/sanitizer-$tool.log" env MINIGPT_SELF_CHECK=0 \
       "$sanitizer" --tool "$tool" --error-exitcode 9 "$PY" "$out/sanitizer_case.py"
   done
+  # The small dK/dV tiles (GPUs with 99 KB of shared memory per block), forced on this one.
+  step "small dK/dV tiles" 60 "$out/small-tiles.log" env MINIGPT_CUDA_BWD_TILES=small \
+    "$PY" -W error::RuntimeWarning "$out/sanitizer_case.py"
 
   # 5. The profile, ext (v2 and v1) against SDPA, side by side.
   left=$((470 - (SECONDS - start_all)))
