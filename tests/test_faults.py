@@ -97,7 +97,9 @@ def test_resume_after_a_log_cut_mid_line_starts_a_new_line(text_file, tmp_path):
     torn = [line for line in lines if line.endswith('"train_lo')]
     assert len(torn) == 1  # alone on its line
     rows = [json.loads(line) for line in lines if line not in torn]
-    assert rows[-1]["event"] == "eval" and rows[-1]["iter"] == 4
+    # The resumed run's last evaluation, then its final one over the whole validation split.
+    assert [r["event"] for r in rows[-2:]] == ["eval", "whole_split"]
+    assert rows[-2]["iter"] == rows[-1]["iter"] == 4
 
 
 def test_zero_steps_report_no_checkpoint(text_file, tmp_path):
@@ -260,7 +262,9 @@ def test_wandb_logger_goes_offline_without_a_network(text_file, tmp_path, monkey
     assert calls["init"][0]["mode"] == "offline" and calls["finish"] == 1
     rows = _metrics(out)
     assert [step for step, _ in calls["log"]] == [r["iter"] for r in rows]
-    assert calls["log"][-1][1]["eval/val_loss"] == pytest.approx(rows[-1]["val_loss"])
+    assert calls["log"][-2][1]["eval/val_loss"] == pytest.approx(rows[-2]["val_loss"])
+    assert calls["log"][-1][1]["whole_split/val_loss_whole_split"] == pytest.approx(
+        rows[-1]["val_loss_whole_split"])
 
 
 def test_sizes_too_large_for_the_machine_are_one_line(monkeypatch, capsys):
