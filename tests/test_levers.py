@@ -225,9 +225,9 @@ def test_update_ema_is_the_moving_average():
 def test_final_evaluation_reads_at_most_the_cap(tmp_path, monkeypatch):
     """On a validation split longer than WHOLE_SPLIT_MAX_TOKENS the final evaluation reads its
     first windows only, and its row and log line say so."""
-    from minigpt.train import loop
+    from minigpt.train import loop, whole_split
 
-    monkeypatch.setattr(loop, "WHOLE_SPLIT_MAX_TOKENS", 500)
+    monkeypatch.setattr(whole_split, "WHOLE_SPLIT_MAX_TOKENS", 500)
     text = tmp_path / "corpus.txt"
     text.write_text("".join(chr(97 + (i * 7 + i // 13) % 26) for i in range(20_000)))
     cfg = TrainConfig(data=str(text), n_layer=1, n_head=2, n_embd=16, block_size=16,

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from minigpt.checkpoint import load_checkpoint
@@ -39,6 +38,7 @@ from minigpt.train.rundir import RunDir, RunDirLostError
 from minigpt.train.state import (Progress, Run, StopRequest, elapsed, open_records, record,
                                  restore, save, save_interrupted, save_lost, start_ema,
                                  starting_point, teardown)
+from minigpt.train.whole_split import whole_split_evaluation
 
 __all__ = ["train", "TrainConfig", "TrainResult", "PRESETS", "lr_at", "NonFiniteLossError",
            "mean_loss", "gradients", "optimizer_step", "update_ema"]
@@ -61,9 +61,7 @@ class TrainResult:
     interrupted: bool
     checkpoint: str                # the checkpoint this run wrote; "" when it wrote none
     history: list = field(default_factory=list)
-    # The evaluated model's loss over every window of the validation split (split_loss; at most
-    # WHOLE_SPLIT_MAX_TOKENS), taken once at the end of a completed run; None if interrupted.
-    val_loss_whole_split: Optional[float] = None
+    val_loss_whole_split: Optional[float] = None  # the final one (whole_split); None if stopped
 
 
 def train(cfg: TrainConfig, log=print, resume_state: Optional[dict] = None) -> TrainResult:
@@ -102,6 +100,7 @@ def train(cfg: TrainConfig, log=print, resume_state: Optional[dict] = None) -> T
                     if progress.iter_num % cfg.eval_interval == 0 or done:
                         evaluate_and_save(run, progress)
                     if done:
+                        whole_split_evaluation(run, progress)  # every window of the val split
                         break
                     # One agreement per step: a stop signal, or rank 0's directory gone.
                     lost = rundir.lost() if isinstance(rundir, RunDir) else None
@@ -112,8 +111,6 @@ def train(cfg: TrainConfig, log=print, resume_state: Optional[dict] = None) -> T
                             save_interrupted(run, progress)
                         break
                     train_step(run, progress)
-            if lost is None and not progress.interrupted:
-                whole_split_evaluation(run, progress)
             # Every rank tears the process group down together: a rank that closed its gloo
             # connections while another was still saving made that one abort at exit.
             run.dist.barrier()
@@ -127,9 +124,8 @@ def train(cfg: TrainConfig, log=print, resume_state: Optional[dict] = None) -> T
         finally:
             teardown(run)
         if lost is not None and run.dist.master:
-            raise RunDirLostError(f"{lost} during training; stopped at step "
-                                  f"{progress.iter_num}, checkpoint saved to {run.ckpt_path} "
-                                  f"(continue with --resume)")
+            raise RunDirLostError(f"{lost} during training; stopped at step {progress.iter_num}, "
+                                  f"checkpoint saved to {run.ckpt_path} (continue with --resume)")
         return summarize(run, progress)
 
 
@@ -220,65 +216,6 @@ def mean_loss(model: GPT, batches, autocast=contextlib.nullcontext) -> torch.Ten
     return total / len(batches)
 
 
-@torch.no_grad()
-def split_loss(model: GPT, tokens, block_size: int, batch_size: int, device,
-               autocast=contextlib.nullcontext, rank: int = 0, world_size: int = 1):
-    """Cross-entropy of model summed over every window of a split: the split cut into
-    consecutive, non-overlapping windows of block_size tokens from its first token (the last
-    partial window dropped), each window predicting its next tokens from its own context only,
-    as in training. tokens: the split's 1-d token array; batches of batch_size windows; this
-    process takes windows rank, rank + world_size, ... Unlike the sampled batches of the
-    evaluations during training, it has no sampling error: the validation loss of a 20,480-token
-    sample of tiny Shakespeare's validation split can differ from the whole split's by 0.03.
-
-    Returns:
-        (sum of the losses in nats, tokens counted): 0-dim float64 and int64 tensors on the
-        CPU, to be summed over processes; their ratio is the mean loss per token.
-    """
-    n = (len(tokens) - 1) // block_size
-    starts = list(range(rank * block_size, n * block_size, world_size * block_size))
-    total = torch.zeros((), dtype=torch.float64)
-    was_training = model.training
-    model.eval()
-    try:
-        for i in range(0, len(starts), batch_size):
-            window = np.stack([tokens[s:s + block_size + 1] for s in starts[i:i + batch_size]])
-            xy = torch.from_numpy(window.astype(np.int64)).to(device)
-            with autocast():
-                _, loss = model(xy[:, :-1], xy[:, 1:])
-            total += loss.double().cpu() * (xy.shape[0] * block_size)
-    finally:
-        model.train(was_training)
-    return total, torch.tensor(len(starts) * block_size, dtype=torch.int64)
-
-
-# The final evaluation reads at most this many validation tokens (tiny Shakespeare's split has
-# 111,540): on a large corpus, its first ones, and the log says so.
-WHOLE_SPLIT_MAX_TOKENS = 1 << 20
-
-
-def whole_split_evaluation(run: Run, progress: Progress) -> None:
-    """The evaluated model's mean loss over the whole validation split (split_loss; its first
-    WHOLE_SPLIT_MAX_TOKENS tokens if longer), logged, recorded in metrics.jsonl (event
-    "whole_split", with whole = False when cut) and kept for the TrainResult."""
-    cfg = run.cfg
-    whole = len(run.val_tokens) <= WHOLE_SPLIT_MAX_TOKENS + 1
-    total, count = split_loss(run.eval_model, run.val_tokens[:WHOLE_SPLIT_MAX_TOKENS + 1],
-                              cfg.model.block_size, cfg.batch_size, run.device,
-                              run.precision.autocast, run.dist.rank, run.dist.world_size)
-    both = run.dist.sum(torch.stack([total, count.double()]).to(run.device))
-    loss, count = float(both[0] / both[1]), int(both[1])
-    progress.whole_split_val = loss
-    if run.dist.master:
-        windows = count // cfg.model.block_size
-        what = ("the whole split" if whole
-                else f"the split's first {WHOLE_SPLIT_MAX_TOKENS:,} tokens")
-        run.log(f"minigpt: val loss over {what} ({count:,} tokens, {windows:,} windows of "
-                f"{cfg.model.block_size}): {loss:.4f}")
-        record(run, progress, event="whole_split", iter=progress.iter_num,
-               val_loss_whole_split=loss, tokens=count, whole=whole, time_s=elapsed(run))
-
-
 def evaluate(run: Run) -> Dict[str, float]:
     """Mean loss of the fixed batches of each split, averaged over every process."""
     return {split: run.dist.sum(mean_loss(run.eval_model, batches, run.precision.autocast)).item()
@@ -352,10 +289,9 @@ def train_step(run: Run, progress: Progress) -> None:
     lr = lr_at(progress.iter_num, cfg, schedule_time(run))
     run.optimizer.set_lr(lr)
     B, T = batch_shape(progress.iter_num, cfg)
-    loss, norm = gradients(run.model, [run.train_batches.next(run.device, B, T)
-                                       for _ in range(cfg.grad_accum)],
-                           run.optimizer, scaler, autocast=run.precision.autocast,
-                           grad_clip=cfg.grad_clip)
+    batches = [run.train_batches.next(run.device, B, T) for _ in range(cfg.grad_accum)]
+    loss, norm = gradients(run.model, batches, run.optimizer, scaler,
+                           autocast=run.precision.autocast, grad_clip=cfg.grad_clip)
     loss_value = loss.item()
     # With float16 an inf gradient is the GradScaler's business: scaler.step skips the step
     # and lowers the scale. Otherwise it counts as a non-finite step.
