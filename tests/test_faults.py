@@ -263,8 +263,7 @@ def test_wandb_logger_goes_offline_without_a_network(text_file, tmp_path, monkey
     rows = _metrics(out)
     assert [step for step, _ in calls["log"]] == [r["iter"] for r in rows]
     assert calls["log"][-2][1]["eval/val_loss"] == pytest.approx(rows[-2]["val_loss"])
-    assert calls["log"][-1][1]["whole_split/val_loss_whole_split"] == pytest.approx(
-        rows[-1]["val_loss_whole_split"])
+    assert calls["log"][-1][1]["whole_split/val_loss"] == pytest.approx(rows[-1]["val_loss"])
 
 
 def test_sizes_too_large_for_the_machine_are_one_line(monkeypatch, capsys):

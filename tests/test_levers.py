@@ -271,6 +271,10 @@ def test_ema_run_saves_and_evaluates_the_average(tmp_path, decay):
     assert result.val_loss_whole_split == pytest.approx(whole.item(), abs=1e-5)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [r["tokens"] for r in rows if r.get("event") == "whole_split"] == [n * 16]
+    # The last row with a val_loss is the whole split's, so a reader of the last one reads it.
+    last = [r for r in rows if "val_loss" in r][-1]
+    assert last["event"] == "whole_split"
+    assert last["val_loss"] == pytest.approx(whole.item(), abs=1e-5)
     if decay == 0:
         assert state["train_weights"] is None
         return

@@ -11,8 +11,7 @@ ramps, a cosine schedule, a time budget, torch.compile; torchrun gives Distribut
 
 train() reads top to bottom: setup() (Run: what stays fixed; Progress: what the loop changes),
 then evaluate_and_save() every eval_interval steps and train_step() until max_iters, the time
-budget or a stop signal. Saving, restoring, metrics.jsonl and signals: minigpt.train.state; the
-run directory's lock: minigpt.train.rundir.
+budget or a stop signal. Saving, restoring, metrics.jsonl and signals: minigpt.train.state.
 """
 
 from __future__ import annotations
@@ -118,8 +117,7 @@ def train(cfg: TrainConfig, log=print, resume_state: Optional[dict] = None) -> T
             if run.dist.master:
                 last = (f"the last checkpoint is {run.ckpt_path}" if run.ckpt_path.is_file()
                         else "no checkpoint was written")
-                log(f"minigpt: stopped at once at step {progress.iter_num} (a second Ctrl-C); "
-                    f"{last}")
+                log(f"minigpt: stopped at once at step {progress.iter_num} (Ctrl-C twice); {last}")
             raise
         finally:
             teardown(run)
@@ -349,7 +347,9 @@ def summarize(run: Run, progress: Progress) -> TrainResult:
     if run.dist.master:
         where = (f"checkpoint {run.ckpt_path}" if progress.saved_iter is not None
                  else "no checkpoint written (no step taken)")
-        run.log(f"minigpt: done at step {progress.iter_num}: best val loss "
-                f"{progress.best_val:.4f}, final val loss {progress.losses['val']:.4f}, "
-                f"{result.tokens_per_s:,.0f} tokens/s, wall time {wall:.1f} s, {where}")
+        whole = (f" ({progress.whole_split_val:.4f} over the whole split)"
+                 if progress.whole_split_val is not None else "")
+        run.log(f"minigpt: done at step {progress.iter_num}: best val loss {progress.best_val:.4f}"
+                f", final val loss {progress.losses['val']:.4f}{whole}, {result.tokens_per_s:,.0f} "
+                f"tokens/s, wall time {wall:.1f} s, {where}")
     return result

@@ -55,8 +55,9 @@ WHOLE_SPLIT_MAX_TOKENS = 1 << 20
 
 def whole_split_evaluation(run: Run, progress: Progress) -> None:
     """The evaluated model's mean loss over the whole validation split (split_loss; its first
-    WHOLE_SPLIT_MAX_TOKENS tokens if longer), logged, recorded in metrics.jsonl (event
-    "whole_split", with whole = False when cut) and kept for the TrainResult."""
+    WHOLE_SPLIT_MAX_TOKENS tokens if longer), logged, recorded in metrics.jsonl and kept for the
+    TrainResult. Its row (event "whole_split": val_loss, tokens, whole = False when cut) is the
+    last row with a val_loss, so a reader that takes the last one reads the whole split."""
     cfg = run.cfg
     whole = len(run.val_tokens) <= WHOLE_SPLIT_MAX_TOKENS + 1
     total, count = split_loss(run.eval_model, run.val_tokens[:WHOLE_SPLIT_MAX_TOKENS + 1],
@@ -72,7 +73,7 @@ def whole_split_evaluation(run: Run, progress: Progress) -> None:
         run.log(f"minigpt: val loss over {what} ({count:,} tokens, {windows:,} windows of "
                 f"{cfg.model.block_size}): {loss:.4f}")
         record(run, progress, event="whole_split", iter=progress.iter_num,
-               val_loss_whole_split=loss, tokens=count, whole=whole, time_s=elapsed(run))
+               val_loss=loss, tokens=count, whole=whole, time_s=elapsed(run))
 
 
 __all__ = ["WHOLE_SPLIT_MAX_TOKENS", "split_loss", "whole_split_evaluation"]
