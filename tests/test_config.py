@@ -41,7 +41,7 @@ def test_flat_model_fields_nested_dicts_and_old_checkpoints_agree():
                                     "batch_size": 4})
     legacy = TrainConfig.from_dict({"n_layer": 2, "n_head": 2, "n_embd": 32, "batch_size": 4,
                                     "gone_setting": 1}, strict=False)
-    assert flat == nested == legacy and flat.model.block_size == 64
+    assert flat == nested == legacy and flat.model.block_size == 256
     assert TrainConfig.from_dict(flat.to_dict()) == flat
     with pytest.raises(ConfigError, match="TrainConfig.gone_setting is not a setting"):
         TrainConfig.from_dict({"gone_setting": 1})

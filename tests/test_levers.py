@@ -159,13 +159,13 @@ def test_batch_shape_ramps_linearly_then_holds():
     assert batch_shape(10_000, cfg) == (32, 64)
     shapes = [batch_shape(i, cfg) for i in range(101)]
     assert all(a <= b for a, b in zip(shapes, shapes[1:]))  # never shrinks
-    assert batch_shape(0, TrainConfig(block_size=64)) == (32, 64)  # no ramp by default
-    assert batch_shape(0, TrainConfig(batch_size_start=4, block_size=64)) == (32, 64)
+    assert batch_shape(0, TrainConfig(block_size=64)) == (8, 64)  # no ramp by default
+    assert batch_shape(0, TrainConfig(batch_size_start=4, block_size=64)) == (8, 64)
 
 
 @pytest.mark.parametrize("kw, pattern", [
     (dict(batch_size_start=0), "batch_size_start must be in"),
-    (dict(batch_size_start=33), r"batch_size_start must be in \[1, batch_size=32\]"),
+    (dict(batch_size_start=9), r"batch_size_start must be in \[1, batch_size=8\]"),
     (dict(block_size_start=65, block_size=64), r"block_size_start must be in \[1, block_size=64\]"),
     (dict(ramp_iters=-1), "ramp_iters must be >= 0"),
 ])

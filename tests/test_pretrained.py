@@ -373,7 +373,7 @@ def test_finetune_through_train(tiny_llama_dir, text_file, tmp_path):
         torch.testing.assert_close(GPT.from_checkpoint(state).eval()(ids)[0],
                                    hf(ids).logits, **TOL)
     # A real learning rate fits the corpus.
-    run = train(TrainConfig(out_dir=str(tmp_path / "tuned"), max_iters=8, learning_rate=3e-3,
+    run = train(TrainConfig(out_dir=str(tmp_path / "tuned"), max_iters=12, learning_rate=3e-3,
                             **common), log=lambda m: None)
     evals = [r for r in run.history if r.get("event") == "eval"]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.1

@@ -259,6 +259,7 @@ def test_plot_reads_the_last_run_of_a_metrics_log(tmp_path, capsys):
                  lr=1e-3, time_s=float(i)) for i in (0, 50, 100)]
     lines = [json.dumps(dict(iter=i, train_loss=9.0, val_loss=9.0, lr=1e-3))  # an older run
              for i in (0, 50, 100, 150)]
+    lines += [json.dumps(dict(event="whole_split", iter=150, val_loss=8.5, tokens=64))]
     lines += [json.dumps(r) for r in rows[:2]]
     lines += [json.dumps(dict(event="nonfinite", iter=60, loss="nan", skipped=1))]
     lines += [json.dumps(rows[2]), json.dumps({**rows[2], "val_loss": 2.0})]  # --resume at 100
@@ -267,6 +268,10 @@ def test_plot_reads_the_last_run_of_a_metrics_log(tmp_path, capsys):
     log = read_metrics(tmp_path / "metrics.jsonl")
     assert log["runs"] == 2 and [r["iter"] for r in log["rows"]] == [0, 50, 100]
     assert log["rows"][-1]["val_loss"] == 2.0
+    assert log["whole_split"] is None  # the older run's, at iter 150, is not this run's
+    with (tmp_path / "metrics.jsonl").open("a") as fh:
+        fh.write(json.dumps(dict(event="whole_split", iter=100, val_loss=2.25, tokens=64)) + "\n")
+    assert read_metrics(tmp_path / "metrics.jsonl")["whole_split"]["val_loss"] == 2.25
     assert plot.main([str(tmp_path)]) == 0
     assert_picture(tmp_path / "curves.png", 500, 700, CURVE_COLOURS)
     assert plot.main([str(tmp_path / "missing")]) == 2

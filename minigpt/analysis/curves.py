@@ -70,22 +70,29 @@ def plot_prune_curve(removed: Sequence[int], losses: Sequence[float], path, *,
 def read_metrics(path) -> dict:
     """The evaluation rows of a metrics.jsonl written by minigpt.train.loop.
 
-    Keeps rows with train_loss and val_loss (skips other events and a torn last line). A log
-    holding several runs (iter going back, e.g. a fresh run in the same out_dir) is split at
-    each restart; a resumed run repeats its first iter, and the later row wins.
+    Keeps rows with train_loss and val_loss (skips other events and a torn last line), and the
+    "whole_split" row that ends a completed run (its val_loss over the whole validation split).
+    A log holding several runs (iter going back, e.g. a fresh run in the same out_dir) is split
+    at each restart; a resumed run repeats its first iter, and the later row wins.
 
     Returns:
-        {"rows": the last run's rows, sorted by iter, "runs": how many runs the log holds}.
+        {"rows": the last run's rows, sorted by iter, "runs": how many runs the log holds,
+        "whole_split": the last run's whole-split row at its last iter, or None}.
 
     Raises:
         FileNotFoundError: no such file. ValueError: no evaluation rows in it.
     """
     path = Path(path)
     runs: list = [[]]
+    whole = None
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("event") == "whole_split" and all(
+                isinstance(row.get(k), (int, float)) for k in ("iter", "val_loss")):
+            whole = row
             continue
         if not isinstance(row, dict) or row.get("event", "eval") != "eval":
             continue
@@ -100,11 +107,13 @@ def read_metrics(path) -> dict:
             runs[-1].append(row)
     if not runs[-1]:
         raise ValueError(f"{path}: no evaluation rows (lines with iter, train_loss, val_loss)")
-    return {"rows": runs[-1], "runs": len(runs)}
+    if whole is not None and whole["iter"] != runs[-1][-1]["iter"]:
+        whole = None  # an earlier run's, or one the last run's evaluations went past
+    return {"rows": runs[-1], "runs": len(runs), "whole_split": whole}
 
 
 def plot_curves(rows: Sequence[dict], path, *, title: Optional[str] = None, lr_fn=None,
-                dpi: int = 110) -> Path:
+                dpi: int = 110, whole_split: Optional[dict] = None) -> Path:
     """Train/val loss (top) and learning rate (bottom) against iterations, saved to path.
 
     Args:
@@ -112,6 +121,8 @@ def plot_curves(rows: Sequence[dict], path, *, title: Optional[str] = None, lr_f
         path: output file. title: default names the last iteration and val loss.
         lr_fn: optional callable(iter) -> learning rate, drawn at every iteration (the log
             holds the rate only at evaluations, too coarse to show a short warmup).
+        whole_split: the run's final "whole_split" row (iter, val_loss), drawn as its own
+            point beside the sampled val loss, or None.
     """
     its = [r["iter"] for r in rows]
     fig = Figure(figsize=(7.5, 6.0), layout="constrained")
@@ -121,6 +132,9 @@ def plot_curves(rows: Sequence[dict], path, *, title: Optional[str] = None, lr_f
     best = min(rows, key=lambda r: r["val_loss"])
     ax_loss.plot([best["iter"]], [best["val_loss"]], "*", ms=12, color="tab:red",
                  label=f"best val {best['val_loss']:.4f} (iter {best['iter']})")
+    if whole_split is not None:
+        ax_loss.plot([whole_split["iter"]], [whole_split["val_loss"]], "D", ms=6,
+                     color="black", label=f"val over the whole split {whole_split['val_loss']:.4f}")
     ax_loss.set_ylabel("cross-entropy (nats/token)")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend()
@@ -138,8 +152,11 @@ def plot_curves(rows: Sequence[dict], path, *, title: Optional[str] = None, lr_f
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     ax_lr.grid(alpha=0.3)
     last = rows[-1]
+    final = (f"final val {last['val_loss']:.4f}" if whole_split is None else
+             f"final val {whole_split['val_loss']:.4f} (whole split), "
+             f"{last['val_loss']:.4f} (sample)")
     ax_loss.set_title(title or f"Training curves: {len(rows)} evaluations to iter {last['iter']}, "
-                               f"final val {last['val_loss']:.4f}", fontsize=10)
+                               f"{final}", fontsize=10)
     path = Path(path)
     fig.savefig(path, dpi=dpi)
     return path
@@ -169,7 +186,7 @@ def plot_metrics_file(metrics, out: Optional[str] = None,
         last = log["rows"][-1]
         title = (f"Training curves (last of {log['runs']} runs in {metrics.name}): to iter "
                  f"{last['iter']}, final val {last['val_loss']:.4f}")
-    return plot_curves(log["rows"], out, title=title, lr_fn=lr_fn)
+    return plot_curves(log["rows"], out, title=title, lr_fn=lr_fn, whole_split=log["whole_split"])
 
 
 def _saved_train_config(ckpt: Path) -> Optional[dict]:

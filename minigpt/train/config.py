@@ -28,8 +28,8 @@ LRSchedule = Literal["cosine", "wsd"]
 Logger = Literal["none", "tensorboard", "wandb"]
 
 # TrainConfig's model when none is given: the preset "shakespeare_char" (nanoGPT's CPU recipe's
-# shape, with QK-norm).
-DEFAULT_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, qk_norm=True)
+# width and depth, with QK-norm, and 256-token windows as in its GPU recipe).
+DEFAULT_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=256, qk_norm=True)
 
 # What settings added since checkpoints were first written meant before they existed: a saved
 # config without them describes a run that used these values (see TrainConfig.from_saved).
@@ -60,7 +60,7 @@ class TrainConfig:
     optimizer: Optimizer = "muon"     # "muon": Muon for the blocks' matrices and AdamW for
                                       # embeddings, head, biases and gains; or "adamw" for all
                                       # (see minigpt.train.optim)
-    batch_size: int = 32              # sequences per micro-step (per process)
+    batch_size: int = 8               # sequences per micro-step (per process)
     grad_accum: int = 1               # micro-steps per optimizer step
     batch_size_start: Optional[int] = None  # sequences per micro-step at step 0, growing
                                       # linearly to batch_size over ramp_iters steps (a ramp
@@ -73,14 +73,14 @@ class TrainConfig:
     data_order: DataOrder = "epochs"  # "epochs": passes over the corpus in shuffled windows,
                                       # each token once per pass; "random": windows at
                                       # uniformly random tokens, with replacement (nanoGPT's)
-    max_iters: int = 1400             # optimizer steps
+    max_iters: int = 1500             # optimizer steps
     learning_rate: float = 3e-3       # peak learning rate
     min_lr: float = 2e-4              # floor of the cosine decay
     warmup_iters: int = 30            # linear warmup steps
     lr_decay_iters: Optional[int] = None  # length of the schedule; None = max_iters
     lr_schedule: LRSchedule = "wsd"   # after warmup: "cosine" decay to min_lr, or "wsd" (warmup-
                                       # stable-decay: peak, then a linear cooldown to min_lr)
-    cooldown_frac: float = 0.4        # "wsd": the final fraction of the schedule spent decaying
+    cooldown_frac: float = 0.5        # "wsd": the final fraction of the schedule spent decaying
     max_time: float = 0.0             # wall-clock budget in seconds (0 = none): stop once it is
                                       # spent, and run the schedule on the fraction of it used
     weight_decay: float = 0.1         # AdamW decay of matrices (none on biases and norms)
@@ -230,13 +230,15 @@ TrainConfig = _accept_flat_model_fields(TrainConfig)
 
 # Presets: overrides of TrainConfig's defaults. Sizes and measured results: see docs/training.md.
 PRESETS: Dict[str, dict] = {
-    # A 2-core CPU in under 4 minutes: nanoGPT's CPU recipe (4 layers, 4 heads, 128 wide,
-    # block 64) with RoPE and QK-norm, no dropout, batch 32, trained with Muon. The defaults.
+    # A 2-core CPU in under 4 minutes: nanoGPT's CPU recipe's model (4 layers, 4 heads, 128
+    # wide) with RoPE and QK-norm, no dropout, on 256-token windows (its GPU recipe's; the CPU
+    # recipe's are 64) in batches of 8, trained with Muon. The defaults.
     "shakespeare_char": {},
-    # The same model on GPT-2 BPE tokens (tiktoken): a 50257-token vocabulary.
-    # Each step costs ~8x the char model's (the 50257 x 128 output head), and the corpus is
-    # ~340k tokens (an epoch is ~170 steps), so it is shorter.
-    "shakespeare": {"tokenizer": "gpt2", "max_iters": 300, "eval_interval": 100},
+    # The same model on GPT-2 BPE tokens (tiktoken): a 50257-token vocabulary, 64-token windows
+    # in batches of 32. Each step costs ~8x the char model's (the 50257 x 128 output head), and
+    # the corpus is ~340k tokens (an epoch is ~170 steps), so it is shorter.
+    "shakespeare": {"tokenizer": "gpt2", "model": dict(block_size=64), "batch_size": 32,
+                    "max_iters": 300, "eval_interval": 100, "cooldown_frac": 0.4},
     # Fine-tuning a pretrained model on a CPU (--init-from picks it unless --preset is given):
     # short windows, small batches, and a peak learning rate ~100x below training from scratch
     # (nanoGPT's finetune_shakespeare uses 3e-5), so the pretrained weights are adjusted, not
