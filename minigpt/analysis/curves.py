@@ -90,14 +90,14 @@ def read_metrics(path) -> dict:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(row, dict) and row.get("event") == "whole_split" and all(
-                isinstance(row.get(k), (int, float)) for k in ("iter", "val_loss")):
+        if not isinstance(row, dict):
+            continue
+        numbers = {k for k in ("iter", "train_loss", "val_loss")
+                   if isinstance(row.get(k), (int, float))}
+        if row.get("event") == "whole_split" and {"iter", "val_loss"} <= numbers:
             whole = row
             continue
-        if not isinstance(row, dict) or row.get("event", "eval") != "eval":
-            continue
-        if not all(isinstance(row.get(k), (int, float)) for k in ("iter", "train_loss",
-                                                                    "val_loss")):
+        if row.get("event", "eval") != "eval" or len(numbers) < 3:
             continue
         if runs[-1] and row["iter"] < runs[-1][-1]["iter"]:
             runs.append([])
