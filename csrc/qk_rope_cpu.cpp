@@ -1,17 +1,22 @@
 // minigpt: QK-norm and RoPE of the queries and keys in one pass, forward and backward, on the CPU.
 //
-// What CausalSelfAttention.qkv does to the query and key heads of c_attn's output, fused:
-// per head vector x (head_dim values) at position t,
+// What CausalSelfAttention.qkv does to c_attn's output, fused: the output's query, key and value
+// heads become three float32 tensors (the dtype attention computes in on the CPU), and per query
+// or key head vector x (head_dim values) at position t,
 //   n = x * rstd, rstd = 1 / sqrt(mean(x^2) + eps)       (RMSNorm, Zhang & Sennrich 2019;
 //   y = n * gain                                         QK-norm, Henry et al. 2020)
 //   out[2i] = y[2i] cos(a) - y[2i+1] sin(a),             (RoPE, Su et al. 2021, eq. 34, pairs
 //   out[2i+1] = y[2i] sin(a) + y[2i+1] cos(a)            (x[2i], x[2i+1]), a = t * inv_freq[i])
-// With norm=false only the rotation. The unfused PyTorch code computes the same values in
-// several passes over memory, each with its own autograd node; on two CPU cores that was about
-// 15% of a training step of the default model.
+// With norm=false only the rotation; the values are copied. c_attn's output may be float32 or,
+// under CPU autocast, bfloat16 or float16: it is read in its own dtype and computed in float32,
+// so the cast to float32 costs no pass of its own, and the backward writes the gradient of
+// c_attn's output in that dtype, whole, so that no concatenation of the heads' gradients and
+// no cast back follow it. The unfused PyTorch code computes the same values in several passes
+// over memory, each with its own autograd node; on two CPU cores the norm alone was about 15%
+// of a training step of the default model.
 //
 // Backward, given dout: dy = the rotation by -a of dout; dgain += dy * n over every vector of the
-// head kind; dn = dy * gain; dx = rstd * (dn - n * mean(dn * n)).
+// head kind; dn = dy * gain; dx = rstd * (dn - n * mean(dn * n)). The values' gradient is copied.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -23,16 +28,20 @@
 namespace minigpt {
 namespace {
 
+bool readable_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
 void check_inputs(const char* op, const at::Tensor& x, int64_t n_q, int64_t n_k,
                   int64_t head_dim, const at::Tensor& cos, const at::Tensor& sin) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3, op,
-              ": qkv must be a (B, T, width) float32 CPU tensor, got ", x.scalar_type(), " ",
-              x.sizes(), " on ", x.device());
+  TORCH_CHECK(x.device().is_cpu() && readable_dtype(x.scalar_type()) && x.dim() == 3, op,
+              ": qkv must be a (B, T, width) float32, bfloat16 or float16 CPU tensor, got ",
+              x.scalar_type(), " ", x.sizes(), " on ", x.device());
   TORCH_CHECK(x.stride(2) == 1, op, ": qkv's last dimension must be contiguous");
   TORCH_CHECK(n_q > 0 && n_k > 0 && head_dim > 0 && head_dim % 2 == 0 &&
-                  (n_q + n_k) * head_dim <= x.size(2),
-              op, ": n_q, n_k, head_dim (even) must fit qkv's width ", x.size(2), ", got ", n_q,
-              ", ", n_k, ", ", head_dim);
+                  (n_q + 2 * n_k) * head_dim == x.size(2),
+              op, ": n_q + 2 n_k heads of head_dim (even) must make qkv's width ", x.size(2),
+              ", got n_q ", n_q, ", n_k ", n_k, ", head_dim ", head_dim);
   for (const at::Tensor* t : {&cos, &sin}) {
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
                     t->size(0) == x.size(1) && t->size(1) == head_dim / 2,
@@ -48,10 +57,10 @@ const float* gain_ptr(const c10::optional<at::Tensor>& g, int64_t head_dim, cons
   return g->data_ptr<float>();
 }
 
-// What the forward and the backward read: checked shapes, qkv's rows, the angles and the gains.
+// What the forward and the backward read: checked shapes, the angles and the gains.
 struct Operands {
-  int64_t B, T, H, D, P, sb, st;  // sizes; qkv's batch and time strides (in floats)
-  const float *x, *c, *s, *gq, *gk;
+  int64_t B, T, n_q, n_k, D, P, sb, st;  // sizes; qkv's batch and time strides (in elements)
+  const float *c, *s, *gq, *gk;
 };
 
 Operands operands(const char* op, const at::Tensor& qkv, int64_t n_q, int64_t n_k,
@@ -59,127 +68,190 @@ Operands operands(const char* op, const at::Tensor& qkv, int64_t n_q, int64_t n_
                   const c10::optional<at::Tensor>& k_gain, const at::Tensor& cos,
                   const at::Tensor& sin) {
   check_inputs(op, qkv, n_q, n_k, head_dim, cos, sin);
-  return {qkv.size(0), qkv.size(1), n_q + n_k, head_dim, head_dim / 2,
-          qkv.stride(0), qkv.stride(1), qkv.data_ptr<float>(), cos.data_ptr<float>(),
-          sin.data_ptr<float>(), gain_ptr(q_gain, head_dim, op), gain_ptr(k_gain, head_dim, op)};
+  return {qkv.size(0), qkv.size(1), n_q, n_k, head_dim, head_dim / 2, qkv.stride(0),
+          qkv.stride(1), cos.data_ptr<float>(), sin.data_ptr<float>(),
+          gain_ptr(q_gain, head_dim, op), gain_ptr(k_gain, head_dim, op)};
 }
 
-// qk (B, T, n_q + n_k, head_dim) float32, rstd (B, T, n_q + n_k) (empty without norm).
-std::tuple<at::Tensor, at::Tensor> qk_norm_rope_forward(
-    const at::Tensor& qkv, int64_t n_q, int64_t n_k, int64_t head_dim,
-    const c10::optional<at::Tensor>& q_gain, const c10::optional<at::Tensor>& k_gain,
-    const at::Tensor& cos, const at::Tensor& sin, double eps, bool norm) {
-  const char* op = "minigpt::qk_norm_rope_forward";
-  const Operands a = operands(op, qkv, n_q, n_k, head_dim, q_gain, k_gain, cos, sin);
-  const int64_t B = a.B, T = a.T, H = a.H, D = a.D, P = a.P, sb = a.sb, st = a.st;
-  const float *x = a.x, *c = a.c, *s = a.s, *gq = a.gq, *gk = a.gk;
-  at::Tensor qk = at::empty({B, T, H, D}, qkv.options());
-  at::Tensor rstd = norm ? at::empty({B, T, H}, qkv.options()) : at::empty({0}, qkv.options());
-  float* out = qk.data_ptr<float>();
-  float* rs = norm ? rstd.data_ptr<float>() : nullptr;
-  const float feps = static_cast<float>(eps);
-  at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> y(D);
+// Calls f(T{}) with T the C++ type of qkv's dtype (float, at::BFloat16 or at::Half).
+template <typename F>
+void with_qkv_type(at::ScalarType t, F&& f) {
+  if (t == at::kBFloat16) {
+    f(at::BFloat16{});
+  } else if (t == at::kHalf) {
+    f(at::Half{});
+  } else {
+    f(float{});
+  }
+}
+
+template <typename T>
+void forward_rows(const Operands& a, const T* x, float* q, float* k, float* v, float* rs,
+                  float eps, bool norm) {
+  const int64_t T_ = a.T, H = a.n_q + a.n_k, D = a.D, P = a.P;
+  at::parallel_for(0, a.B * T_, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> xf(D), y(D);
     for (int64_t bt = begin; bt < end; ++bt) {
-      const int64_t b = bt / T, t = bt % T;
-      const float* xr = x + b * sb + t * st;
-      const float* ct = c + t * P;
-      const float* sn = s + t * P;
+      const int64_t b = bt / T_, t = bt % T_;
+      const T* xr = x + b * a.sb + t * a.st;
+      const float* ct = a.c + t * P;
+      const float* sn = a.s + t * P;
       for (int64_t h = 0; h < H; ++h) {
-        const float* xh = xr + h * D;
-        float* o = out + (bt * H + h) * D;
-        const float* g = h < n_q ? gq : gk;
+        const bool is_q = h < a.n_q;
+        const T* xh = xr + h * D;
+        float* o = is_q ? q + (bt * a.n_q + h) * D : k + (bt * a.n_k + h - a.n_q) * D;
+        const float* g = is_q ? a.gq : a.gk;
+        for (int64_t d = 0; d < D; ++d) xf[d] = static_cast<float>(xh[d]);
         float r = 1.f;
         if (norm) {
           float ss = 0.f;
-          for (int64_t d = 0; d < D; ++d) ss += xh[d] * xh[d];
-          r = 1.f / std::sqrt(ss / static_cast<float>(D) + feps);
+          for (int64_t d = 0; d < D; ++d) ss += xf[d] * xf[d];
+          r = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
           rs[bt * H + h] = r;
         }
-        for (int64_t d = 0; d < D; ++d) y[d] = xh[d] * r * (g ? g[d] : 1.f);
+        for (int64_t d = 0; d < D; ++d) y[d] = xf[d] * r * (g ? g[d] : 1.f);
         for (int64_t i = 0; i < P; ++i) {
-          const float a = y[2 * i], bb = y[2 * i + 1];
-          o[2 * i] = a * ct[i] - bb * sn[i];
-          o[2 * i + 1] = a * sn[i] + bb * ct[i];
+          const float ya = y[2 * i], yb = y[2 * i + 1];
+          o[2 * i] = ya * ct[i] - yb * sn[i];
+          o[2 * i + 1] = ya * sn[i] + yb * ct[i];
         }
       }
+      const T* xv = xr + H * D;  // the values: cast
+      float* vo = v + bt * a.n_k * D;
+      for (int64_t d = 0; d < a.n_k * D; ++d) vo[d] = static_cast<float>(xv[d]);
     }
   });
-  return {qk, rstd};
 }
 
-// dx (B, T, (n_q + n_k) * head_dim), dq_gain and dk_gain (head_dim,) (empty without norm or
-// without that gain).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward(
-    const at::Tensor& dqk, const at::Tensor& qkv, const at::Tensor& rstd, int64_t n_q,
-    int64_t n_k, int64_t head_dim, const c10::optional<at::Tensor>& q_gain,
-    const c10::optional<at::Tensor>& k_gain, const at::Tensor& cos, const at::Tensor& sin,
-    bool norm) {
-  const char* op = "minigpt::qk_norm_rope_backward";
+// q (B, T, n_q, head_dim), k and v (B, T, n_k, head_dim), float32; rstd (B, T, n_q + n_k)
+// (empty without norm).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qkv_norm_rope_forward(
+    const at::Tensor& qkv, int64_t n_q, int64_t n_k, int64_t head_dim,
+    const c10::optional<at::Tensor>& q_gain, const c10::optional<at::Tensor>& k_gain,
+    const at::Tensor& cos, const at::Tensor& sin, double eps, bool norm) {
+  const char* op = "minigpt::qkv_norm_rope_forward";
   const Operands a = operands(op, qkv, n_q, n_k, head_dim, q_gain, k_gain, cos, sin);
-  const int64_t B = a.B, T = a.T, H = a.H, D = a.D, P = a.P, sb = a.sb, st = a.st;
-  const float *x = a.x, *c = a.c, *s = a.s, *gq = a.gq, *gk = a.gk;
-  TORCH_CHECK(dqk.scalar_type() == at::kFloat && dqk.sizes() == at::IntArrayRef({B, T, H, D}),
-              op, ": dqk must be float32 (B, T, n_q + n_k, head_dim)");
-  TORCH_CHECK(!norm || (rstd.is_contiguous() && rstd.numel() == B * T * H), op,
-              ": rstd must be the forward's");
-  const at::Tensor g_c = dqk.contiguous();
-  at::Tensor dx = at::empty({B, T, H * D}, qkv.options());
-  // Per-worker partial sums of the gains' gradients, added in a fixed order: deterministic for
-  // a given thread count.
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B * T));
-  std::vector<float> dgain(static_cast<size_t>(workers * 2 * D), 0.f);
-  const float* go = g_c.data_ptr<float>();
-  const float* rs = norm ? rstd.data_ptr<float>() : nullptr;
-  float* dxp = dx.data_ptr<float>();
-  const int64_t chunk = (B * T + workers - 1) / workers;
+  const auto f32 = qkv.options().dtype(at::kFloat);
+  at::Tensor q = at::empty({a.B, a.T, n_q, head_dim}, f32);
+  at::Tensor k = at::empty({a.B, a.T, n_k, head_dim}, f32);
+  at::Tensor v = at::empty({a.B, a.T, n_k, head_dim}, f32);
+  at::Tensor rstd = norm ? at::empty({a.B, a.T, n_q + n_k}, f32) : at::empty({0}, f32);
+  with_qkv_type(qkv.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    forward_rows<T>(a, static_cast<const T*>(qkv.data_ptr()), q.data_ptr<float>(),
+                    k.data_ptr<float>(), v.data_ptr<float>(),
+                    norm ? rstd.data_ptr<float>() : nullptr, static_cast<float>(eps), norm);
+  });
+  return {q, k, v, rstd};
+}
+
+// A gradient of one of the forward's outputs: float32, (B, T, heads, head_dim), any strides
+// with the last dimension contiguous (attention's gradients arrive transposed).
+struct GradView {
+  const float* p;
+  int64_t sb, st, sh;
+};
+
+GradView grad_view(const char* op, const char* name, const at::Tensor& g, int64_t B, int64_t T,
+                   int64_t heads, int64_t D) {
+  TORCH_CHECK(g.scalar_type() == at::kFloat && g.device().is_cpu() &&
+                  g.sizes() == at::IntArrayRef({B, T, heads, D}) && g.stride(3) == 1,
+              op, ": ", name, " must be float32 (", B, ", ", T, ", ", heads, ", ", D,
+              ") with its last dimension contiguous, got ", g.scalar_type(), " ", g.sizes());
+  return {g.data_ptr<float>(), g.stride(0), g.stride(1), g.stride(2)};
+}
+
+// dgain holds `workers` partial sums of (dq_gain, dk_gain), 2 * D floats each.
+template <typename T>
+void backward_rows(const Operands& a, const T* x, const GradView& gq_, const GradView& gk_,
+                   const GradView& gv_, const float* rs, T* dx, std::vector<float>& dgain,
+                   int64_t workers, bool norm) {
+  const int64_t T_ = a.T, H = a.n_q + a.n_k, D = a.D, P = a.P, W = (H + a.n_k) * D;
+  const int64_t chunk = (a.B * T_ + workers - 1) / workers;
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     std::vector<float> dy(D), n(D);
     for (int64_t w = w0; w < w1; ++w) {
       float* dg = dgain.data() + w * 2 * D;
-      for (int64_t bt = w * chunk; bt < std::min(B * T, (w + 1) * chunk); ++bt) {
-        const int64_t b = bt / T, t = bt % T;
-        const float* xr = x + b * sb + t * st;
-        const float* ct = c + t * P;
-        const float* sn = s + t * P;
+      for (int64_t bt = w * chunk; bt < std::min(a.B * T_, (w + 1) * chunk); ++bt) {
+        const int64_t b = bt / T_, t = bt % T_;
+        const T* xr = x + b * a.sb + t * a.st;
+        T* dxr = dx + bt * W;
+        const float* ct = a.c + t * P;
+        const float* sn = a.s + t * P;
         for (int64_t h = 0; h < H; ++h) {
-          const float* xh = xr + h * D;
-          const float* gh = go + (bt * H + h) * D;
-          float* dxh = dxp + bt * H * D + h * D;
-          const bool is_q = h < n_q;
-          const float* g = is_q ? gq : gk;
+          const bool is_q = h < a.n_q;
+          const GradView& gv = is_q ? gq_ : gk_;
+          const float* gh = gv.p + b * gv.sb + t * gv.st + (is_q ? h : h - a.n_q) * gv.sh;
+          const T* xh = xr + h * D;
+          T* dxh = dxr + h * D;
+          const float* g = is_q ? a.gq : a.gk;
           for (int64_t i = 0; i < P; ++i) {  // the inverse rotation
             dy[2 * i] = gh[2 * i] * ct[i] + gh[2 * i + 1] * sn[i];
             dy[2 * i + 1] = -gh[2 * i] * sn[i] + gh[2 * i + 1] * ct[i];
           }
           if (!norm) {
-            for (int64_t d = 0; d < D; ++d) dxh[d] = dy[d];
+            for (int64_t d = 0; d < D; ++d) dxh[d] = static_cast<T>(dy[d]);
             continue;
           }
           const float r = rs[bt * H + h];
           float dot = 0.f;
           float* dgh = dg + (is_q ? 0 : D);
           for (int64_t d = 0; d < D; ++d) {
-            n[d] = xh[d] * r;
+            n[d] = static_cast<float>(xh[d]) * r;
             if (g) dgh[d] += dy[d] * n[d];
             const float dn = dy[d] * (g ? g[d] : 1.f);
             dy[d] = dn;
             dot += dn * n[d];
           }
           const float mean = dot / static_cast<float>(D);
-          for (int64_t d = 0; d < D; ++d) dxh[d] = r * (dy[d] - n[d] * mean);
+          for (int64_t d = 0; d < D; ++d) dxh[d] = static_cast<T>(r * (dy[d] - n[d] * mean));
+        }
+        for (int64_t h = 0; h < a.n_k; ++h) {  // the values' gradient: cast
+          const float* gh = gv_.p + b * gv_.sb + t * gv_.st + h * gv_.sh;
+          T* dxh = dxr + (H + h) * D;
+          for (int64_t d = 0; d < D; ++d) dxh[d] = static_cast<T>(gh[d]);
         }
       }
     }
   });
-  at::Tensor dq_gain = at::empty({0}, qkv.options()), dk_gain = at::empty({0}, qkv.options());
-  if (norm && (gq || gk)) {
-    at::Tensor sums = at::zeros({2, D}, qkv.options());
+}
+
+// dqkv (B, T, width) contiguous, in qkv's dtype; dq_gain and dk_gain (head_dim,) (empty without
+// norm or without that gain).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_norm_rope_backward(
+    const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& qkv,
+    const at::Tensor& rstd, int64_t n_q, int64_t n_k, int64_t head_dim,
+    const c10::optional<at::Tensor>& q_gain, const c10::optional<at::Tensor>& k_gain,
+    const at::Tensor& cos, const at::Tensor& sin, bool norm) {
+  const char* op = "minigpt::qkv_norm_rope_backward";
+  const Operands a = operands(op, qkv, n_q, n_k, head_dim, q_gain, k_gain, cos, sin);
+  const int64_t B = a.B, T = a.T, D = a.D;
+  const GradView gq = grad_view(op, "dq", dq, B, T, n_q, D);
+  const GradView gk = grad_view(op, "dk", dk, B, T, n_k, D);
+  const GradView gv = grad_view(op, "dv", dv, B, T, n_k, D);
+  TORCH_CHECK(!norm || (rstd.scalar_type() == at::kFloat && rstd.is_contiguous() &&
+                        rstd.numel() == B * T * (n_q + n_k)),
+              op, ": rstd must be the forward's");
+  at::Tensor dx = at::empty({B, T, qkv.size(2)}, qkv.options());
+  // Per-worker partial sums of the gains' gradients, added in a fixed order: deterministic for
+  // a given thread count.
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B * T));
+  std::vector<float> dgain(static_cast<size_t>(workers * 2 * D), 0.f);
+  with_qkv_type(qkv.scalar_type(), [&](auto tag) {
+    using Elem = decltype(tag);
+    backward_rows<Elem>(a, static_cast<const Elem*>(qkv.data_ptr()), gq, gk, gv,
+                        norm ? rstd.data_ptr<float>() : nullptr,
+                        static_cast<Elem*>(dx.data_ptr()), dgain, workers, norm);
+  });
+  const auto f32 = qkv.options().dtype(at::kFloat);
+  at::Tensor dq_gain = at::empty({0}, f32), dk_gain = at::empty({0}, f32);
+  if (norm && (a.gq || a.gk)) {
+    at::Tensor sums = at::zeros({2, D}, f32);
     float* sp = sums.data_ptr<float>();
     for (int64_t w = 0; w < workers; ++w)
       for (int64_t j = 0; j < 2 * D; ++j) sp[j] += dgain[w * 2 * D + j];
-    if (gq) dq_gain = sums[0].clone();
-    if (gk) dk_gain = sums[1].clone();
+    if (a.gq) dq_gain = sums[0].clone();
+    if (a.gk) dk_gain = sums[1].clone();
   }
   return {dx, dq_gain, dk_gain};
 }
@@ -189,15 +261,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward(
 
 TORCH_LIBRARY_FRAGMENT(minigpt, m) {
   m.def(
-      "qk_norm_rope_forward(Tensor qkv, int n_q, int n_k, int head_dim, Tensor? q_gain, "
-      "Tensor? k_gain, Tensor cos, Tensor sin, float eps, bool norm) -> (Tensor qk, Tensor rstd)");
+      "qkv_norm_rope_forward(Tensor qkv, int n_q, int n_k, int head_dim, Tensor? q_gain, "
+      "Tensor? k_gain, Tensor cos, Tensor sin, float eps, bool norm) -> "
+      "(Tensor q, Tensor k, Tensor v, Tensor rstd)");
   m.def(
-      "qk_norm_rope_backward(Tensor dqk, Tensor qkv, Tensor rstd, int n_q, int n_k, int head_dim, "
-      "Tensor? q_gain, Tensor? k_gain, Tensor cos, Tensor sin, bool norm) -> "
-      "(Tensor dx, Tensor dq_gain, Tensor dk_gain)");
+      "qkv_norm_rope_backward(Tensor dq, Tensor dk, Tensor dv, Tensor qkv, Tensor rstd, int n_q, "
+      "int n_k, int head_dim, Tensor? q_gain, Tensor? k_gain, Tensor cos, Tensor sin, "
+      "bool norm) -> (Tensor dqkv, Tensor dq_gain, Tensor dk_gain)");
 }
 
 TORCH_LIBRARY_IMPL(minigpt, CPU, m) {
-  m.impl("qk_norm_rope_forward", &minigpt::qk_norm_rope_forward);
-  m.impl("qk_norm_rope_backward", &minigpt::qk_norm_rope_backward);
+  m.impl("qkv_norm_rope_forward", &minigpt::qkv_norm_rope_forward);
+  m.impl("qkv_norm_rope_backward", &minigpt::qkv_norm_rope_backward);
 }

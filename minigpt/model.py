@@ -116,28 +116,28 @@ class CausalSelfAttention(nn.Module):
 
     def qkv(self, x, pos, ve=None):
         """Queries, keys and values of x (B, T, C) at positions pos (T,), RoPE applied:
-        q (B, nh, T, hd), k and v (B, nkv, T, hd), views of one projection. ve: this layer's
+        q (B, nh, T, hd), k and v (B, nkv, T, hd), of one projection. ve: this layer's
         value embeddings (B, T, nkv * hd), mixed into v, or None."""
         B, T, C = x.size()  # batch, time, channels (n_embd)
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.c_attn(x)  # (B, T, (nh + 2 nkv) hd)
-        if qkv.dtype in (torch.bfloat16, torch.float16) and qkv.is_cpu and \
+        dtype = qkv.dtype  # the dtype attention() computes in: under CPU autocast, its choice
+        if dtype in (torch.bfloat16, torch.float16) and qkv.is_cpu and \
                 torch.is_autocast_enabled("cpu"):
-            # Cast once to the dtype attention() computes in under CPU autocast.
-            qkv = qkv.to(cpu_autocast_dtype(qkv.dtype, self.backend))
-        if self.rotary is not None and self.backend in (None, "ext") and qk_rope.available(qkv):
-            # The same as qk_normed_rotated, in one compiled pass (minigpt.attention.qk_rope).
-            qk, v = qkv.split([(nh + nkv) * hd, nkv * hd], dim=2)
+            dtype = cpu_autocast_dtype(dtype, self.backend)
+        if (self.rotary is not None and self.backend in (None, "ext") and dtype == torch.float32
+                and qk_rope.available(qkv)):
+            # The cast, split and qk_normed_rotated in one compiled pass (attention.qk_rope).
             norm = isinstance(self.q_norm, RMSNorm)
             gains = (self.q_norm.weight, self.k_norm.weight) if norm else (None, None)
-            qk = qk_rope.qk_norm_rope(qk, nh, nkv, *gains, *self.rotary.cos_sin(pos),
-                                      self.q_norm.eps if norm else 0.0, norm)
-            q, k = qk.split([nh, nkv], dim=2)  # (B, T, nh, hd), (B, T, nkv, hd)
+            q, k, v = qk_rope.qkv_norm_rope(qkv, nh, nkv, *gains, *self.rotary.cos_sin(pos),
+                                            self.q_norm.eps if norm else 0.0, norm)
         else:
+            qkv = qkv.to(dtype)
             q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=2)
             q, k = self.qk_normed_rotated(q.view(B, T, nh, hd), k.view(B, T, nkv, hd), pos)
         if ve is not None:  # value embeddings: v = a v + b ve
-            v = torch.stack([v, ve.to(v.dtype)], -1) @ self.value_mix.to(v.dtype)
+            v = torch.stack([v.flatten(2), ve.to(v.dtype)], -1) @ self.value_mix.to(v.dtype)
         q = q.transpose(1, 2)  # (B, nh, T, hd)
         k = k.transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)

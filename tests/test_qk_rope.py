@@ -2,6 +2,8 @@
 float64 reference of the same math, by the correctness rule of docs/design.md, and the model's
 use of it."""
 
+import functools
+
 import pytest
 import torch
 
@@ -15,11 +17,12 @@ pytestmark = pytest.mark.skipif(not qk_rope.available(torch.zeros(1)),
                                 reason="the compiled module (with the fused op) is not built")
 
 
-def reference(qk, n_q, n_k, q_gain, k_gain, pos, theta, eps, norm):
-    """The unfused math in qk's dtype (angles in float64): RMSNorm with gain per head, then
-    RoPE of pairs."""
-    B, T, _ = qk.shape
-    x = qk.reshape(B, T, n_q + n_k, -1)
+def reference(qkv, n_q, n_k, q_gain, k_gain, pos, theta, eps, norm):
+    """The unfused math in qkv's dtype (angles in float64): the split into heads, RMSNorm with
+    gain per query and key head, then RoPE of their pairs. Returns q, k, v."""
+    B, T, _ = qkv.shape
+    x = qkv.reshape(B, T, n_q + 2 * n_k, -1)
+    x, v = x[:, :, :n_q + n_k], x[:, :, n_q + n_k:]
     D = x.shape[-1]
     if norm:
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
@@ -31,7 +34,37 @@ def reference(qk, n_q, n_k, q_gain, k_gain, pos, theta, eps, norm):
     cos = angles.cos().to(x.dtype)[None, :, None]
     sin = angles.sin().to(x.dtype)[None, :, None]
     a, b = x[..., 0::2], x[..., 1::2]
-    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+    qk = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+    return qk[:, :, :n_q], qk[:, :, n_q:], v
+
+
+def run(impl, qkv, q_gain, k_gain, douts, dtype, gain_dtype=None):
+    """impl's q, k, v of qkv (cast to dtype; the gains to gain_dtype, default dtype) and the
+    gradients of qkv and the gains for the output gradients douts."""
+    x = qkv.detach().to(dtype).requires_grad_()
+    gain_dtype = gain_dtype or dtype
+    gains = [g.detach().to(gain_dtype).requires_grad_() if g is not None else None
+             for g in (q_gain, k_gain)]
+    outs = impl(x, *gains)
+    torch.autograd.backward(outs, [d.to(o.dtype) for d, o in zip(douts, outs)])
+    return list(outs) + [x.grad] + [g.grad for g in gains if g is not None]
+
+
+def fused(x, gq, gk, *, shape):
+    n_q, n_k, cos, sin, norm = shape
+    return qk_rope.qkv_norm_rope(x, n_q, n_k, gq, gk, cos, sin, 1e-6, norm)
+
+
+def case(B, T, n_q, n_k, D, gains, seed):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, T, (n_q + 2 * n_k) * D, generator=g) * 2  # a c_attn output
+    q_gain = torch.randn(D, generator=g) if gains else None
+    k_gain = torch.randn(D, generator=g) if gains else None
+    douts = [torch.randn(B, T, n, D, generator=g) for n in (n_q, n_k, n_k)]
+    return qkv, q_gain, k_gain, douts
+
+
+NAMES = ["q", "k", "v", "dqkv", "dq_gain", "dk_gain"]
 
 
 @pytest.mark.parametrize("B, T, n_q, n_k, D", [(2, 17, 4, 4, 32), (1, 64, 6, 2, 64),
@@ -39,46 +72,60 @@ def reference(qk, n_q, n_k, q_gain, k_gain, pos, theta, eps, norm):
 @pytest.mark.parametrize("norm, gains", [(True, True), (True, False), (False, False)],
                          ids=["norm+gains", "norm", "rope-only"])
 def test_values_and_gradients_match_float64(B, T, n_q, n_k, D, norm, gains):
-    g = torch.Generator().manual_seed(B * 1000 + T * 10 + D)
-    width = (n_q + 2 * n_k) * D  # a c_attn output: the op reads the q and k columns
-    qkv = torch.randn(B, T, width, generator=g) * 2
-    qk = qkv[..., :(n_q + n_k) * D]  # a strided view, as the model passes it
-    q_gain = torch.randn(D, generator=g) if gains else None
-    k_gain = torch.randn(D, generator=g) if gains else None
+    qkv, q_gain, k_gain, douts = case(B, T, n_q, n_k, D, gains, B * 1000 + T * 10 + D)
     pos = torch.arange(3, 3 + T)
     cos, sin = RotaryEmbedding(D, 10000.0).cos_sin(pos)
-    dout = torch.randn(B, T, n_q + n_k, D, generator=g)
-
-    def run(impl, dtype):
-        x = qk.detach().to(dtype).requires_grad_()
-        gq = q_gain.detach().to(dtype).requires_grad_() if gains else None
-        gk = k_gain.detach().to(dtype).requires_grad_() if gains else None
-        out = impl(x, gq, gk)
-        out.backward(dout.to(dtype))
-        grads = [x.grad] + ([gq.grad, gk.grad] if gains else [])
-        return [out] + grads
-
-    fused = run(lambda x, gq, gk: qk_rope.qk_norm_rope(x, n_q, n_k, gq, gk, cos, sin, 1e-6,
-                                                       norm), torch.float32)
-    ref64 = run(lambda x, gq, gk: reference(x, n_q, n_k, gq, gk, pos, 10000.0, 1e-6, norm),
-                torch.float64)
-    ref32 = run(lambda x, gq, gk: reference(x, n_q, n_k, gq, gk, pos, 10000.0, 1e-6, norm),
-                torch.float32)
-    for name, f, r64, r32 in zip(["out", "dqk", "dq_gain", "dk_gain"], fused, ref64, ref32):
+    impl = functools.partial(fused, shape=(n_q, n_k, cos, sin, norm))
+    ref = functools.partial(lambda x, gq, gk: reference(x, n_q, n_k, gq, gk, pos, 10000.0, 1e-6,
+                                                        norm))
+    out = run(impl, qkv, q_gain, k_gain, douts, torch.float32)
+    ref64 = run(ref, qkv, q_gain, k_gain, douts, torch.float64)
+    ref32 = run(ref, qkv, q_gain, k_gain, douts, torch.float32)
+    for name, f, r64, r32 in zip(NAMES, out, ref64, ref32):
         assert f.shape == r64.shape and f.dtype == torch.float32, name
         verdict = within_rule(f, r32, r64, torch.float32)
+        assert verdict.ok, (name, verdict)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_are_read_in_their_dtype_and_computed_in_float32(dtype):
+    """c_attn's output under CPU autocast: q, k, v are float32 from the half-precision values
+    (against float64 of those same values), and qkv's gradient comes back in qkv's dtype, as
+    the float64 gradient rounded to it."""
+    n_q, n_k, D, T = 4, 2, 32, 21
+    qkv, q_gain, k_gain, douts = case(2, T, n_q, n_k, D, True, 7)
+    qkv = qkv.to(dtype)  # the values the op reads, exactly
+    pos = torch.arange(T)
+    cos, sin = RotaryEmbedding(D, 10000.0).cos_sin(pos)
+    impl = functools.partial(fused, shape=(n_q, n_k, cos, sin, True))
+    ref = functools.partial(lambda x, gq, gk: reference(x, n_q, n_k, gq, gk, pos, 10000.0, 1e-6,
+                                                        True))
+    out = run(impl, qkv, q_gain, k_gain, douts, dtype, torch.float32)
+    ref64 = run(ref, qkv, q_gain, k_gain, douts, torch.float64)
+    ref32 = run(ref, qkv, q_gain, k_gain, douts, torch.float32)
+    assert [t.dtype for t in out[:3]] == [torch.float32] * 3 and out[3].dtype == dtype
+    for name, f, r64, r32 in zip(NAMES, out, ref64, ref32):
+        if name == "dqkv":  # float64's gradient rounded once to dtype: within half an ulp more
+            r32 = r64.to(dtype)
+        verdict = within_rule(f, r32, r64, torch.float32 if name != "dqkv" else dtype)
         assert verdict.ok, (name, verdict)
 
 
 def test_bad_inputs_raise_one_line_errors():
     qkv = torch.randn(2, 8, 96)
     cos, sin = RotaryEmbedding(16, 10000.0).cos_sin(torch.arange(8))
-    with pytest.raises(RuntimeError, match="float32"):
-        qk_rope.qk_norm_rope(qkv.double(), 2, 2, None, None, cos, sin, 1e-6, True)
-    with pytest.raises(RuntimeError, match="must fit qkv's width"):
-        qk_rope.qk_norm_rope(qkv, 4, 4, None, None, cos, sin, 1e-6, True)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        qk_rope.qkv_norm_rope(qkv.double(), 2, 2, None, None, cos, sin, 1e-6, True)
+    with pytest.raises(RuntimeError, match="must make qkv's width 96"):
+        qk_rope.qkv_norm_rope(qkv, 4, 4, None, None, cos, sin, 1e-6, True)
     with pytest.raises(RuntimeError, match="cos and sin"):
-        qk_rope.qk_norm_rope(qkv, 2, 2, None, None, cos[:4], sin[:4], 1e-6, True)
+        qk_rope.qkv_norm_rope(qkv, 2, 2, None, None, cos[:4], sin[:4], 1e-6, True)
+    q, k, v = qk_rope.qkv_norm_rope(qkv.requires_grad_(), 2, 2, None, None, cos, sin, 1e-6,
+                                    True)
+    with pytest.raises(RuntimeError, match="dq must be float32 \\(2, 8, 2, 16\\)"):
+        torch.ops.minigpt.qkv_norm_rope_backward(
+            q[:, :4].detach(), k.detach(), v.detach(), qkv.detach(), torch.empty(0), 2, 2, 16,
+            None, None, cos, sin, False)
 
 
 @pytest.mark.parametrize("qk_norm", [True, False])
@@ -96,8 +143,8 @@ def test_model_uses_the_fused_op_and_matches_the_pytorch_code(monkeypatch, qk_no
     x = torch.randn(3, 19, 64)
     pos = torch.arange(19)
     calls = []
-    fused_fn = qk_rope.qk_norm_rope
-    monkeypatch.setattr(qk_rope, "qk_norm_rope", lambda *a: calls.append(1) or fused_fn(*a))
+    fused_fn = qk_rope.qkv_norm_rope
+    monkeypatch.setattr(qk_rope, "qkv_norm_rope", lambda *a: calls.append(1) or fused_fn(*a))
     results = []
     for fused in (True, False):
         monkeypatch.setattr(qk_rope, "available", lambda t, on=fused: on)
@@ -120,5 +167,5 @@ def test_naive_backend_keeps_the_pytorch_code(monkeypatch):
     """A model on the readable "naive" backend never calls compiled code."""
     model = GPT(GPTConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=32,
                           qk_norm=True, attn_backend="naive"))
-    monkeypatch.setattr(qk_rope, "qk_norm_rope", lambda *a: pytest.fail("fused op called"))
+    monkeypatch.setattr(qk_rope, "qkv_norm_rope", lambda *a: pytest.fail("fused op called"))
     model(torch.randint(65, (2, 16)))
