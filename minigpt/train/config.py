@@ -73,7 +73,7 @@ class TrainConfig:
     data_order: DataOrder = "epochs"  # "epochs": passes over the corpus in shuffled windows,
                                       # each token once per pass; "random": windows at
                                       # uniformly random tokens, with replacement (nanoGPT's)
-    max_iters: int = 1500             # optimizer steps
+    max_iters: int = 1600             # optimizer steps
     learning_rate: float = 3e-3       # peak learning rate
     min_lr: float = 2e-4              # floor of the cosine decay
     warmup_iters: int = 30            # linear warmup steps
