@@ -1,11 +1,11 @@
 """The model's settings: GPTConfig.
 
 One place per setting: each field holds its default and, in its trailing comment, its help text
-(the command line shows it). A setting with a fixed set of values has a Literal type below,
-which the type check, the model and the command line all read (``typing.get_args``).
-``__post_init__`` checks every field against its type (check_types: a TOML or JSON file cannot
-slip the string "false" into a bool), then each range, and raises ConfigError naming the field
-and the value. The training run's settings, which hold a GPTConfig: minigpt.train.config.
+(the command line shows it). A setting with a fixed set of values has a Literal type below, which
+the type check, the model and the command line all read (``typing.get_args``). __post_init__
+checks every field against its type (check_types: a TOML or JSON file cannot slip "false" into a
+bool), then each range, and raises ConfigError naming the field and the value. The training
+run's settings, which hold a GPTConfig: minigpt.train.config.
 """
 
 from __future__ import annotations
@@ -177,6 +177,8 @@ class GPTConfig:
     unet_skips: bool = False      # U-net skips (modded-nanogpt; Ronneberger et al. 2015): block
                                   # i's output, times a learned weight, joins the input of
                                   # block n_layer - 1 - i, for i < n_layer // 2
+    attn_gate: bool = False       # gated attention (Qiu et al. 2025, headwise): head h's output
+                                  # times 2 sigmoid(x . w_h), w zero-initialised (gates start at 1)
     logit_softcap: Optional[float] = None  # logits = cap tanh(logits / cap) (Gemma 2 team
                                   # 2024; modded-nanogpt); None = uncapped
     window: Optional[int] = None  # sliding-window attention: each token sees its window most

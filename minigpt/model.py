@@ -4,9 +4,9 @@ Read it after config.py (GPTConfig). The layout and module names follow nanoGPT'
 which follows GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask
 Learners"). The defaults add rotary position embeddings (Su et al. 2021, "RoFormer";
 minigpt.positions); grouped-query attention (Ainslie et al. 2023, "GQA") is n_kv_head < n_head.
-The other options of GPTConfig (RMSNorm, SwiGLU, ALiBi, sliding windows, ...) are each a few
-lines below, with their sources in GPTConfig's comments. Attention itself is
-minigpt.attention.attention (our compiled kernels, or the PyTorch reference).
+The other options of GPTConfig (RMSNorm, SwiGLU, ALiBi, gates, sliding windows, ...) are each a
+few lines below, sources in GPTConfig's comments. Attention itself is minigpt.attention.attention
+(our compiled kernels, or the PyTorch reference).
 """
 
 from __future__ import annotations
@@ -48,8 +48,7 @@ class KVCache:
     def __init__(self, config: GPTConfig, batch_size: int, last_logits_only: bool = False):
         self.shapes = [(batch_size, config.heads(layer)[1], config.block_size, config.head_dim)
                        for layer in range(config.n_layer)]
-        self.k: list = [None] * config.n_layer
-        self.v: list = [None] * config.n_layer
+        self.k, self.v = [None] * config.n_layer, [None] * config.n_layer  # per layer
         self.block_size = config.block_size
         self.length = 0
         self.last_logits_only = last_logits_only
@@ -60,8 +59,7 @@ class KVCache:
     def check_room(self, T: int) -> None:
         if self.length + T > self.block_size:
             raise ValueError(f"KVCache: {self.length} cached + {T} new tokens exceed block_size "
-                             f"{self.block_size}; reset() the cache and feed the last block_size "
-                             f"tokens")
+                             f"{self.block_size}; reset() it and feed the last block_size tokens")
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Append k, v (B, Hkv, T, hd) of one layer; return its cache so far (B, Hkv, Tk, hd)."""
@@ -83,8 +81,8 @@ class CausalSelfAttention(nn.Module):
 
     Holds c_attn, one Linear n_embd -> (n_head + 2 n_kv_head) * head_dim that makes q, k and v
     in one matmul; c_proj, n_head * head_dim -> n_embd; the optional q_norm and k_norm
-    (QK-norm, RMSNorm per head); rotary (RoPE, no weights) or alibi_slopes (a buffer, not
-    saved), by config.pos_embedding. Maps x (B, T, n_embd) to (B, T, n_embd).
+    (QK-norm, RMSNorm per head); gate (attn_gate: n_embd -> n_head); rotary (RoPE, no weights)
+    or alibi_slopes (a buffer, not saved), by config.pos_embedding. (B, T, n_embd) -> same.
     """
 
     def __init__(self, config: GPTConfig, layer: int = 0):
@@ -105,6 +103,7 @@ class CausalSelfAttention(nn.Module):
             self.alibi_slopes = None
         self.window = config.window
         self.backend = config.attn_backend
+        self.gate = nn.Linear(config.n_embd, self.n_head, bias=False) if config.attn_gate else None
         # Value embeddings: v = value_mix[0] v + value_mix[1] ve (modded-nanogpt's lambdas).
         self.value_mix = (nn.Parameter(torch.tensor([0.5, 0.5]))
                           if config.value_embed_table(layer) is not None else None)
@@ -159,6 +158,8 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.update(layer, k, v)  # (B, nkv, Tk, hd), Tk = cached + T
         y = attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes, window=self.window,
                       backend=self.backend)  # (B, nh, T, hd)
+        if self.gate is not None:  # attn_gate: head h times 2 sigmoid(x . w_h), in (0, 2)
+            y = y * (2 * torch.sigmoid(self.gate(x))).transpose(1, 2).unsqueeze(-1).to(y.dtype)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh * hd)
         return self.resid_dropout(self.c_proj(y))
 
@@ -199,9 +200,7 @@ class MLP(nn.Module):
         h = self.c_fc(x)  # (B, T, hidden), or (B, T, 2 * hidden) for a GLU
         if self.glu:
             gate, up = h.chunk(2, dim=-1)  # (B, T, hidden) each
-            h = self.act(gate) * up
-        else:
-            h = self.act(h)
+        h = self.act(gate) * up if self.glu else self.act(h)
         return self.dropout(self.c_proj(h))
 
 
@@ -225,22 +224,19 @@ class Block(nn.Module):
 
     def forward(self, x, pos, kv_cache=None, layer=0, ve=None):
         x = x + self.attn(self.ln_1(x), pos, kv_cache, layer, ve)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        return x + self.mlp(self.ln_2(x))
 
 
 def check_input(idx, config: GPTConfig, kv_cache: Optional[KVCache] = None) -> None:
     """Raise ValueError unless idx is (B, T) int64 ids in [0, vocab_size), 1 <= T <=
     block_size (and T fits the cache): checked once, before the embedding sees them."""
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
-        raise ValueError(f"GPT: idx must be a (B, T) int64 tensor, got "
-                         f"{getattr(idx, 'dtype', type(idx))} of shape "
-                         f"{tuple(getattr(idx, 'shape', ()))}")
+        kind, shape = getattr(idx, "dtype", type(idx)), tuple(getattr(idx, "shape", ()))
+        raise ValueError(f"GPT: idx must be a (B, T) int64 tensor, got {kind} of shape {shape}")
     T, V = idx.shape[1], config.vocab_size
     if T == 0 or T > config.block_size:
         raise ValueError(f"GPT: sequence length T={T} must be in [1, block_size="
-                         f"{config.block_size}] (GPT.with_block_size makes a copy for a longer "
-                         f"context)")
+                         f"{config.block_size}] (GPT.with_block_size copies for longer contexts)")
     if kv_cache is not None:
         kv_cache.check_room(T)
     # Skipped while torch.compile traces, where it would be a data-dependent branch.
@@ -262,6 +258,8 @@ def init_weights(model: "GPT") -> None:
         if isinstance(module, nn.Linear) and module.bias is not None:
             torch.nn.init.zeros_(module.bias)
     for name, p in model.named_parameters():
+        if name.endswith("attn.gate.weight"):  # attn_gate: every gate starts at 1
+            torch.nn.init.zeros_(p)
         if name.endswith("c_proj.weight"):
             if config.zero_init_proj:
                 torch.nn.init.zeros_(p)

@@ -93,7 +93,7 @@ def test_fixed_on_resume_is_the_shape_and_the_tokenizer():
         "tokenizer", "optimizer", "init_from", "block_size", "n_layer", "n_head", "n_kv_head",
         "n_embd", "head_dim", "bias", "attn_bias", "mlp_bias", "norm_bias", "pos_embedding",
         "rope_theta", "rope_scaling", "norm", "norm_eps", "mlp", "intermediate_size",
-        "activation", "qk_norm", "value_embeds", "unet_skips", "logit_softcap",
+        "activation", "qk_norm", "attn_gate", "value_embeds", "unet_skips", "logit_softcap",
         "tie_embeddings", "zero_init_proj", "window", "layer_heads", "layer_kv_heads"}
 
 

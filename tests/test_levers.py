@@ -1,5 +1,6 @@
-"""The training levers from the modded-nanogpt speedrun: value embeddings, U-net skips, logit
-soft-capping (GPTConfig), and the batch-size / sequence-length ramps (TrainConfig)."""
+"""The training levers: from the modded-nanogpt speedrun value embeddings, U-net skips, logit
+soft-capping (GPTConfig), and the batch-size / sequence-length ramps (TrainConfig); gated
+attention (GPTConfig.attn_gate)."""
 
 import json
 import math
@@ -122,6 +123,39 @@ def test_levers_get_gradients_and_the_right_optimizer():
         assert id(names[name]) not in muon_ids, name  # embeddings and scalars: AdamW
 
 
+def test_attention_gates_scale_each_head_by_two_sigmoids_of_the_input():
+    gated = build(attn_gate=True)
+    plain = build()
+    perturb(plain)
+    shared_weights(plain, gated)
+    idx = torch.randint(50, (3, 16))
+    # Zero-initialised, every gate is 2 sigmoid(0) = 1: the model is the ungated one.
+    assert all(not b.attn.gate.weight.any() for b in build(attn_gate=True).transformer.h)
+    torch.testing.assert_close(gated(idx)[0], plain(idx)[0], rtol=0, atol=1e-12)
+    # With random gates, one layer's output by hand: head h's output times 2 sigmoid(x . w_h).
+    perturb(gated, seed=2)
+    attn = gated.transformer.h[1].attn
+    x = torch.randn(3, 16, 32, dtype=torch.float64)
+    pos = torch.arange(16)
+    q, k, v = attn.qkv(x, pos)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(8)
+    scores = scores.masked_fill(torch.ones(16, 16, dtype=torch.bool).triu(1), float("-inf"))
+    y = (scores.softmax(-1) @ v).transpose(1, 2)  # (B, T, nh, hd)
+    g = 2 * torch.sigmoid(x @ attn.gate.weight.t())  # (B, T, nh)
+    want = attn.c_proj((y * g.unsqueeze(-1)).reshape(3, 16, 32))
+    torch.testing.assert_close(attn(x, pos), want, rtol=0, atol=1e-12)
+    # The gates learn with AdamW without weight decay, as gains do, not with Muon.
+    model = build(attn_gate=True).float().train()
+    _, loss = model(idx, idx.roll(1, dims=1))
+    loss.backward()
+    gate = model.transformer.h[0].attn.gate.weight
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
+    adamw, muon = build_optimizer(model, TrainConfig(), "cpu").members
+    assert all(id(gate) != id(p) for g in muon.param_groups for p in g["params"])
+    assert [g["weight_decay"] for g in adamw.param_groups if any(p is gate for p in g["params"])] \
+        == [0.0]
+
+
 def test_param_count_includes_the_tables():
     model = build(value_embeds=2, unet_skips=True)
     assert model.num_params() == build().num_params() + 2 * 50 * 32 + 2 + 4 * 2  # tables, skips, mixes
@@ -143,7 +177,8 @@ def test_lever_config_errors(kw, pattern):
 
 @pytest.mark.parametrize("kw, name", [(dict(value_embeds=1), "value_embeds"),
                                       (dict(unet_skips=True), "unet_skips"),
-                                      (dict(logit_softcap=30.0), "logit_softcap")])
+                                      (dict(logit_softcap=30.0), "logit_softcap"),
+                                      (dict(attn_gate=True), "attn_gate")])
 def test_export_names_the_lever_transformers_lacks(kw, name):
     cfg = GPTConfig(**{**BASE, "pos_embedding": "learned", **kw})
     with pytest.raises(PretrainedError, match=name):

@@ -216,9 +216,9 @@ GPT2_LIKE = dict(pos_embedding="learned", activation="gelu_tanh", bias=True, nor
     LLAMA_LIKE, GPT2_LIKE, dict(mlp="glu", activation="gelu"),
     dict(attn_bias=True, mlp_bias=False, norm_bias=False), dict(value_embeds=2, n_layer=4),
     dict(unet_skips=True, n_layer=4), dict(logit_softcap=3.0),
-    dict(value_embeds=1, unet_skips=True, logit_softcap=3.0, n_layer=4)],
+    dict(value_embeds=1, unet_skips=True, logit_softcap=3.0, n_layer=4), dict(attn_gate=True)],
     ids=["llama-like", "gpt2-like", "geglu", "attn-bias-only", "value_embeds", "unet", "softcap",
-         "levers"])
+         "levers", "attn_gate"])
 def test_model_options_decode_with_the_cache_as_without(options):
     """Learned positions must follow the cache's offset; every option runs through attention.
     Parameters are random (an initialised model hides mistakes: zero-initialised tables and

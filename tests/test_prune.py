@@ -48,13 +48,19 @@ def gates_without(cfg, removed):
     return g
 
 
-@pytest.mark.parametrize("n_kv_head, removed, layer_heads, layer_kv_heads", [
-    (4, [(0, 1), (1, 0), (1, 3), (2, 2)], (3, 2, 3), (3, 2, 3)),  # MHA: k, v go with q
-    (2, [(0, 1), (0, 3), (1, 0), (1, 1)], (2, 2, 4), (2, 1, 2)),  # GQA: shrink / drop a group
-    (1, [(0, 1), (1, 0), (1, 3), (2, 2)], (3, 2, 3), (1, 1, 1)),  # MQA: the kv head stays
+@pytest.mark.parametrize("n_kv_head, removed, layer_heads, layer_kv_heads, attn_gate", [
+    (4, [(0, 1), (1, 0), (1, 3), (2, 2)], (3, 2, 3), (3, 2, 3), False),  # MHA: k, v go with q
+    (2, [(0, 1), (0, 3), (1, 0), (1, 1)], (2, 2, 4), (2, 1, 2), False),  # GQA: shrink / drop
+    (1, [(0, 1), (1, 0), (1, 3), (2, 2)], (3, 2, 3), (1, 1, 1), False),  # MQA: kv head stays
+    (2, [(0, 1), (0, 3), (1, 0), (1, 1)], (2, 2, 4), (2, 1, 2), True),  # gates go with q
 ])
-def test_pruned_model_equals_masked_model(n_kv_head, removed, layer_heads, layer_kv_heads):
-    model = tiny(n_kv_head=n_kv_head)
+def test_pruned_model_equals_masked_model(n_kv_head, removed, layer_heads, layer_kv_heads,
+                                          attn_gate):
+    model = tiny(n_kv_head=n_kv_head, attn_gate=attn_gate)
+    if attn_gate:  # random gates, so that keeping the wrong rows shows
+        with torch.no_grad():
+            for block in model.transformer.h:
+                block.attn.gate.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
     pruned = prune.prune_heads(model, removed)
     assert pruned.config.layer_heads == layer_heads
     assert pruned.config.layer_kv_heads == layer_kv_heads

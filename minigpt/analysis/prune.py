@@ -241,6 +241,8 @@ def prune_heads(model: GPT, heads: Iterable[Head]) -> GPT:
         if prefix + "c_attn.bias" in state:
             state[prefix + "c_attn.bias"] = state[prefix + "c_attn.bias"][rows]
         state[prefix + "c_proj.weight"] = state[prefix + "c_proj.weight"][:, cols]
+        if prefix + "gate.weight" in state:  # attn_gate: one row per query head
+            state[prefix + "gate.weight"] = state[prefix + "gate.weight"][kq]
     pruned.load_state_dict(state)
     return pruned.train(model.training)
 

@@ -213,6 +213,8 @@ def export_architecture(cfg: GPTConfig) -> str:
         shared.append(f"value_embeds={cfg.value_embeds} (neither has value embeddings)")
     if cfg.unet_skips:
         shared.append("unet_skips=True (neither has skips between blocks)")
+    if cfg.attn_gate:
+        shared.append("attn_gate=True (neither gates its attention heads)")
     if cfg.logit_softcap is not None:
         shared.append(f"logit_softcap={cfg.logit_softcap} (neither caps its logits)")
     if cfg.layer_heads is not None:

@@ -1,13 +1,13 @@
 """The training loop: train(cfg) trains a GPT as a TrainConfig says and returns a TrainResult.
 
-A step with the default settings (TrainConfig, preset "shakespeare_char"): windows from shuffled
-passes over the corpus (BatchSampler); forward and backward under bf16 autocast where the device
-has bf16 (CUDA; CPUs with AVX512_BF16 or AMX; else float32, or float16 with a GradScaler on older
-GPUs); the gradient's norm clipped to 1.0; Muon (Jordan et al. 2024) for the blocks' matrices,
-AdamW (Loshchilov & Hutter 2019) for the rest (minigpt.train.optim); the learning rate warmed up
-for 30 steps, held, then decayed linearly over the last 40% (lr_at); the weights' moving average
-updated (update_ema), which evaluations and checkpoints use. Settings add gradient accumulation,
-ramps, a cosine schedule, a time budget, torch.compile; torchrun gives DistributedDataParallel.
+A default step (TrainConfig, preset "shakespeare_char"): windows from shuffled passes over the
+corpus (BatchSampler); forward and backward under bf16 autocast where the device has bf16 (CUDA;
+CPUs with AVX512_BF16 or AMX; else float32, or float16 with a GradScaler on older GPUs); the
+gradient's norm clipped to 1.0; Muon (Jordan et al. 2024) for the blocks' matrices, AdamW
+(Loshchilov & Hutter 2019) for the rest (minigpt.train.optim); the learning rate warmed up for
+30 steps, held, then decayed linearly over the last half (lr_at); the weights' moving average
+(update_ema) is what evaluations and checkpoints use. Settings add gradient accumulation, ramps,
+a cosine schedule, a time budget, torch.compile; torchrun gives DistributedDataParallel.
 
 train() reads top to bottom: setup() (Run: what stays fixed; Progress: what the loop changes),
 then evaluate_and_save() every eval_interval steps and train_step() until max_iters, the time
