@@ -79,10 +79,8 @@ def test_a_saved_config_without_the_new_settings_means_what_it_meant():
                 "muon_momentum", "muon_weight_decay"):
         saved.pop(key)
     saved["model"].pop("qk_norm")
-    saved["model"].pop("attn_gate")
     old = TrainConfig.from_saved(saved)
     assert (old.optimizer, old.lr_schedule, old.model.qk_norm) == ("adamw", "cosine", False)
-    assert today.model.attn_gate and not old.model.attn_gate
     flat = {k: v for k, v in saved.items() if k != "model"}
     flat.update({k: v for k, v in saved["model"].items()})
     assert TrainConfig.from_saved(flat) == old

@@ -32,7 +32,8 @@ ABLATIONS: Dict[str, tuple] = {
     "adamw": ("AdamW for every parameter instead of Muon for the hidden matrices",
               {"optimizer": "adamw"}),
     "no_qk_norm": ("no QK-norm", {"model": {"qk_norm": False}}),
-    "no_attn_gate": ("no attention gates (Qiu et al. 2025)", {"model": {"attn_gate": False}}),
+    "attn_gate": ("gated attention: each head's output times 2 sigmoid(x . w_h) (Qiu et al. "
+                  "2025)", {"model": {"attn_gate": True}}),
     "cosine": ("cosine decay instead of warmup-stable-decay", {"lr_schedule": "cosine"}),
     "warmup_100": ("100 warmup steps instead of 30", {"warmup_iters": 100}),
     "momentum_0.95": ("Muon momentum 0.95 (torch's default) instead of 0.9",
@@ -67,7 +68,7 @@ ABLATIONS: Dict[str, tuple] = {
                          {"optimizer": "adamw", "lr_schedule": "cosine", "warmup_iters": 100,
                           "learning_rate": 2e-3, "dtype": "float32", "data_order": "random",
                           "ema_decay": 0.0, "batch_size": 32,
-                          "model": {"qk_norm": False, "attn_gate": False, "block_size": 64}}),
+                          "model": {"qk_norm": False, "block_size": 64}}),
 }
 
 

@@ -28,15 +28,14 @@ LRSchedule = Literal["cosine", "wsd"]
 Logger = Literal["none", "tensorboard", "wandb"]
 
 # TrainConfig's model when none is given: the preset "shakespeare_char" (nanoGPT's CPU recipe's
-# width and depth, with QK-norm, gated attention, and 256-token windows as in its GPU recipe).
-DEFAULT_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=256, qk_norm=True,
-                     attn_gate=True)
+# width and depth, with QK-norm, and 256-token windows as in its GPU recipe).
+DEFAULT_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=256, qk_norm=True)
 
 # What settings added since checkpoints were first written meant before they existed: a saved
 # config without them describes a run that used these values (see TrainConfig.from_saved).
 SAVED_BEFORE = {"optimizer": "adamw", "lr_schedule": "cosine", "data_order": "random",
                 "ema_decay": 0.0}
-MODEL_SAVED_BEFORE = {"qk_norm": False, "attn_gate": False}
+MODEL_SAVED_BEFORE = {"qk_norm": False}
 
 
 @dataclass
@@ -74,7 +73,7 @@ class TrainConfig:
     data_order: DataOrder = "epochs"  # "epochs": passes over the corpus in shuffled windows,
                                       # each token once per pass; "random": windows at
                                       # uniformly random tokens, with replacement (nanoGPT's)
-    max_iters: int = 1500             # optimizer steps
+    max_iters: int = 1600             # optimizer steps
     learning_rate: float = 3e-3       # peak learning rate
     min_lr: float = 2e-4              # floor of the cosine decay
     warmup_iters: int = 30            # linear warmup steps
