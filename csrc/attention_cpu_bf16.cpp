@@ -257,7 +257,11 @@ void run_forward(const AttentionParams& p) {
           else
             tile_gemm<T>(rows, nk, D, qbuf, D, kt_pair + j0, Tk, s, BK, false);
           // Online softmax per row (Alg. 1), P written as T for the product with V.
-          online_softmax<T>(p, rb, s, BK, j0, nk, row_max, row_sum, acc, pbuf);
+          if (dp && p.alibi_slopes == nullptr)
+            dpbf16::softmax_rows(p, rb, s, BK, j0, nk, row_max, row_sum, acc,
+                                 reinterpret_cast<uint16_t*>(pbuf));
+          else
+            online_softmax<T>(p, rb, s, BK, j0, nk, row_max, row_sum, acc, pbuf);
           // O~ += P V_j (an odd last key pairs with a zero column of P).
           if (dp) {
             if (nk % 2)
@@ -410,15 +414,20 @@ void run_backward(const AttentionParams& p) {
               tile_gemm<T>(nq, nk, D, doi, p.dout_stride.t, vt, nk, dpt, BK, false);
             }
             const int64_t row0 = (b * p.Hq + h) * p.Tq + r0;
-            for (int64_t r = 0; r < nq; ++r) {
-              float* sr = s + r * BK;
-              transform_row(p, sr, nk, r0 + r, j0, slope, alibi);
-              const float lse = p.lse[row0 + r];
-              // P = exp(S - lse); a row with no visible key (lse = -inf) has P = 0.
-              const float m = lse == kNegInf ? std::numeric_limits<float>::infinity() : lse;
-              exp_row<T>(sr, m, nk, pb + r * BK);
-              ds_row<T>(sr, dpt + r * BK, delta[row0 + r], p.scale, nk, dsb + r * BK);
-            }
+            if (dp && !alibi)  // P and dS in one pass per row
+              dpbf16::backward_rows(p, s, dpt, BK, nq, r0, j0, nk, p.lse + row0,
+                                    delta.data() + row0, reinterpret_cast<uint16_t*>(pb),
+                                    reinterpret_cast<uint16_t*>(dsb));
+            else
+              for (int64_t r = 0; r < nq; ++r) {
+                float* sr = s + r * BK;
+                transform_row(p, sr, nk, r0 + r, j0, slope, alibi);
+                const float lse = p.lse[row0 + r];
+                // P = exp(S - lse); a row with no visible key (lse = -inf) has P = 0.
+                const float m = lse == kNegInf ? std::numeric_limits<float>::infinity() : lse;
+                exp_row<T>(sr, m, nk, pb + r * BK);
+                ds_row<T>(sr, dpt + r * BK, delta[row0 + r], p.scale, nk, dsb + r * BK);
+              }
             // dV_j += P^T dO_i, dK_j += dS^T Q_i (dS carries the scale), dQ_i += dS K_j.
             if (dp) {
               // P^T and dS^T with rows paired (an odd last row pairs with zeros); an odd last

@@ -121,19 +121,6 @@ void gemm(int64_t M, int64_t N, int64_t Kp, const uint32_t* a, int64_t lda, cons
   }
 }
 
-// dst word (dp, c), leading dim ldd, = (x[c][2dp], x[c][2dp+1]) for c < n, dp < D/2: x (n x D)
-// bf16 with row stride ldx (even), D even.
-void pack_t32(int64_t n, int64_t D, const uint16_t* x, int64_t ldx, uint32_t* dst, int64_t ldd) {
-  const int64_t Dp = D / 2, ldw = ldx / 2;
-  const uint32_t* xw = reinterpret_cast<const uint32_t*>(x);
-  constexpr int64_t kB = 16;  // cache blocking
-  for (int64_t c0 = 0; c0 < n; c0 += kB)
-    for (int64_t d0 = 0; d0 < Dp; d0 += kB)
-      for (int64_t c = c0; c < std::min(n, c0 + kB); ++c)
-        for (int64_t dp = d0; dp < std::min(Dp, d0 + kB); ++dp)
-          dst[dp * ldd + c] = xw[c * ldw + dp];
-}
-
 // dst word (cp, d), leading dim D, = (x[2cp][d], x[2cp+1][d]) for cp < ceil(n/2), d < D; a
 // missing row 2cp+1 = n reads as 0. x (n x D) bf16 with row stride ldx.
 void pack_pairs(int64_t n, int64_t D, const uint16_t* x, int64_t ldx, uint32_t* dst) {
@@ -179,6 +166,23 @@ inline void transpose16(__m512i r[16]) {
   }
 }
 
+// dst word (dp, c), leading dim ldd, = (x[c][2dp], x[c][2dp+1]) for c < n, dp < D/2: x (n x D)
+// bf16 with row stride ldx (even), D even: the transpose of x read as (n x D/2) 32-bit words, in
+// 16 x 16 word blocks (transpose16) where whole blocks fit, word by word at the edges.
+void pack_t32(int64_t n, int64_t D, const uint16_t* x, int64_t ldx, uint32_t* dst, int64_t ldd) {
+  const int64_t Dp = D / 2, ldw = ldx / 2, full_c = n / 16 * 16, full_dp = Dp / 16 * 16;
+  const uint32_t* xw = reinterpret_cast<const uint32_t*>(x);
+  for (int64_t c0 = 0; c0 < full_c; c0 += 16)
+    for (int64_t d0 = 0; d0 < full_dp; d0 += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(xw + (c0 + i) * ldw + d0);
+      transpose16(r);
+      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(dst + (d0 + j) * ldd + c0, r[j]);
+    }
+  for (int64_t dp = 0; dp < Dp; ++dp)  // the edges
+    for (int64_t c = dp < full_dp ? full_c : 0; c < n; ++c) dst[dp * ldd + c] = xw[c * ldw + dp];
+}
+
 // dst word (c, rp), leading dim ldd, = (x[2rp][c], x[2rp+1][c]) for c < cols, rp <
 // ceil(rows/2); a missing row 2rp+1 = rows reads as 0. x (rows x cols) bf16 with row stride
 // ldx. The A operand X^T of dV += P^T dO and dK += dS^T Q, in 16 x 16 word blocks.
@@ -205,6 +209,116 @@ void pack_pairs_transposed(int64_t rows, int64_t cols, const uint16_t* x, int64_
     for (int64_t rp = c < full_c ? full_rp : 0; rp < n_rp; ++rp) dst[c * ldd + rp] = word(rp, c);
 }
 
+
+// exp of 16 floats: exp_poly's range reduction and polynomial (Cephes expf, about 1 ulp);
+// below -87 gives 0, NaN stays NaN.
+inline __m512 exp16(__m512 x) {
+  const __m512 xc = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  for (float coef : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
+                     5.0000001201e-1f})
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(coef));
+  y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  const __m512 e = _mm512_mul_ps(y, _mm512_castsi512_ps(bits));
+  return _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ),
+                            _mm512_setzero_ps());
+}
+
+// Keys [lo, hi) of a tile (keys j0 .. j0 + nk - 1) that query row t may see, as transform_row
+// (cpu16_tiles.h) masks them: causal, and the window's first key.
+inline void visible_keys(const AttentionParams& p, int64_t t, int64_t j0, int64_t nk, int64_t* lo,
+                         int64_t* hi) {
+  *lo = 0;
+  *hi = nk;
+  if (p.causal) {
+    *hi = std::clamp<int64_t>(t + p.causal_offset() - j0 + 1, 0, nk);
+    *lo = std::clamp<int64_t>(p.first_key(t) - j0, 0, *hi);
+  }
+}
+
+// Lanes i of the 16 keys c .. c + 15 with lo <= c + i < hi.
+inline __mmask16 key_mask(int64_t c, int64_t lo, int64_t hi) {
+  const uint32_t a = static_cast<uint32_t>(std::clamp<int64_t>(lo - c, 0, 16));
+  const uint32_t b = static_cast<uint32_t>(std::clamp<int64_t>(hi - c, 0, 16));
+  return static_cast<__mmask16>(((1u << b) - 1) & ~((1u << a) - 1));
+}
+
+// online_softmax (cpu16_tiles.h) for the forward's rows without ALiBi, in two passes over each
+// row of raw scores s (rows x nk float32, leading dim ld) instead of five: the max of the scaled
+// visible scores, then P = exp(scale s - m) written as bf16 to pt (leading dim ld; lanes past nk
+// up to the next 16 are written as 0), its float32 sum, and O~ (rows x D) rescaled. The keys a
+// row may not see (causal, window) stay out of the max and get P = 0. s is left as it was.
+void softmax_rows(const AttentionParams& p, const RowBlock& rb, const float* s, int64_t ld,
+                  int64_t j0, int64_t nk, float* row_max, float* row_sum, float* acc,
+                  uint16_t* pt) {
+  const __m512 scale = _mm512_set1_ps(p.scale);
+  for (int64_t r = 0; r < rb.rows; ++r) {
+    int64_t lo, hi;
+    visible_keys(p, rb.pos(r), j0, nk, &lo, &hi);
+    const float* sr = s + r * ld;
+    __m512 mv = _mm512_set1_ps(kNegInf);
+    for (int64_t c = 0; c < nk; c += 16) {
+      const __mmask16 m = key_mask(c, lo, hi);
+      mv = _mm512_mask_max_ps(mv, m, mv, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sr + c), scale));
+    }
+    const float m_new = std::max(row_max[r], _mm512_reduce_max_ps(mv));
+    // A row that has seen only masked keys keeps m = -inf; use 0 to keep exp(-inf) = 0.
+    const float m_safe = m_new == kNegInf ? 0.0f : m_new;
+    const float alpha = exp_poly(row_max[r] - m_safe);
+    const __m512 mb = _mm512_set1_ps(m_safe);
+    __m512 sum = _mm512_setzero_ps();
+    uint16_t* pr = pt + r * ld;
+    for (int64_t c = 0; c < nk; c += 16) {
+      const __mmask16 m = key_mask(c, lo, hi);
+      const __m512 x = _mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, sr + c), scale), mb);
+      const __m512 e = _mm512_maskz_mov_ps(m, exp16(x));
+      sum = _mm512_add_ps(sum, e);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + c), (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    row_sum[r] = alpha * row_sum[r] + _mm512_reduce_add_ps(sum);
+    row_max[r] = m_new;
+    if (alpha != 1.0f)
+      for (int64_t d = 0; d < p.D; ++d) acc[r * p.D + d] *= alpha;
+  }
+}
+
+// The backward's rows without ALiBi (transform_row, exp_row and ds_row of cpu16_tiles.h in one
+// pass over each row): P = exp(scale s - lse) and dS = scale P (dP - delta), written as bf16 to
+// pt and dst (leading dim ld; lanes past nk up to the next 16 are written as 0); the keys a row
+// may not see get 0. s and dp: the raw scores and dO V^T of rows r0 .. r0 + nq - 1 (nq x nk
+// float32, leading dim ld), left as they were; lse and delta: those rows' values.
+void backward_rows(const AttentionParams& p, const float* s, const float* dp, int64_t ld,
+                   int64_t nq, int64_t r0, int64_t j0, int64_t nk, const float* lse,
+                   const float* delta, uint16_t* pt, uint16_t* dst) {
+  const __m512 scale = _mm512_set1_ps(p.scale);
+  for (int64_t r = 0; r < nq; ++r) {
+    int64_t lo, hi;
+    visible_keys(p, r0 + r, j0, nk, &lo, &hi);
+    // A row with no visible key (lse = -inf) has P = 0: subtract +inf.
+    const __m512 m = _mm512_set1_ps(lse[r] == kNegInf ? std::numeric_limits<float>::infinity()
+                                                      : lse[r]);
+    const __m512 dl = _mm512_set1_ps(delta[r]);
+    for (int64_t c = 0; c < nk; c += 16) {
+      const __mmask16 k = key_mask(c, lo, hi);
+      const __m512 sv = _mm512_maskz_loadu_ps(k, s + r * ld + c);
+      const __m512 x = _mm512_sub_ps(_mm512_mul_ps(sv, scale), m);
+      const __m512 pv = _mm512_maskz_mov_ps(k, exp16(x));
+      const __m512 ds = _mm512_mul_ps(
+          _mm512_mul_ps(scale, pv), _mm512_sub_ps(_mm512_maskz_loadu_ps(k, dp + r * ld + c), dl));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pt + r * ld + c),
+                          (__m256i)_mm512_cvtneps_pbh(pv));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + r * ld + c),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mov_ps(k, ds)));
+    }
+  }
+}
+
 }  // namespace dpbf16
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -226,6 +340,15 @@ inline void pack_t32(int64_t, int64_t, const uint16_t*, int64_t, uint32_t*, int6
   TORCH_CHECK(false, "minigpt: AVX512-BF16 tiles are not built for this CPU");
 }
 inline void pack_pairs(int64_t, int64_t, const uint16_t*, int64_t, uint32_t*) {
+  TORCH_CHECK(false, "minigpt: AVX512-BF16 tiles are not built for this CPU");
+}
+inline void softmax_rows(const AttentionParams&, const RowBlock&, const float*, int64_t, int64_t,
+                         int64_t, float*, float*, float*, uint16_t*) {
+  TORCH_CHECK(false, "minigpt: AVX512-BF16 tiles are not built for this CPU");
+}
+inline void backward_rows(const AttentionParams&, const float*, const float*, int64_t, int64_t,
+                          int64_t, int64_t, int64_t, const float*, const float*, uint16_t*,
+                          uint16_t*) {
   TORCH_CHECK(false, "minigpt: AVX512-BF16 tiles are not built for this CPU");
 }
 inline void pack_pairs_transposed(int64_t, int64_t, const uint16_t*, int64_t, uint32_t*, int64_t) {
