@@ -1,5 +1,6 @@
 import os
 import random
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,10 @@ def pytest_configure(config):
     cache = SHARED / "tiktoken_cache"
     if "TIKTOKEN_CACHE_DIR" not in os.environ and cache.is_dir():
         os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+    # A run started in the background of a non-interactive shell (`cmd &`) inherits SIGINT
+    # ignored, and so would every process the tests start: the Ctrl-C tests need the default.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
