@@ -177,16 +177,14 @@ def build_optimizer(model: torch.nn.Module, cfg, device_type: str) -> Optimizers
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     muon = cfg.optimizer == "muon"
-    # attn_gate's gates (n_head x n_embd, one row per head) train like gains: AdamW, no decay.
-    gates = {id(p) for n, p in named if n.endswith(".attn.gate.weight")}
-    hidden = [p for n, p in named if muon and p.dim() >= 2 and n.startswith("transformer.h.")
-              and id(p) not in gates]
+    # Gains, biases, scalars and attn_gate's gates (one row per head): AdamW without decay.
+    gains = {id(p) for n, p in named if p.dim() < 2 or n.endswith(".attn.gate.weight")}
+    hidden = [p for n, p in named if muon and id(p) not in gains and n.startswith("transformer.h.")]
     hidden_ids = {id(p) for p in hidden}
     rest = [p for _, p in named if id(p) not in hidden_ids]
     adamw_groups = [
-        {"params": [p for p in rest if p.dim() >= 2 and id(p) not in gates],
-         "weight_decay": cfg.weight_decay},
-        {"params": [p for p in rest if p.dim() < 2 or id(p) in gates], "weight_decay": 0.0},
+        {"params": [p for p in rest if id(p) not in gains], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in rest if id(p) in gains], "weight_decay": 0.0},
     ]
     members = [_adamw([g for g in adamw_groups if g["params"]], cfg, device_type)]
     if hidden:
