@@ -1,7 +1,8 @@
 // minigpt: QK-norm and RoPE of the queries and keys in one pass, forward and backward, on the CPU.
 //
 // What CausalSelfAttention.qkv does to c_attn's output, fused: the output's query, key and value
-// heads become three float32 tensors (the dtype attention computes in on the CPU), and per query
+// heads become three tensors in the dtype attention computes in on the CPU (float32, or bfloat16
+// where the bf16 attention kernels run under autocast), and per query
 // or key head vector x (head_dim values) at position t,
 //   n = x * rstd, rstd = 1 / sqrt(mean(x^2) + eps)       (RMSNorm, Zhang & Sennrich 2019;
 //   y = n * gain                                         QK-norm, Henry et al. 2020)
@@ -11,9 +12,10 @@
 // under CPU autocast, bfloat16 or float16: it is read in its own dtype and computed in float32,
 // so the cast to float32 costs no pass of its own, and the backward writes the gradient of
 // c_attn's output in that dtype, whole, so that no concatenation of the heads' gradients and
-// no cast back follow it. The unfused PyTorch code computes the same values in several passes
-// over memory, each with its own autograd node; on two CPU cores the norm alone was about 15%
-// of a training step of the default model.
+// no cast back follow it. The arithmetic is float32 throughout; a bfloat16 output is rounded
+// once, at the store, and bfloat16 gradients are read as they come. The unfused PyTorch code
+// computes the same values in several passes over memory, each with its own autograd node; on two
+// CPU cores the norm alone was about 15% of a training step of the default model.
 //
 // Backward, given dout: dy = the rotation by -a of dout; dgain += dy * n over every vector of the
 // head kind; dn = dy * gain; dx = rstd * (dn - n * mean(dn * n)). The values' gradient is copied.
@@ -85,9 +87,9 @@ void with_qkv_type(at::ScalarType t, F&& f) {
   }
 }
 
-template <typename T>
-void forward_rows(const Operands& a, const T* x, float* q, float* k, float* v, float* rs,
-                  float eps, bool norm) {
+template <typename T, typename O>
+void forward_rows(const Operands& a, const T* x, O* q, O* k, O* v, float* rs, float eps,
+                  bool norm) {
   const int64_t T_ = a.T, H = a.n_q + a.n_k, D = a.D, P = a.P;
   at::parallel_for(0, a.B * T_, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> xf(D), y(D);
@@ -99,7 +101,7 @@ void forward_rows(const Operands& a, const T* x, float* q, float* k, float* v, f
       for (int64_t h = 0; h < H; ++h) {
         const bool is_q = h < a.n_q;
         const T* xh = xr + h * D;
-        float* o = is_q ? q + (bt * a.n_q + h) * D : k + (bt * a.n_k + h - a.n_q) * D;
+        O* o = is_q ? q + (bt * a.n_q + h) * D : k + (bt * a.n_k + h - a.n_q) * D;
         const float* g = is_q ? a.gq : a.gk;
         for (int64_t d = 0; d < D; ++d) xf[d] = static_cast<float>(xh[d]);
         float r = 1.f;
@@ -112,60 +114,73 @@ void forward_rows(const Operands& a, const T* x, float* q, float* k, float* v, f
         for (int64_t d = 0; d < D; ++d) y[d] = xf[d] * r * (g ? g[d] : 1.f);
         for (int64_t i = 0; i < P; ++i) {
           const float ya = y[2 * i], yb = y[2 * i + 1];
-          o[2 * i] = ya * ct[i] - yb * sn[i];
-          o[2 * i + 1] = ya * sn[i] + yb * ct[i];
+          o[2 * i] = static_cast<O>(ya * ct[i] - yb * sn[i]);
+          o[2 * i + 1] = static_cast<O>(ya * sn[i] + yb * ct[i]);
         }
       }
       const T* xv = xr + H * D;  // the values: cast
-      float* vo = v + bt * a.n_k * D;
-      for (int64_t d = 0; d < a.n_k * D; ++d) vo[d] = static_cast<float>(xv[d]);
+      O* vo = v + bt * a.n_k * D;
+      for (int64_t d = 0; d < a.n_k * D; ++d) vo[d] = static_cast<O>(static_cast<float>(xv[d]));
     }
   });
 }
 
-// q (B, T, n_q, head_dim), k and v (B, T, n_k, head_dim), float32; rstd (B, T, n_q + n_k)
-// (empty without norm).
+// q (B, T, n_q, head_dim), k and v (B, T, n_k, head_dim), in out_dtype (float32 or bfloat16;
+// default float32); rstd (B, T, n_q + n_k) float32 (empty without norm).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qkv_norm_rope_forward(
     const at::Tensor& qkv, int64_t n_q, int64_t n_k, int64_t head_dim,
     const c10::optional<at::Tensor>& q_gain, const c10::optional<at::Tensor>& k_gain,
-    const at::Tensor& cos, const at::Tensor& sin, double eps, bool norm) {
+    const at::Tensor& cos, const at::Tensor& sin, double eps, bool norm,
+    c10::optional<at::ScalarType> out_dtype) {
   const char* op = "minigpt::qkv_norm_rope_forward";
   const Operands a = operands(op, qkv, n_q, n_k, head_dim, q_gain, k_gain, cos, sin);
+  const at::ScalarType out = out_dtype.value_or(at::kFloat);
+  TORCH_CHECK(out == at::kFloat || out == at::kBFloat16, op,
+              ": out_dtype must be float32 or bfloat16, got ", out);
   const auto f32 = qkv.options().dtype(at::kFloat);
-  at::Tensor q = at::empty({a.B, a.T, n_q, head_dim}, f32);
-  at::Tensor k = at::empty({a.B, a.T, n_k, head_dim}, f32);
-  at::Tensor v = at::empty({a.B, a.T, n_k, head_dim}, f32);
+  const auto o = qkv.options().dtype(out);
+  at::Tensor q = at::empty({a.B, a.T, n_q, head_dim}, o);
+  at::Tensor k = at::empty({a.B, a.T, n_k, head_dim}, o);
+  at::Tensor v = at::empty({a.B, a.T, n_k, head_dim}, o);
   at::Tensor rstd = norm ? at::empty({a.B, a.T, n_q + n_k}, f32) : at::empty({0}, f32);
   with_qkv_type(qkv.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    forward_rows<T>(a, static_cast<const T*>(qkv.data_ptr()), q.data_ptr<float>(),
-                    k.data_ptr<float>(), v.data_ptr<float>(),
-                    norm ? rstd.data_ptr<float>() : nullptr, static_cast<float>(eps), norm);
+    const T* x = static_cast<const T*>(qkv.data_ptr());
+    float* rs = norm ? rstd.data_ptr<float>() : nullptr;
+    if (out == at::kBFloat16) {
+      forward_rows<T, at::BFloat16>(a, x, q.data_ptr<at::BFloat16>(), k.data_ptr<at::BFloat16>(),
+                                    v.data_ptr<at::BFloat16>(), rs, static_cast<float>(eps), norm);
+    } else {
+      forward_rows<T, float>(a, x, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
+                             rs, static_cast<float>(eps), norm);
+    }
   });
   return {q, k, v, rstd};
 }
 
-// A gradient of one of the forward's outputs: float32, (B, T, heads, head_dim), any strides
-// with the last dimension contiguous (attention's gradients arrive transposed).
+// A gradient of one of the forward's outputs: float32 or bfloat16 (G), (B, T, heads, head_dim),
+// any strides with the last dimension contiguous (attention's gradients arrive transposed).
+template <typename G>
 struct GradView {
-  const float* p;
+  const G* p;
   int64_t sb, st, sh;
 };
 
-GradView grad_view(const char* op, const char* name, const at::Tensor& g, int64_t B, int64_t T,
-                   int64_t heads, int64_t D) {
-  TORCH_CHECK(g.scalar_type() == at::kFloat && g.device().is_cpu() &&
-                  g.sizes() == at::IntArrayRef({B, T, heads, D}) && g.stride(3) == 1,
-              op, ": ", name, " must be float32 (", B, ", ", T, ", ", heads, ", ", D,
-              ") with its last dimension contiguous, got ", g.scalar_type(), " ", g.sizes());
-  return {g.data_ptr<float>(), g.stride(0), g.stride(1), g.stride(2)};
+template <typename G>
+GradView<G> grad_view(const char* op, const char* name, const at::Tensor& g, int64_t B,
+                      int64_t T, int64_t heads, int64_t D) {
+  TORCH_CHECK(g.device().is_cpu() && g.sizes() == at::IntArrayRef({B, T, heads, D}) &&
+                  g.stride(3) == 1,
+              op, ": ", name, " must be (", B, ", ", T, ", ", heads, ", ", D,
+              ") with its last dimension contiguous, got ", g.sizes());
+  return {static_cast<const G*>(g.data_ptr()), g.stride(0), g.stride(1), g.stride(2)};
 }
 
 // dgain holds `workers` partial sums of (dq_gain, dk_gain), 2 * D floats each.
-template <typename T>
-void backward_rows(const Operands& a, const T* x, const GradView& gq_, const GradView& gk_,
-                   const GradView& gv_, const float* rs, T* dx, std::vector<float>& dgain,
-                   int64_t workers, bool norm) {
+template <typename T, typename G>
+void backward_rows(const Operands& a, const T* x, const GradView<G>& gq_,
+                   const GradView<G>& gk_, const GradView<G>& gv_, const float* rs, T* dx,
+                   std::vector<float>& dgain, int64_t workers, bool norm) {
   const int64_t T_ = a.T, H = a.n_q + a.n_k, D = a.D, P = a.P, W = (H + a.n_k) * D;
   const int64_t chunk = (a.B * T_ + workers - 1) / workers;
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
@@ -180,14 +195,15 @@ void backward_rows(const Operands& a, const T* x, const GradView& gq_, const Gra
         const float* sn = a.s + t * P;
         for (int64_t h = 0; h < H; ++h) {
           const bool is_q = h < a.n_q;
-          const GradView& gv = is_q ? gq_ : gk_;
-          const float* gh = gv.p + b * gv.sb + t * gv.st + (is_q ? h : h - a.n_q) * gv.sh;
+          const GradView<G>& gv = is_q ? gq_ : gk_;
+          const G* gh = gv.p + b * gv.sb + t * gv.st + (is_q ? h : h - a.n_q) * gv.sh;
           const T* xh = xr + h * D;
           T* dxh = dxr + h * D;
           const float* g = is_q ? a.gq : a.gk;
           for (int64_t i = 0; i < P; ++i) {  // the inverse rotation
-            dy[2 * i] = gh[2 * i] * ct[i] + gh[2 * i + 1] * sn[i];
-            dy[2 * i + 1] = -gh[2 * i] * sn[i] + gh[2 * i + 1] * ct[i];
+            const float ga = static_cast<float>(gh[2 * i]), gb = static_cast<float>(gh[2 * i + 1]);
+            dy[2 * i] = ga * ct[i] + gb * sn[i];
+            dy[2 * i + 1] = -ga * sn[i] + gb * ct[i];
           }
           if (!norm) {
             for (int64_t d = 0; d < D; ++d) dxh[d] = static_cast<T>(dy[d]);
@@ -207,17 +223,18 @@ void backward_rows(const Operands& a, const T* x, const GradView& gq_, const Gra
           for (int64_t d = 0; d < D; ++d) dxh[d] = static_cast<T>(r * (dy[d] - n[d] * mean));
         }
         for (int64_t h = 0; h < a.n_k; ++h) {  // the values' gradient: cast
-          const float* gh = gv_.p + b * gv_.sb + t * gv_.st + h * gv_.sh;
+          const G* gh = gv_.p + b * gv_.sb + t * gv_.st + h * gv_.sh;
           T* dxh = dxr + (H + h) * D;
-          for (int64_t d = 0; d < D; ++d) dxh[d] = static_cast<T>(gh[d]);
+          for (int64_t d = 0; d < D; ++d) dxh[d] = static_cast<T>(static_cast<float>(gh[d]));
         }
       }
     }
   });
 }
 
-// dqkv (B, T, width) contiguous, in qkv's dtype; dq_gain and dk_gain (head_dim,) (empty without
-// norm or without that gain).
+// dq, dk, dv: float32 or bfloat16, all three of one dtype (the forward's out_dtype). dqkv (B, T,
+// width) contiguous, in qkv's dtype; dq_gain and dk_gain (head_dim,) float32 (empty without norm
+// or without that gain).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_norm_rope_backward(
     const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& qkv,
     const at::Tensor& rstd, int64_t n_q, int64_t n_k, int64_t head_dim,
@@ -226,9 +243,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_norm_rope_backward(
   const char* op = "minigpt::qkv_norm_rope_backward";
   const Operands a = operands(op, qkv, n_q, n_k, head_dim, q_gain, k_gain, cos, sin);
   const int64_t B = a.B, T = a.T, D = a.D;
-  const GradView gq = grad_view(op, "dq", dq, B, T, n_q, D);
-  const GradView gk = grad_view(op, "dk", dk, B, T, n_k, D);
-  const GradView gv = grad_view(op, "dv", dv, B, T, n_k, D);
+  const at::ScalarType gt = dq.scalar_type();
+  TORCH_CHECK((gt == at::kFloat || gt == at::kBFloat16) && dk.scalar_type() == gt &&
+                  dv.scalar_type() == gt,
+              op, ": dq, dk and dv must be all float32 or all bfloat16, got ", gt, ", ",
+              dk.scalar_type(), ", ", dv.scalar_type());
   TORCH_CHECK(!norm || (rstd.scalar_type() == at::kFloat && rstd.is_contiguous() &&
                         rstd.numel() == B * T * (n_q + n_k)),
               op, ": rstd must be the forward's");
@@ -237,12 +256,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_norm_rope_backward(
   // a given thread count.
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B * T));
   std::vector<float> dgain(static_cast<size_t>(workers * 2 * D), 0.f);
-  with_qkv_type(qkv.scalar_type(), [&](auto tag) {
-    using Elem = decltype(tag);
-    backward_rows<Elem>(a, static_cast<const Elem*>(qkv.data_ptr()), gq, gk, gv,
-                        norm ? rstd.data_ptr<float>() : nullptr,
-                        static_cast<Elem*>(dx.data_ptr()), dgain, workers, norm);
-  });
+  auto run = [&](auto grad_tag) {
+    using G = decltype(grad_tag);
+    const GradView<G> gq = grad_view<G>(op, "dq", dq, B, T, n_q, D);
+    const GradView<G> gk = grad_view<G>(op, "dk", dk, B, T, n_k, D);
+    const GradView<G> gv = grad_view<G>(op, "dv", dv, B, T, n_k, D);
+    with_qkv_type(qkv.scalar_type(), [&](auto tag) {
+      using Elem = decltype(tag);
+      backward_rows<Elem, G>(a, static_cast<const Elem*>(qkv.data_ptr()), gq, gk, gv,
+                             norm ? rstd.data_ptr<float>() : nullptr,
+                             static_cast<Elem*>(dx.data_ptr()), dgain, workers, norm);
+    });
+  };
+  if (gt == at::kBFloat16) {
+    run(at::BFloat16{});
+  } else {
+    run(float{});
+  }
   const auto f32 = qkv.options().dtype(at::kFloat);
   at::Tensor dq_gain = at::empty({0}, f32), dk_gain = at::empty({0}, f32);
   if (norm && (a.gq || a.gk)) {
@@ -262,8 +292,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_norm_rope_backward(
 TORCH_LIBRARY_FRAGMENT(minigpt, m) {
   m.def(
       "qkv_norm_rope_forward(Tensor qkv, int n_q, int n_k, int head_dim, Tensor? q_gain, "
-      "Tensor? k_gain, Tensor cos, Tensor sin, float eps, bool norm) -> "
-      "(Tensor q, Tensor k, Tensor v, Tensor rstd)");
+      "Tensor? k_gain, Tensor cos, Tensor sin, float eps, bool norm, "
+      "ScalarType? out_dtype=None) -> (Tensor q, Tensor k, Tensor v, Tensor rstd)");
   m.def(
       "qkv_norm_rope_backward(Tensor dq, Tensor dk, Tensor dv, Tensor qkv, Tensor rstd, int n_q, "
       "int n_k, int head_dim, Tensor? q_gain, Tensor? k_gain, Tensor cos, Tensor sin, "

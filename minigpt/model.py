@@ -124,13 +124,13 @@ class CausalSelfAttention(nn.Module):
         if dtype in (torch.bfloat16, torch.float16) and qkv.is_cpu and \
                 torch.is_autocast_enabled("cpu"):
             dtype = cpu_autocast_dtype(dtype, self.backend)
-        if (self.rotary is not None and self.backend in (None, "ext") and dtype == torch.float32
-                and qk_rope.available(qkv)):
+        norm = isinstance(self.q_norm, RMSNorm)
+        if (self.rotary is not None and self.backend in (None, "ext")
+                and qk_rope.available(qkv, dtype, self.q_norm.weight if norm else None)):
             # The cast, split and qk_normed_rotated in one compiled pass (attention.qk_rope).
-            norm = isinstance(self.q_norm, RMSNorm)
             gains = (self.q_norm.weight, self.k_norm.weight) if norm else (None, None)
             q, k, v = qk_rope.qkv_norm_rope(qkv, nh, nkv, *gains, *self.rotary.cos_sin(pos),
-                                            self.q_norm.eps if norm else 0.0, norm)
+                                            self.q_norm.eps if norm else 0.0, norm, dtype)
         else:
             qkv = qkv.to(dtype)
             q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=2)

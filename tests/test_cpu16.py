@@ -109,16 +109,16 @@ def test_default_backend_and_build_info():
 
 
 @needs_ext
-@pytest.mark.parametrize("setting, bf16_cpu", [("", True), ("bfloat16", True),
+@pytest.mark.parametrize("setting, bf16_cpu", [("", True), ("", False), ("bfloat16", True),
                                                ("bfloat16", False), ("float32", True)])
 def test_cpu_autocast_dtype(setting, bf16_cpu, monkeypatch):
-    """Under CPU autocast attention computes in float32 (measured faster than the bf16 kernels
-    on AVX512_BF16 CPUs); MINIGPT_CPU_AUTOCAST_ATTENTION=bfloat16 keeps bfloat16 on "ext" where
-    the CPU has bf16 dot products. float16 always runs in float32. Either way the result is
-    within the rule of the dtype it was computed in."""
+    """Under CPU autocast attention computes bfloat16 inputs in bfloat16 on "ext" where the CPU
+    has bf16 dot products (the default, or MINIGPT_CPU_AUTOCAST_ATTENTION=bfloat16), else in
+    float32 (=float32, or a CPU without them); on "sdpa", and for float16, always in float32.
+    Either way the result is within the rule of the dtype it was computed in."""
     monkeypatch.setenv("MINIGPT_CPU_AUTOCAST_ATTENTION", setting)
     monkeypatch.setattr(backends_module, "bf16_supported", lambda device: bf16_cpu)
-    want = torch.bfloat16 if setting == "bfloat16" and bf16_cpu else torch.float32
+    want = torch.bfloat16 if setting != "float32" and bf16_cpu else torch.float32
     assert cpu_autocast_dtype(torch.bfloat16) == want
     assert cpu_autocast_dtype(torch.float16) == torch.float32
     assert cpu_autocast_dtype(torch.bfloat16, "sdpa") == torch.float32

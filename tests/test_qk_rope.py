@@ -12,6 +12,7 @@ from minigpt.attention.rule import within_rule
 from minigpt.config import GPTConfig
 from minigpt.model import GPT, CausalSelfAttention
 from minigpt.positions import RotaryEmbedding
+from minigpt.runtime import bf16_supported
 
 pytestmark = pytest.mark.skipif(not qk_rope.available(torch.zeros(1)),
                                 reason="the compiled module (with the fused op) is not built")
@@ -50,9 +51,9 @@ def run(impl, qkv, q_gain, k_gain, douts, dtype, gain_dtype=None):
     return list(outs) + [x.grad] + [g.grad for g in gains if g is not None]
 
 
-def fused(x, gq, gk, *, shape):
+def fused(x, gq, gk, *, shape, out_dtype=torch.float32):
     n_q, n_k, cos, sin, norm = shape
-    return qk_rope.qkv_norm_rope(x, n_q, n_k, gq, gk, cos, sin, 1e-6, norm)
+    return qk_rope.qkv_norm_rope(x, n_q, n_k, gq, gk, cos, sin, 1e-6, norm, out_dtype)
 
 
 def case(B, T, n_q, n_k, D, gains, seed):
@@ -111,6 +112,35 @@ def test_half_inputs_are_read_in_their_dtype_and_computed_in_float32(dtype):
         assert verdict.ok, (name, verdict)
 
 
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm, gains", [(True, True), (False, False)], ids=["norm", "rope-only"])
+def test_bfloat16_outputs_are_rounded_once_and_bfloat16_gradients_read(in_dtype, norm, gains):
+    """out_dtype bfloat16 (what the bf16 attention kernels take under CPU autocast): q, k, v
+    are the float64 values rounded once to bfloat16, within half an ulp more; the bfloat16
+    output gradients (drawn as bfloat16 values, so both sides read the same numbers) give qkv's
+    and the gains' gradients as float32 arithmetic does."""
+    n_q, n_k, D, T = 4, 2, 32, 19
+    qkv, q_gain, k_gain, douts = case(3, T, n_q, n_k, D, gains, 11)
+    qkv = qkv.to(in_dtype)  # the values the op reads, exactly
+    douts = [d.bfloat16() for d in douts]
+    pos = torch.arange(5, 5 + T)
+    cos, sin = RotaryEmbedding(D, 10000.0).cos_sin(pos)
+    impl = functools.partial(fused, shape=(n_q, n_k, cos, sin, norm), out_dtype=torch.bfloat16)
+    ref = functools.partial(lambda x, gq, gk: reference(x, n_q, n_k, gq, gk, pos, 10000.0, 1e-6,
+                                                        norm))
+    out = run(impl, qkv, q_gain, k_gain, douts, in_dtype, torch.float32)
+    ref64 = run(ref, qkv, q_gain, k_gain, douts, torch.float64)
+    ref32 = run(ref, qkv, q_gain, k_gain, douts, torch.float32)
+    assert [t.dtype for t in out[:3]] == [torch.bfloat16] * 3 and out[3].dtype == in_dtype
+    for name, f, r64, r32 in zip(NAMES, out, ref64, ref32):
+        dtype = torch.bfloat16 if name in ("q", "k", "v") else in_dtype
+        if name == "dqkv" and in_dtype == torch.bfloat16 or name in ("q", "k", "v"):
+            r32 = r64.to(dtype)  # float64's value rounded once to dtype
+        verdict = within_rule(f, r32, r64, dtype if name != "dq_gain" and name != "dk_gain"
+                              else torch.float32)
+        assert verdict.ok, (name, verdict)
+
+
 def test_bad_inputs_raise_one_line_errors():
     qkv = torch.randn(2, 8, 96)
     cos, sin = RotaryEmbedding(16, 10000.0).cos_sin(torch.arange(8))
@@ -122,10 +152,19 @@ def test_bad_inputs_raise_one_line_errors():
         qk_rope.qkv_norm_rope(qkv, 2, 2, None, None, cos[:4], sin[:4], 1e-6, True)
     q, k, v = qk_rope.qkv_norm_rope(qkv.requires_grad_(), 2, 2, None, None, cos, sin, 1e-6,
                                     True)
-    with pytest.raises(RuntimeError, match="dq must be float32 \\(2, 8, 2, 16\\)"):
+    with pytest.raises(RuntimeError, match="dq must be \\(2, 8, 2, 16\\)"):
         torch.ops.minigpt.qkv_norm_rope_backward(
             q[:, :4].detach(), k.detach(), v.detach(), qkv.detach(), torch.empty(0), 2, 2, 16,
             None, None, cos, sin, False)
+    with pytest.raises(RuntimeError, match="all float32 or all bfloat16"):
+        torch.ops.minigpt.qkv_norm_rope_backward(
+            q.detach().bfloat16(), k.detach(), v.detach(), qkv.detach(), torch.empty(0), 2, 2,
+            16, None, None, cos, sin, False)
+    with pytest.raises(RuntimeError, match="out_dtype must be float32 or bfloat16"):
+        torch.ops.minigpt.qkv_norm_rope_forward(qkv.detach(), 2, 2, 16, None, None, cos, sin,
+                                                1e-6, True, torch.float16)
+    with pytest.raises(ValueError, match="out_dtype must be torch.float32 or torch.bfloat16"):
+        qk_rope.qkv_norm_rope(qkv, 2, 2, None, None, cos, sin, 1e-6, True, torch.float16)
 
 
 @pytest.mark.parametrize("qk_norm", [True, False])
@@ -147,7 +186,7 @@ def test_model_uses_the_fused_op_and_matches_the_pytorch_code(monkeypatch, qk_no
     monkeypatch.setattr(qk_rope, "qkv_norm_rope", lambda *a: calls.append(1) or fused_fn(*a))
     results = []
     for fused in (True, False):
-        monkeypatch.setattr(qk_rope, "available", lambda t, on=fused: on)
+        monkeypatch.setattr(qk_rope, "available", lambda *a, on=fused: on)
         attn.zero_grad()
         xx = x.clone().requires_grad_()
         q, k, v = attn.qkv(xx, pos)
@@ -169,3 +208,40 @@ def test_naive_backend_keeps_the_pytorch_code(monkeypatch):
                           qk_norm=True, attn_backend="naive"))
     monkeypatch.setattr(qk_rope, "qkv_norm_rope", lambda *a: pytest.fail("fused op called"))
     model(torch.randint(65, (2, 16)))
+
+
+@pytest.mark.skipif(not bf16_supported(torch.device("cpu")),
+                    reason="no bf16 dot-product instructions: attention stays float32")
+def test_model_under_autocast_with_bf16_attention_gets_bfloat16_from_the_fused_op(monkeypatch):
+    """Under CPU autocast with bf16 attention (cpu_autocast_dtype bfloat16), the layer takes
+    bfloat16 q, k, v from the fused op, equal to the PyTorch code's to bfloat16 rounding, and
+    the gradients of x and the gains agree to bfloat16 rounding."""
+    monkeypatch.setenv("MINIGPT_CPU_AUTOCAST_ATTENTION", "bfloat16")
+    cfg = GPTConfig(vocab_size=65, block_size=32, n_layer=1, n_head=4, n_embd=64, qk_norm=True)
+    torch.manual_seed(1)
+    attn = CausalSelfAttention(cfg)
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+        attn.k_norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 23, 64)
+    pos = torch.arange(23)
+    calls = []
+    fused_fn = qk_rope.qkv_norm_rope
+    monkeypatch.setattr(qk_rope, "qkv_norm_rope", lambda *a: calls.append(a[-1]) or fused_fn(*a))
+    available = qk_rope.available
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(qk_rope, "available", lambda *a, on=fused: on and available(*a))
+        attn.zero_grad()
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            q, k, v = attn.qkv(xx, pos)
+        weights = [torch.randn(t.shape, generator=torch.Generator().manual_seed(i))
+                   for i, t in enumerate((q, k, v))]
+        torch.autograd.backward([q, k, v], [w.to(t.dtype) for w, t in zip(weights, (q, k, v))])
+        results.append([q, k, v, xx.grad, attn.q_norm.weight.grad.clone(),
+                        attn.k_norm.weight.grad.clone()])
+    assert calls == [torch.bfloat16]
+    assert all(t.dtype == torch.bfloat16 for t in results[0][:3] + results[1][:3])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2)

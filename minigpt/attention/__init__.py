@@ -95,15 +95,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             window is given).
 
     Returns:
-        out: (B, Hq, Tq, D), q's dtype and device (float32 under CPU autocast, below).
+        out: (B, Hq, Tq, D), q's dtype and device (under CPU autocast, the dtype below).
         Differentiable in q, k and v.
 
     dtypes: every backend takes float32 and float64 on CPU (and the dtypes torch supports
     for "sdpa"/"naive"); "ext" implements float32/float64/bfloat16/float16 on CPU and
     bfloat16/float16/float32 on CUDA. Inside ``torch.autocast("cpu")``, bfloat16/float16 CPU
-    inputs are computed in the dtype ``cpu_autocast_dtype`` gives: float32 (and the output is
-    float32, as autocast does for its float32 ops: softmax, layer_norm), where "ext" was
-    measured faster than in bfloat16; $MINIGPT_CPU_AUTOCAST_ATTENTION=bfloat16 keeps bfloat16.
+    inputs are computed in the dtype ``cpu_autocast_dtype`` gives: bfloat16 inputs stay
+    bfloat16 on "ext" where the CPU has bf16 dot-product instructions (AVX512_BF16 or AMX);
+    otherwise, and with $MINIGPT_CPU_AUTOCAST_ATTENTION=float32, they are computed in float32
+    and the output is float32, as autocast does for its float32 ops (softmax, layer_norm).
 
     Raises:
         TypeError: a non-tensor argument, an integer dtype, or mixed dtypes.

@@ -317,20 +317,21 @@ def resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.d
 
 def cpu_autocast_dtype(dtype: torch.dtype, backend: Optional[str] = None) -> torch.dtype:
     """The dtype attention() computes bfloat16/float16 CPU inputs in under torch.autocast("cpu"),
-    for the backend asked for (None: the default): float32, unless
-    $MINIGPT_CPU_AUTOCAST_ATTENTION=bfloat16 keeps bfloat16 on a CPU with bf16 dot-product
-    instructions (runtime.bf16_supported: AVX512_BF16 or AMX) where that backend is "ext".
-    float32 is the default because bfloat16 was not measured faster end to end: on an AMD EPYC
-    (Zen 4, AVX512_BF16, 2 threads) "ext" takes 4.3 ms in either dtype at B 32, 4 heads, T 64,
-    D 32 (forward+backward) and 26.3 (bfloat16) against 31.3 ms at B 16, 6 heads, T 256, D 64,
-    while the fused QK-norm + RoPE op before it is float32-only; a default training run is as
-    fast either way (docs/kernels.md). float16 is always computed in float32. The model calls
-    this too, to cast its projections once."""
+    for the backend asked for (None: the default): bfloat16 for bfloat16 inputs where that
+    backend is "ext" and the CPU has bf16 dot-product instructions (runtime.bf16_supported:
+    AVX512_BF16 or AMX); float32 otherwise (and the output is float32, as autocast does for its
+    float32 ops: softmax, layer_norm). $MINIGPT_CPU_AUTOCAST_ATTENTION=float32 keeps float32
+    everywhere ("bfloat16", the default, may be given too). bfloat16 is the default because it
+    was measured faster end to end: a step of the default training run takes 0.90-0.93x the
+    time with float32 attention, on an AMD EPYC (Zen 4, AVX512_BF16, 2 threads), with the
+    QK-norm + RoPE op writing bfloat16 for it, at the same loss (docs/kernels.md,
+    docs/training.md). float16 is always computed in float32. The model calls this too, to
+    cast its projections once."""
     wanted = os.environ.get(_ENV_AUTOCAST, "").strip().lower()
     if wanted not in ("", "float32", "bfloat16"):
         raise ValueError(f"${_ENV_AUTOCAST} must be float32 or bfloat16, got {wanted!r}")
     cpu = torch.device("cpu")
-    if wanted == "bfloat16" and dtype == torch.bfloat16 and bf16_supported(cpu):
+    if wanted != "float32" and dtype == torch.bfloat16 and bf16_supported(cpu):
         try:
             if resolve_backend(backend, cpu, dtype) == "ext":
                 return dtype
