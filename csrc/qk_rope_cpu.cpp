@@ -25,6 +25,8 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace minigpt {
@@ -87,6 +89,34 @@ void with_qkv_type(at::ScalarType t, F&& f) {
   }
 }
 
+// float to an element type: bfloat16 rounded to nearest even (NaN kept a quiet NaN) by integer
+// arithmetic the compiler vectorises, where c10's conversion stays scalar; others as cast.
+template <typename T>
+inline T to_elem(float f) {
+  return static_cast<T>(f);
+}
+template <>
+inline at::BFloat16 to_elem<at::BFloat16>(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return at::BFloat16(static_cast<uint16_t>(f != f ? 0x7FC0u : rounded), at::BFloat16::from_bits());
+}
+
+// sum a[d] * b[d] over n values in kLanes independent partial sums, which the compiler keeps in
+// vector registers (one running sum would be a chain of dependent scalar adds).
+constexpr int64_t kLanes = 16;
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += a[d + j] * b[d + j];
+  float s = 0.f;
+  for (; d < n; ++d) s += a[d] * b[d];
+  for (int64_t j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
 template <typename T, typename O>
 void forward_rows(const Operands& a, const T* x, O* q, O* k, O* v, float* rs, float eps,
                   bool norm) {
@@ -106,21 +136,23 @@ void forward_rows(const Operands& a, const T* x, O* q, O* k, O* v, float* rs, fl
         for (int64_t d = 0; d < D; ++d) xf[d] = static_cast<float>(xh[d]);
         float r = 1.f;
         if (norm) {
-          float ss = 0.f;
-          for (int64_t d = 0; d < D; ++d) ss += xf[d] * xf[d];
-          r = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
+          r = 1.f / std::sqrt(dot(xf.data(), xf.data(), D) / static_cast<float>(D) + eps);
           rs[bt * H + h] = r;
         }
-        for (int64_t d = 0; d < D; ++d) y[d] = xf[d] * r * (g ? g[d] : 1.f);
+        if (g) {
+          for (int64_t d = 0; d < D; ++d) y[d] = xf[d] * r * g[d];
+        } else {
+          for (int64_t d = 0; d < D; ++d) y[d] = xf[d] * r;
+        }
         for (int64_t i = 0; i < P; ++i) {
           const float ya = y[2 * i], yb = y[2 * i + 1];
-          o[2 * i] = static_cast<O>(ya * ct[i] - yb * sn[i]);
-          o[2 * i + 1] = static_cast<O>(ya * sn[i] + yb * ct[i]);
+          o[2 * i] = to_elem<O>(ya * ct[i] - yb * sn[i]);
+          o[2 * i + 1] = to_elem<O>(ya * sn[i] + yb * ct[i]);
         }
       }
       const T* xv = xr + H * D;  // the values: cast
       O* vo = v + bt * a.n_k * D;
-      for (int64_t d = 0; d < a.n_k * D; ++d) vo[d] = static_cast<O>(static_cast<float>(xv[d]));
+      for (int64_t d = 0; d < a.n_k * D; ++d) vo[d] = to_elem<O>(static_cast<float>(xv[d]));
     }
   });
 }
@@ -206,26 +238,25 @@ void backward_rows(const Operands& a, const T* x, const GradView<G>& gq_,
             dy[2 * i + 1] = -ga * sn[i] + gb * ct[i];
           }
           if (!norm) {
-            for (int64_t d = 0; d < D; ++d) dxh[d] = static_cast<T>(dy[d]);
+            for (int64_t d = 0; d < D; ++d) dxh[d] = to_elem<T>(dy[d]);
             continue;
           }
           const float r = rs[bt * H + h];
-          float dot = 0.f;
-          float* dgh = dg + (is_q ? 0 : D);
-          for (int64_t d = 0; d < D; ++d) {
-            n[d] = static_cast<float>(xh[d]) * r;
-            if (g) dgh[d] += dy[d] * n[d];
-            const float dn = dy[d] * (g ? g[d] : 1.f);
-            dy[d] = dn;
-            dot += dn * n[d];
+          for (int64_t d = 0; d < D; ++d) n[d] = static_cast<float>(xh[d]) * r;
+          if (g) {
+            float* dgh = dg + (is_q ? 0 : D);
+            for (int64_t d = 0; d < D; ++d) {
+              dgh[d] += dy[d] * n[d];
+              dy[d] *= g[d];  // dn
+            }
           }
-          const float mean = dot / static_cast<float>(D);
-          for (int64_t d = 0; d < D; ++d) dxh[d] = static_cast<T>(r * (dy[d] - n[d] * mean));
+          const float mean = dot(dy.data(), n.data(), D) / static_cast<float>(D);
+          for (int64_t d = 0; d < D; ++d) dxh[d] = to_elem<T>(r * (dy[d] - n[d] * mean));
         }
         for (int64_t h = 0; h < a.n_k; ++h) {  // the values' gradient: cast
           const G* gh = gv_.p + b * gv_.sb + t * gv_.st + h * gv_.sh;
           T* dxh = dxr + (H + h) * D;
-          for (int64_t d = 0; d < D; ++d) dxh[d] = static_cast<T>(static_cast<float>(gh[d]));
+          for (int64_t d = 0; d < D; ++d) dxh[d] = to_elem<T>(static_cast<float>(gh[d]));
         }
       }
     }
