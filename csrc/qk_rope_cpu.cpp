@@ -24,6 +24,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -31,6 +32,8 @@
 
 namespace minigpt {
 namespace {
+
+#include "cpu/row_reductions.h"
 
 bool readable_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
@@ -103,20 +106,6 @@ inline at::BFloat16 to_elem<at::BFloat16>(float f) {
   return at::BFloat16(static_cast<uint16_t>(f != f ? 0x7FC0u : rounded), at::BFloat16::from_bits());
 }
 
-// sum a[d] * b[d] over n values in kLanes independent partial sums, which the compiler keeps in
-// vector registers (one running sum would be a chain of dependent scalar adds).
-constexpr int64_t kLanes = 16;
-inline float dot(const float* a, const float* b, int64_t n) {
-  float acc[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) acc[j] += a[d + j] * b[d + j];
-  float s = 0.f;
-  for (; d < n; ++d) s += a[d] * b[d];
-  for (int64_t j = 0; j < kLanes; ++j) s += acc[j];
-  return s;
-}
-
 template <typename T, typename O>
 void forward_rows(const Operands& a, const T* x, O* q, O* k, O* v, float* rs, float eps,
                   bool norm) {
@@ -136,7 +125,7 @@ void forward_rows(const Operands& a, const T* x, O* q, O* k, O* v, float* rs, fl
         for (int64_t d = 0; d < D; ++d) xf[d] = static_cast<float>(xh[d]);
         float r = 1.f;
         if (norm) {
-          r = 1.f / std::sqrt(dot(xf.data(), xf.data(), D) / static_cast<float>(D) + eps);
+          r = 1.f / std::sqrt(dot_lanes(xf.data(), xf.data(), D) / static_cast<float>(D) + eps);
           rs[bt * H + h] = r;
         }
         if (g) {
@@ -250,7 +239,7 @@ void backward_rows(const Operands& a, const T* x, const GradView<G>& gq_,
               dy[d] *= g[d];  // dn
             }
           }
-          const float mean = dot(dy.data(), n.data(), D) / static_cast<float>(D);
+          const float mean = dot_lanes(dy.data(), n.data(), D) / static_cast<float>(D);
           for (int64_t d = 0; d < D; ++d) dxh[d] = to_elem<T>(r * (dy[d] - n[d] * mean));
         }
         for (int64_t h = 0; h < a.n_k; ++h) {  // the values' gradient: cast

@@ -68,6 +68,19 @@ def case(B, T, n_q, n_k, D, gains, seed):
 NAMES = ["q", "k", "v", "dqkv", "dq_gain", "dk_gain"]
 
 
+def fused_and_references(qkv, q_gain, k_gain, douts, n_q, n_k, pos, norm, out_dtype):
+    """The fused op's outputs and gradients (qkv read in its dtype, float32 gains, q, k, v in
+    out_dtype) and the reference's in float64 and float32, each a list in NAMES' order."""
+    D = qkv.shape[-1] // (n_q + 2 * n_k)
+    cos, sin = RotaryEmbedding(D, 10000.0).cos_sin(pos)
+    impl = functools.partial(fused, shape=(n_q, n_k, cos, sin, norm), out_dtype=out_dtype)
+    ref = functools.partial(lambda x, gq, gk: reference(x, n_q, n_k, gq, gk, pos, 10000.0, 1e-6,
+                                                        norm))
+    return (run(impl, qkv, q_gain, k_gain, douts, qkv.dtype, torch.float32),
+            run(ref, qkv, q_gain, k_gain, douts, torch.float64),
+            run(ref, qkv, q_gain, k_gain, douts, torch.float32))
+
+
 @pytest.mark.parametrize("B, T, n_q, n_k, D", [(2, 17, 4, 4, 32), (1, 64, 6, 2, 64),
                                                (3, 5, 2, 1, 16), (2, 33, 3, 3, 80)])
 @pytest.mark.parametrize("norm, gains", [(True, True), (True, False), (False, False)],
@@ -96,14 +109,8 @@ def test_half_inputs_are_read_in_their_dtype_and_computed_in_float32(dtype):
     n_q, n_k, D, T = 4, 2, 32, 21
     qkv, q_gain, k_gain, douts = case(2, T, n_q, n_k, D, True, 7)
     qkv = qkv.to(dtype)  # the values the op reads, exactly
-    pos = torch.arange(T)
-    cos, sin = RotaryEmbedding(D, 10000.0).cos_sin(pos)
-    impl = functools.partial(fused, shape=(n_q, n_k, cos, sin, True))
-    ref = functools.partial(lambda x, gq, gk: reference(x, n_q, n_k, gq, gk, pos, 10000.0, 1e-6,
-                                                        True))
-    out = run(impl, qkv, q_gain, k_gain, douts, dtype, torch.float32)
-    ref64 = run(ref, qkv, q_gain, k_gain, douts, torch.float64)
-    ref32 = run(ref, qkv, q_gain, k_gain, douts, torch.float32)
+    out, ref64, ref32 = fused_and_references(qkv, q_gain, k_gain, douts, n_q, n_k,
+                                             torch.arange(T), True, torch.float32)
     assert [t.dtype for t in out[:3]] == [torch.float32] * 3 and out[3].dtype == dtype
     for name, f, r64, r32 in zip(NAMES, out, ref64, ref32):
         if name == "dqkv":  # float64's gradient rounded once to dtype: within half an ulp more
@@ -123,21 +130,16 @@ def test_bfloat16_outputs_are_rounded_once_and_bfloat16_gradients_read(in_dtype,
     qkv, q_gain, k_gain, douts = case(3, T, n_q, n_k, D, gains, 11)
     qkv = qkv.to(in_dtype)  # the values the op reads, exactly
     douts = [d.bfloat16() for d in douts]
-    pos = torch.arange(5, 5 + T)
-    cos, sin = RotaryEmbedding(D, 10000.0).cos_sin(pos)
-    impl = functools.partial(fused, shape=(n_q, n_k, cos, sin, norm), out_dtype=torch.bfloat16)
-    ref = functools.partial(lambda x, gq, gk: reference(x, n_q, n_k, gq, gk, pos, 10000.0, 1e-6,
-                                                        norm))
-    out = run(impl, qkv, q_gain, k_gain, douts, in_dtype, torch.float32)
-    ref64 = run(ref, qkv, q_gain, k_gain, douts, torch.float64)
-    ref32 = run(ref, qkv, q_gain, k_gain, douts, torch.float32)
+    out, ref64, ref32 = fused_and_references(qkv, q_gain, k_gain, douts, n_q, n_k,
+                                             torch.arange(5, 5 + T), norm, torch.bfloat16)
     assert [t.dtype for t in out[:3]] == [torch.bfloat16] * 3 and out[3].dtype == in_dtype
+    # The dtype each result is stored in: q, k, v bfloat16, qkv's gradient qkv's, gains float32.
+    stored = dict(q=torch.bfloat16, k=torch.bfloat16, v=torch.bfloat16, dqkv=in_dtype)
     for name, f, r64, r32 in zip(NAMES, out, ref64, ref32):
-        dtype = torch.bfloat16 if name in ("q", "k", "v") else in_dtype
-        if name == "dqkv" and in_dtype == torch.bfloat16 or name in ("q", "k", "v"):
+        dtype = stored.get(name, torch.float32)
+        if dtype == torch.bfloat16:
             r32 = r64.to(dtype)  # float64's value rounded once to dtype
-        verdict = within_rule(f, r32, r64, dtype if name != "dq_gain" and name != "dk_gain"
-                              else torch.float32)
+        verdict = within_rule(f, r32, r64, dtype)
         assert verdict.ok, (name, verdict)
 
 

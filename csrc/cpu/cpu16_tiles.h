@@ -42,44 +42,7 @@ inline float exp_poly(float x) {
   return x < -87.0f ? 0.0f : y * two_n;
 }
 
-#define MINIGPT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-
-// Reductions keep kLanes independent partial results, so that the loops vectorise without
-// -ffast-math (which would let the compiler reorder a single float sum).
-constexpr int kLanes = 16;
-
-MINIGPT_CLONES float sum_row(const float* x, int64_t n) {
-  float part[kLanes] = {};
-  int64_t c = 0;
-  for (; c + kLanes <= n; c += kLanes)
-    for (int l = 0; l < kLanes; ++l) part[l] += x[c + l];
-  float sum = 0.0f;
-  for (; c < n; ++c) sum += x[c];
-  for (int l = 0; l < kLanes; ++l) sum += part[l];
-  return sum;
-}
-
-MINIGPT_CLONES float max_row(const float* x, int64_t n, float m) {
-  float part[kLanes];
-  std::fill(part, part + kLanes, m);
-  int64_t c = 0;
-  for (; c + kLanes <= n; c += kLanes)
-    for (int l = 0; l < kLanes; ++l) part[l] = std::max(part[l], x[c + l]);
-  for (; c < n; ++c) m = std::max(m, x[c]);
-  for (int l = 0; l < kLanes; ++l) m = std::max(m, part[l]);
-  return m;
-}
-
-MINIGPT_CLONES float dot_row(const float* a, const float* b, int64_t n) {
-  float part[kLanes] = {};
-  int64_t c = 0;
-  for (; c + kLanes <= n; c += kLanes)
-    for (int l = 0; l < kLanes; ++l) part[l] += a[c + l] * b[c + l];
-  float sum = 0.0f;
-  for (; c < n; ++c) sum += a[c] * b[c];
-  for (int l = 0; l < kLanes; ++l) sum += part[l];
-  return sum;
-}
+#include "cpu/row_reductions.h"
 
 // s[c] = exp(s[c] - m) in place, and pt[c] the same as T (pt may be null); returns their sum.
 template <typename T>
