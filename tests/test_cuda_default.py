@@ -4,6 +4,8 @@ in attention_backends(); backend="ext", $MINIGPT_ATTENTION_BACKEND=ext and --att
 still force ours. Runs on CPU: the GPU's compute capability and the CUDA build are faked."""
 
 import importlib
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,21 +82,48 @@ def test_ext_is_the_default_where_measured_as_fast(fake_gpu, monkeypatch):
 
 
 def test_attention_backends_says_why(fake_gpu, monkeypatch):
+    # a table of its own: v1 measured on two GPUs of one capability, v2 on one, float16 on none
+    v1_h100 = gpu_table.Measurement((9, 0), "bfloat16", "v1", "NVIDIA H100", (2.5, 3.9), "t")
+    v1_h200 = gpu_table.Measurement((9, 0), "bfloat16", "v1", "NVIDIA H200", (2.44, 3.85), "t")
+    v2_h200 = gpu_table.Measurement((9, 0), "bfloat16", "v2", "NVIDIA H200", (1.62, 2.52), "t")
+    monkeypatch.setattr(gpu_table, "MEASURED", (v1_h100, v1_h200))
     monkeypatch.setenv(gpu_table.KERNELS_ENV, "v1")
     report = minigpt.attention_backends()
     bf16 = report["cuda_default"]["bfloat16"]
     assert bf16["backend"] == "sdpa"
+    # the worst of the set's rows is the one named
     assert "2.5-3.9x SDPA's forward+backward time on NVIDIA H100" in bf16["reason"], bf16
     assert report["cuda_default"]["float16"]["backend"] == "sdpa"
     assert "no GPU profile" in report["cuda_default"]["float16"]["reason"]
     monkeypatch.delenv(gpu_table.KERNELS_ENV)
     reason = minigpt.attention_backends()["cuda_default"]["bfloat16"]["reason"]
     assert "no GPU profile shows ext (v2 kernels)" in reason and "v1 kernels measured 2.5-3.9x" \
+        in reason and "v1 kernels measured 2.4-3.9x SDPA's time on NVIDIA H200" in reason, reason
+    monkeypatch.setattr(gpu_table, "MEASURED", (v1_h100, v2_h200))
+    reason = minigpt.attention_backends()["cuda_default"]["bfloat16"]["reason"]
+    assert "ext (v2 kernels) measured 1.6-2.5x SDPA's forward+backward time on NVIDIA H200" \
         in reason, reason
     monkeypatch.setattr(gpu_table, "MEASURED", (FAST,))
     fake_gpu((8, 0))
     report = minigpt.attention_backends()
     assert report["cuda_default"]["bfloat16"] == {"backend": "ext", "reason": None}
+
+
+def test_the_committed_h200_rows_match_their_profile():
+    # each H200 row is the (best, worst) forward+backward ratio of the committed JSON
+    path = Path(__file__).resolve().parent.parent / "docs" / "gpu" / "h200_profile.json"
+    if not path.is_file():
+        pytest.skip("docs/gpu/ is not in this tree (an installed package)")
+    profile = json.loads(path.read_text())
+    rows = [m for m in gpu_table.MEASURED if m.gpu == "NVIDIA H200"]
+    assert {(m.kernels, m.dtype) for m in rows} == {(k, d) for k in ("v2", "v1")
+                                                    for d in ("bfloat16", "float16")}
+    for m in rows:
+        ratios = [r["fwd_bwd"] for r in profile["ratios"]
+                  if r["backend"] == f"ext-{m.kernels}" and r["dtype"] == m.dtype]
+        assert len(ratios) == 8, m  # T 1024-8192, head dims 64 and 128
+        assert m.ext_over_sdpa == (round(min(ratios), 2), round(max(ratios), 2)), m
+        assert profile["gpu"] == m.gpu and "docs/gpu/h200_profile.json" in m.source
 
 
 def test_cpu_default_stays_ext(fake_gpu):

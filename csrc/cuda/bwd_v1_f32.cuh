@@ -63,7 +63,6 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_f32_kernel(const Atten
   float dk[D / 8], dv[D / 8];
 #pragma unroll
   for (int c = 0; c < D / 8; ++c) dk[c] = dv[c] = 0.f;
-  const float scale_log2 = p.scale * kLog2e;
   const bool alibi = p.alibi_slopes != nullptr;
 
   for (int64_t it = 0; it < n_iters; ++it) {
@@ -85,14 +84,14 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_f32_kernel(const Atten
       const int64_t i = m0 + r;
       const bool valid = i < p.Tq;
       const int64_t idx = (b * p.Hq + hq) * p.Tq + i;
-      sLse[r] = valid ? p.lse[idx] * kLog2e : 0.f;
+      sLse[r] = valid ? p.lse[idx] : 0.f;
       sDelta[r] = valid ? p.delta[idx] : 0.f;
     }
     __syncthreads();
 
     // Warp w: keys w, w + 4, w + 8, w + 12; lane: query m0 + lane.
     const int64_t i = m0 + lane;
-    const float slope = alibi_slope_log2(p, hq);
+    const float slope = alibi_slope(p, hq);
 #pragma unroll
     for (int kr = 0; kr < 4; ++kr) {
       const int kl = warp + 4 * kr;
@@ -103,9 +102,9 @@ __global__ void __launch_bounds__(128) attention_bwd_dkdv_f32_kernel(const Atten
         sv += sK[kl * kS + d] * sQ[lane * kS + d];
         dpv += sV[kl * kS + d] * sdO[lane * kS + d];
       }
-      float x = sv * scale_log2;
+      float x = sv * p.scale;
       if (alibi) x = fmaf(slope, static_cast<float>(j - i - offset), x);
-      float pv = exp2f(x - sLse[lane]);
+      float pv = exp_of_difference(x, sLse[lane]);
       if (i >= p.Tq || j >= p.Tk ||
           (CAUSAL && (j > i + offset || (p.window > 0 && j <= i + offset - p.window))))
         pv = 0.f;
@@ -202,13 +201,13 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_f32_kernel(const Attenti
     sdO[row * kS + d] = valid ? ob[i * p.dout_stride.t + d] : 0.f;
   }
   // Warp w owns rows w, w + 4, w + 8, w + 12 for the scores.
-  float lse2[4], delta[4];
+  float lse[4], delta[4];
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     const int64_t i = m0 + warp + 4 * k;
     const bool valid = i < p.Tq;
     const int64_t idx = (b * p.Hq + hq) * p.Tq + i;
-    lse2[k] = valid ? p.lse[idx] * kLog2e : 0.f;
+    lse[k] = valid ? p.lse[idx] : 0.f;
     delta[k] = valid ? p.delta[idx] : 0.f;
   }
   // Thread owns output row tid / 8, columns tid % 8 + 8 c.
@@ -220,9 +219,8 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_f32_kernel(const Attenti
 
   const float* kb = static_cast<const float*>(p.k) + b * p.k_stride.b + hkv * p.k_stride.h;
   const float* vb = static_cast<const float*>(p.v) + b * p.v_stride.b + hkv * p.v_stride.h;
-  const float scale_log2 = p.scale * kLog2e;
   const bool alibi = p.alibi_slopes != nullptr;
-  const float slope = alibi_slope_log2(p, hq);
+  const float slope = alibi_slope(p, hq);
 
   for (int n = n_begin; n < n_tiles; ++n) {
     const int64_t n0 = static_cast<int64_t>(n) * BN;
@@ -248,9 +246,9 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_f32_kernel(const Attenti
         sv += sQ[row * kS + d] * sK[lane * kS + d];
         dpv += sdO[row * kS + d] * sV[lane * kS + d];
       }
-      float x = sv * scale_log2;
+      float x = sv * p.scale;
       if (alibi) x = fmaf(slope, static_cast<float>(j - i - offset), x);
-      float pv = exp2f(x - lse2[kr]);
+      float pv = exp_of_difference(x, lse[kr]);
       if (i >= p.Tq || j >= p.Tk ||
           (CAUSAL && (j > i + offset || (p.window > 0 && j <= i + offset - p.window))))
         pv = 0.f;

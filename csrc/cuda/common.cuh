@@ -343,6 +343,23 @@ __device__ __forceinline__ float alibi_slope_log2(const AttentionParams& p, int6
   return p.alibi_slopes != nullptr ? p.alibi_slopes[h] * kLog2e : 0.f;
 }
 
+// The float32 kernels keep scores, running maxima and lse in natural units and take only the
+// difference x - m to base 2, in exp_of_difference. ALiBi's bias grows to |slope| * T (65 for a
+// slope of 0.5 at T = 130), so in base 2 it would be rounded again at 1.44 times that size, with
+// the slope itself rounded (slope * log2(e)) and lse converted twice (ln 2, log2 e): 4x the naive
+// float32 computation's error in dV on an H200. In natural units the bias is rounded once, in
+// the fma that adds it, as in the reference, and x - m is exact where it matters (x near m).
+
+// Query head h's ALiBi slope; 0 without ALiBi.
+__device__ __forceinline__ float alibi_slope(const AttentionParams& p, int64_t h) {
+  return p.alibi_slopes != nullptr ? p.alibi_slopes[h] : 0.f;
+}
+
+// exp(x - m) for x, m in natural units (x = -inf gives 0).
+__device__ __forceinline__ float exp_of_difference(float x, float m) {
+  return exp2f((x - m) * kLog2e);
+}
+
 // The first key query position i may see (AttentionParams::first_key for device code): 0 without
 // a window.
 __host__ __device__ __forceinline__ int64_t first_key(const AttentionParams& p, int64_t i) {

@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(128) attention_fwd_f32_kernel(const AttentionP
     const PackedRow pr = unpack_row(r < rows ? r : rows - 1, hkv, group, p.Tq);
     last_key[k] = pr.i + offset;
     first_vis[k] = CAUSAL ? first_key(p, pr.i) : 0;
-    slope[k] = alibi_slope_log2(p, pr.head);
+    slope[k] = alibi_slope(p, pr.head);
   }
   // Thread owns output row tid / 8, columns tid % 8 + 8 c.
   const int orow = tid / 8;
@@ -81,7 +81,6 @@ __global__ void __launch_bounds__(128) attention_fwd_f32_kernel(const AttentionP
 
   const float* k = static_cast<const float*>(p.k) + b * p.k_stride.b + hkv * p.k_stride.h;
   const float* v = static_cast<const float*>(p.v) + b * p.v_stride.b + hkv * p.v_stride.h;
-  const float scale_log2 = p.scale * kLog2e;
 
   for (int step = 0; step < n_steps; ++step) {
     const int64_t n0 = static_cast<int64_t>(tiles.at(step)) * BN;
@@ -103,13 +102,13 @@ __global__ void __launch_bounds__(128) attention_fwd_f32_kernel(const AttentionP
       float x = 0.f;
 #pragma unroll 8
       for (int d = 0; d < D; ++d) x += sQ[row * kS + d] * sK[lane * kS + d];
-      x *= scale_log2;
+      x *= p.scale;
       if (alibi) x = fmaf(slope[kr], static_cast<float>(j - last_key[kr]), x);
       if (j >= p.Tk || (CAUSAL && (j > last_key[kr] || j < first_vis[kr]))) x = -INFINITY;
       const float m_new = fmaxf(m_run[kr], warp_max(x));
       const float base = m_new == -INFINITY ? 0.f : m_new;
-      const float pr = exp2f(x - base);
-      const float corr = exp2f(m_run[kr] - base);
+      const float pr = exp_of_difference(x, base);
+      const float corr = exp_of_difference(m_run[kr], base);
       l_run[kr] = l_run[kr] * corr + warp_sum(pr);
       m_run[kr] = m_new;
       sP[row * kP + lane] = pr;
@@ -135,7 +134,7 @@ __global__ void __launch_bounds__(128) attention_fwd_f32_kernel(const AttentionP
       if (r < rows) {
         const PackedRow pr = unpack_row(r, hkv, group, p.Tq);
         p.lse[(b * p.Hq + pr.head) * p.Tq + pr.i] =
-            l_run[kr] > 0.f ? m_run[kr] * kLn2 + logf(l_run[kr]) : -INFINITY;
+            l_run[kr] > 0.f ? m_run[kr] + logf(l_run[kr]) : -INFINITY;
       }
     }
   }

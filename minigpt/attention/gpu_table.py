@@ -11,8 +11,8 @@ A row is added from the JSON that ``csrc/cuda/device_check.sh`` writes on a GPU 
 has ext at least as fast today, so the default on every GPU is "sdpa".
 
 MINIGPT_CUDA_KERNELS selects the kernel set the CUDA host launches: "v2" (default, the current
-kernels) or "v1" (the kernels of the first H100 run, kept until v2 has run on a GPU). A
-measurement applies to the set it was taken with.
+kernels) or "v1" (the kernels of the first H100 run; on an H200, v2's forward+backward takes
+0.6-0.8x v1's time). A measurement applies to the set it was taken with.
 """
 
 from __future__ import annotations
@@ -40,9 +40,15 @@ class Measurement:
     source: str                  # where the figures are committed
 
 
-# Filled from committed GPU profiles. The rows below are the one GPU run so far (docs/platforms.md,
-# "Platforms"): ext slower everywhere, so they only explain the default.
+# Filled from committed GPU profiles (docs/platforms.md, "Platforms"; docs/gpu/): ext slower
+# everywhere so far, so the rows only explain the default.
+_H200 = ("docs/gpu/h200_profile.json: csrc/cuda/device_check.sh, torch 2.11.0+cu130, causal, "
+         "B*T 16k, T 1024-8192, head dims 64 and 128")
 MEASURED: Tuple[Measurement, ...] = (
+    Measurement((9, 0), "bfloat16", "v2", "NVIDIA H200", (1.62, 2.52), _H200),
+    Measurement((9, 0), "float16", "v2", "NVIDIA H200", (1.54, 2.47), _H200),
+    Measurement((9, 0), "bfloat16", "v1", "NVIDIA H200", (2.44, 3.85), _H200),
+    Measurement((9, 0), "float16", "v1", "NVIDIA H200", (2.32, 3.75), _H200),
     Measurement((9, 0), "bfloat16", "v1", "NVIDIA H100", (2.5, 3.9),
                 "the H100 run of docs/platforms.md's table: python -m minigpt profile --device "
                 "cuda, torch 2.11+cu130, causal, B*T 16k, T 1024-8192, head dims 64 and 128; "
