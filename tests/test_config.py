@@ -59,6 +59,10 @@ def test_presets_are_overrides_of_fields():
     gpu, _ = resolve_config(["--preset", "shakespeare_char_gpu"])
     assert (gpu.model.n_layer, gpu.model.n_head, gpu.model.n_kv_head) == (6, 6, 6)
     assert gpu.batch_size == 64 and gpu.model.dropout == 0.2
+    # nanoGPT's optimizer and schedule: the default Muon + WSD overfits this model early
+    assert (gpu.optimizer, gpu.lr_schedule, gpu.warmup_iters, gpu.max_iters) == \
+        ("adamw", "cosine", 100, 5000)
+    assert (gpu.learning_rate, gpu.min_lr) == (1e-3, 1e-4)
 
 
 def test_every_flag_has_help_and_shows_its_default():
