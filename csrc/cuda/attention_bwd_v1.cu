@@ -25,10 +25,11 @@
 //      loops over key tiles in order and writes p.dq directly; no atomics anywhere.
 // float32 runs the same three steps with CUDA-core kernels (no tensor cores).
 //
-// The v1 kernel set (MINIGPT_CUDA_KERNELS=v1): the kernels of the first GPU run (H100), kept
-// unchanged and selectable until the current set (attention_bwd.cu) has run on a GPU.
-// The kernels are in bwd_v1_dkdv.cuh, bwd_v1_dq.cuh (bf16/fp16) and bwd_v1_f32.cuh, included
-// below; this file holds the delta and dQ-conversion kernels, the launchers and the entry point.
+// The v1 kernel set (MINIGPT_CUDA_KERNELS=v1): the tensor-core kernels of the first GPU run
+// (H100), selectable beside the current set (attention_bwd.cu), which is faster on an H200.
+// The kernels are in bwd_v1_dkdv.cuh, bwd_v1_dq.cuh (bf16/fp16) and bwd_f32.cuh (float32, shared
+// with the current set), included below; this file holds the delta and dQ-conversion kernels,
+// the launchers and the entry point.
 #include "common.cuh"
 #include "kernel_sets.h"
 
@@ -78,7 +79,7 @@ __global__ void __launch_bounds__(256) attention_bwd_dq_convert_kernel(const Att
 
 #include "bwd_v1_dkdv.cuh"
 #include "bwd_v1_dq.cuh"
-#include "bwd_v1_f32.cuh"
+#include "bwd_f32.cuh"  // the float32 kernels are the same in both kernel sets
 
 // ----------------------------------------------------------------------------------------------
 // Launchers.
