@@ -12,7 +12,7 @@ has ext at least as fast today, so the default on every GPU is "sdpa".
 
 MINIGPT_CUDA_KERNELS selects the kernel set the CUDA host launches: "v2" (default, the current
 kernels) or "v1" (the kernels of the first H100 run; on an H200, v2's forward+backward takes
-0.6-0.8x v1's time). A measurement applies to the set it was taken with.
+0.60-0.67x v1's time). A measurement applies to the set it was taken with.
 """
 
 from __future__ import annotations
