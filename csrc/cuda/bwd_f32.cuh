@@ -1,6 +1,6 @@
 // minigpt attention on CUDA: the float32 dK/dV and dQ kernels of the backward (CUDA cores).
-// Included by attention_bwd.cu and attention_bwd_v1.cu (the float32 kernels are the same in both kernel
-// sets), inside each one's anonymous namespace: the launchers there instantiate these kernels.
+// Included by attention_bwd.cu and attention_bwd_v1.cu (the float32 kernels are the same in
+// both kernel sets), inside each one's anonymous namespace: their launchers instantiate them.
 #pragma once
 
 // ----------------------------------------------------------------------------------------------

@@ -330,10 +330,11 @@ __device__ __forceinline__ PackedRow unpack_row(int64_t r, int64_t hkv, int64_t 
 // The optional score terms (AttentionParams::alibi_slopes and ::window).
 //
 // ALiBi adds -slope_h * (i' - j) = slope_h * (j - i') to the scaled score, i' = i + Tk - Tq. The
-// kernels' scores are in base 2 (multiplied by log2(e)), so they take the slope in base 2 too and
-// add slope_log2 * (j - i'), with j - i' formed exactly in float from small integers. The forward
-// and the backward add the bias the same way, so the backward's P = exp2(S + bias - L) matches the
-// forward's lse (which is logsumexp over the visible keys of scale * q.k + bias).
+// 16-bit (tensor-core) kernels' scores are in base 2 (multiplied by log2(e)), so they take the
+// slope in base 2 too and add slope_log2 * (j - i'), with j - i' formed exactly in float from small
+// integers; the float32 kernels stay in natural units (alibi_slope, exp_of_difference below). The
+// forward and the backward add the bias the same way, so the backward's P matches the forward's
+// lse (which is logsumexp over the visible keys of scale * q.k + bias).
 //
 // The window hides keys j <= i' - window. Key tiles (forward, dQ) and query tiles (dK/dV) that are
 // wholly hidden are never visited: the loop bounds below skip them, so the cost grows as T * window.
@@ -344,11 +345,10 @@ __device__ __forceinline__ float alibi_slope_log2(const AttentionParams& p, int6
 }
 
 // The float32 kernels keep scores, running maxima and lse in natural units and take only the
-// difference x - m to base 2, in exp_of_difference. ALiBi's bias grows to |slope| * T (65 for a
-// slope of 0.5 at T = 130), so in base 2 it would be rounded again at 1.44 times that size, with
-// the slope itself rounded (slope * log2(e)) and lse converted twice (ln 2, log2 e): 4x the naive
-// float32 computation's error in dV on an H200. In natural units the bias is rounded once, in
-// the fma that adds it, as in the reference, and x - m is exact where it matters (x near m).
+// difference x - m to base 2, in exp_of_difference. ALiBi's bias grows to |slope| * T, and in base
+// 2 it would be rounded at 1.44 times that size, with the slope rounded too (slope * log2(e)) and
+// lse converted twice: 4x the naive float32 computation's error in dV (the rule allows 2x). In
+// natural units the bias is rounded once, in the fma that adds it, as in the reference.
 
 // Query head h's ALiBi slope; 0 without ALiBi.
 __device__ __forceinline__ float alibi_slope(const AttentionParams& p, int64_t h) {

@@ -1,6 +1,6 @@
 // minigpt attention on CUDA: the float32 forward kernel (CUDA cores).
-// Included by attention_fwd.cu and attention_fwd_v1.cu (the float32 kernels are the same in both kernel
-// sets), inside each one's anonymous namespace: the launchers there instantiate these kernels.
+// Included by attention_fwd.cu and attention_fwd_v1.cu (the float32 kernels are the same in
+// both kernel sets), inside each one's anonymous namespace: their launchers instantiate them.
 #pragma once
 
 // ----------------------------------------------------------------------------------------------
