@@ -82,6 +82,17 @@ bool use_dpbf16(const AttentionParams& p, bool backward) {
          (!backward || even(p.dout, p.dout_stride));
 }
 
+// Under a causal mask, the end (exclusive, relative to j0, in [0, nk]) of the keys j0 ..
+// j0 + nk - 1 that query row t sees, and the first of the queries r0 .. r0 + nq - 1 (relative
+// to r0, in [0, nq]) that see key j: the limits of the dot-product path's tile products
+// (dpbf16::RowLimits).
+inline int32_t causal_key_end(const AttentionParams& p, int64_t t, int64_t j0, int64_t nk) {
+  return static_cast<int32_t>(std::clamp<int64_t>(t + p.causal_offset() - j0 + 1, 0, nk));
+}
+inline int32_t causal_first_query(const AttentionParams& p, int64_t j, int64_t r0, int64_t nq) {
+  return static_cast<int32_t>(std::clamp<int64_t>(j - p.causal_offset() - r0, 0, nq));
+}
+
 template <typename T>
 const uint16_t* u16(const T* x) { return reinterpret_cast<const uint16_t*>(x); }
 template <typename T>
@@ -218,7 +229,13 @@ void run_forward(const AttentionParams& p) {
       at::empty({workers * t_elems}, at::TensorOptions().dtype(scalar_type_of<T>()));
   at::Tensor f_scratch = at::empty({workers * f_elems}, at::TensorOptions().dtype(at::kFloat));
 
+  // On the dot-product path under a causal mask (no ALiBi), each row's products stop at the
+  // last key it sees (dpbf16::RowLimits).
+  const bool limit = dp && p.causal && p.alibi_slopes == nullptr;
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<int32_t> key_end_of_row(limit ? R : 0), pair_end(limit ? R : 0);
+    const dpbf16::RowLimits s_limits{limit ? key_end_of_row.data() : nullptr};
+    const dpbf16::RowLimits pv_limits{nullptr, nullptr, limit ? pair_end.data() : nullptr};
     for (int64_t w = w0; w < w1; ++w) {
       T* qbuf = t_scratch.data_ptr<T>() + w * t_elems;       // (R, D)
       T* pbuf = qbuf + R * D;                                // (R, BK): P as T
@@ -250,10 +267,14 @@ void run_forward(const AttentionParams& p) {
         const T* v_pair = v + b * p.v_stride.b + kvh * p.v_stride.h;
         for (int64_t j0 = key_begin; j0 < key_end; j0 += BK) {
           const int64_t nk = std::min(BK, key_end - j0);
+          for (int64_t r = 0; limit && r < rows; ++r) {
+            key_end_of_row[r] = causal_key_end(p, rb.pos(r), j0, nk);
+            pair_end[r] = (key_end_of_row[r] + 1) / 2;
+          }
           // S = Q K_j^T: B is the (D, nk) block of K^T.
           if (dp)
             dpbf16::gemm(rows, nk, D / 2, words(qbuf), D / 2, words(kt_pair) + j0, Tk, s, BK,
-                         false);
+                         false, s_limits);
           else
             tile_gemm<T>(rows, nk, D, qbuf, D, kt_pair + j0, Tk, s, BK, false);
           // Online softmax per row (Alg. 1), P written as T for the product with V.
@@ -267,7 +288,7 @@ void run_forward(const AttentionParams& p) {
             if (nk % 2)
               for (int64_t r = 0; r < rows; ++r) pbuf[r * BK + nk] = T(0.0f);
             dpbf16::gemm(rows, D, (nk + 1) / 2, words(pbuf), BK / 2, vp + pair * v_words +
-                         (j0 / 2) * D, D, acc, D, true);
+                         (j0 / 2) * D, D, acc, D, true, pv_limits);
           } else {
             tile_gemm<T>(rows, D, nk, pbuf, BK, v_pair + j0 * p.v_stride.t, p.v_stride.t, acc,
                          D, true);
@@ -360,7 +381,16 @@ void run_backward(const AttentionParams& p) {
       at::empty({workers * t_elems}, at::TensorOptions().dtype(scalar_type_of<T>()));
   at::Tensor f_scratch = at::empty({workers * f_elems}, at::TensorOptions().dtype(at::kFloat));
 
+  // On the dot-product path under a causal mask (no ALiBi), the tile products skip what the
+  // mask zeroes (dpbf16::RowLimits): a query row's scores stop at its last visible key, and a
+  // key row's dV and dK sums start at the first query that sees it.
+  const bool limit = dp && p.causal && !alibi;
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<int32_t> key_end(limit ? BQ : 0), pair_end(limit ? BQ : 0),
+        first_pair(limit ? BK : 0);
+    const dpbf16::RowLimits s_limits{limit ? key_end.data() : nullptr};
+    const dpbf16::RowLimits dq_limits{nullptr, nullptr, limit ? pair_end.data() : nullptr};
+    const dpbf16::RowLimits dkv_limits{nullptr, limit ? first_pair.data() : nullptr, nullptr};
     for (int64_t w = w0; w < w1; ++w) {
       if (bounds[w] == bounds[w + 1]) continue;
       float* part = dq_parts.data_ptr<float>() + part_offset[w];
@@ -403,12 +433,18 @@ void run_backward(const AttentionParams& p) {
             const int64_t r0 = i * BQ, nq = std::min(BQ, p.Tq - r0);
             const T* qi = q + b * p.q_stride.b + h * p.q_stride.h + r0 * p.q_stride.t;
             const T* doi = dout + b * p.dout_stride.b + h * p.dout_stride.h + r0 * p.dout_stride.t;
+            for (int64_t r = 0; limit && r < nq; ++r) {
+              key_end[r] = causal_key_end(p, r0 + r, j0, nk);
+              pair_end[r] = (key_end[r] + 1) / 2;
+            }
+            for (int64_t c = 0; limit && c < nk; ++c)
+              first_pair[c] = causal_first_query(p, j0 + c, r0, nq) / 2;
             // S = Q_i K_j^T and dP = dO_i V_j^T.
             if (dp) {
               dpbf16::gemm(nq, nk, D / 2, words(qi), p.q_stride.t / 2,
-                           words(kt), BK, s, BK, false);
+                           words(kt), BK, s, BK, false, s_limits);
               dpbf16::gemm(nq, nk, D / 2, words(doi), p.dout_stride.t / 2,
-                           words(vt), BK, dpt, BK, false);
+                           words(vt), BK, dpt, BK, false, s_limits);
             } else {
               tile_gemm<T>(nq, nk, D, qi, p.q_stride.t, kt, nk, s, BK, false);
               tile_gemm<T>(nq, nk, D, doi, p.dout_stride.t, vt, nk, dpt, BK, false);
@@ -437,10 +473,12 @@ void run_backward(const AttentionParams& p) {
               for (int64_t r = 0; r < nq && nk % 2; ++r) dsb[r * BK + nk] = T(0.0f);
               const uint32_t* dop = dopair + (b * p.Hq + h) * qp_words + (r0 / 2) * D;
               const uint32_t* qp = qpair + (b * p.Hq + h) * qp_words + (r0 / 2) * D;
-              dpbf16::gemm(nk, D, (nq + 1) / 2, words(pbt), BQ / 2, dop, D, dv_acc, D, true);
-              dpbf16::gemm(nk, D, (nq + 1) / 2, words(dsbt), BQ / 2, qp, D, dk_acc, D, true);
+              dpbf16::gemm(nk, D, (nq + 1) / 2, words(pbt), BQ / 2, dop, D, dv_acc, D, true,
+                           dkv_limits);
+              dpbf16::gemm(nk, D, (nq + 1) / 2, words(dsbt), BQ / 2, qp, D, dk_acc, D, true,
+                           dkv_limits);
               dpbf16::gemm(nq, D, (nk + 1) / 2, words(dsb), BK / 2,
-                           kpair, D, dq_head + r0 * D, D, true);
+                           kpair, D, dq_head + r0 * D, D, true, dq_limits);
             } else {
               transpose(nq, nk, pb, BK, pbt, BQ);
               transpose(nq, nk, dsb, BK, dsbt, BQ);

@@ -84,6 +84,23 @@ def test_alibi_and_window(dtype, window):
 
 @needs_ext
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape, window", [
+    ((2, 4, 2, 256, 256, 32), None),   # the default model's attention: diagonal tiles
+    ((1, 2, 1, 70, 200, 64), None),    # Tq < Tk: every row sees the first 130 keys
+    ((1, 2, 2, 130, 390, 32), None),   # Tq < Tk over three backward key tiles
+    ((1, 4, 2, 300, 300, 48), 100),    # a window cuts each row's first keys
+    ((1, 2, 2, 65, 65, 34), 7),
+], ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else f"window{x}")
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_causal_tiles_skip_only_masked_products(dtype, shape, window, layout):
+    # Under a causal mask without ALiBi, the bf16 tile products stop at each row's last visible
+    # key and start dK, dV at each key's first query (dpbf16::RowLimits): what they skip must
+    # be exactly what the mask zeroes, at every tile edge.
+    _check(shape, True, dtype, layout, None, window)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_opcheck(dtype):
     q, k, v = rand_qkv(2, 4, 2, 8, 11, 16, dtype=dtype, seed=5)
     torch.library.opcheck(torch.ops.minigpt.attention_forward.default, (q, k, v, True, 0.25))

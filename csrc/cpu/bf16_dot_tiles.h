@@ -44,8 +44,8 @@ namespace dpbf16 {
 // 32, the rest NV vectors of B and one broadcast of A), as the float32 AVX-512 path. TAIL: the
 // last vector holds fewer than 16 columns (mask `last`).
 template <int MR, int NV, bool TAIL>
-inline void block(int64_t Kp, const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb,
-                  float* c, int64_t ldc, bool accumulate, __mmask16 last) {
+inline void block(int64_t kp0, int64_t Kp, const uint32_t* a, int64_t lda, const uint32_t* b,
+                  int64_t ldb, float* c, int64_t ldc, bool accumulate, __mmask16 last) {
   __m512 acc[MR][NV];
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < NV; ++v) {
@@ -56,7 +56,7 @@ inline void block(int64_t Kp, const uint32_t* a, int64_t lda, const uint32_t* b,
       else
         acc[m][v] = _mm512_loadu_ps(c + m * ldc + 16 * v);
     }
-  for (int64_t kp = 0; kp < Kp; ++kp) {
+  for (int64_t kp = kp0; kp < Kp; ++kp) {
     __m512bh bv[NV];
     for (int v = 0; v < NV; ++v)
       bv[v] = (TAIL && v == NV - 1)
@@ -82,15 +82,15 @@ void panel(int64_t M, int64_t Kp, const uint32_t* a, int64_t lda, const uint32_t
            int64_t ldb, float* c, int64_t ldc, bool accumulate, __mmask16 last) {
   int64_t m = 0;
   for (; m + 6 <= M; m += 6)
-    block<6, NV, TAIL>(Kp, a + m * lda, lda, b, ldb, c + m * ldc, ldc, accumulate, last);
+    block<6, NV, TAIL>(0, Kp, a + m * lda, lda, b, ldb, c + m * ldc, ldc, accumulate, last);
   const uint32_t* ar = a + m * lda;
   float* cr = c + m * ldc;
   switch (M - m) {
-    case 5: block<5, NV, TAIL>(Kp, ar, lda, b, ldb, cr, ldc, accumulate, last); break;
-    case 4: block<4, NV, TAIL>(Kp, ar, lda, b, ldb, cr, ldc, accumulate, last); break;
-    case 3: block<3, NV, TAIL>(Kp, ar, lda, b, ldb, cr, ldc, accumulate, last); break;
-    case 2: block<2, NV, TAIL>(Kp, ar, lda, b, ldb, cr, ldc, accumulate, last); break;
-    case 1: block<1, NV, TAIL>(Kp, ar, lda, b, ldb, cr, ldc, accumulate, last); break;
+    case 5: block<5, NV, TAIL>(0, Kp, ar, lda, b, ldb, cr, ldc, accumulate, last); break;
+    case 4: block<4, NV, TAIL>(0, Kp, ar, lda, b, ldb, cr, ldc, accumulate, last); break;
+    case 3: block<3, NV, TAIL>(0, Kp, ar, lda, b, ldb, cr, ldc, accumulate, last); break;
+    case 2: block<2, NV, TAIL>(0, Kp, ar, lda, b, ldb, cr, ldc, accumulate, last); break;
+    case 1: block<1, NV, TAIL>(0, Kp, ar, lda, b, ldb, cr, ldc, accumulate, last); break;
     default: break;
   }
 }
@@ -109,7 +109,8 @@ void panel_any(int64_t nv, int64_t M, int64_t Kp, const uint32_t* a, int64_t lda
 
 // C[M x N] (+)= A B over Kp pairs of K: a (M x Kp words, leading dim lda words), b packed (Kp x
 // N words, leading dim ldb words), c float32 (leading dim ldc). Kp = 0 leaves or zeroes C.
-void gemm(int64_t M, int64_t N, int64_t Kp, const uint32_t* a, int64_t lda, const uint32_t* b,
+// Panels of 64 columns outermost; gemm (below) with row limits calls it when there are none.
+void gemm_panels(int64_t M, int64_t N, int64_t Kp, const uint32_t* a, int64_t lda, const uint32_t* b,
           int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   for (int64_t n0 = 0; n0 < N; n0 += 64) {
     const int64_t nn = std::min<int64_t>(64, N - n0), nv = (nn + 15) / 16, rem = nn % 16;
@@ -118,6 +119,69 @@ void gemm(int64_t M, int64_t N, int64_t Kp, const uint32_t* a, int64_t lda, cons
     else
       panel_any<true>(nv, M, Kp, a, lda, b + n0, ldb, c + n0, ldc, accumulate,
                       static_cast<__mmask16>((1u << rem) - 1));
+  }
+}
+
+// Per-row limits of a tile product under a causal mask, where the caller knows that row m of
+// C is read only in columns [0, n_end[m]) and that A's words of row m outside pairs
+// [kp_begin[m], kp_end[m]) are zero (masked P or dS): a block of rows computes the union of its
+// rows' ranges (columns rounded up to 16) and skips the rest, which on the diagonal tiles of
+// causal attention is most of a triangle. A null array means no limit.
+struct RowLimits {
+  const int32_t* n_end = nullptr;
+  const int32_t* kp_begin = nullptr;
+  const int32_t* kp_end = nullptr;
+};
+
+template <int MR>
+void block_nv(int64_t nv, bool tail, int64_t kp0, int64_t kp1, const uint32_t* a, int64_t lda,
+              const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate,
+              __mmask16 last) {
+  switch (nv * 2 + (tail ? 1 : 0)) {
+    case 8: block<MR, 4, false>(kp0, kp1, a, lda, b, ldb, c, ldc, accumulate, last); break;
+    case 9: block<MR, 4, true>(kp0, kp1, a, lda, b, ldb, c, ldc, accumulate, last); break;
+    case 6: block<MR, 3, false>(kp0, kp1, a, lda, b, ldb, c, ldc, accumulate, last); break;
+    case 7: block<MR, 3, true>(kp0, kp1, a, lda, b, ldb, c, ldc, accumulate, last); break;
+    case 4: block<MR, 2, false>(kp0, kp1, a, lda, b, ldb, c, ldc, accumulate, last); break;
+    case 5: block<MR, 2, true>(kp0, kp1, a, lda, b, ldb, c, ldc, accumulate, last); break;
+    case 2: block<MR, 1, false>(kp0, kp1, a, lda, b, ldb, c, ldc, accumulate, last); break;
+    default: block<MR, 1, true>(kp0, kp1, a, lda, b, ldb, c, ldc, accumulate, last); break;
+  }
+}
+
+// gemm_panels (above) with per-row limits: row blocks of 6 outermost, each over the columns and
+// pairs its rows need.
+void gemm(int64_t M, int64_t N, int64_t Kp, const uint32_t* a, int64_t lda, const uint32_t* b,
+          int64_t ldb, float* c, int64_t ldc, bool accumulate, const RowLimits& lim = {}) {
+  if (lim.n_end == nullptr && lim.kp_begin == nullptr && lim.kp_end == nullptr)
+    return gemm_panels(M, N, Kp, a, lda, b, ldb, c, ldc, accumulate);
+  for (int64_t m = 0; m < M; m += 6) {
+    const int64_t mr = std::min<int64_t>(6, M - m);
+    int64_t n_hi = lim.n_end ? 0 : N, k0 = lim.kp_begin ? Kp : 0, k1 = lim.kp_end ? 0 : Kp;
+    for (int64_t r = m; r < m + mr; ++r) {
+      if (lim.n_end) n_hi = std::max<int64_t>(n_hi, lim.n_end[r]);
+      if (lim.kp_begin) k0 = std::min<int64_t>(k0, lim.kp_begin[r]);
+      if (lim.kp_end) k1 = std::max<int64_t>(k1, lim.kp_end[r]);
+    }
+    n_hi = std::min(N, (n_hi + 15) / 16 * 16);
+    k0 = std::clamp<int64_t>(k0, 0, Kp);
+    k1 = std::clamp<int64_t>(k1, k0, Kp);
+    const uint32_t* am = a + m * lda;
+    float* cm = c + m * ldc;
+    for (int64_t n0 = 0; n0 < n_hi; n0 += 64) {
+      const int64_t nn = std::min<int64_t>(64, n_hi - n0), nv = (nn + 15) / 16, rem = nn % 16;
+      const __mmask16 last = rem ? static_cast<__mmask16>((1u << rem) - 1) : 0xFFFF;
+      const uint32_t* bn = b + n0;
+      float* cn = cm + n0;
+      switch (mr) {
+        case 6: block_nv<6>(nv, rem, k0, k1, am, lda, bn, ldb, cn, ldc, accumulate, last); break;
+        case 5: block_nv<5>(nv, rem, k0, k1, am, lda, bn, ldb, cn, ldc, accumulate, last); break;
+        case 4: block_nv<4>(nv, rem, k0, k1, am, lda, bn, ldb, cn, ldc, accumulate, last); break;
+        case 3: block_nv<3>(nv, rem, k0, k1, am, lda, bn, ldb, cn, ldc, accumulate, last); break;
+        case 2: block_nv<2>(nv, rem, k0, k1, am, lda, bn, ldb, cn, ldc, accumulate, last); break;
+        default: block_nv<1>(nv, rem, k0, k1, am, lda, bn, ldb, cn, ldc, accumulate, last); break;
+      }
+    }
   }
 }
 
@@ -276,6 +340,10 @@ void softmax_rows(const AttentionParams& p, const RowBlock& rb, const float* s, 
     uint16_t* pr = pt + r * ld;
     for (int64_t c = 0; c < nk; c += 16) {
       const __mmask16 m = key_mask(c, lo, hi);
+      if (m == 0) {  // no visible key: P = 0 without the exp
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + c), _mm256_setzero_si256());
+        continue;
+      }
       const __m512 x = _mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, sr + c), scale), mb);
       const __m512 e = _mm512_maskz_mov_ps(m, exp16(x));
       sum = _mm512_add_ps(sum, e);
@@ -306,6 +374,11 @@ void backward_rows(const AttentionParams& p, const float* s, const float* dp, in
     const __m512 dl = _mm512_set1_ps(delta[r]);
     for (int64_t c = 0; c < nk; c += 16) {
       const __mmask16 k = key_mask(c, lo, hi);
+      if (k == 0) {  // no visible key: P = dS = 0 without the exp
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pt + r * ld + c), _mm256_setzero_si256());
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + r * ld + c), _mm256_setzero_si256());
+        continue;
+      }
       const __m512 sv = _mm512_maskz_loadu_ps(k, s + r * ld + c);
       const __m512 x = _mm512_sub_ps(_mm512_mul_ps(sv, scale), m);
       const __m512 pv = _mm512_maskz_mov_ps(k, exp16(x));
@@ -332,8 +405,13 @@ void backward_rows(const AttentionParams& p, const float* s, const float* dp, in
 // free of #ifdefs.
 bool cpu_has_dpbf16() { return false; }
 namespace dpbf16 {
+struct RowLimits {
+  const int32_t* n_end = nullptr;
+  const int32_t* kp_begin = nullptr;
+  const int32_t* kp_end = nullptr;
+};
 inline void gemm(int64_t, int64_t, int64_t, const uint32_t*, int64_t, const uint32_t*, int64_t,
-                 float*, int64_t, bool) {
+                 float*, int64_t, bool, const RowLimits& = {}) {
   TORCH_CHECK(false, "minigpt: AVX512-BF16 tiles are not built for this CPU");
 }
 inline void pack_t32(int64_t, int64_t, const uint16_t*, int64_t, uint32_t*, int64_t) {
