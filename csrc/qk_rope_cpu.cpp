@@ -24,11 +24,17 @@
 
 #include <ATen/Parallel.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "attention.h"
 
 namespace minigpt {
 namespace {
@@ -146,6 +152,8 @@ void forward_rows(const Operands& a, const T* x, O* q, O* k, O* v, float* rs, fl
   });
 }
 
+#include "cpu/qk_rope_avx512.h"
+
 // q (B, T, n_q, head_dim), k and v (B, T, n_k, head_dim), in out_dtype (float32 or bfloat16;
 // default float32); rstd (B, T, n_q + n_k) float32 (empty without norm).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qkv_norm_rope_forward(
@@ -168,6 +176,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qkv_norm_rope_forward
     using T = decltype(tag);
     const T* x = static_cast<const T*>(qkv.data_ptr());
     float* rs = norm ? rstd.data_ptr<float>() : nullptr;
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+#ifdef MINIGPT_HAVE_QK_AVX512
+      if (out == at::kBFloat16 && qk_rope_avx512_enabled()) {
+        auto u16 = [](const at::Tensor& t) { return static_cast<uint16_t*>(t.data_ptr()); };
+        qk512::forward_rows(a, reinterpret_cast<const uint16_t*>(x), u16(q), u16(k), u16(v), rs,
+                            static_cast<float>(eps), norm);
+        return;
+      }
+#endif
+    }
     if (out == at::kBFloat16) {
       forward_rows<T, at::BFloat16>(a, x, q.data_ptr<at::BFloat16>(), k.data_ptr<at::BFloat16>(),
                                     v.data_ptr<at::BFloat16>(), rs, static_cast<float>(eps), norm);
@@ -276,6 +294,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_norm_rope_backward(
   // a given thread count.
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B * T));
   std::vector<float> dgain(static_cast<size_t>(workers * 2 * D), 0.f);
+#ifdef MINIGPT_HAVE_QK_AVX512
+  if (gt == at::kBFloat16 && qkv.scalar_type() == at::kBFloat16 && qk_rope_avx512_enabled()) {
+    const GradView<at::BFloat16> gq = grad_view<at::BFloat16>(op, "dq", dq, B, T, n_q, D);
+    const GradView<at::BFloat16> gk = grad_view<at::BFloat16>(op, "dk", dk, B, T, n_k, D);
+    const GradView<at::BFloat16> gv = grad_view<at::BFloat16>(op, "dv", dv, B, T, n_k, D);
+    auto u16 = [](const at::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); };
+    qk512::backward_rows(a, static_cast<const uint16_t*>(qkv.data_ptr()), u16(gq.p), gq.sb, gq.st,
+                         gq.sh, u16(gk.p), gk.sb, gk.st, gk.sh, u16(gv.p), gv.sb, gv.st, gv.sh,
+                         norm ? rstd.data_ptr<float>() : nullptr,
+                         static_cast<uint16_t*>(dx.data_ptr()), dgain, workers, norm);
+  } else {
+#else
+  {
+#endif
   auto run = [&](auto grad_tag) {
     using G = decltype(grad_tag);
     const GradView<G> gq = grad_view<G>(op, "dq", dq, B, T, n_q, D);
@@ -292,6 +324,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_norm_rope_backward(
     run(at::BFloat16{});
   } else {
     run(float{});
+  }
   }
   const auto f32 = qkv.options().dtype(at::kFloat);
   at::Tensor dq_gain = at::empty({0}, f32), dk_gain = at::empty({0}, f32);

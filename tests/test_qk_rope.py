@@ -120,13 +120,16 @@ def test_half_inputs_are_read_in_their_dtype_and_computed_in_float32(dtype):
 
 
 @pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("norm, gains", [(True, True), (False, False)], ids=["norm", "rope-only"])
-def test_bfloat16_outputs_are_rounded_once_and_bfloat16_gradients_read(in_dtype, norm, gains):
+@pytest.mark.parametrize("norm, gains", [(True, True), (True, False), (False, False)],
+                         ids=["norm", "norm-no-gains", "rope-only"])
+@pytest.mark.parametrize("D", [32, 20, 80])
+def test_bfloat16_outputs_are_rounded_once_and_bfloat16_gradients_read(in_dtype, norm, gains, D):
     """out_dtype bfloat16 (what the bf16 attention kernels take under CPU autocast): q, k, v
     are the float64 values rounded once to bfloat16, within half an ulp more; the bfloat16
     output gradients (drawn as bfloat16 values, so both sides read the same numbers) give qkv's
-    and the gains' gradients as float32 arithmetic does."""
-    n_q, n_k, D, T = 4, 2, 32, 19
+    and the gains' gradients as float32 arithmetic does. bfloat16 in and out runs the AVX-512
+    rows where the CPU has them (csrc/cpu/qk_rope_avx512.h): head dims of 16 lanes and less."""
+    n_q, n_k, T = 4, 2, 19
     qkv, q_gain, k_gain, douts = case(3, T, n_q, n_k, D, gains, 11)
     qkv = qkv.to(in_dtype)  # the values the op reads, exactly
     douts = [d.bfloat16() for d in douts]

@@ -1,0 +1,191 @@
+// minigpt: QK-norm and RoPE (csrc/qk_rope_cpu.cpp) for bfloat16 in and out on AVX-512, the
+// case of CPU training under bf16 autocast. Included once by qk_rope_cpu.cpp inside its
+// anonymous namespace, after <immintrin.h>.
+//
+// The same arithmetic as forward_rows and backward_rows there, 16 lanes at a time: RoPE's pairs
+// (x[2i], x[2i+1]) sit in neighbouring lanes, so the rotation is y * C + swap(y) * S, with swap
+// exchanging the lanes of each pair and, for position t, C[d] = cos(a_{d/2}) and S[d] = -sin,
+// +sin for even, odd d (expanded once per position for all its heads). The sums (mean(x^2),
+// mean(dn * n)) run over 16 lanes and are then reduced, as dot_lanes does; bfloat16 is rounded
+// to nearest even (a NaN stays a quiet NaN), as to_elem does.
+#pragma once
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MINIGPT_HAVE_QK_AVX512 1
+
+// Whether this CPU (and its operating system) runs the AVX-512 path, and the attention kernels'
+// vector path is avx512 (MINIGPT_CPU_ISA=avx2 or portable keeps the portable code here too).
+bool qk_rope_avx512_enabled() {
+  static const bool on = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           std::strcmp(attention_cpu_isa(), "avx512") == 0;
+  }();
+  return on;
+}
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+// GCC's intrinsics start some vectors from _mm512_undefined_*(), which it then reports as
+// possibly uninitialised.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+namespace qk512 {
+
+// Lanes d0 .. d0 + 15 that are below D.
+inline __mmask16 lanes(int64_t d0, int64_t D) {
+  const int64_t n = std::min<int64_t>(16, D - d0);
+  return static_cast<__mmask16>((1u << n) - 1);
+}
+
+inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+inline void store_bf16(uint16_t* p, __m512 x, __mmask16 m) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+}
+
+// Exchanges the two lanes of each pair (2i, 2i + 1).
+inline __m512 swap_pairs(__m512 y) { return _mm512_permute_ps(y, 0xB1); }
+
+// C and S of position t (D floats each; see the top of this file).
+inline void expand_angles(const float* ct, const float* sn, int64_t P, float* C, float* S) {
+  for (int64_t i = 0; i < P; ++i) {
+    C[2 * i] = C[2 * i + 1] = ct[i];
+    S[2 * i] = -sn[i];
+    S[2 * i + 1] = sn[i];
+  }
+}
+
+// forward_rows for bfloat16 qkv and bfloat16 outputs.
+void forward_rows(const Operands& a, const uint16_t* x, uint16_t* q, uint16_t* k, uint16_t* v,
+                  float* rs, float eps, bool norm) {
+  const int64_t T_ = a.T, H = a.n_q + a.n_k, D = a.D, P = a.P;
+  at::parallel_for(0, a.B * T_, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> C(D), S(D);
+    for (int64_t bt = begin; bt < end; ++bt) {
+      const int64_t b = bt / T_, t = bt % T_;
+      const uint16_t* xr = x + b * a.sb + t * a.st;
+      expand_angles(a.c + t * P, a.s + t * P, P, C.data(), S.data());
+      for (int64_t h = 0; h < H; ++h) {
+        const bool is_q = h < a.n_q;
+        const uint16_t* xh = xr + h * D;
+        uint16_t* o = is_q ? q + (bt * a.n_q + h) * D : k + (bt * a.n_k + h - a.n_q) * D;
+        const float* g = is_q ? a.gq : a.gk;
+        float r = 1.f;
+        if (norm) {
+          __m512 ss = _mm512_setzero_ps();
+          for (int64_t d0 = 0; d0 < D; d0 += 16) {
+            const __m512 xv = load_bf16(xh + d0, lanes(d0, D));
+            ss = _mm512_fmadd_ps(xv, xv, ss);
+          }
+          r = 1.f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(D) + eps);
+          rs[bt * H + h] = r;
+        }
+        const __m512 rv = _mm512_set1_ps(r);
+        for (int64_t d0 = 0; d0 < D; d0 += 16) {
+          const __mmask16 m = lanes(d0, D);
+          __m512 y = _mm512_mul_ps(load_bf16(xh + d0, m), rv);
+          if (g) y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(m, g + d0));
+          const __m512 out = _mm512_fmadd_ps(y, _mm512_maskz_loadu_ps(m, C.data() + d0),
+                                             _mm512_mul_ps(swap_pairs(y),
+                                                           _mm512_maskz_loadu_ps(m, S.data() + d0)));
+          store_bf16(o + d0, out, m);
+        }
+      }
+      // The values: bfloat16 to bfloat16 is a copy.
+      std::memcpy(v + bt * a.n_k * D, xr + H * D, a.n_k * D * sizeof(uint16_t));
+    }
+  });
+}
+
+// backward_rows for bfloat16 qkv and bfloat16 gradients (gq, gk, gv: (B, T, heads, D) with
+// strides sb, st, sh in elements), into dx (B, T, width) bfloat16.
+void backward_rows(const Operands& a, const uint16_t* x, const uint16_t* gq, int64_t gq_sb,
+                   int64_t gq_st, int64_t gq_sh, const uint16_t* gk, int64_t gk_sb, int64_t gk_st,
+                   int64_t gk_sh, const uint16_t* gv, int64_t gv_sb, int64_t gv_st, int64_t gv_sh,
+                   const float* rs, uint16_t* dx, std::vector<float>& dgain, int64_t workers,
+                   bool norm) {
+  const int64_t T_ = a.T, H = a.n_q + a.n_k, D = a.D, P = a.P, W = (H + a.n_k) * D;
+  const int64_t chunk = (a.B * T_ + workers - 1) / workers;
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<float> C(D), S(D), dy(D), n(D);
+    for (int64_t w = w0; w < w1; ++w) {
+      float* dg = dgain.data() + w * 2 * D;
+      for (int64_t bt = w * chunk; bt < std::min(a.B * T_, (w + 1) * chunk); ++bt) {
+        const int64_t b = bt / T_, t = bt % T_;
+        const uint16_t* xr = x + b * a.sb + t * a.st;
+        uint16_t* dxr = dx + bt * W;
+        expand_angles(a.c + t * P, a.s + t * P, P, C.data(), S.data());
+        for (int64_t h = 0; h < H; ++h) {
+          const bool is_q = h < a.n_q;
+          const uint16_t* gh = is_q ? gq + b * gq_sb + t * gq_st + h * gq_sh
+                                    : gk + b * gk_sb + t * gk_st + (h - a.n_q) * gk_sh;
+          const uint16_t* xh = xr + h * D;
+          uint16_t* dxh = dxr + h * D;
+          const float* g = is_q ? a.gq : a.gk;
+          float* dgh = dg + (is_q ? 0 : D);
+          const float r = norm ? rs[bt * H + h] : 1.f;
+          const __m512 rv = _mm512_set1_ps(r);
+          __m512 dot = _mm512_setzero_ps();
+          for (int64_t d0 = 0; d0 < D; d0 += 16) {
+            const __mmask16 m = lanes(d0, D);
+            // The inverse rotation: dy = gr * C - swap(gr) * S.
+            const __m512 gr = load_bf16(gh + d0, m);
+            __m512 dyv = _mm512_fmsub_ps(gr, _mm512_maskz_loadu_ps(m, C.data() + d0),
+                                         _mm512_mul_ps(swap_pairs(gr),
+                                                       _mm512_maskz_loadu_ps(m, S.data() + d0)));
+            if (!norm) {
+              store_bf16(dxh + d0, dyv, m);
+              continue;
+            }
+            const __m512 nv = _mm512_mul_ps(load_bf16(xh + d0, m), rv);
+            if (g) {
+              _mm512_mask_storeu_ps(dgh + d0, m,
+                                    _mm512_fmadd_ps(dyv, nv, _mm512_maskz_loadu_ps(m, dgh + d0)));
+              dyv = _mm512_mul_ps(dyv, _mm512_maskz_loadu_ps(m, g + d0));  // dn
+            }
+            dot = _mm512_fmadd_ps(dyv, nv, dot);
+            _mm512_mask_storeu_ps(dy.data() + d0, m, dyv);
+            _mm512_mask_storeu_ps(n.data() + d0, m, nv);
+          }
+          if (!norm) continue;
+          const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(dot) / static_cast<float>(D));
+          for (int64_t d0 = 0; d0 < D; d0 += 16) {
+            const __mmask16 m = lanes(d0, D);
+            const __m512 nv = _mm512_maskz_loadu_ps(m, n.data() + d0);
+            const __m512 dyv = _mm512_maskz_loadu_ps(m, dy.data() + d0);
+            store_bf16(dxh + d0, _mm512_mul_ps(rv, _mm512_fnmadd_ps(nv, mean, dyv)), m);
+          }
+        }
+        for (int64_t h = 0; h < a.n_k; ++h)  // the values' gradient: a copy
+          std::memcpy(dxr + (H + h) * D, gv + b * gv_sb + t * gv_st + h * gv_sh,
+                      D * sizeof(uint16_t));
+      }
+    }
+  });
+}
+
+}  // namespace qk512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
+
+#else
+bool qk_rope_avx512_enabled() { return false; }
+#endif
