@@ -2,12 +2,15 @@
 // case of CPU training under bf16 autocast. Included once by qk_rope_cpu.cpp inside its
 // anonymous namespace, after <immintrin.h>.
 //
-// The same arithmetic as forward_rows and backward_rows there, 16 lanes at a time: RoPE's pairs
-// (x[2i], x[2i+1]) sit in neighbouring lanes, so the rotation is y * C + swap(y) * S, with swap
-// exchanging the lanes of each pair and, for position t, C[d] = cos(a_{d/2}) and S[d] = -sin,
-// +sin for even, odd d (expanded once per position for all its heads). The sums (mean(x^2),
-// mean(dn * n)) run over 16 lanes and are then reduced, as dot_lanes does; bfloat16 is rounded
-// to nearest even (a NaN stays a quiet NaN), as to_elem does.
+// The same arithmetic as forward_rows and backward_rows there, 16 lanes at a time, operation
+// for operation, so that the results are the same bits: RoPE's pairs (x[2i], x[2i+1]) sit in
+// neighbouring lanes, so the rotation is y * C + swap(y) * S, with swap exchanging the lanes of
+// each pair and, for position t, C[d] = cos(a_{d/2}) and S[d] = -sin, +sin for even, odd d
+// (expanded once per position for all its heads); a + (-b) is a - b exactly. Every product is
+// rounded before its sum (no fused multiply-add, as the portable code compiled for the baseline
+// x86-64 has none); the sums (mean(x^2), mean(dn * n)) keep dot_lanes' 16 partial sums and its
+// order of adding them; bfloat16 is rounded to nearest even (a NaN stays a quiet NaN), as
+// to_elem does.
 #pragma once
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -26,10 +29,13 @@ bool qk_rope_avx512_enabled() {
 }
 
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))), apply_to = function)
+#pragma clang fp contract(off)
 #else
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+// No multiply-add contraction: each product is rounded, as in the portable code (top).
+#pragma GCC optimize("fp-contract=off")
 // GCC's intrinsics start some vectors from _mm512_undefined_*(), which it then reports as
 // possibly uninitialised.
 #pragma GCC diagnostic push
@@ -55,6 +61,19 @@ inline void store_bf16(uint16_t* p, __m512 x, __mmask16 m) {
       _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
   r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+}
+
+// dot_lanes' sum (row_reductions.h) from its 16 partial sums (the full chunks of 16) and the
+// products of the last, partial chunk (lanes below tail_n): the tail first, then the partials
+// in lane order.
+inline float lanes_sum(__m512 part, __m512 tail, int64_t tail_n) {
+  alignas(64) float p[16], q[16];
+  _mm512_store_ps(p, part);
+  _mm512_store_ps(q, tail);
+  float sum = 0.0f;
+  for (int64_t i = 0; i < tail_n; ++i) sum += q[i];
+  for (int l = 0; l < 16; ++l) sum += p[l];
+  return sum;
 }
 
 // Exchanges the two lanes of each pair (2i, 2i + 1).
@@ -86,12 +105,15 @@ void forward_rows(const Operands& a, const uint16_t* x, uint16_t* q, uint16_t* k
         const float* g = is_q ? a.gq : a.gk;
         float r = 1.f;
         if (norm) {
-          __m512 ss = _mm512_setzero_ps();
+          __m512 ss = _mm512_setzero_ps(), tail = _mm512_setzero_ps();
           for (int64_t d0 = 0; d0 < D; d0 += 16) {
             const __m512 xv = load_bf16(xh + d0, lanes(d0, D));
-            ss = _mm512_fmadd_ps(xv, xv, ss);
+            if (d0 + 16 <= D)
+              ss = _mm512_add_ps(ss, _mm512_mul_ps(xv, xv));
+            else
+              tail = _mm512_mul_ps(xv, xv);
           }
-          r = 1.f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(D) + eps);
+          r = 1.f / std::sqrt(lanes_sum(ss, tail, D % 16) / static_cast<float>(D) + eps);
           rs[bt * H + h] = r;
         }
         const __m512 rv = _mm512_set1_ps(r);
@@ -99,9 +121,9 @@ void forward_rows(const Operands& a, const uint16_t* x, uint16_t* q, uint16_t* k
           const __mmask16 m = lanes(d0, D);
           __m512 y = _mm512_mul_ps(load_bf16(xh + d0, m), rv);
           if (g) y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(m, g + d0));
-          const __m512 out = _mm512_fmadd_ps(y, _mm512_maskz_loadu_ps(m, C.data() + d0),
-                                             _mm512_mul_ps(swap_pairs(y),
-                                                           _mm512_maskz_loadu_ps(m, S.data() + d0)));
+          const __m512 out = _mm512_add_ps(
+              _mm512_mul_ps(y, _mm512_maskz_loadu_ps(m, C.data() + d0)),
+              _mm512_mul_ps(swap_pairs(y), _mm512_maskz_loadu_ps(m, S.data() + d0)));
           store_bf16(o + d0, out, m);
         }
       }
@@ -139,35 +161,38 @@ void backward_rows(const Operands& a, const uint16_t* x, const uint16_t* gq, int
           float* dgh = dg + (is_q ? 0 : D);
           const float r = norm ? rs[bt * H + h] : 1.f;
           const __m512 rv = _mm512_set1_ps(r);
-          __m512 dot = _mm512_setzero_ps();
+          __m512 dot = _mm512_setzero_ps(), tail = _mm512_setzero_ps();
           for (int64_t d0 = 0; d0 < D; d0 += 16) {
             const __mmask16 m = lanes(d0, D);
             // The inverse rotation: dy = gr * C - swap(gr) * S.
             const __m512 gr = load_bf16(gh + d0, m);
-            __m512 dyv = _mm512_fmsub_ps(gr, _mm512_maskz_loadu_ps(m, C.data() + d0),
-                                         _mm512_mul_ps(swap_pairs(gr),
-                                                       _mm512_maskz_loadu_ps(m, S.data() + d0)));
+            __m512 dyv = _mm512_sub_ps(
+                _mm512_mul_ps(gr, _mm512_maskz_loadu_ps(m, C.data() + d0)),
+                _mm512_mul_ps(swap_pairs(gr), _mm512_maskz_loadu_ps(m, S.data() + d0)));
             if (!norm) {
               store_bf16(dxh + d0, dyv, m);
               continue;
             }
             const __m512 nv = _mm512_mul_ps(load_bf16(xh + d0, m), rv);
             if (g) {
-              _mm512_mask_storeu_ps(dgh + d0, m,
-                                    _mm512_fmadd_ps(dyv, nv, _mm512_maskz_loadu_ps(m, dgh + d0)));
+              _mm512_mask_storeu_ps(dgh + d0, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dgh + d0),
+                                                               _mm512_mul_ps(dyv, nv)));
               dyv = _mm512_mul_ps(dyv, _mm512_maskz_loadu_ps(m, g + d0));  // dn
             }
-            dot = _mm512_fmadd_ps(dyv, nv, dot);
+            if (d0 + 16 <= D)
+              dot = _mm512_add_ps(dot, _mm512_mul_ps(dyv, nv));
+            else
+              tail = _mm512_mul_ps(dyv, nv);
             _mm512_mask_storeu_ps(dy.data() + d0, m, dyv);
             _mm512_mask_storeu_ps(n.data() + d0, m, nv);
           }
           if (!norm) continue;
-          const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(dot) / static_cast<float>(D));
+          const __m512 mean = _mm512_set1_ps(lanes_sum(dot, tail, D % 16) / static_cast<float>(D));
           for (int64_t d0 = 0; d0 < D; d0 += 16) {
             const __mmask16 m = lanes(d0, D);
             const __m512 nv = _mm512_maskz_loadu_ps(m, n.data() + d0);
             const __m512 dyv = _mm512_maskz_loadu_ps(m, dy.data() + d0);
-            store_bf16(dxh + d0, _mm512_mul_ps(rv, _mm512_fnmadd_ps(nv, mean, dyv)), m);
+            store_bf16(dxh + d0, _mm512_mul_ps(rv, _mm512_sub_ps(dyv, _mm512_mul_ps(nv, mean))), m);
           }
         }
         for (int64_t h = 0; h < a.n_k; ++h)  // the values' gradient: a copy
@@ -181,6 +206,7 @@ void backward_rows(const Operands& a, const uint16_t* x, const uint16_t* gq, int
 }  // namespace qk512
 #if defined(__clang__)
 #pragma clang attribute pop
+#pragma clang fp contract(on)
 #else
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
