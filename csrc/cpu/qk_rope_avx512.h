@@ -30,18 +30,22 @@ bool qk_rope_avx512_enabled() {
 
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))), apply_to = function)
-#pragma clang fp contract(off)
 #else
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
-// No multiply-add contraction: each product is rounded, as in the portable code (top).
-#pragma GCC optimize("fp-contract=off")
 // GCC's intrinsics start some vectors from _mm512_undefined_*(), which it then reports as
 // possibly uninitialised.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 namespace qk512 {
+
+// Products, sums and differences that the compiler may not fuse into a multiply-add (the
+// plain intrinsics are vector arithmetic that GCC contracts): the explicit-rounding forms, at
+// the current rounding mode (round to nearest), compile to the plain instructions.
+inline __m512 mul(__m512 a, __m512 b) { return _mm512_mul_round_ps(a, b, _MM_FROUND_CUR_DIRECTION); }
+inline __m512 add(__m512 a, __m512 b) { return _mm512_add_round_ps(a, b, _MM_FROUND_CUR_DIRECTION); }
+inline __m512 sub(__m512 a, __m512 b) { return _mm512_sub_round_ps(a, b, _MM_FROUND_CUR_DIRECTION); }
 
 // Lanes d0 .. d0 + 15 that are below D.
 inline __mmask16 lanes(int64_t d0, int64_t D) {
@@ -67,9 +71,9 @@ inline void store_bf16(uint16_t* p, __m512 x, __mmask16 m) {
 // products of the last, partial chunk (lanes below tail_n): the tail first, then the partials
 // in lane order.
 inline float lanes_sum(__m512 part, __m512 tail, int64_t tail_n) {
-  alignas(64) float p[16], q[16];
-  _mm512_store_ps(p, part);
-  _mm512_store_ps(q, tail);
+  float p[16], q[16];
+  _mm512_storeu_ps(p, part);
+  _mm512_storeu_ps(q, tail);
   float sum = 0.0f;
   for (int64_t i = 0; i < tail_n; ++i) sum += q[i];
   for (int l = 0; l < 16; ++l) sum += p[l];
@@ -109,9 +113,9 @@ void forward_rows(const Operands& a, const uint16_t* x, uint16_t* q, uint16_t* k
           for (int64_t d0 = 0; d0 < D; d0 += 16) {
             const __m512 xv = load_bf16(xh + d0, lanes(d0, D));
             if (d0 + 16 <= D)
-              ss = _mm512_add_ps(ss, _mm512_mul_ps(xv, xv));
+              ss = add(ss, mul(xv, xv));
             else
-              tail = _mm512_mul_ps(xv, xv);
+              tail = mul(xv, xv);
           }
           r = 1.f / std::sqrt(lanes_sum(ss, tail, D % 16) / static_cast<float>(D) + eps);
           rs[bt * H + h] = r;
@@ -119,11 +123,11 @@ void forward_rows(const Operands& a, const uint16_t* x, uint16_t* q, uint16_t* k
         const __m512 rv = _mm512_set1_ps(r);
         for (int64_t d0 = 0; d0 < D; d0 += 16) {
           const __mmask16 m = lanes(d0, D);
-          __m512 y = _mm512_mul_ps(load_bf16(xh + d0, m), rv);
-          if (g) y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(m, g + d0));
-          const __m512 out = _mm512_add_ps(
-              _mm512_mul_ps(y, _mm512_maskz_loadu_ps(m, C.data() + d0)),
-              _mm512_mul_ps(swap_pairs(y), _mm512_maskz_loadu_ps(m, S.data() + d0)));
+          __m512 y = mul(load_bf16(xh + d0, m), rv);
+          if (g) y = mul(y, _mm512_maskz_loadu_ps(m, g + d0));
+          const __m512 out = add(
+              mul(y, _mm512_maskz_loadu_ps(m, C.data() + d0)),
+              mul(swap_pairs(y), _mm512_maskz_loadu_ps(m, S.data() + d0)));
           store_bf16(o + d0, out, m);
         }
       }
@@ -166,23 +170,23 @@ void backward_rows(const Operands& a, const uint16_t* x, const uint16_t* gq, int
             const __mmask16 m = lanes(d0, D);
             // The inverse rotation: dy = gr * C - swap(gr) * S.
             const __m512 gr = load_bf16(gh + d0, m);
-            __m512 dyv = _mm512_sub_ps(
-                _mm512_mul_ps(gr, _mm512_maskz_loadu_ps(m, C.data() + d0)),
-                _mm512_mul_ps(swap_pairs(gr), _mm512_maskz_loadu_ps(m, S.data() + d0)));
+            __m512 dyv = sub(
+                mul(gr, _mm512_maskz_loadu_ps(m, C.data() + d0)),
+                mul(swap_pairs(gr), _mm512_maskz_loadu_ps(m, S.data() + d0)));
             if (!norm) {
               store_bf16(dxh + d0, dyv, m);
               continue;
             }
-            const __m512 nv = _mm512_mul_ps(load_bf16(xh + d0, m), rv);
+            const __m512 nv = mul(load_bf16(xh + d0, m), rv);
             if (g) {
-              _mm512_mask_storeu_ps(dgh + d0, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dgh + d0),
-                                                               _mm512_mul_ps(dyv, nv)));
-              dyv = _mm512_mul_ps(dyv, _mm512_maskz_loadu_ps(m, g + d0));  // dn
+              _mm512_mask_storeu_ps(dgh + d0, m, add(_mm512_maskz_loadu_ps(m, dgh + d0),
+                                                               mul(dyv, nv)));
+              dyv = mul(dyv, _mm512_maskz_loadu_ps(m, g + d0));  // dn
             }
             if (d0 + 16 <= D)
-              dot = _mm512_add_ps(dot, _mm512_mul_ps(dyv, nv));
+              dot = add(dot, mul(dyv, nv));
             else
-              tail = _mm512_mul_ps(dyv, nv);
+              tail = mul(dyv, nv);
             _mm512_mask_storeu_ps(dy.data() + d0, m, dyv);
             _mm512_mask_storeu_ps(n.data() + d0, m, nv);
           }
@@ -192,7 +196,7 @@ void backward_rows(const Operands& a, const uint16_t* x, const uint16_t* gq, int
             const __mmask16 m = lanes(d0, D);
             const __m512 nv = _mm512_maskz_loadu_ps(m, n.data() + d0);
             const __m512 dyv = _mm512_maskz_loadu_ps(m, dy.data() + d0);
-            store_bf16(dxh + d0, _mm512_mul_ps(rv, _mm512_sub_ps(dyv, _mm512_mul_ps(nv, mean))), m);
+            store_bf16(dxh + d0, mul(rv, sub(dyv, mul(nv, mean))), m);
           }
         }
         for (int64_t h = 0; h < a.n_k; ++h)  // the values' gradient: a copy
@@ -206,7 +210,6 @@ void backward_rows(const Operands& a, const uint16_t* x, const uint16_t* gq, int
 }  // namespace qk512
 #if defined(__clang__)
 #pragma clang attribute pop
-#pragma clang fp contract(on)
 #else
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
