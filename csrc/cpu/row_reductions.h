@@ -5,7 +5,13 @@
 // inside a namespace: the includer provides <algorithm> and <cstdint>.
 #pragma once
 
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
 #define MINIGPT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+// Clang does not take target_clones on function templates (and other architectures have no
+// such targets): one build for the baseline there.
+#define MINIGPT_CLONES
+#endif
 
 // Reductions keep kLanes independent partial results, so that the loops vectorise without
 // -ffast-math (which would let the compiler reorder a single float sum).
