@@ -162,6 +162,31 @@ def test_this_machine_gets_openmp():
     assert flags == ("-fopenmp",), note
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF shared objects")
+def test_the_module_links_the_libstdcxx_torch_loaded(monkeypatch):
+    """The built module loads the shared libstdc++ (a copy of its own crashed on formatting an
+    error message); a compiler made to link a static one (-static-libstdc++ in $LDFLAGS) is given
+    the path of the libstdc++ torch loaded, and links that instead."""
+    import minigpt._C as C
+    needed = _build.elf_needed(C.__file__)
+    assert "libc10.so" in needed and "libstdc++.so.6" in needed, needed
+    assert _build.elf_needed(__file__) is None
+    _build.libstdcxx_flags.cache_clear()
+    try:
+        assert _build.libstdcxx_flags() == ((), "")
+        monkeypatch.setenv("LDFLAGS", "-static-libstdc++")
+        if _build._links_libstdcxx([]) is not False:
+            pytest.skip("this compiler has no static libstdc++ to link")
+        _build.libstdcxx_flags.cache_clear()
+        flags, note = _build.libstdcxx_flags()
+        lib = _build.loaded_libstdcxx()
+        assert lib is not None and Path(lib).name.startswith("libstdc++.so.6")
+        assert flags == (lib,) and "static libstdc++" in note and lib in note
+        assert _build._links_libstdcxx(list(flags)) is True
+    finally:
+        _build.libstdcxx_flags.cache_clear()
+
+
 def test_windows_skips_the_cpu_kernels_with_a_reason():
     assert "MSVC" in _build.cpu_build_reason("win32")
     assert _build.cpu_build_reason("linux") is None and _build.cpu_build_reason("darwin") is None

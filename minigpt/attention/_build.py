@@ -9,7 +9,9 @@ The CUDA kernels are built when MINIGPT_CUDA (auto | 0 | 1, default auto) allows
 CUDA build, and a usable CUDA toolkit is found (find_cuda_home) whose nvcc has torch's CUDA major
 version; MINIGPT_CUDA=1 turns a missing piece into an error (BuildError) instead of a CPU-only
 build. OpenMP flags are chosen by compiling a test program (openmp_flags), so Apple clang without
-libomp builds too, single-threaded.
+libomp builds too, single-threaded. A compiler that would copy libstdc++ into the module (a static
+libstdc++, by its defaults or $LDFLAGS) is made to link the libstdc++ that torch has loaded
+instead (libstdcxx_flags): a second copy crashed on formatting an error message.
 
 torch.utils.cpp_extension reads CUDA_HOME once, when it is first imported: apply_cuda_home()
 sets the environment variable and, if the module is already imported, its CUDA_HOME too. This
@@ -21,7 +23,9 @@ from __future__ import annotations
 import functools
 import os
 import re
+import shlex
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -143,6 +147,88 @@ def openmp_flags() -> Tuple[Tuple[str, ...], Tuple[str, ...], str]:
                     "the CPU kernels will run on one thread")
 
 
+def elf_needed(path: str) -> Optional[List[str]]:
+    """The DT_NEEDED entries (the shared libraries it links) of a 64-bit little-endian ELF file,
+    read from its section headers; None if it is not one."""
+    data = Path(path).read_bytes()
+    if data[:6] != b"\x7fELF\x02\x01":
+        return None
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    # Elf64_Shdr: name, type, flags, addr, offset, size, link, info, addralign, entsize
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize)
+                for i in range(shnum)]
+    needed = []
+    for _, kind, _, _, offset, size, link, _, _, _ in sections:
+        if kind != 6:  # SHT_DYNAMIC; its sh_link is its string table
+            continue
+        strings = sections[link][4]
+        for at in range(offset, offset + size, 16):
+            tag, value = struct.unpack_from("<qQ", data, at)
+            if tag == 0:  # DT_NULL
+                break
+            if tag == 1:  # DT_NEEDED
+                start = strings + value
+                needed.append(data[start:data.index(b"\0", start)].decode())
+    return needed
+
+
+def loaded_libstdcxx() -> Optional[str]:
+    """The libstdc++ this process has loaded (torch's, once torch is imported), or None."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
+        if Path(path).name.startswith("libstdc++.so"):
+            return path.strip()
+    return None
+
+
+def _links_libstdcxx(ldflags: List[str]) -> Optional[bool]:
+    """Whether a shared object that this compiler links (with $LDFLAGS and ldflags) loads the
+    shared libstdc++ (True) or carries a copy of its own (False); None if the test did not
+    build or is not an ELF file."""
+    src = ('#include <sstream>\n#include <string>\n'
+           'extern "C" int minigpt_check(long n) { std::ostringstream s; s << n; '
+           'return static_cast<int>(s.str().size()); }\n')
+    with tempfile.TemporaryDirectory() as tmp:
+        c, so = Path(tmp) / "libstdcxx_check.cpp", Path(tmp) / "libstdcxx_check.so"
+        c.write_text(src)
+        cmd = [_compiler(), "-shared", "-fPIC", str(c), "-o", str(so),
+               *shlex.split(os.environ.get("LDFLAGS", "")), *ldflags]
+        try:
+            if subprocess.run(cmd, capture_output=True, timeout=120).returncode != 0:
+                return None
+        except (OSError, subprocess.SubprocessError):
+            return None
+        needed = elf_needed(str(so))
+    if needed is None:
+        return None
+    return any(n.startswith(("libstdc++.so", "libc++.so")) for n in needed)
+
+
+@functools.lru_cache(maxsize=None)
+def libstdcxx_flags() -> Tuple[Tuple[str, ...], str]:
+    """(link flags, note): none where the compiler links the shared libstdc++ (the usual case);
+    where it would copy a static libstdc++ into the module (some toolchains' defaults, or
+    -static-libstdc++ in $LDFLAGS), the path of the libstdc++ this process has loaded (torch's),
+    which the linker then takes ahead of the static one. Two copies in one process crashed
+    (a segmentation fault while formatting a TORCH_CHECK message), so the module must use
+    torch's. The note says what was done; empty when nothing was."""
+    if not sys.platform.startswith("linux") or _links_libstdcxx([]) is not False:
+        return (), ""
+    lib = loaded_libstdcxx()
+    if lib is None:
+        return (), (f"{_compiler()} links a static libstdc++ and no shared one is loaded to "
+                    "link instead; error messages may crash")
+    if _links_libstdcxx([lib]):
+        return (lib,), f"{_compiler()} links a static libstdc++: linking {lib} instead"
+    return (), (f"{_compiler()} links a static libstdc++ even with {lib} named; error messages "
+                "may crash")
+
+
 @dataclass
 class BuildPlan:
     """What to build: the CPU kernels always (where the platform can), the CUDA ones if with_cuda."""
@@ -156,6 +242,7 @@ class BuildPlan:
     cxx_flags: List[str] = field(default_factory=list)
     ld_flags: List[str] = field(default_factory=list)
     openmp_note: str = ""
+    libstdcxx_note: str = ""
 
     @property
     def summary(self) -> str:
@@ -163,7 +250,8 @@ class BuildPlan:
         if self.cpu_reason is not None:
             return f"minigpt: not building the compiled kernels: {self.cpu_reason}"
         what = "CPU and CUDA kernels" if self.with_cuda else "CPU kernels only"
-        return f"minigpt: building {what} ({self.cuda_reason}; {self.openmp_note})"
+        notes = "; ".join(filter(None, (self.cuda_reason, self.openmp_note, self.libstdcxx_note)))
+        return f"minigpt: building {what} ({notes})"
 
     def sources(self) -> List[str]:
         """Source files, by glob (never listed by hand), relative to the repo root."""
@@ -250,9 +338,11 @@ def build_plan(torch_module, env=None) -> BuildPlan:
         if env is os.environ:  # torch's build helpers read the list from the environment
             os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     cflags, ldflags, note = openmp_flags()
+    std_flags, std_note = libstdcxx_flags()
     return BuildPlan(cpu_reason=None, with_cuda=with_cuda, cuda_reason=why, cuda_home=home,
                      cuda_archs=archs, debug=env.get("MINIGPT_DEBUG", "0") == "1",
-                     cxx_flags=list(cflags), ld_flags=list(ldflags), openmp_note=note)
+                     cxx_flags=list(cflags), ld_flags=list(ldflags) + list(std_flags),
+                     openmp_note=note, libstdcxx_note=std_note)
 
 
 def gpu_unsupported_reason(capability: Tuple[int, int], archs: str) -> Optional[str]:
