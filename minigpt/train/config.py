@@ -101,6 +101,11 @@ class TrainConfig:
     # evaluation and logging
     eval_interval: int = 300          # steps between evaluations (and checkpoints)
     eval_iters: int = 10              # fixed batches per split per evaluation
+    eval_train: bool = False          # evaluate the fixed training batches too at every
+                                      # evaluation (nanoGPT's estimate); otherwise the train loss
+                                      # logged is the mean loss of the steps since the previous
+                                      # evaluation, which costs nothing (an evaluation with no
+                                      # step before it evaluates the batches)
     log_interval: int = 10            # steps between progress-bar/log updates
     # system
     device: str = "auto"              # "auto" (cuda, then mps, then cpu), "cpu", "cuda", ...

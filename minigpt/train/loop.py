@@ -214,10 +214,23 @@ def mean_loss(model: GPT, batches, autocast=contextlib.nullcontext) -> torch.Ten
     return total / len(batches)
 
 
-def evaluate(run: Run) -> Dict[str, float]:
-    """Mean loss of the fixed batches of each split, averaged over every process."""
-    return {split: run.dist.sum(mean_loss(run.eval_model, batches, run.precision.autocast)).item()
-            / run.dist.world_size for split, batches in run.eval_batches.items()}
+def evaluate(run: Run, progress: Progress) -> Dict[str, float]:
+    """Mean loss of the fixed validation batches and of the training steps since the previous
+    evaluation (of the fixed training batches with cfg.eval_train, or when no step ran since),
+    each averaged over every process."""
+    losses = {}
+    splits = ["val"]
+    if run.cfg.eval_train or progress.step_loss_count == 0:
+        splits.insert(0, "train")
+    else:
+        mean = torch.tensor(progress.step_loss_sum / progress.step_loss_count,
+                            dtype=torch.float32, device=run.device)
+        losses["train"] = run.dist.sum(mean).item() / run.dist.world_size
+    for split in splits:
+        loss = mean_loss(run.eval_model, run.eval_batches[split], run.precision.autocast)
+        losses[split] = run.dist.sum(loss).item() / run.dist.world_size
+    progress.step_loss_sum, progress.step_loss_count = 0.0, 0
+    return {split: losses[split] for split in ("train", "val")}
 
 
 def schedule_time(run: Run) -> Optional[float]:
@@ -233,7 +246,7 @@ def schedule_time(run: Run) -> Optional[float]:
 
 def evaluate_and_save(run: Run, progress: Progress) -> None:
     """Evaluate, log the losses, and save a checkpoint (except before the first step)."""
-    progress.losses = evaluate(run)
+    progress.losses = evaluate(run, progress)
     progress.best_val = min(progress.best_val, progress.losses["val"])
     record(run, progress, event="eval", iter=progress.iter_num,
            train_loss=progress.losses["train"], val_loss=progress.losses["val"],
@@ -301,6 +314,8 @@ def train_step(run: Run, progress: Progress) -> None:
     if run.ema_model is not None:
         update_ema(run.ema_model, run.raw_model, cfg.ema_decay)
     progress.iter_num += 1
+    progress.step_loss_sum += loss_value
+    progress.step_loss_count += 1
     progress.train_time += time.perf_counter() - t0
     progress.train_tokens += B * T * cfg.grad_accum * run.dist.world_size
     if run.bar is not None:

@@ -85,6 +85,8 @@ class Progress:
     skipped: int = 0
     train_time: float = 0.0
     train_tokens: int = 0
+    step_loss_sum: float = 0.0     # the training steps' losses since the last evaluation
+    step_loss_count: int = 0
     interrupted: bool = False
     saved_iter: Optional[int] = None  # the step of the last checkpoint this run wrote
     whole_split_val: Optional[float] = None  # the final loss over the whole validation split
