@@ -119,9 +119,8 @@ void attention_backward_cpu16(const AttentionParams& p);
 // of MINIGPT_CPU_ISA. Read once per process.
 const char* attention_cpu_isa();
 // What computes the bfloat16 CPU kernels' tile products in this process: "avx512_bf16" (our
-// vdpbf16ps tiles: the CPU has AVX512-BF16 and the vector path is avx512), "brgemm" (ATen's
-// at::native::cpublas::brgemm, as float16 always uses), or "avx512_bf16 forward, brgemm
-// backward" (the default on CPUs with AMX, where brgemm runs on AMX tiles).
+// vdpbf16ps tiles: the CPU has AVX512-BF16 and the vector path is avx512) or "brgemm" (ATen's
+// at::native::cpublas::brgemm, as float16 always uses).
 const char* attention_cpu16_products();
 
 // CUDA kernels (csrc/cuda/*.cu): launched on `stream` (a cudaStream_t passed as void* so this

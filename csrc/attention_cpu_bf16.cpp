@@ -38,9 +38,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <cpuid.h>
-#endif
 #include <limits>
 #include <vector>
 
@@ -52,48 +49,23 @@ namespace {
 #include "cpu/cpu16_tiles.h"
 #include "cpu/bf16_dot_tiles.h"
 
-// Whether the CPU has AMX with bf16 (CPUID.(EAX=7,ECX=0):EDX bits 22 AMX-BF16 and 24 AMX-TILE)
-// and the OS keeps the tile state (XCR0 bits 17 and 18): then ATen's brgemm runs on AMX tiles
-// (oneDNN asks the kernel for them itself).
-bool cpu_has_amx_bf16() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  unsigned a = 0, b = 0, c = 0, d = 0;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 22) & 1) || !((d >> 24) & 1))
-    return false;
-  if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return false;  // OSXSAVE
-  unsigned lo = 0, hi = 0;
-  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-  return ((lo >> 17) & 3u) == 3u;
-#else
-  return false;
-#endif
-}
-
-// What runs the bf16 tile products of each direction in this process: true for our vdpbf16ps
-// tiles (cpu/bf16_dot_tiles.h), false for ATen's brgemm (oneDNN's; float16 always uses it).
-// The tiles need AVX512-BF16 and the CPU kernels' vector path avx512 (MINIGPT_CPU_ISA=avx2 or
-// portable keep brgemm). By default the forward runs on the tiles wherever they can, and the
-// backward too except on CPUs with AMX, where brgemm's AMX tiles are the faster for its five
-// products; MINIGPT_CPU_BF16_PRODUCTS=avx512_bf16 or brgemm puts both directions on one. Read
-// once per process.
-struct Products {
-  bool forward;
-  bool backward;
-};
-
-Products select_products() {
+// Whether bf16 tile products run on vdpbf16ps (cpu/bf16_dot_tiles.h) in this process: the CPU
+// has AVX512-BF16 and the CPU kernels' vector path is avx512 (MINIGPT_CPU_ISA=avx2 or portable
+// keep ATen's brgemm, as does float16), unless MINIGPT_CPU_BF16_PRODUCTS=brgemm asks for ATen's
+// (oneDNN's, which uses AMX where the CPU has it). Read once per process.
+bool select_dpbf16() {
   const char* env = std::getenv("MINIGPT_CPU_BF16_PRODUCTS");
   const bool best = cpu_has_dpbf16() && std::strcmp(attention_cpu_isa(), "avx512") == 0;
-  if (env == nullptr || *env == '\0') return {best, best && !cpu_has_amx_bf16()};
-  if (std::strcmp(env, "brgemm") == 0) return {false, false};
+  if (env == nullptr || *env == '\0') return best;
+  if (std::strcmp(env, "brgemm") == 0) return false;
   TORCH_CHECK(std::strcmp(env, "avx512_bf16") == 0, "MINIGPT_CPU_BF16_PRODUCTS='", env,
               "' is not one of avx512_bf16, brgemm (unset it for the best this CPU has)");
   if (!best) TORCH_WARN("MINIGPT_CPU_BF16_PRODUCTS=avx512_bf16: not available here; using brgemm");
-  return {best, best};
+  return best;
 }
 
-const Products& products() {
-  static const Products on = select_products();  // a throw leaves it unset, to throw again
+bool dpbf16_enabled() {
+  static const bool on = select_dpbf16();  // a throw leaves it unset, to throw again next call
   return on;
 }
 
@@ -101,8 +73,7 @@ const Products& products() {
 // head dim, and every pointer and stride even (4-byte aligned pairs).
 template <typename T>
 bool use_dpbf16(const AttentionParams& p, bool backward) {
-  const bool tiles = backward ? products().backward : products().forward;
-  if (!std::is_same_v<T, at::BFloat16> || !tiles || p.D % 2 != 0) return false;
+  if (!std::is_same_v<T, at::BFloat16> || !dpbf16_enabled() || p.D % 2 != 0) return false;
   auto even = [](const void* ptr, const Strides4& st) {
     return reinterpret_cast<std::uintptr_t>(ptr) % 4 == 0 && st.b % 2 == 0 && st.h % 2 == 0 &&
            st.t % 2 == 0;
@@ -553,11 +524,7 @@ void run_backward(const AttentionParams& p) {
 
 }  // namespace
 
-const char* attention_cpu16_products() {
-  const Products& on = products();
-  if (on.forward == on.backward) return on.forward ? "avx512_bf16" : "brgemm";
-  return on.forward ? "avx512_bf16 forward, brgemm backward" : "brgemm forward, avx512_bf16 backward";
-}
+const char* attention_cpu16_products() { return dpbf16_enabled() ? "avx512_bf16" : "brgemm"; }
 
 void attention_forward_cpu16(const AttentionParams& p) {
   if (p.dtype == DType::BFloat16)
