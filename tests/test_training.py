@@ -77,12 +77,13 @@ def test_training_reduces_loss_and_writes_logs(text_file, tmp_path):
     assert state["iter_num"] == 40 and state["best_val_loss"] == result.best_val_loss
 
 
-def test_train_loss_is_the_steps_mean_unless_eval_train(text_file, tmp_path):
-    """Without eval_train an evaluation's train loss is the mean of the steps' losses since the
-    previous one (step 0's evaluates the fixed batches); with it, the fixed training batches'
+def test_train_loss_is_the_last_steps_mean_unless_eval_train(text_file, tmp_path):
+    """Without eval_train an evaluation's train loss is the mean loss of the last eval_iters
+    training steps (step 0's evaluates the fixed batches); with it, the fixed training batches'
     loss. The validation losses and the trained weights are the same either way."""
     def rows_of(out, **kw):
-        train(tiny_cfg(text_file, out, log_interval=1, dropout=0.0, **kw), log=lambda *a: None)
+        train(tiny_cfg(text_file, out, log_interval=1, dropout=0.0, eval_iters=3, **kw),
+              log=lambda *a: None)
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         return ([r for r in rows if r["event"] == "eval"],
                 {r["iter"]: r["loss"] for r in rows if r["event"] == "train"})
@@ -90,8 +91,8 @@ def test_train_loss_is_the_steps_mean_unless_eval_train(text_file, tmp_path):
     evals_b, _ = rows_of(tmp_path / "b", eval_train=True)
     assert [r["iter"] for r in evals] == [0, 10, 20] and len(steps) == 20
     assert evals[0]["train_loss"] == pytest.approx(evals_b[0]["train_loss"], rel=1e-6)
-    for row, since in ((evals[1], range(1, 11)), (evals[2], range(11, 21))):
-        assert row["train_loss"] == pytest.approx(sum(steps[i] for i in since) / 10, rel=1e-5)
+    for row, last in ((evals[1], (8, 9, 10)), (evals[2], (18, 19, 20))):
+        assert row["train_loss"] == pytest.approx(sum(steps[i] for i in last) / 3, rel=1e-5)
     assert [r["val_loss"] for r in evals] == [r["val_loss"] for r in evals_b]
     assert abs(evals[2]["train_loss"] - evals_b[2]["train_loss"]) > 1e-4
 

@@ -103,9 +103,9 @@ class TrainConfig:
     eval_iters: int = 10              # fixed batches per split per evaluation
     eval_train: bool = False          # evaluate the fixed training batches too at every
                                       # evaluation (nanoGPT's estimate); otherwise the train loss
-                                      # logged is the mean loss of the steps since the previous
-                                      # evaluation, which costs nothing (an evaluation with no
-                                      # step before it evaluates the batches)
+                                      # logged is the mean loss of the last eval_iters training
+                                      # steps (as many tokens), which costs nothing (an
+                                      # evaluation before any step evaluates the batches)
     log_interval: int = 10            # steps between progress-bar/log updates
     # system
     device: str = "auto"              # "auto" (cuda, then mps, then cpu), "cpu", "cuda", ...

@@ -215,21 +215,20 @@ def mean_loss(model: GPT, batches, autocast=contextlib.nullcontext) -> torch.Ten
 
 
 def evaluate(run: Run, progress: Progress) -> Dict[str, float]:
-    """Mean loss of the fixed validation batches and of the training steps since the previous
-    evaluation (of the fixed training batches with cfg.eval_train, or when no step ran since),
-    each averaged over every process."""
+    """Mean loss of the fixed validation batches and of the last cfg.eval_iters training steps
+    (as many tokens as the fixed batches; of the fixed training batches with cfg.eval_train, or
+    when no step has run in this process yet), each averaged over every process."""
     losses = {}
     splits = ["val"]
-    if run.cfg.eval_train or progress.step_loss_count == 0:
+    if run.cfg.eval_train or not progress.recent_losses:
         splits.insert(0, "train")
     else:
-        mean = torch.tensor(progress.step_loss_sum / progress.step_loss_count,
-                            dtype=torch.float32, device=run.device)
+        recent = progress.recent_losses
+        mean = torch.tensor(sum(recent) / len(recent), dtype=torch.float32, device=run.device)
         losses["train"] = run.dist.sum(mean).item() / run.dist.world_size
     for split in splits:
         loss = mean_loss(run.eval_model, run.eval_batches[split], run.precision.autocast)
         losses[split] = run.dist.sum(loss).item() / run.dist.world_size
-    progress.step_loss_sum, progress.step_loss_count = 0.0, 0
     return {split: losses[split] for split in ("train", "val")}
 
 
@@ -314,8 +313,8 @@ def train_step(run: Run, progress: Progress) -> None:
     if run.ema_model is not None:
         update_ema(run.ema_model, run.raw_model, cfg.ema_decay)
     progress.iter_num += 1
-    progress.step_loss_sum += loss_value
-    progress.step_loss_count += 1
+    progress.recent_losses.append(loss_value)
+    del progress.recent_losses[:-cfg.eval_iters]
     progress.train_time += time.perf_counter() - t0
     progress.train_tokens += B * T * cfg.grad_accum * run.dist.world_size
     if run.bar is not None:

@@ -85,8 +85,7 @@ class Progress:
     skipped: int = 0
     train_time: float = 0.0
     train_tokens: int = 0
-    step_loss_sum: float = 0.0     # the training steps' losses since the last evaluation
-    step_loss_count: int = 0
+    recent_losses: List[float] = field(default_factory=list)  # the last eval_iters steps'
     interrupted: bool = False
     saved_iter: Optional[int] = None  # the step of the last checkpoint this run wrote
     whole_split_val: Optional[float] = None  # the final loss over the whole validation split
