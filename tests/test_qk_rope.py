@@ -146,6 +146,28 @@ def test_bfloat16_outputs_are_rounded_once_and_bfloat16_gradients_read(in_dtype,
         assert verdict.ok, (name, verdict)
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_gradients_of_any_layout_are_read(out_dtype):
+    """Upstream gradients the op's rows cannot read in place (a sum's expanded gradient, whose
+    strides are 0; one whose last dimension is strided) give the gradient that the same values,
+    contiguous, give."""
+    B, T, n_q, n_k, D = 2, 7, 2, 1, 16
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(B, T, (n_q + 2 * n_k) * D, generator=g).requires_grad_()
+    cos, sin = RotaryEmbedding(D, 10000.0).cos_sin(torch.arange(T))
+    q, k, v = qk_rope.qkv_norm_rope(qkv, n_q, n_k, None, None, cos, sin, 1e-6, True, out_dtype)
+    summed, = torch.autograd.grad(q.sum() + k.sum() + v.sum(), qkv, retain_graph=True)
+    ones, = torch.autograd.grad((q, k, v), qkv, [torch.ones_like(t) for t in (q, k, v)],
+                                retain_graph=True)
+    assert torch.equal(summed, ones)
+    douts = [torch.randn(t.shape[:-1] + (2 * D,), generator=g).to(out_dtype)[..., ::2]
+             for t in (q, k, v)]
+    assert douts[0].stride(-1) == 2
+    strided, = torch.autograd.grad((q, k, v), qkv, douts, retain_graph=True)
+    dense, = torch.autograd.grad((q, k, v), qkv, [d.contiguous() for d in douts])
+    assert torch.equal(strided, dense) and strided.abs().sum() > 0
+
+
 def test_bad_inputs_raise_one_line_errors():
     qkv = torch.randn(2, 8, 96)
     cos, sin = RotaryEmbedding(16, 10000.0).cos_sin(torch.arange(8))

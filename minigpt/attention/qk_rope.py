@@ -52,6 +52,13 @@ def available(x: torch.Tensor, out_dtype: torch.dtype = torch.float32,
             and not torch.compiler.is_compiling() and _op_loaded())
 
 
+def _rows(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """grad in dtype with its last dimension contiguous, as the backward op reads it (the
+    gradient of a sum is an expanded tensor whose strides are all 0)."""
+    grad = grad.to(dtype)
+    return grad if grad.stride(-1) == 1 else grad.contiguous()
+
+
 class _QKVNormRope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, q_gain, k_gain, cos, sin, n_q, n_k, head_dim, eps, norm, out_dtype):
@@ -66,8 +73,8 @@ class _QKVNormRope(torch.autograd.Function):
         qkv, rstd, q_gain, k_gain, cos, sin = ctx.saved_tensors
         n_q, n_k, head_dim, norm, out_dtype = ctx.shape
         dqkv, dq_gain, dk_gain = torch.ops.minigpt.qkv_norm_rope_backward(
-            dq.to(out_dtype), dk.to(out_dtype), dv.to(out_dtype), qkv, rstd, n_q, n_k, head_dim,
-            q_gain, k_gain, cos, sin, norm)
+            _rows(dq, out_dtype), _rows(dk, out_dtype), _rows(dv, out_dtype), qkv, rstd, n_q,
+            n_k, head_dim, q_gain, k_gain, cos, sin, norm)
         return (dqkv, dq_gain if q_gain is not None else None,
                 dk_gain if k_gain is not None else None) + (None,) * 8
 
