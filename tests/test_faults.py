@@ -7,7 +7,6 @@ metrics.jsonl."""
 import errno
 import json
 import os
-import re
 import sys
 import types
 
@@ -116,15 +115,6 @@ def test_token_ids_outside_the_vocabulary_are_named():
         with pytest.raises(ValueError, match=f"token id {bad}, outside the vocabulary"):
             model(torch.tensor([[1, bad, 2]]))
     assert model(torch.zeros(0, 3, dtype=torch.long))[0].shape == (0, 3, 10)
-    idx = torch.tensor([[1, 2, 3]])
-    for bad, what in ((torch.tensor([[1, 2, 3, 4]]), "of shape (1, 4)"),
-                      (torch.tensor([[1.0, 2.0, 3.0]]), "torch.float32"),
-                      (torch.tensor([[1, 10, 2]]), "token id 10"),
-                      (torch.tensor([[1, -2, 2]]), "token id -2")):
-        with pytest.raises(ValueError, match=f"GPT: targets .*{re.escape(what)}"):
-            model(idx, bad)
-    _, loss = model(idx, torch.tensor([[1, -1, 9]]))  # -1 is left out of the loss
-    assert torch.isfinite(loss)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

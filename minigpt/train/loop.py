@@ -36,7 +36,7 @@ from minigpt.train.optim import build_optimizer, update_ema
 from minigpt.train.rundir import RunDir, RunDirLostError
 from minigpt.train.state import (Progress, Run, StopRequest, elapsed, open_records, record,
                                  restore, save, save_interrupted, save_lost, start_ema,
-                                 starting_point, teardown)
+                                 starting_point, teardown, recent_train_loss)
 from minigpt.train.whole_split import whole_split_evaluation
 
 __all__ = ["train", "TrainConfig", "TrainResult", "PRESETS", "lr_at", "NonFiniteLossError",
@@ -214,22 +214,10 @@ def mean_loss(model: GPT, batches, autocast=contextlib.nullcontext) -> torch.Ten
     return total / len(batches)
 
 
-def evaluate(run: Run, progress: Progress) -> Dict[str, float]:
-    """Mean loss of the fixed validation batches and of the last cfg.eval_iters training steps
-    (as many tokens as the fixed batches; of the fixed training batches with cfg.eval_train, or
-    when no step has run in this process yet), each averaged over every process."""
-    losses = {}
-    splits = ["val"]
-    if run.cfg.eval_train or not progress.recent_losses:
-        splits.insert(0, "train")
-    else:
-        recent = progress.recent_losses
-        mean = torch.tensor(sum(recent) / len(recent), dtype=torch.float32, device=run.device)
-        losses["train"] = run.dist.sum(mean).item() / run.dist.world_size
-    for split in splits:
-        loss = mean_loss(run.eval_model, run.eval_batches[split], run.precision.autocast)
-        losses[split] = run.dist.sum(loss).item() / run.dist.world_size
-    return {split: losses[split] for split in ("train", "val")}
+def evaluate(run: Run, splits=("train", "val")) -> Dict[str, float]:
+    """Mean loss of the fixed batches of each of these splits, averaged over every process."""
+    return {s: run.dist.sum(mean_loss(run.eval_model, run.eval_batches[s], run.precision.autocast))
+            .item() / run.dist.world_size for s in splits}
 
 
 def schedule_time(run: Run) -> Optional[float]:
@@ -245,7 +233,8 @@ def schedule_time(run: Run) -> Optional[float]:
 
 def evaluate_and_save(run: Run, progress: Progress) -> None:
     """Evaluate, log the losses, and save a checkpoint (except before the first step)."""
-    progress.losses = evaluate(run, progress)
+    recent = recent_train_loss(run, progress)  # None: evaluate the fixed training batches
+    progress.losses = {"train": recent, **evaluate(run, ("val",) if recent else ("train", "val"))}
     progress.best_val = min(progress.best_val, progress.losses["val"])
     record(run, progress, event="eval", iter=progress.iter_num,
            train_loss=progress.losses["train"], val_loss=progress.losses["val"],
@@ -278,9 +267,8 @@ def gradients(model: torch.nn.Module, micro_batches: Sequence, optimizer, scaler
             scaler.scale(loss / len(micro_batches)).backward()
     for member in optimizer.members:
         scaler.unscale_(member)  # the clip below sees true gradients
-    # clip_grad_norm_ with an infinite bound only measures the norm.
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                          grad_clip if grad_clip > 0 else float("inf"))
+    bound = grad_clip if grad_clip > 0 else float("inf")  # inf: clip_grad_norm_ only measures
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), bound)
     return loss, norm
 
 
@@ -312,9 +300,7 @@ def train_step(run: Run, progress: Progress) -> None:
     optimizer_step(run.optimizer, scaler)
     if run.ema_model is not None:
         update_ema(run.ema_model, run.raw_model, cfg.ema_decay)
-    progress.iter_num += 1
-    progress.recent_losses.append(loss_value)
-    del progress.recent_losses[:-cfg.eval_iters]
+    progress.advance(loss_value, keep=cfg.eval_iters)
     progress.train_time += time.perf_counter() - t0
     progress.train_tokens += B * T * cfg.grad_accum * run.dist.world_size
     if run.bar is not None:

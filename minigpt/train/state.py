@@ -85,11 +85,29 @@ class Progress:
     skipped: int = 0
     train_time: float = 0.0
     train_tokens: int = 0
-    recent_losses: List[float] = field(default_factory=list)  # the last eval_iters steps'
+    recent_losses: List[float] = field(default_factory=list)  # the last steps' losses
     interrupted: bool = False
     saved_iter: Optional[int] = None  # the step of the last checkpoint this run wrote
     whole_split_val: Optional[float] = None  # the final loss over the whole validation split
     history: List[dict] = field(default_factory=list)
+
+
+    def advance(self, loss: float, keep: int) -> None:
+        """Count a step taken, and keep the losses of the last `keep` steps."""
+        self.iter_num += 1
+        self.recent_losses = (self.recent_losses + [loss])[-keep:]
+
+
+def recent_train_loss(run: Run, progress: Progress) -> Optional[float]:
+    """The train loss an evaluation logs unless cfg.eval_train: the mean loss of the last
+    cfg.eval_iters steps (as many tokens as the fixed batches), averaged over every process;
+    None with cfg.eval_train or before this process's first step, when the fixed training
+    batches are evaluated instead."""
+    if run.cfg.eval_train or not progress.recent_losses:
+        return None
+    recent = progress.recent_losses
+    mean = torch.tensor(sum(recent) / len(recent), dtype=torch.float32, device=run.device)
+    return run.dist.sum(mean).item() / run.dist.world_size
 
 
 def elapsed(run: Run) -> float:
