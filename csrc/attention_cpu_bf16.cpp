@@ -46,6 +46,17 @@
 namespace minigpt {
 namespace {
 
+// Under a causal mask, the end (exclusive, relative to j0, in [0, nk]) of the keys j0 ..
+// j0 + nk - 1 that query row t sees, and the first of the queries r0 .. r0 + nq - 1 (relative
+// to r0, in [0, nq]) that see key j: the limits of the dot-product path's tile products
+// (dpbf16::RowLimits).
+inline int32_t causal_key_end(const AttentionParams& p, int64_t t, int64_t j0, int64_t nk) {
+  return static_cast<int32_t>(std::clamp<int64_t>(t + p.causal_offset() - j0 + 1, 0, nk));
+}
+inline int32_t causal_first_query(const AttentionParams& p, int64_t j, int64_t r0, int64_t nq) {
+  return static_cast<int32_t>(std::clamp<int64_t>(j - p.causal_offset() - r0, 0, nq));
+}
+
 #include "cpu/cpu16_tiles.h"
 #include "cpu/bf16_dot_tiles.h"
 
@@ -80,17 +91,6 @@ bool use_dpbf16(const AttentionParams& p, bool backward) {
   };
   return even(p.q, p.q_stride) && even(p.k, p.k_stride) && even(p.v, p.v_stride) &&
          (!backward || even(p.dout, p.dout_stride));
-}
-
-// Under a causal mask, the end (exclusive, relative to j0, in [0, nk]) of the keys j0 ..
-// j0 + nk - 1 that query row t sees, and the first of the queries r0 .. r0 + nq - 1 (relative
-// to r0, in [0, nq]) that see key j: the limits of the dot-product path's tile products
-// (dpbf16::RowLimits).
-inline int32_t causal_key_end(const AttentionParams& p, int64_t t, int64_t j0, int64_t nk) {
-  return static_cast<int32_t>(std::clamp<int64_t>(t + p.causal_offset() - j0 + 1, 0, nk));
-}
-inline int32_t causal_first_query(const AttentionParams& p, int64_t j, int64_t r0, int64_t nq) {
-  return static_cast<int32_t>(std::clamp<int64_t>(j - p.causal_offset() - r0, 0, nq));
 }
 
 template <typename T>

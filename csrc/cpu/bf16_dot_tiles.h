@@ -301,7 +301,7 @@ inline void visible_keys(const AttentionParams& p, int64_t t, int64_t j0, int64_
   *lo = 0;
   *hi = nk;
   if (p.causal) {
-    *hi = std::clamp<int64_t>(t + p.causal_offset() - j0 + 1, 0, nk);
+    *hi = causal_key_end(p, t, j0, nk);
     *lo = std::clamp<int64_t>(p.first_key(t) - j0, 0, *hi);
   }
 }

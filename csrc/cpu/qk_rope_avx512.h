@@ -16,15 +16,11 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define MINIGPT_HAVE_QK_AVX512 1
 
-// Whether this CPU (and its operating system) runs the AVX-512 path, and the attention kernels'
-// vector path is avx512 (MINIGPT_CPU_ISA=avx2 or portable keeps the portable code here too).
+// Whether the attention kernels' vector path is avx512 (isa_paths.h picks it only where the CPU
+// and its operating system run AVX-512F/BW/VL/DQ; MINIGPT_CPU_ISA=avx2 or portable keeps the
+// portable code here too).
 bool qk_rope_avx512_enabled() {
-  static const bool on = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           std::strcmp(attention_cpu_isa(), "avx512") == 0;
-  }();
+  static const bool on = std::strcmp(attention_cpu_isa(), "avx512") == 0;
   return on;
 }
 

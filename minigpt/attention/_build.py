@@ -180,9 +180,9 @@ def loaded_libstdcxx() -> Optional[str]:
     except OSError:
         return None
     for line in maps.splitlines():
-        path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
-        if Path(path).name.startswith("libstdc++.so"):
-            return path.strip()
+        fields = line.split(maxsplit=5)  # address perms offset dev inode [path]
+        if len(fields) == 6 and Path(fields[5]).name.startswith("libstdc++.so"):
+            return fields[5].strip()
     return None
 
 

@@ -91,7 +91,6 @@ class Progress:
     whole_split_val: Optional[float] = None  # the final loss over the whole validation split
     history: List[dict] = field(default_factory=list)
 
-
     def advance(self, loss: float, keep: int) -> None:
         """Count a step taken, and keep the losses of the last `keep` steps."""
         self.iter_num += 1
