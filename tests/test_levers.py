@@ -187,15 +187,34 @@ def test_export_names_the_lever_transformers_lacks(kw, name):
 
 def test_batch_shape_ramps_linearly_then_holds():
     cfg = TrainConfig(batch_size=32, batch_size_start=8, block_size_start=16, ramp_iters=100,
-                      block_size=64)
+                      block_size=64, seq_warmup=None)
     assert batch_shape(0, cfg) == (8, 16)
     assert batch_shape(50, cfg) == (20, 40)
     assert batch_shape(100, cfg) == (32, 64)
     assert batch_shape(10_000, cfg) == (32, 64)
     shapes = [batch_shape(i, cfg) for i in range(101)]
     assert all(a <= b for a, b in zip(shapes, shapes[1:]))  # never shrinks
-    assert batch_shape(0, TrainConfig(block_size=64)) == (8, 64)  # no ramp by default
-    assert batch_shape(0, TrainConfig(batch_size_start=4, block_size=64)) == (8, 64)
+    no_warmup = dict(block_size=64, seq_warmup=None)
+    assert batch_shape(0, TrainConfig(**no_warmup)) == (8, 64)  # no ramp by default
+    assert batch_shape(0, TrainConfig(batch_size_start=4, **no_warmup)) == (8, 64)
+
+
+def test_seq_warmup_stages_then_the_ramps():
+    cfg = TrainConfig(seq_warmup=(8, 24, 100), seq_warmup_iters=5, seq_warmup_batch_scale=3,
+                      batch_size=4, block_size=64)
+    shapes = [batch_shape(i, cfg) for i in range(17)]
+    assert shapes[:15] == [(12, 8)] * 5 + [(12, 24)] * 5 + [(12, 64)] * 5  # 100: at most 64
+    assert shapes[15:] == [(4, 64)] * 2
+    # At scale 1 the warmup keeps batch_size; the ramps count their steps from step 0.
+    cfg = TrainConfig(seq_warmup=(16,), seq_warmup_iters=10, seq_warmup_batch_scale=1,
+                      batch_size=8, batch_size_start=2, ramp_iters=20, block_size=64)
+    assert batch_shape(9, cfg) == (8, 16) and batch_shape(10, cfg) == (5, 64)
+    assert batch_shape(20, cfg) == (8, 64)
+    for off in (dict(seq_warmup=None), dict(seq_warmup_iters=0)):
+        assert batch_shape(0, TrainConfig(block_size=64, **off)) == (8, 64)
+    default = TrainConfig()
+    assert [batch_shape(i, default) for i in (0, 100, 200)] == [(16, 32), (16, 64), (8, 256)]
+    assert batch_shape(0, TrainConfig(batch_size=1, seq_warmup_batch_scale=0.1)) == (1, 32)
 
 
 @pytest.mark.parametrize("kw, pattern", [
@@ -203,6 +222,10 @@ def test_batch_shape_ramps_linearly_then_holds():
     (dict(batch_size_start=9), r"batch_size_start must be in \[1, batch_size=8\]"),
     (dict(block_size_start=65, block_size=64), r"block_size_start must be in \[1, block_size=64\]"),
     (dict(ramp_iters=-1), "ramp_iters must be >= 0"),
+    (dict(seq_warmup=(32, 0)), "seq_warmup must be window lengths > 0"),
+    (dict(seq_warmup=()), "seq_warmup must be window lengths > 0"),
+    (dict(seq_warmup_iters=-1), "seq_warmup_iters must be >= 0"),
+    (dict(seq_warmup_batch_scale=0), "seq_warmup_batch_scale must be > 0"),
 ])
 def test_ramp_config_errors(kw, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -229,7 +252,8 @@ def test_ramped_run_trains_and_resumes_exactly(tmp_path):
     text.write_text("".join(chr(97 + (i * 7 + i // 13) % 26) for i in range(20_000)))
     kw = dict(data=str(text), n_layer=2, n_head=2, n_embd=16, block_size=16, batch_size=8,
               batch_size_start=2, block_size_start=4, ramp_iters=6, eval_interval=4, eval_iters=2,
-              progress=False, learning_rate=1e-2, dtype="float32", device="cpu")
+              progress=False, learning_rate=1e-2, dtype="float32", device="cpu",
+              seq_warmup=(2, 8), seq_warmup_iters=3, seq_warmup_batch_scale=0.5)
     full = train(TrainConfig(out_dir=str(tmp_path / "full"), max_iters=8, **kw), log=lambda m: None)
     assert math.isfinite(full.final_val_loss) and full.final_val_loss < math.log(26)
     # Resume from step 4: the same weights at step 8 as the uninterrupted run.

@@ -25,8 +25,9 @@ HELP = "each training option on and off at a fixed wall time"
 # name -> (what changes against the default, overrides of TrainConfig fields). The default
 # turns on Muon (Jordan et al. 2024), QK-norm (Henry et al. 2020), a 30-step warmup and the
 # warmup-stable-decay schedule (Hu et al. 2024; Hagele et al. 2024) with momentum 0.9,
-# shuffled passes over the corpus and 256-token windows, and evaluates the weights' moving
-# average; the levers of the modded-nanogpt speedrun are off.
+# shuffled passes over the corpus and 256-token windows after a sequence-length warmup (Li et
+# al. 2022), and evaluates the weights' moving average; the levers of the modded-nanogpt
+# speedrun are off.
 ABLATIONS: Dict[str, tuple] = {
     "default": ("the default run", {}),
     "adamw": ("AdamW for every parameter instead of Muon for the hidden matrices",
@@ -55,19 +56,24 @@ ABLATIONS: Dict[str, tuple] = {
                    {"model": {"unet_skips": True}}),
     "softcap_15": ("logits soft-capped at 15 (Gemma 2; modded-nanogpt)",
                    {"model": {"logit_softcap": 15.0}}),
-    "block_64": ("64-token windows in batches of 32 (nanoGPT's CPU recipe's) instead of 256 x 8",
-                 {"model": {"block_size": 64}, "batch_size": 32}),
-    "batch_ramp": ("batch size ramped from 2 to 8 sequences over the first 300 steps",
-                   {"batch_size_start": 2, "ramp_iters": 300}),
-    "seq_ramp": ("sequence length ramped from 64 to 256 tokens over the first 300 steps",
-                 {"block_size_start": 64, "ramp_iters": 300}),
+    "block_64": ("64-token windows in batches of 32 (nanoGPT's CPU recipe's) from the first step "
+                 "instead of 256 x 8 after the sequence-length warmup",
+                 {"model": {"block_size": 64}, "batch_size": 32, "seq_warmup": None}),
+    "no_seq_warmup": ("256 x 8 from the first step instead of the sequence-length warmup (100 "
+                      "steps of 16 x 32, then 100 of 16 x 64)", {"seq_warmup": None}),
+    "batch_ramp": ("batch size ramped from 2 to 8 sequences over the first 300 steps, instead "
+                   "of the sequence-length warmup",
+                   {"batch_size_start": 2, "ramp_iters": 300, "seq_warmup": None}),
+    "seq_ramp": ("sequence length ramped from 64 to 256 tokens over the first 300 steps, "
+                 "instead of the sequence-length warmup",
+                 {"block_size_start": 64, "ramp_iters": 300, "seq_warmup": None}),
     "compile": ("torch.compile of the model (its compile time inside the budget)",
                 {"compile": True}),
     "previous_default": ("the default before Muon: AdamW, cosine, 100 warmup steps, no QK-norm, "
-                         "float32, random windows, no EMA, 64 x 32",
+                         "float32, random windows, no EMA, 64 x 32, no sequence-length warmup",
                          {"optimizer": "adamw", "lr_schedule": "cosine", "warmup_iters": 100,
                           "learning_rate": 2e-3, "dtype": "float32", "data_order": "random",
-                          "ema_decay": 0.0, "batch_size": 32,
+                          "ema_decay": 0.0, "batch_size": 32, "seq_warmup": None,
                           "model": {"qk_norm": False, "block_size": 64}}),
 }
 

@@ -34,7 +34,7 @@ DEFAULT_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=256, qk_norm=Tr
 # What settings added since checkpoints were first written meant before they existed: a saved
 # config without them describes a run that used these values (see TrainConfig.from_saved).
 SAVED_BEFORE = {"optimizer": "adamw", "lr_schedule": "cosine", "data_order": "random",
-                "ema_decay": 0.0}
+                "ema_decay": 0.0, "seq_warmup": None}
 MODEL_SAVED_BEFORE = {"qk_norm": False}
 
 
@@ -70,6 +70,17 @@ class TrainConfig:
                                       # linearly to the model's block_size over ramp_iters
                                       # steps (a sequence-length schedule); None = block_size
     ramp_iters: int = 0               # steps of the batch_size_start / block_size_start ramps
+    seq_warmup: Optional[Tuple[int, ...]] = (32, 64)  # sequence-length warmup (Li et al.
+                                      # 2022, "The Stability-Efficiency Dilemma"): the first
+                                      # steps train on windows of these lengths in turn,
+                                      # seq_warmup_iters steps each (at most block_size), then
+                                      # on block_size; None = block_size from the start
+    seq_warmup_iters: int = 100       # steps on each seq_warmup length (0: no warmup)
+    seq_warmup_batch_scale: float = 2.0  # sequences per micro-step during the seq_warmup
+                                      # steps, as a multiple of batch_size (rounded, at least
+                                      # 1): 2 x 32-token windows hold a quarter of batch_size x
+                                      # 256 tokens (small early batches, as in GPT-3's batch
+                                      # size warmup, Brown et al. 2020)
     data_order: DataOrder = "epochs"  # "epochs": passes over the corpus in shuffled windows,
                                       # each token once per pass; "random": windows at
                                       # uniformly random tokens, with replacement (nanoGPT's)
@@ -149,7 +160,11 @@ class TrainConfig:
                 f"must be in [1, batch_size={self.batch_size}] (or None)")
         require(self, "block_size_start", lambda x: x is None or 0 < x <= self.model.block_size,
                 f"must be in [1, block_size={self.model.block_size}] (or None)")
-        for name in ("max_iters", "warmup_iters", "skip_nonfinite", "ramp_iters"):
+        require(self, "seq_warmup", lambda x: x is None or (len(x) > 0 and min(x) > 0),
+                "must be window lengths > 0 (or None)")
+        require(self, "seq_warmup_batch_scale", lambda x: is_number(x) and x > 0, "must be > 0")
+        for name in ("max_iters", "warmup_iters", "skip_nonfinite", "ramp_iters",
+                     "seq_warmup_iters"):
             require(self, name, lambda x: x >= 0, "must be >= 0")
         require(self, "learning_rate", lambda x: is_number(x) and x > 0, "must be > 0")
         require(self, "cooldown_frac", lambda x: is_number(x) and 0 < x <= 1, "must be in (0, 1]")
@@ -162,8 +177,13 @@ class TrainConfig:
             require(self, name, lambda x: is_number(x) and 0 <= x < 1, "must be in [0, 1)")
 
     def to_dict(self) -> dict:
-        """Nested plain values ({"model": {...}, "batch_size": 32, ...}), JSON-ready."""
-        return asdict(self)
+        """Nested plain values ({"model": {...}, "batch_size": 32, ...}), JSON-ready: tuples
+        are lists, as JSON and TOML read them back."""
+        def plain(x):
+            if isinstance(x, dict):
+                return {k: plain(v) for k, v in x.items()}
+            return [plain(v) for v in x] if isinstance(x, tuple) else x
+        return plain(asdict(self))
 
     @classmethod
     def from_saved(cls, d: dict) -> "TrainConfig":
@@ -243,7 +263,8 @@ PRESETS: Dict[str, dict] = {
     # in batches of 32. Each step costs ~8x the char model's (the 50257 x 128 output head), and
     # the corpus is ~340k tokens (an epoch is ~170 steps), so it is shorter.
     "shakespeare": {"tokenizer": "gpt2", "model": dict(block_size=64), "batch_size": 32,
-                    "max_iters": 300, "eval_interval": 100, "cooldown_frac": 0.4},
+                    "max_iters": 300, "eval_interval": 100, "cooldown_frac": 0.4,
+                    "seq_warmup": None},
     # Fine-tuning a pretrained model on a CPU (--init-from picks it unless --preset is given):
     # short windows, small batches, and a peak learning rate ~100x below training from scratch
     # (nanoGPT's finetune_shakespeare uses 3e-5), so the pretrained weights are adjusted, not
@@ -251,7 +272,7 @@ PRESETS: Dict[str, dict] = {
     "finetune": {"model": dict(block_size=128), "batch_size": 8, "max_iters": 200,
                  "optimizer": "adamw", "lr_schedule": "cosine",
                  "learning_rate": 3e-5, "min_lr": 3e-6, "warmup_iters": 10,
-                 "eval_interval": 50, "eval_iters": 10},
+                 "eval_interval": 50, "eval_iters": 10, "seq_warmup": None},
     # nanoGPT's "baby GPT" for one GPU, with its optimizer and schedule (AdamW, 100 warmup steps,
     # cosine from 1e-3 to 1e-4), over 1000 steps instead of nanoGPT's 5000: this model (RoPE,
     # QK-norm, shuffled passes) fits the 1M training characters sooner. On an H200: val 1.4692
@@ -262,7 +283,7 @@ PRESETS: Dict[str, dict] = {
                              "batch_size": 64, "max_iters": 1000, "optimizer": "adamw",
                              "lr_schedule": "cosine", "warmup_iters": 100,
                              "learning_rate": 1e-3, "min_lr": 1e-4, "eval_interval": 250,
-                             "eval_iters": 200},
+                             "eval_iters": 200, "seq_warmup": None},
 }
 
 
@@ -304,10 +325,18 @@ def lr_at(it: int, cfg: TrainConfig, elapsed: Optional[float] = None) -> float:
 
 
 def batch_shape(it: int, cfg: TrainConfig) -> Tuple[int, int]:
-    """(sequences, tokens per sequence) of each micro-batch of step it: batch_size_start and
+    """(sequences, tokens per sequence) of each micro-batch of step it.
+
+    The sequence-length warmup first: steps [k n, (k + 1) n) with n = seq_warmup_iters train
+    on windows of seq_warmup[k] tokens (at most block_size) in batches of
+    seq_warmup_batch_scale x batch_size sequences (rounded, at least 1). Then batch_size_start and
     block_size_start (when set) growing linearly, rounded to whole numbers, to batch_size and
-    the model's block_size over the first ramp_iters steps; after that (batch_size,
-    block_size)."""
+    the model's block_size until step ramp_iters; after that (batch_size, block_size).
+    """
+    stage = it // cfg.seq_warmup_iters if cfg.seq_warmup and cfg.seq_warmup_iters else None
+    if stage is not None and stage < len(cfg.seq_warmup):
+        return (max(1, round(cfg.seq_warmup_batch_scale * cfg.batch_size)),
+                min(cfg.seq_warmup[stage], cfg.model.block_size))
     frac = min(it / cfg.ramp_iters, 1.0) if cfg.ramp_iters > 0 else 1.0
 
     def ramp(start: Optional[int], end: int) -> int:
