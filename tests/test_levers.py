@@ -213,7 +213,7 @@ def test_seq_warmup_stages_then_the_ramps():
     for off in (dict(seq_warmup=None), dict(seq_warmup_iters=0)):
         assert batch_shape(0, TrainConfig(block_size=64, **off)) == (8, 64)
     default = TrainConfig()
-    assert [batch_shape(i, default) for i in (0, 100, 200)] == [(16, 32), (16, 64), (8, 256)]
+    assert [batch_shape(i, default) for i in (0, 100, 200)] == [(24, 32), (24, 64), (8, 256)]
     assert batch_shape(0, TrainConfig(batch_size=1, seq_warmup_batch_scale=0.1)) == (1, 32)
 
 

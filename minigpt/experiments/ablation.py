@@ -60,7 +60,7 @@ ABLATIONS: Dict[str, tuple] = {
                  "instead of 256 x 8 after the sequence-length warmup",
                  {"model": {"block_size": 64}, "batch_size": 32, "seq_warmup": None}),
     "no_seq_warmup": ("256 x 8 from the first step instead of the sequence-length warmup (100 "
-                      "steps of 16 x 32, then 100 of 16 x 64)", {"seq_warmup": None}),
+                      "steps of 24 x 32, then 100 of 24 x 64)", {"seq_warmup": None}),
     "batch_ramp": ("batch size ramped from 2 to 8 sequences over the first 300 steps, instead "
                    "of the sequence-length warmup",
                    {"batch_size_start": 2, "ramp_iters": 300, "seq_warmup": None}),

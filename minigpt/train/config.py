@@ -70,17 +70,18 @@ class TrainConfig:
                                       # linearly to the model's block_size over ramp_iters
                                       # steps (a sequence-length schedule); None = block_size
     ramp_iters: int = 0               # steps of the batch_size_start / block_size_start ramps
+                                      # (counted from step 0; seq_warmup's steps come first)
     seq_warmup: Optional[Tuple[int, ...]] = (32, 64)  # sequence-length warmup (Li et al.
                                       # 2022, "The Stability-Efficiency Dilemma"): the first
                                       # steps train on windows of these lengths in turn,
                                       # seq_warmup_iters steps each (at most block_size), then
                                       # on block_size; None = block_size from the start
     seq_warmup_iters: int = 100       # steps on each seq_warmup length (0: no warmup)
-    seq_warmup_batch_scale: float = 2.0  # sequences per micro-step during the seq_warmup
+    seq_warmup_batch_scale: float = 3.0  # sequences per micro-step during the seq_warmup
                                       # steps, as a multiple of batch_size (rounded, at least
-                                      # 1): 2 x 32-token windows hold a quarter of batch_size x
-                                      # 256 tokens (small early batches, as in GPT-3's batch
-                                      # size warmup, Brown et al. 2020)
+                                      # 1): 3 x 8 windows of 32 tokens are 3/8 of a full step's
+                                      # 8 x 256 (small early batches, as in GPT-3's batch size
+                                      # warmup, Brown et al. 2020)
     data_order: DataOrder = "epochs"  # "epochs": passes over the corpus in shuffled windows,
                                       # each token once per pass; "random": windows at
                                       # uniformly random tokens, with replacement (nanoGPT's)
@@ -257,7 +258,8 @@ TrainConfig = _accept_flat_model_fields(TrainConfig)
 PRESETS: Dict[str, dict] = {
     # A 2-core CPU in under 4 minutes: nanoGPT's CPU recipe's model (4 layers, 4 heads, 128
     # wide) with RoPE and QK-norm, no dropout, on 256-token windows (its GPU recipe's; the CPU
-    # recipe's are 64) in batches of 8, trained with Muon. The defaults.
+    # recipe's are 64) in batches of 8 after a 200-step sequence-length warmup (24 x 32, then
+    # 24 x 64), trained with Muon. The defaults.
     "shakespeare_char": {},
     # The same model on GPT-2 BPE tokens (tiktoken): a 50257-token vocabulary, 64-token windows
     # in batches of 32. Each step costs ~8x the char model's (the 50257 x 128 output head), and
