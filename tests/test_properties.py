@@ -161,7 +161,7 @@ def _toml_value(v) -> str:
         return str(v)
     if isinstance(v, str):
         return json.dumps(v)
-    if isinstance(v, list):
+    if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
 
