@@ -379,6 +379,11 @@ class Distributed:
             torch.distributed.all_reduce(t)
         return t
 
+    def mean(self, t: torch.Tensor) -> float:
+        """The mean over every rank of the 1-element t (in place, as sum), as a float: t's own
+        value when alone. t lives where the backend reduces (a CUDA tensor with nccl)."""
+        return self.sum(t).item() / self.world_size
+
     def barrier(self) -> None:
         """Wait until every rank gets here (nothing when alone)."""
         if self.enabled:

@@ -26,17 +26,17 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from minigpt.checkpoint import load_checkpoint
-from minigpt.train.config import PRESETS, TrainConfig, batch_shape, lr_at
 from minigpt.model import GPT
 from minigpt.runtime import (Distributed, check_cache_dir, check_dir_target, check_input_file,
                              pick_device, resolve_precision)
+from minigpt.train.config import PRESETS, TrainConfig, batch_shape, lr_at
 from minigpt.train.data import BatchSampler
 from minigpt.train.loggers import check_logger
 from minigpt.train.optim import build_optimizer, update_ema
 from minigpt.train.rundir import RunDir, RunDirLostError
-from minigpt.train.state import (Progress, Run, StopRequest, elapsed, open_records, record,
-                                 restore, save, save_interrupted, save_lost, start_ema,
-                                 starting_point, teardown, recent_train_loss)
+from minigpt.train.state import (Progress, Run, StopRequest, elapsed, open_records,
+                                 recent_train_loss, record, restore, save, save_interrupted,
+                                 save_lost, start_ema, starting_point, teardown)
 from minigpt.train.whole_split import whole_split_evaluation
 
 __all__ = ["train", "TrainConfig", "TrainResult", "PRESETS", "lr_at", "NonFiniteLossError",
@@ -216,8 +216,8 @@ def mean_loss(model: GPT, batches, autocast=contextlib.nullcontext) -> torch.Ten
 
 def evaluate(run: Run, splits=("train", "val")) -> Dict[str, float]:
     """Mean loss of the fixed batches of each of these splits, averaged over every process."""
-    return {s: run.dist.sum(mean_loss(run.eval_model, run.eval_batches[s], run.precision.autocast))
-            .item() / run.dist.world_size for s in splits}
+    return {s: run.dist.mean(mean_loss(run.eval_model, run.eval_batches[s], run.precision.autocast))
+            for s in splits}
 
 
 def schedule_time(run: Run) -> Optional[float]:
@@ -228,7 +228,7 @@ def schedule_time(run: Run) -> Optional[float]:
     t = torch.tensor([elapsed(run)], dtype=torch.float64)
     if run.dist.enabled and torch.distributed.get_backend() == "nccl":
         t = t.cuda()
-    return run.dist.sum(t).item() / run.dist.world_size
+    return run.dist.mean(t)
 
 
 def evaluate_and_save(run: Run, progress: Progress) -> None:

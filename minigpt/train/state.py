@@ -106,7 +106,7 @@ def recent_train_loss(run: Run, progress: Progress) -> Optional[float]:
         return None
     recent = progress.recent_losses
     mean = torch.tensor(sum(recent) / len(recent), dtype=torch.float32, device=run.device)
-    return run.dist.sum(mean).item() / run.dist.world_size
+    return run.dist.mean(mean)
 
 
 def elapsed(run: Run) -> float:
