@@ -136,7 +136,7 @@ class CausalSelfAttention(nn.Module):
             q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=2)
             q, k = self.qk_normed_rotated(q.view(B, T, nh, hd), k.view(B, T, nkv, hd), pos)
         if ve is not None:  # value embeddings: v = a v + b ve
-            v = torch.stack([v.flatten(2), ve.to(v.dtype)], -1) @ self.value_mix.to(v.dtype)
+            v = v.flatten(2) * self.value_mix[0] + (ve * self.value_mix[1]).to(v.dtype)
         q = q.transpose(1, 2)  # (B, nh, T, hd)
         k = k.transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
