@@ -369,12 +369,12 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, device=idx.device)  # (T,) int64
         x = self.embed(idx, pos)  # (B, T, C)
         cfg, skips = self.config, []  # U-net skips: the first half's outputs, in reverse order
+        ves = [ve(idx) for ve in self.transformer.ve] if cfg.value_embeds else []  # (B, T, nkv hd)
         for layer, block in enumerate(self.transformer.h):
             if cfg.unet_skips and layer >= cfg.n_layer - cfg.n_layer // 2:
                 x = x + self.skip_weights[layer - (cfg.n_layer - cfg.n_layer // 2)] * skips.pop()
-            table = cfg.value_embed_table(layer)  # value embeddings (B, T, nkv * hd) or None
-            x = block(x, pos, kv_cache, layer, None if table is None else
-                      self.transformer.ve[table](idx))
+            table = cfg.value_embed_table(layer)  # this layer's value embeddings, or None
+            x = block(x, pos, kv_cache, layer, None if table is None else ves[table])
             if cfg.unet_skips and layer < cfg.n_layer // 2:
                 skips.append(x)
         if kv_cache is not None:
