@@ -22,8 +22,7 @@ import torch.nn.functional as F
 
 from minigpt.attention import attention, cpu_autocast_dtype, qk_rope
 from minigpt.config import Activation, GPTConfig
-from minigpt.positions import (RotaryEmbedding, alibi_slopes, sinusoidal_encoding,
-                               with_block_size)
+from minigpt.positions import RotaryEmbedding, alibi_slopes, sinusoidal_encoding, with_block_size
 
 
 class RMSNorm(nn.RMSNorm):
@@ -91,8 +90,7 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = config.head_dim
         self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) *
                                 config.head_dim, bias=config.attn_bias)
-        self.c_proj = nn.Linear(self.n_head * config.head_dim, config.n_embd,
-                                bias=config.attn_bias)
+        self.c_proj = nn.Linear(self.n_head * config.head_dim, config.n_embd, bias=config.attn_bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.rotary = (RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
                        if config.pos_embedding == "rope" else None)
@@ -227,12 +225,14 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def check_input(idx, config: GPTConfig, kv_cache: Optional[KVCache] = None) -> None:
-    """Raise ValueError unless idx is (B, T) int64 ids in [0, vocab_size), 1 <= T <=
-    block_size (and T fits the cache): checked once, before the embedding sees them."""
+def check_input(idx, config: GPTConfig, kv_cache: Optional[KVCache] = None, targets=None) -> None:
+    """Raise ValueError unless idx is (B, T) int64 ids in [0, vocab_size), 1 <= T <= block_size
+    (and T fits the cache), and targets None or of idx's dtype and shape: checked up front."""
+    what = lambda x: f"{getattr(x, 'dtype', type(x))} of shape {tuple(getattr(x, 'shape', ()))}"
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
-        kind, shape = getattr(idx, "dtype", type(idx)), tuple(getattr(idx, "shape", ()))
-        raise ValueError(f"GPT: idx must be a (B, T) int64 tensor, got {kind} of shape {shape}")
+        raise ValueError(f"GPT: idx must be a (B, T) int64 tensor, got {what(idx)}")
+    if targets is not None and what(targets) != what(idx):
+        raise ValueError(f"GPT: targets must be {what(idx)}, as idx, got {what(targets)}")
     T, V = idx.shape[1], config.vocab_size
     if T == 0 or T > config.block_size:
         raise ValueError(f"GPT: sequence length T={T} must be in [1, block_size="
@@ -322,8 +322,7 @@ class GPT(nn.Module):
         """
         from minigpt.hf.pretrained import pretrained_state
 
-        state = pretrained_state(path_or_name, block_size=block_size, dtype=dtype,
-                                 tokenizer=False)
+        state = pretrained_state(path_or_name, block_size=block_size, dtype=dtype, tokenizer=False)
         with torch.device("meta"):  # no random init of weights about to be replaced
             model = cls(GPTConfig.from_dict(state["model_config"]))
         model.load_state_dict(state["model"], assign=True)
@@ -361,9 +360,9 @@ class GPT(nn.Module):
             cache; loss, a scalar tensor, or None).
 
         Raises:
-            ValueError: idx out of shape or range (check_input).
+            ValueError: idx out of shape or range, targets not of idx's shape (check_input).
         """
-        check_input(idx, self.config, kv_cache)
+        check_input(idx, self.config, kv_cache, targets)
         B, T = idx.size()
         start = 0 if kv_cache is None else kv_cache.length
         pos = torch.arange(start, start + T, device=idx.device)  # (T,) int64

@@ -117,6 +117,25 @@ def test_token_ids_outside_the_vocabulary_are_named():
     assert model(torch.zeros(0, 3, dtype=torch.long))[0].shape == (0, 3, 10)
 
 
+def test_targets_not_shaped_as_idx_are_named():
+    model = GPT(GPTConfig(vocab_size=10, n_layer=1, n_head=2, n_embd=16, block_size=8))
+    idx = torch.randint(10, (2, 5))
+    for bad, got in ((idx[:, 1:], r"torch.int64 of shape \(2, 4\)"),
+                     (idx.flatten(), r"torch.int64 of shape \(10,\)"),
+                     (idx.float(), r"torch.float32 of shape \(2, 5\)"),
+                     (idx.tolist(), r"<class 'list'>")):
+        with pytest.raises(ValueError, match=r"targets must be torch.int64 of shape \(2, 5\), "
+                                             r"as idx, got " + got):
+            model(idx, bad)
+    ignored = idx.clone()
+    ignored[0, :2] = -1  # left out of the loss
+    _, loss = model(idx, ignored)
+    logits, _ = model(idx)
+    expected = torch.nn.functional.cross_entropy(logits.view(-1, 10), ignored.view(-1),
+                                                 ignore_index=-1)
+    torch.testing.assert_close(loss, expected)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_alibi_slopes_are_refused(bad):
     q = torch.randn(1, 2, 5, 8)
