@@ -367,11 +367,14 @@ class Distributed:
         """True if flag is true on any rank, so that every rank takes the same branch."""
         if not self.enabled:
             return flag
-        t = torch.tensor([1.0 if flag else 0.0])
-        if torch.distributed.get_backend() == "nccl":
-            t = t.cuda()
+        t = self._reducible(torch.tensor([1.0 if flag else 0.0]))
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return bool(t.item())
+
+    @staticmethod
+    def _reducible(t: torch.Tensor) -> torch.Tensor:
+        """t where the backend reduces: a CUDA copy of a CPU t with nccl, else t itself."""
+        return t.cuda() if torch.distributed.get_backend() == "nccl" and not t.is_cuda else t
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """t summed over every rank, in place (t itself when alone)."""
@@ -380,9 +383,9 @@ class Distributed:
         return t
 
     def mean(self, t: torch.Tensor) -> float:
-        """The mean over every rank of the 1-element t (in place, as sum), as a float: t's own
-        value when alone. t lives where the backend reduces (a CUDA tensor with nccl)."""
-        return self.sum(t).item() / self.world_size
+        """The mean over every rank of the 1-element t, as a float: t's own value when alone (a
+        CPU t is reduced on the GPU with nccl)."""
+        return self.sum(self._reducible(t) if self.enabled else t).item() / self.world_size
 
     def barrier(self) -> None:
         """Wait until every rank gets here (nothing when alone)."""

@@ -225,10 +225,7 @@ def schedule_time(run: Run) -> Optional[float]:
     one): the mean over the processes, so every rank sets the same learning rate."""
     if run.cfg.max_time <= 0:
         return None
-    t = torch.tensor([elapsed(run)], dtype=torch.float64)
-    if run.dist.enabled and torch.distributed.get_backend() == "nccl":
-        t = t.cuda()
-    return run.dist.mean(t)
+    return run.dist.mean(torch.tensor([elapsed(run)], dtype=torch.float64))
 
 
 def evaluate_and_save(run: Run, progress: Progress) -> None:
