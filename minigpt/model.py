@@ -227,7 +227,8 @@ class Block(nn.Module):
 
 def check_input(idx, config: GPTConfig, kv_cache: Optional[KVCache] = None, targets=None) -> None:
     """Raise ValueError unless idx is (B, T) int64 ids in [0, vocab_size), 1 <= T <= block_size
-    (and T fits the cache), and targets None or of idx's dtype and shape: checked up front."""
+    (and T fits the cache), and targets None or like idx, ids in [0, vocab_size) or -1 (on a
+    GPU an id out of range would be a device-side assert, fatal to the process): up front."""
     what = lambda x: f"{getattr(x, 'dtype', type(x))} of shape {tuple(getattr(x, 'shape', ()))}"
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
         raise ValueError(f"GPT: idx must be a (B, T) int64 tensor, got {what(idx)}")
@@ -241,10 +242,12 @@ def check_input(idx, config: GPTConfig, kv_cache: Optional[KVCache] = None, targ
         kv_cache.check_room(T)
     # Skipped while torch.compile traces, where it would be a data-dependent branch.
     if idx.numel() and idx.device.type != "meta" and not torch.compiler.is_compiling():
-        lo, hi = (int(t) for t in torch.aminmax(idx))
-        if lo < 0 or hi >= V:
-            raise ValueError(f"GPT: idx holds token id {hi if hi >= V else lo}, outside the "
-                             f"vocabulary [0, vocab_size={V})")
+        checks = [("idx", idx, 0)] + ([("targets", targets, -1)] if targets is not None else [])
+        ranges = torch.stack([m for _, x, _ in checks for m in torch.aminmax(x)]).tolist()
+        for (name, _, least), lo, hi in zip(checks, ranges[::2], ranges[1::2]):  # one sync
+            if lo < least or hi >= V:
+                raise ValueError(f"GPT: {name} holds token id {hi if hi >= V else lo}, outside the"
+                                 f" vocabulary [0, vocab_size={V})" + " (or -1)" * (least < 0))
 
 
 def init_weights(model: "GPT") -> None:

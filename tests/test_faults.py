@@ -117,7 +117,7 @@ def test_token_ids_outside_the_vocabulary_are_named():
     assert model(torch.zeros(0, 3, dtype=torch.long))[0].shape == (0, 3, 10)
 
 
-def test_targets_not_shaped_as_idx_are_named():
+def test_targets_not_shaped_as_idx_or_out_of_range_are_named():
     model = GPT(GPTConfig(vocab_size=10, n_layer=1, n_head=2, n_embd=16, block_size=8))
     idx = torch.randint(10, (2, 5))
     for bad, got in ((idx[:, 1:], r"torch.int64 of shape \(2, 4\)"),
@@ -126,6 +126,12 @@ def test_targets_not_shaped_as_idx_are_named():
                      (idx.tolist(), r"<class 'list'>")):
         with pytest.raises(ValueError, match=r"targets must be torch.int64 of shape \(2, 5\), "
                                              r"as idx, got " + got):
+            model(idx, bad)
+    for bad_id in (10, 11, -2):
+        bad = idx.clone()
+        bad[1, 3] = bad_id
+        with pytest.raises(ValueError, match=rf"targets holds token id {bad_id}, outside the "
+                                             r"vocabulary \[0, vocab_size=10\)"):
             model(idx, bad)
     ignored = idx.clone()
     ignored[0, :2] = -1  # left out of the loss
