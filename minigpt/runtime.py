@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import ctypes
 import errno
 import functools
 import gc
@@ -185,10 +186,12 @@ def cli_main(main: Callable[..., int]) -> Callable[..., int]:
     pipe (BrokenPipeError, e.g. ``| head``) returns 141 (128 + SIGPIPE) with nothing printed,
     stdout pointed at /dev/null so that the interpreter's final flush cannot raise again; an
     allocation failure (sizes too large for this machine) prints one line and returns 1.
-    A process that ran one ends sooner: see _exit_sooner."""
+    A process that ran one keeps freed memory for reuse (keep_freed_memory) and ends sooner
+    (_exit_sooner)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
+        keep_freed_memory()
         _exit_sooner.register()
         try:
             return main(*args, **kwargs)
@@ -207,6 +210,40 @@ def cli_main(main: Callable[..., int]) -> Callable[..., int]:
             return 1
 
     return wrapper
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
+    """Have glibc's malloc keep the memory that tensors free, for the next step's tensors.
+
+    By default glibc serves a block of more than 128 KiB-32 MiB (a threshold it adapts) with
+    fresh pages from the kernel and gives the heap's free top back beyond a few MiB, so every
+    training step's activations fault their pages in again, zeroed: a step of the default model
+    (8 x 256 tokens, bf16, 2 threads, AMD EPYC) took ~7,700 page faults and spent 16 ms in the
+    kernel. With blocks up to mmap_threshold bytes taken from the heap and its free top kept up
+    to trim_threshold bytes (mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD), it takes ~800 and 3 ms,
+    and the step ~10% less time. The cost: a process keeps up to trim_threshold bytes it freed.
+
+    Applied by every minigpt command line (cli_main); call it in your own process for the same
+    effect. Leaves malloc alone where the environment tunes it already (a MALLOC_* variable, or
+    GLIBC_TUNABLES naming malloc), and off glibc (returns False there).
+
+    Returns:
+        whether both settings were applied.
+    """
+    if sys.platform != "linux" or any(name.startswith("MALLOC_") for name in os.environ) \
+            or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # no C library symbols, or not glibc
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return (mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
+            and mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1)
 
 
 class _exit_sooner:

@@ -4,6 +4,7 @@ this machine is not (macOS, Windows, an old GPU) are faked."""
 
 import importlib
 import os
+import platform
 import subprocess
 import sys
 import warnings
@@ -554,3 +555,39 @@ def test_build_info_declares_what_the_kernels_implement():
     with pytest.raises(RuntimeError,
                        match="must be float32, float64, bfloat16 or float16 on cpu"):
         torch.ops.minigpt.attention_forward(q, q, q, True, 0.5)
+
+
+_HEAP_SCRIPT = """
+import ctypes, torch
+from minigpt.runtime import keep_freed_memory
+class Mallinfo2(ctypes.Structure):  # glibc >= 2.33
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks",
+                "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = Mallinfo2
+applied = keep_freed_memory()
+blocks = [torch.empty(6 << 20).fill_(1.0) for _ in range(3)]  # a step's: 3 x 24 MiB
+del blocks
+print(applied, mallinfo2().fordblks)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc"
+                    or tuple(map(int, platform.libc_ver()[1].split(".")[:2])) < (2, 33),
+                    reason="glibc's malloc only (mallinfo2: glibc 2.33 or later)")
+def test_keep_freed_memory_keeps_a_steps_freed_tensors_for_the_next():
+    """keep_freed_memory (every command line calls it): the 72 MiB a step frees stay in the
+    heap for the next step (by default, blocks that large are mapped and unmapped, to be faulted
+    in again, zeroed, page by page); a MALLOC_* variable leaves malloc alone."""
+    def heap_free_bytes(**env):
+        proc = subprocess.run([sys.executable, "-c", _HEAP_SCRIPT], cwd=ROOT, timeout=120,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        applied, free = proc.stdout.split()
+        return applied, int(free)
+    applied, kept = heap_free_bytes()
+    skipped, left = heap_free_bytes(MALLOC_ARENA_MAX="8")
+    assert (applied, skipped) == ("True", "False")
+    assert kept >= 72 << 20, kept
+    assert left < 24 << 20, left
