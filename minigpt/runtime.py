@@ -1,7 +1,8 @@
 """Runtime helpers shared by the library and its command lines: the cache directory, the checks
 of file-system targets made before any work starts, OS errors as one line, the quiet ending of a
-command line on Ctrl-C or a closed pipe, the choice of device, the training/inference precision a
-device supports, and the distributed setup that torchrun describes.
+command line on Ctrl-C or a closed pipe, its process's memory and exit settings, the choice of
+device, the training/inference precision a device supports, and the distributed setup that
+torchrun describes.
 
 This is a low module: it imports torch and nothing of minigpt.
 """
@@ -187,12 +188,12 @@ def cli_main(main: Callable[..., int]) -> Callable[..., int]:
     stdout pointed at /dev/null so that the interpreter's final flush cannot raise again; an
     allocation failure (sizes too large for this machine) prints one line and returns 1.
     A process that ran one keeps freed memory for reuse (keep_freed_memory) and ends sooner
-    (_exit_sooner)."""
+    (_ExitSooner)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
         keep_freed_memory()
-        _exit_sooner.register()
+        _ExitSooner.register()
         try:
             return main(*args, **kwargs)
         except KeyboardInterrupt:
@@ -232,6 +233,11 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 
     effect. Leaves malloc alone where the environment tunes it already (a MALLOC_* variable, or
     GLIBC_TUNABLES naming malloc), and off glibc (returns False there).
 
+    Args:
+        mmap_threshold: bytes; blocks up to this size come from the heap (glibc accepts at most
+            32 MiB on 64-bit systems).
+        trim_threshold: bytes of the heap's free top kept before any is given back.
+
     Returns:
         whether both settings were applied.
     """
@@ -247,7 +253,7 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 
             and mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1)
 
 
-class _exit_sooner:
+class _ExitSooner:
     """At the interpreter's exit, one garbage collection and then gc.freeze(): the collections
     of the shutdown itself then skip every object still alive (torch's ~2,000 modules made them
     take 0.6-0.7 s on a 2-core CPU, after every command). What is garbage when it runs is
