@@ -188,12 +188,13 @@ def cli_main(main: Callable[..., int]) -> Callable[..., int]:
     stdout pointed at /dev/null so that the interpreter's final flush cannot raise again; an
     allocation failure (sizes too large for this machine) prints one line and returns 1.
     A process that ran one keeps freed memory for reuse (keep_freed_memory) and ends sooner
-    (_ExitSooner)."""
+    (_freeze_at_exit)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
         keep_freed_memory()
-        _ExitSooner.register()
+        atexit.unregister(_freeze_at_exit)  # registered once, however many commands run
+        atexit.register(_freeze_at_exit)
         try:
             return main(*args, **kwargs)
         except KeyboardInterrupt:
@@ -253,26 +254,15 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 
             and mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1)
 
 
-class _ExitSooner:
+def _freeze_at_exit() -> None:
     """At the interpreter's exit, one garbage collection and then gc.freeze(): the collections
     of the shutdown itself then skip every object still alive (torch's ~2,000 modules made them
     take 0.6-0.7 s on a 2-core CPU, after every command). What is garbage when it runs is
     collected, finalizers included; what dies later, while modules are torn down, is freed by
     reference counting as usual, and only cycles among those are left to the operating system.
-    Registered by the first command line run (cli_main), never by importing minigpt."""
-
-    registered = False
-
-    @classmethod
-    def register(cls) -> None:
-        if not cls.registered:
-            cls.registered = True
-            atexit.register(cls.run)
-
-    @staticmethod
-    def run() -> None:
-        gc.collect()
-        gc.freeze()
+    Registered by the command lines (cli_main), never by importing minigpt."""
+    gc.collect()
+    gc.freeze()
 
 
 def _quiet_stdout() -> None:

@@ -256,7 +256,7 @@ def test_ctrl_c_during_profile_ends_quietly():
 
 
 def test_a_command_line_freezes_the_collector_at_exit_after_finalizing_garbage(tmp_path):
-    """cli_main's _ExitSooner: at exit, gc.freeze() after one collection, so that an object
+    """cli_main's _freeze_at_exit: at exit, gc.freeze() after one collection, so that an object
     left in a garbage cycle is still finalized (its __del__ writes a file here), and the objects
     still alive are frozen (the shutdown's collections skip them)."""
     kept = tmp_path / "kept.txt"
