@@ -173,3 +173,27 @@ def test_batched_muon_matches_torch_muon(nesterov, weight_decay, adjust):
     for p, q in zip(ours, theirs):
         assert torch.equal(opt_ours.state[p]["momentum_buffer"],
                            opt_theirs.state[q]["momentum_buffer"])
+
+
+def test_weight_decay_shrinks_each_group_by_its_rate_times_its_decay():
+    """Decoupled weight decay (Loshchilov & Hutter 2019): with zero gradients a step multiplies
+    Muon's hidden matrices by 1 - lr muon_weight_decay, AdamW's other matrices by 1 - lr
+    weight_decay, and leaves gains and biases alone."""
+    model = tiny_model(qk_norm=True, bias=True)
+    cfg = TrainConfig(learning_rate=1e-3, muon_lr_scale=10.0, weight_decay=0.1,
+                      muon_weight_decay=0.05)
+    opt = build_optimizer(model, cfg, "cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))  # gains and biases away from their 1 and 0
+            p.grad = torch.zeros_like(p)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    for n, p in model.named_parameters():
+        if p.dim() < 2:
+            factor = 1.0
+        elif n.startswith("transformer.h."):
+            factor = 1 - 1e-2 * 0.05  # Muon's rate is muon_lr_scale x learning_rate
+        else:
+            factor = 1 - 1e-3 * 0.1
+        torch.testing.assert_close(p.detach(), before[n] * factor, rtol=1e-6, atol=0, msg=n)
