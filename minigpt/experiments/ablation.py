@@ -39,6 +39,8 @@ ABLATIONS: Dict[str, tuple] = {
     "warmup_100": ("100 warmup steps instead of 30", {"warmup_iters": 100}),
     "momentum_0.95": ("Muon momentum 0.95 (torch's default) instead of 0.9",
                       {"muon_momentum": 0.95}),
+    "no_muon_wd": ("no weight decay on Muon's matrices instead of 0.02 (decoupled)",
+                   {"muon_weight_decay": 0.0}),
     "relu2": ("ReLU^2 MLP instead of GELU (So et al. 2021)", {"model": {"activation": "relu2"}}),
     "untied_zero_init": ("untied output head, residual projections and head zero-initialised",
                          {"model": {"tie_embeddings": False, "zero_init_proj": True}}),

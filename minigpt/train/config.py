@@ -102,7 +102,10 @@ class TrainConfig:
     muon_lr_scale: float = 10.0       # "muon": the hidden matrices' learning rate as a multiple
                                       # of learning_rate (so 0.03 at the default peak)
     muon_momentum: float = 0.9        # "muon": Nesterov momentum
-    muon_weight_decay: float = 0.0    # "muon": decoupled weight decay of the hidden matrices
+    muon_weight_decay: float = 0.02   # "muon": decoupled weight decay of the hidden matrices,
+                                      # w <- (1 - lr muon_weight_decay) w each step (Loshchilov
+                                      # & Hutter 2019; with Muon: Liu et al. 2025, "Muon is
+                                      # Scalable for LLM Training")
     muon_ns_steps: int = 5            # "muon": Newton-Schulz iterations that orthogonalise
                                       # each update
     ema_decay: float = 0.95           # the model evaluated and saved (checkpoint "model") is an
