@@ -96,10 +96,25 @@ bool use_dpbf16(const AttentionParams& p, bool backward) {
 template <typename T>
 const uint16_t* u16(const T* x) { return reinterpret_cast<const uint16_t*>(x); }
 template <typename T>
+uint16_t* u16(T* x) { return reinterpret_cast<uint16_t*>(x); }
+template <typename T>
 const uint32_t* words(const T* x) { return reinterpret_cast<const uint32_t*>(x); }
 template <typename T>
 uint32_t* words(T* x) { return reinterpret_cast<uint32_t*>(x); }
 
+
+// o[d] = T(x[d] * a) for d < n, 16 lanes at a time: the dot-product path's stores of output
+// rows (T is bf16 there).
+template <typename T>
+void store_scaled_dp(const float* x, int64_t n, float a, T* o) {
+  dpbf16::store_bf16(x, n, a, u16(o));
+}
+
+// The store of output rows (store_scaled, cpu16_tiles.h) on the dot-product path or not.
+template <typename T>
+auto row_store(bool dp) {
+  return dp ? store_scaled_dp<T> : store_scaled<T>;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Decode: a few query rows (Tq <= kDecodeMaxTq) against a KV cache. A GEMM of one or two rows is
@@ -295,7 +310,7 @@ void run_forward(const AttentionParams& p) {
           }
         }
 
-        finish_rows<T>(p, rb, b, acc, row_max, row_sum);
+        finish_rows<T>(p, rb, b, acc, row_max, row_sum, row_store<T>(dp));
       }
     }
   });
@@ -314,6 +329,9 @@ void run_backward(const AttentionParams& p) {
   const T* out = static_cast<const T*>(p.out);
   const T* dout = static_cast<const T*>(p.dout);
   const bool alibi = p.alibi_slopes != nullptr;
+  // The dot-product path (bf16 on AVX512-BF16; cpu/bf16_dot_tiles.h).
+  const bool dp = use_dpbf16<T>(p, true);
+  const auto store = row_store<T>(dp);  // dK, dV and dQ rows as T
 
   // delta_i = rowsum(dO_i * O_i), summed in double (dP - delta cancels).
   std::vector<float> delta(rows);
@@ -322,6 +340,10 @@ void run_backward(const AttentionParams& p) {
       const int64_t t = row % p.Tq, h = (row / p.Tq) % p.Hq, b = row / (p.Tq * p.Hq);
       const T* o = out + b * p.out_stride.b + h * p.out_stride.h + t * p.out_stride.t;
       const T* g = dout + b * p.dout_stride.b + h * p.dout_stride.h + t * p.dout_stride.t;
+      if (dp) {
+        delta[row] = dpbf16::dot_bf16_double(u16(o), u16(g), D);
+        continue;
+      }
       double sum = 0;
       for (int64_t d = 0; d < D; ++d) sum += static_cast<double>(o[d]) * static_cast<float>(g[d]);
       delta[row] = static_cast<float>(sum);
@@ -355,7 +377,6 @@ void run_backward(const AttentionParams& p) {
   // The dot-product path's B operands from Q and dO, which every key tile reads: packed once
   // per query head in pairs of rows (cpu/bf16_dot_tiles.h; ceil(Tq/2) x D words). Those from K
   // and V are packed per key tile, by the one unit that reads them.
-  const bool dp = use_dpbf16<T>(p, true);
   const int64_t qp_words = dp ? ceil_div(p.Tq, 2) * D : 0;
   at::Tensor packs = at::empty({2 * p.B * p.Hq * qp_words}, at::TensorOptions().dtype(at::kInt));
   uint32_t* qpair = words(packs.data_ptr<int32_t>());
@@ -492,11 +513,10 @@ void run_backward(const AttentionParams& p) {
                  j0 * p.dk_stride.t;
         T* dvj = static_cast<T*>(p.dv) + b * p.dv_stride.b + kvh * p.dv_stride.h +
                  j0 * p.dv_stride.t;
-        for (int64_t c = 0; c < nk; ++c)
-          for (int64_t d = 0; d < D; ++d) {
-            dkj[c * p.dk_stride.t + d] = static_cast<T>(dk_acc[c * D + d]);
-            dvj[c * p.dv_stride.t + d] = static_cast<T>(dv_acc[c * D + d]);
-          }
+        for (int64_t c = 0; c < nk; ++c) {
+          store(dk_acc + c * D, D, 1.0f, dkj + c * p.dk_stride.t);
+          store(dv_acc + c * D, D, 1.0f, dvj + c * p.dv_stride.t);
+        }
       }
     }
   });
@@ -517,7 +537,7 @@ void run_backward(const AttentionParams& p) {
       }
       T* dq_h = dq + b * p.dq_stride.b + h * p.dq_stride.h;
       for (int64_t t = 0; t < p.Tq; ++t)
-        for (int64_t d = 0; d < D; ++d) dq_h[t * p.dq_stride.t + d] = static_cast<T>(sum[t * D + d]);
+        store(sum.data() + t * D, D, 1.0f, dq_h + t * p.dq_stride.t);
     }
   });
 }

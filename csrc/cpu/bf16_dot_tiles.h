@@ -33,10 +33,11 @@ bool cpu_has_dpbf16() {
 #else
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
-// GCC's intrinsics start some vectors from _mm512_undefined_*(), which it then reports as
-// possibly uninitialised.
+// GCC's intrinsics start some vectors from _mm512_undefined_*() (or _mm256_undefined_*()), which
+// it then reports as (possibly) uninitialised.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 namespace dpbf16 {
 
@@ -274,24 +275,50 @@ void pack_pairs_transposed(int64_t rows, int64_t cols, const uint16_t* x, int64_
 }
 
 
-// exp of 16 floats: exp_poly's range reduction and polynomial (Cephes expf, about 1 ulp);
-// below -87 gives 0, NaN stays NaN.
-inline __m512 exp16(__m512 x) {
-  const __m512 xc = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  for (float coef : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
-                     5.0000001201e-1f})
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(coef));
-  y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
-  const __m512i bits = _mm512_slli_epi32(
-      _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  const __m512 e = _mm512_mul_ps(y, _mm512_castsi512_ps(bits));
-  return _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ),
-                            _mm512_setzero_ps());
+// 2^t of 16 floats: t = n + f with n = round(t) and f in [-1/2, 1/2], 2^f by Cephes exp2f's
+// polynomial (about 1 ulp), times 2^n by vscalefps. The softmax below folds the scale and log2(e)
+// into one FMA, t = s (scale log2 e) - m log2 e, as FlashAttention does with exp2 (Dao 2023,
+// sec. 3.1). t is clamped below at -126, so that no result is subnormal (slow on some CPUs):
+// under 2^-126, about 1.2e-38, where exp_poly gives 0 (below e^-87 = 2^-125.5), this gives
+// 2^-126; NaN stays NaN; above 128, inf.
+inline __m512 exp2_16(__m512 t) {
+  t = _mm512_max_ps(_mm512_set1_ps(-126.0f), t);  // NaN in t passes through
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 y = _mm512_set1_ps(1.535336188319500e-4f);
+  for (float coef : {1.339887440266574e-3f, 9.618437357674640e-3f, 5.550332471162809e-2f,
+                     2.402264791363012e-1f, 6.931472028550421e-1f, 1.0f})
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(coef));
+  return _mm512_scalef_ps(y, n);
+}
+
+constexpr float kLog2e = 1.44269504088896341f;
+
+// x (n floats) times a, rounded to bf16 (round to nearest even) into out: vectorised
+// static_cast<at::BFloat16>, except that float32 values below the normal range give 0.
+inline void store_bf16(const float* x, int64_t n, float a, uint16_t* out) {
+  const __m512 av = _mm512_set1_ps(a);
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 m = n - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - c)) - 1);
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + c), av));
+    _mm256_mask_storeu_epi16(out + c, m, (__m256i)h);
+  }
+}
+
+// sum_d x[d] y[d] of two bf16 rows of n, the products and their sum in double, in 8 lanes:
+// the backward's delta = rowsum(dO * O) (dP - delta cancels).
+inline __m512d widen_bf16x8(const uint16_t* z, __mmask8 m) {  // 8 bf16 (lanes m) -> 8 doubles
+  const __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(m, z)), 16);
+  return _mm512_cvtps_pd(_mm256_castsi256_ps(w));
+}
+
+inline float dot_bf16_double(const uint16_t* x, const uint16_t* y, int64_t n) {
+  __m512d acc = _mm512_setzero_pd();
+  for (int64_t d = 0; d < n; d += 8) {
+    const __mmask8 m = n - d >= 8 ? 0xFF : static_cast<__mmask8>((1u << (n - d)) - 1);
+    acc = _mm512_fmadd_pd(widen_bf16x8(x + d, m), widen_bf16x8(y + d, m), acc);
+  }
+  return static_cast<float>(_mm512_reduce_add_pd(acc));
 }
 
 // Keys [lo, hi) of a tile (keys j0 .. j0 + nk - 1) that query row t may see, as transform_row
@@ -314,14 +341,16 @@ inline __mmask16 key_mask(int64_t c, int64_t lo, int64_t hi) {
 }
 
 // online_softmax (cpu16_tiles.h) for the forward's rows without ALiBi, in two passes over each
-// row of raw scores s (rows x nk float32, leading dim ld) instead of five: the max of the scaled
-// visible scores, then P = exp(scale s - m) written as bf16 to pt (leading dim ld; lanes past nk
-// up to the next 16 are written as 0), its float32 sum, and O~ (rows x D) rescaled. The keys a
-// row may not see (causal, window) stay out of the max and get P = 0. s is left as it was.
+// row of raw scores s (rows x nk float32, leading dim ld) instead of five: the max of the
+// visible scores (times scale once: the max of the scaled scores, as scale > 0), then P =
+// exp(scale s - m) = 2^(s scale log2 e - m log2 e) written as bf16 to pt (leading dim ld; lanes
+// past nk up to the next 16 are written as 0), its float32 sum, and O~ (rows x D) rescaled. The
+// keys a row may not see (causal, window) stay out of the max and get P = 0. s is left as it
+// was.
 void softmax_rows(const AttentionParams& p, const RowBlock& rb, const float* s, int64_t ld,
                   int64_t j0, int64_t nk, float* row_max, float* row_sum, float* acc,
                   uint16_t* pt) {
-  const __m512 scale = _mm512_set1_ps(p.scale);
+  const __m512 scale2 = _mm512_set1_ps(p.scale * kLog2e);
   for (int64_t r = 0; r < rb.rows; ++r) {
     int64_t lo, hi;
     visible_keys(p, rb.pos(r), j0, nk, &lo, &hi);
@@ -329,13 +358,13 @@ void softmax_rows(const AttentionParams& p, const RowBlock& rb, const float* s, 
     __m512 mv = _mm512_set1_ps(kNegInf);
     for (int64_t c = 0; c < nk; c += 16) {
       const __mmask16 m = key_mask(c, lo, hi);
-      mv = _mm512_mask_max_ps(mv, m, mv, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sr + c), scale));
+      mv = _mm512_mask_max_ps(mv, m, mv, _mm512_maskz_loadu_ps(m, sr + c));
     }
-    const float m_new = std::max(row_max[r], _mm512_reduce_max_ps(mv));
+    const float m_new = std::max(row_max[r], _mm512_reduce_max_ps(mv) * p.scale);
     // A row that has seen only masked keys keeps m = -inf; use 0 to keep exp(-inf) = 0.
     const float m_safe = m_new == kNegInf ? 0.0f : m_new;
     const float alpha = exp_poly(row_max[r] - m_safe);
-    const __m512 mb = _mm512_set1_ps(m_safe);
+    const __m512 mb = _mm512_set1_ps(m_safe * kLog2e);
     __m512 sum = _mm512_setzero_ps();
     uint16_t* pr = pt + r * ld;
     for (int64_t c = 0; c < nk; c += 16) {
@@ -344,8 +373,8 @@ void softmax_rows(const AttentionParams& p, const RowBlock& rb, const float* s, 
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + c), _mm256_setzero_si256());
         continue;
       }
-      const __m512 x = _mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, sr + c), scale), mb);
-      const __m512 e = _mm512_maskz_mov_ps(m, exp16(x));
+      const __m512 t = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, sr + c), scale2, mb);
+      const __m512 e = _mm512_maskz_mov_ps(m, exp2_16(t));
       sum = _mm512_add_ps(sum, e);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + c), (__m256i)_mm512_cvtneps_pbh(e));
     }
@@ -364,13 +393,13 @@ void softmax_rows(const AttentionParams& p, const RowBlock& rb, const float* s, 
 void backward_rows(const AttentionParams& p, const float* s, const float* dp, int64_t ld,
                    int64_t nq, int64_t r0, int64_t j0, int64_t nk, const float* lse,
                    const float* delta, uint16_t* pt, uint16_t* dst) {
-  const __m512 scale = _mm512_set1_ps(p.scale);
+  const __m512 scale = _mm512_set1_ps(p.scale), scale2 = _mm512_set1_ps(p.scale * kLog2e);
   for (int64_t r = 0; r < nq; ++r) {
     int64_t lo, hi;
     visible_keys(p, r0 + r, j0, nk, &lo, &hi);
     // A row with no visible key (lse = -inf) has P = 0: subtract +inf.
     const __m512 m = _mm512_set1_ps(lse[r] == kNegInf ? std::numeric_limits<float>::infinity()
-                                                      : lse[r]);
+                                                      : lse[r] * kLog2e);
     const __m512 dl = _mm512_set1_ps(delta[r]);
     for (int64_t c = 0; c < nk; c += 16) {
       const __mmask16 k = key_mask(c, lo, hi);
@@ -379,9 +408,8 @@ void backward_rows(const AttentionParams& p, const float* s, const float* dp, in
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + r * ld + c), _mm256_setzero_si256());
         continue;
       }
-      const __m512 sv = _mm512_maskz_loadu_ps(k, s + r * ld + c);
-      const __m512 x = _mm512_sub_ps(_mm512_mul_ps(sv, scale), m);
-      const __m512 pv = _mm512_maskz_mov_ps(k, exp16(x));
+      const __m512 t = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, s + r * ld + c), scale2, m);
+      const __m512 pv = _mm512_maskz_mov_ps(k, exp2_16(t));  // 2^(s scale log2 e - lse log2 e)
       const __m512 ds = _mm512_mul_ps(
           _mm512_mul_ps(scale, pv), _mm512_sub_ps(_mm512_maskz_loadu_ps(k, dp + r * ld + c), dl));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(pt + r * ld + c),
@@ -430,6 +458,12 @@ inline void backward_rows(const AttentionParams&, const float*, const float*, in
   TORCH_CHECK(false, "minigpt: AVX512-BF16 tiles are not built for this CPU");
 }
 inline void pack_pairs_transposed(int64_t, int64_t, const uint16_t*, int64_t, uint32_t*, int64_t) {
+  TORCH_CHECK(false, "minigpt: AVX512-BF16 tiles are not built for this CPU");
+}
+inline void store_bf16(const float*, int64_t, float, uint16_t*) {
+  TORCH_CHECK(false, "minigpt: AVX512-BF16 tiles are not built for this CPU");
+}
+inline float dot_bf16_double(const uint16_t*, const uint16_t*, int64_t) {
   TORCH_CHECK(false, "minigpt: AVX512-BF16 tiles are not built for this CPU");
 }
 }  // namespace dpbf16

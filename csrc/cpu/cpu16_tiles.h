@@ -137,16 +137,24 @@ void online_softmax(const AttentionParams& p, const RowBlock& rb, float* s, int6
   }
 }
 
-// O = O~ / l as T, and lse = m + log(l) (-inf, with O = 0, for a row that saw no key).
+// o[d] = T(x[d] * a) for d < n.
+template <typename T>
+void store_scaled(const float* x, int64_t n, float a, T* o) {
+  for (int64_t d = 0; d < n; ++d) o[d] = static_cast<T>(x[d] * a);
+}
+
+// O = O~ / l as T (each row written by store), and lse = m + log(l) (-inf, with O = 0, for a row
+// that saw no key).
 template <typename T>
 void finish_rows(const AttentionParams& p, const RowBlock& rb, int64_t b, const float* acc,
-                 const float* row_max, const float* row_sum) {
+                 const float* row_max, const float* row_sum,
+                 void (*store)(const float*, int64_t, float, T*) = store_scaled<T>) {
   T* out = static_cast<T*>(p.out);
   for (int64_t r = 0; r < rb.rows; ++r) {
     const int64_t h = rb.head(r), t = rb.pos(r);
     const float l = row_sum[r], inv = l > 0.0f ? 1.0f / l : 0.0f;
-    T* o = out + b * p.out_stride.b + h * p.out_stride.h + t * p.out_stride.t;
-    for (int64_t d = 0; d < p.D; ++d) o[d] = static_cast<T>(acc[r * p.D + d] * inv);
+    store(acc + r * p.D, p.D, inv,
+          out + b * p.out_stride.b + h * p.out_stride.h + t * p.out_stride.t);
     p.lse[(b * p.Hq + h) * p.Tq + t] = l > 0.0f ? row_max[r] + std::log(l) : kNegInf;
   }
 }
