@@ -465,6 +465,7 @@ inline void store_bf16(const float*, int64_t, float, uint16_t*) {
 }
 inline float dot_bf16_double(const uint16_t*, const uint16_t*, int64_t) {
   TORCH_CHECK(false, "minigpt: AVX512-BF16 tiles are not built for this CPU");
+  return 0.0f;
 }
 }  // namespace dpbf16
 #endif
