@@ -305,13 +305,14 @@ inline void store_bf16(const float* x, int64_t n, float a, uint16_t* out) {
   }
 }
 
-// sum_d x[d] y[d] of two bf16 rows of n, the products and their sum in double, in 8 lanes:
-// the backward's delta = rowsum(dO * O) (dP - delta cancels).
-inline __m512d widen_bf16x8(const uint16_t* z, __mmask8 m) {  // 8 bf16 (lanes m) -> 8 doubles
+// 8 bf16 (the lanes of m) as 8 doubles.
+inline __m512d widen_bf16x8(const uint16_t* z, __mmask8 m) {
   const __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(m, z)), 16);
   return _mm512_cvtps_pd(_mm256_castsi256_ps(w));
 }
 
+// sum_d x[d] y[d] of two bf16 rows of n, the products and their sum in double, in 8 lanes:
+// the backward's delta = rowsum(dO * O) (dP - delta cancels).
 inline float dot_bf16_double(const uint16_t* x, const uint16_t* y, int64_t n) {
   __m512d acc = _mm512_setzero_pd();
   for (int64_t d = 0; d < n; d += 8) {
