@@ -59,25 +59,55 @@ inline int32_t causal_first_query(const AttentionParams& p, int64_t j, int64_t r
 
 #include "cpu/cpu16_tiles.h"
 #include "cpu/bf16_dot_tiles.h"
+#include "cpu/amx_tiles.h"
 
-// Whether bf16 tile products run on vdpbf16ps (cpu/bf16_dot_tiles.h) in this process: the CPU
-// has AVX512-BF16 and the CPU kernels' vector path is avx512 (MINIGPT_CPU_ISA=avx2 or portable
-// keep ATen's brgemm, as does float16), unless MINIGPT_CPU_BF16_PRODUCTS=brgemm asks for ATen's
-// (oneDNN's, which uses AMX where the CPU has it). Read once per process.
-bool select_dpbf16() {
+// What computes the bf16 tile products in this process: AMX tiles (cpu/amx_tiles.h) where the
+// CPU has AMX-BF16 and AVX512-BF16 and the CPU kernels' vector path is avx512, else our
+// vdpbf16ps register blocks (cpu/bf16_dot_tiles.h) where it has AVX512-BF16, else ATen's brgemm
+// (also for float16, and under MINIGPT_CPU_ISA=avx2 or portable).
+// MINIGPT_CPU_BF16_PRODUCTS=amx|avx512_bf16|brgemm asks for one (ATen's brgemm is oneDNN's,
+// which uses AMX where the CPU has it); one this CPU lacks falls back to the best it has, with a
+// warning. Read once per process.
+enum class Products { kBrgemm, kDpbf16, kAmx };
+
+Products select_products() {
   const char* env = std::getenv("MINIGPT_CPU_BF16_PRODUCTS");
-  const bool best = cpu_has_dpbf16() && std::strcmp(attention_cpu_isa(), "avx512") == 0;
+  const bool dp = cpu_has_dpbf16() && std::strcmp(attention_cpu_isa(), "avx512") == 0;
+  const Products best = !dp ? Products::kBrgemm
+                            : cpu_has_amx_bf16() ? Products::kAmx : Products::kDpbf16;
   if (env == nullptr || *env == '\0') return best;
-  if (std::strcmp(env, "brgemm") == 0) return false;
-  TORCH_CHECK(std::strcmp(env, "avx512_bf16") == 0, "MINIGPT_CPU_BF16_PRODUCTS='", env,
-              "' is not one of avx512_bf16, brgemm (unset it for the best this CPU has)");
-  if (!best) TORCH_WARN("MINIGPT_CPU_BF16_PRODUCTS=avx512_bf16: not available here; using brgemm");
-  return best;
+  if (std::strcmp(env, "brgemm") == 0) return Products::kBrgemm;
+  const bool amx = std::strcmp(env, "amx") == 0;
+  TORCH_CHECK(amx || std::strcmp(env, "avx512_bf16") == 0, "MINIGPT_CPU_BF16_PRODUCTS='", env,
+              "' is not one of amx, avx512_bf16, brgemm (unset it for the best this CPU has)");
+  if (amx && best != Products::kAmx) {
+    TORCH_WARN("MINIGPT_CPU_BF16_PRODUCTS=amx: not available here; using ",
+               best == Products::kDpbf16 ? "avx512_bf16" : "brgemm");
+    return best;
+  }
+  if (!amx && !dp) {
+    TORCH_WARN("MINIGPT_CPU_BF16_PRODUCTS=avx512_bf16: not available here; using brgemm");
+    return Products::kBrgemm;
+  }
+  return amx ? Products::kAmx : Products::kDpbf16;
 }
 
-bool dpbf16_enabled() {
-  static const bool on = select_dpbf16();  // a throw leaves it unset, to throw again next call
-  return on;
+Products bf16_products() {
+  static const Products products = select_products();  // a throw leaves it unset, to throw again
+  return products;
+}
+
+bool dpbf16_enabled() { return bf16_products() != Products::kBrgemm; }
+
+// A tile product of the dot-product path (the operands of dpbf16::gemm) on AMX tiles or on
+// vdpbf16ps register blocks; AMX needs a live amx::Session on this thread.
+void dp_gemm(bool amx, int64_t M, int64_t N, int64_t Kp, const uint32_t* a, int64_t lda,
+             const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate,
+             const dpbf16::RowLimits& lim = {}) {
+  if (amx)
+    amx::gemm(M, N, Kp, a, lda, b, ldb, c, ldc, accumulate, lim);
+  else
+    dpbf16::gemm(M, N, Kp, a, lda, b, ldb, c, ldc, accumulate, lim);
 }
 
 // The dot-product path reads q, k, v (and dout) rows as 32-bit pairs in place: bf16, an even
@@ -205,6 +235,7 @@ void run_forward(const AttentionParams& p) {
   // dot-product path, K^T packed by pack_t32 (the same size) and V packed in pairs of rows
   // (Tk rounded up to even, x D words): the B operands of S = Q K^T and O~ += P V.
   const bool dp = use_dpbf16<T>(p, false);
+  const bool amx = dp && bf16_products() == Products::kAmx;
   const int64_t pairs = p.B * p.Hkv, v_words = dp ? ceil_div(Tk, 2) * D : 0;
   at::Tensor kt_buf = at::empty({pairs * D * Tk}, at::TensorOptions().dtype(scalar_type_of<T>()));
   at::Tensor vp_buf = at::empty({pairs * v_words}, at::TensorOptions().dtype(at::kInt));
@@ -248,6 +279,7 @@ void run_forward(const AttentionParams& p) {
   // last key it sees (dpbf16::RowLimits).
   const bool limit = dp && p.causal && p.alibi_slopes == nullptr;
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    const amx::Session tiles(amx);
     std::vector<int32_t> key_end_of_row(limit ? R : 0), pair_end(limit ? R : 0);
     const dpbf16::RowLimits s_limits{limit ? key_end_of_row.data() : nullptr};
     const dpbf16::RowLimits pv_limits{nullptr, nullptr, limit ? pair_end.data() : nullptr};
@@ -288,7 +320,7 @@ void run_forward(const AttentionParams& p) {
           }
           // S = Q K_j^T: B is the (D, nk) block of K^T.
           if (dp)
-            dpbf16::gemm(rows, nk, D / 2, words(qbuf), D / 2, words(kt_pair) + j0, Tk, s, BK,
+            dp_gemm(amx, rows, nk, D / 2, words(qbuf), D / 2, words(kt_pair) + j0, Tk, s, BK,
                          false, s_limits);
           else
             tile_gemm<T>(rows, nk, D, qbuf, D, kt_pair + j0, Tk, s, BK, false);
@@ -302,7 +334,7 @@ void run_forward(const AttentionParams& p) {
           if (dp) {
             if (nk % 2)
               for (int64_t r = 0; r < rows; ++r) pbuf[r * BK + nk] = T(0.0f);
-            dpbf16::gemm(rows, D, (nk + 1) / 2, words(pbuf), BK / 2, vp + pair * v_words +
+            dp_gemm(amx, rows, D, (nk + 1) / 2, words(pbuf), BK / 2, vp + pair * v_words +
                          (j0 / 2) * D, D, acc, D, true, pv_limits);
           } else {
             tile_gemm<T>(rows, D, nk, pbuf, BK, v_pair + j0 * p.v_stride.t, p.v_stride.t, acc,
@@ -331,6 +363,7 @@ void run_backward(const AttentionParams& p) {
   const bool alibi = p.alibi_slopes != nullptr;
   // The dot-product path (bf16 on AVX512-BF16; cpu/bf16_dot_tiles.h).
   const bool dp = use_dpbf16<T>(p, true);
+  const bool amx = dp && bf16_products() == Products::kAmx;
   const auto store = row_store<T>(dp);  // dK, dV and dQ rows as T
 
   // delta_i = rowsum(dO_i * O_i), summed in double (dP - delta cancels).
@@ -407,6 +440,7 @@ void run_backward(const AttentionParams& p) {
   // key row's dV and dK sums start at the first query that sees it.
   const bool limit = dp && p.causal && !alibi;
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    const amx::Session tiles(amx);
     std::vector<int32_t> key_end(limit ? BQ : 0), pair_end(limit ? BQ : 0),
         first_pair(limit ? BK : 0);
     const dpbf16::RowLimits s_limits{limit ? key_end.data() : nullptr};
@@ -462,9 +496,9 @@ void run_backward(const AttentionParams& p) {
               first_pair[c] = causal_first_query(p, j0 + c, r0, nq) / 2;
             // S = Q_i K_j^T and dP = dO_i V_j^T.
             if (dp) {
-              dpbf16::gemm(nq, nk, D / 2, words(qi), p.q_stride.t / 2,
+              dp_gemm(amx, nq, nk, D / 2, words(qi), p.q_stride.t / 2,
                            words(kt), BK, s, BK, false, s_limits);
-              dpbf16::gemm(nq, nk, D / 2, words(doi), p.dout_stride.t / 2,
+              dp_gemm(amx, nq, nk, D / 2, words(doi), p.dout_stride.t / 2,
                            words(vt), BK, dpt, BK, false, s_limits);
             } else {
               tile_gemm<T>(nq, nk, D, qi, p.q_stride.t, kt, nk, s, BK, false);
@@ -494,11 +528,11 @@ void run_backward(const AttentionParams& p) {
               for (int64_t r = 0; r < nq && nk % 2; ++r) dsb[r * BK + nk] = T(0.0f);
               const uint32_t* dop = dopair + (b * p.Hq + h) * qp_words + (r0 / 2) * D;
               const uint32_t* qp = qpair + (b * p.Hq + h) * qp_words + (r0 / 2) * D;
-              dpbf16::gemm(nk, D, (nq + 1) / 2, words(pbt), BQ / 2, dop, D, dv_acc, D, true,
+              dp_gemm(amx, nk, D, (nq + 1) / 2, words(pbt), BQ / 2, dop, D, dv_acc, D, true,
                            dkv_limits);
-              dpbf16::gemm(nk, D, (nq + 1) / 2, words(dsbt), BQ / 2, qp, D, dk_acc, D, true,
+              dp_gemm(amx, nk, D, (nq + 1) / 2, words(dsbt), BQ / 2, qp, D, dk_acc, D, true,
                            dkv_limits);
-              dpbf16::gemm(nq, D, (nk + 1) / 2, words(dsb), BK / 2,
+              dp_gemm(amx, nq, D, (nk + 1) / 2, words(dsb), BK / 2,
                            kpair, D, dq_head + r0 * D, D, true, dq_limits);
             } else {
               transpose(nq, nk, pb, BK, pbt, BQ);
@@ -544,7 +578,13 @@ void run_backward(const AttentionParams& p) {
 
 }  // namespace
 
-const char* attention_cpu16_products() { return dpbf16_enabled() ? "avx512_bf16" : "brgemm"; }
+const char* attention_cpu16_products() {
+  switch (bf16_products()) {
+    case Products::kAmx: return "amx";
+    case Products::kDpbf16: return "avx512_bf16";
+    default: return "brgemm";
+  }
+}
 
 void attention_forward_cpu16(const AttentionParams& p) {
   if (p.dtype == DType::BFloat16)
