@@ -280,6 +280,7 @@ void run_forward(const AttentionParams& p) {
   const bool limit = dp && p.causal && p.alibi_slopes == nullptr;
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     const amx::Session tiles(amx);
+    const BrgemmRelease release(!dp);
     std::vector<int32_t> key_end_of_row(limit ? R : 0), pair_end(limit ? R : 0);
     const dpbf16::RowLimits s_limits{limit ? key_end_of_row.data() : nullptr};
     const dpbf16::RowLimits pv_limits{nullptr, nullptr, limit ? pair_end.data() : nullptr};
@@ -441,6 +442,7 @@ void run_backward(const AttentionParams& p) {
   const bool limit = dp && p.causal && !alibi;
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     const amx::Session tiles(amx);
+    const BrgemmRelease release(!dp);
     std::vector<int32_t> key_end(limit ? BQ : 0), pair_end(limit ? BQ : 0),
         first_pair(limit ? BK : 0);
     const dpbf16::RowLimits s_limits{limit ? key_end.data() : nullptr};

@@ -4,7 +4,7 @@ MINIGPT_CPU_ISA (read once per process) picks the vector path under test:
     MINIGPT_CPU_ISA=avx2 python tests/cpu_isa_check.py
 
 Prints the path in use (build_info()["vector_isa"]) and what computes the bfloat16 tile
-products (build_info()["bf16_products"]: our AVX512-BF16 tiles or ATen's brgemm) on the first
+products (build_info()["bf16_products"]: our AMX or AVX512-BF16 tiles, or ATen's brgemm) on the first
 line and "ok" on the last; any failed check raises. float32: out and dq, dk, dv within the project's rule (at most 2x the naive
 float32 computation's error against float64, plus 1e-6) over odd sizes, head dims that are not a
 multiple of any vector width, causal both ways, grouped-query heads, the model's strided
@@ -62,6 +62,10 @@ BFLOAT16_CASES = [
     (1, 2, 1, 33, 33, 17, True, "contiguous", None),
     (1, 2, 1, 65, 65, 64, True, "odd-stride", None),
     (1, 4, 2, 1, 300, 64, True, "transposed", None),
+    # Whole 16 x 16 tiles with pairs left over (D 40: 20 pairs) and keys past the last whole
+    # tile, under a causal mask offset by Tk - Tq; and D 16 (8 pairs: no whole step of 16).
+    (1, 2, 2, 64, 200, 40, True, "contiguous", None),
+    (2, 2, 2, 96, 96, 16, True, "transposed", None),
 ]
 
 GRADCHECK_CASES = [

@@ -51,11 +51,40 @@ def test_vector_path_against_reference(isa):
         assert RANK[used] < RANK[PATHS[isa]], f"asked for {isa}, ran {used}"
         pytest.skip(f"this CPU lacks {isa}; the checks passed on {used}")
     assert used == PATHS[isa], f"MINIGPT_CPU_ISA={isa} ran {used}"
-    # Our AVX512-BF16 tiles on the avx512 path of a CPU with vdpbf16ps; ATen's brgemm otherwise.
-    dot = isa == "avx512" and torch.backends.cpu.get_cpu_capability() == "AVX512" and \
-        torch.cpu._is_avx512_bf16_supported()
-    assert lines[1] == ("avx512_bf16" if dot else "brgemm"), lines[1]
+    # Our AMX tiles, or our AVX512-BF16 tiles, on the avx512 path of a CPU with them; ATen's
+    # brgemm otherwise.
+    best = _best_products() if isa == "avx512" else "brgemm"
+    assert lines[1] == best, lines[1]
     assert lines[-1] == "ok"
+
+
+def _best_products():
+    """What should compute bf16 tile products on this CPU's avx512 path, by torch's own
+    detection: AMX tiles, else AVX512-BF16 dot products, else ATen's brgemm."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512" or \
+            not torch.cpu._is_avx512_bf16_supported():
+        return "brgemm"
+    return "amx" if torch.cpu._is_amx_tile_supported() else "avx512_bf16"
+
+
+PRODUCTS_RANK = {"brgemm": 0, "avx512_bf16": 1, "amx": 2}
+
+
+@needs_ext
+@pytest.mark.parametrize("products", ["amx", "avx512_bf16"])
+def test_bf16_products_against_reference(products):
+    """MINIGPT_CPU_BF16_PRODUCTS=amx|avx512_bf16 on the best vector path: the same checks pass
+    on our AMX tiles and on our vdpbf16ps blocks. Asked for on a CPU without them, the kernels
+    warn and fall back to the best it has."""
+    r = _run([str(TESTS / "cpu_isa_check.py")], "", MINIGPT_CPU_BF16_PRODUCTS=products)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.split()
+    assert lines[-1] == "ok", r.stdout[-500:]
+    if PRODUCTS_RANK[_best_products()] < PRODUCTS_RANK[products]:
+        assert lines[1] == _best_products(), lines[1]
+        assert f"MINIGPT_CPU_BF16_PRODUCTS={products}: not available here" in r.stderr
+        pytest.skip(f"this CPU lacks {products}; the checks passed on {lines[1]}")
+    assert lines[1] == products, lines[1]
 
 
 INFO = """
@@ -99,6 +128,6 @@ def test_bf16_products_can_be_forced_to_brgemm():
 @needs_ext
 def test_unknown_bf16_products_are_refused():
     call = CALL.replace("torch.randn(1, 1, 4, 8)", "torch.randn(1, 1, 4, 8, dtype=torch.bfloat16)")
-    r = _run(["-c", call], "", MINIGPT_CPU_BF16_PRODUCTS="amx")
+    r = _run(["-c", call], "", MINIGPT_CPU_BF16_PRODUCTS="amx_fp16")
     assert r.returncode != 0
-    assert "MINIGPT_CPU_BF16_PRODUCTS='amx' is not one of avx512_bf16, brgemm" in r.stderr
+    assert "MINIGPT_CPU_BF16_PRODUCTS='amx_fp16' is not one of amx, avx512_bf16, brgemm" in r.stderr

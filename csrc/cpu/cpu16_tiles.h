@@ -98,6 +98,22 @@ void tile_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T
   cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/false);
 }
 
+// ATen's brgemm keeps its tile configuration (AMX, where oneDNN uses it) on the thread until
+// released: a worker that ran tile_gemm releases it when it ends, as ATen's own CPU flash
+// attention does, so that tile code running later on the thread configures its own.
+class BrgemmRelease {
+ public:
+  explicit BrgemmRelease(bool used) : used_(used) {}
+  ~BrgemmRelease() {
+    if (used_) cpublas::brgemm_release(/*is_vnni=*/false);
+  }
+  BrgemmRelease(const BrgemmRelease&) = delete;
+  BrgemmRelease& operator=(const BrgemmRelease&) = delete;
+
+ private:
+  bool used_;
+};
+
 // Transposes rows x cols of src (leading dim lds) into dst (cols x rows, leading dim ldd).
 template <typename T>
 void transpose(int64_t rows, int64_t cols, const T* src, int64_t lds, T* dst, int64_t ldd) {
