@@ -341,13 +341,33 @@ inline __mmask16 key_mask(int64_t c, int64_t lo, int64_t hi) {
   return static_cast<__mmask16>(((1u << b) - 1) & ~((1u << a) - 1));
 }
 
+// The 16-key vectors of a row that sees keys [lo, hi) of a tile of nk: those from `first` to
+// `end` (exclusive; both multiples of 16) hold its visible keys, every lane visible except in the
+// first and the last (key_mask); the row's other vectors, up to `all` (nk rounded up to 16), are
+// all masked. A row that sees no key has first = end = 0.
+struct RowVectors {
+  int64_t first, end, all;
+  RowVectors(int64_t lo, int64_t hi, int64_t nk)
+      : first(lo < hi ? lo / 16 * 16 : 0), end(lo < hi ? (hi + 15) / 16 * 16 : 0),
+        all((nk + 15) / 16 * 16) {}
+  static __mmask16 lanes(int64_t c, int64_t lo, int64_t hi) {
+    return c >= lo && c + 16 <= hi ? static_cast<__mmask16>(0xFFFF) : key_mask(c, lo, hi);
+  }
+};
+
+// Zeros as bf16 in the lanes [c0, c1) of a row (multiples of 16).
+inline void zero_bf16(uint16_t* row, int64_t c0, int64_t c1) {
+  for (int64_t c = c0; c < c1; c += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + c), _mm256_setzero_si256());
+}
+
 // online_softmax (cpu16_tiles.h) for the forward's rows without ALiBi, in two passes over each
 // row of raw scores s (rows x nk float32, leading dim ld) instead of five: the max of the
 // visible scores (times scale once: the max of the scaled scores, as scale > 0), then P =
 // exp(scale s - m) = 2^(s scale log2 e - m log2 e) written as bf16 to pt (leading dim ld; lanes
 // past nk up to the next 16 are written as 0), its float32 sum, and O~ (rows x D) rescaled. The
-// keys a row may not see (causal, window) stay out of the max and get P = 0. s is left as it
-// was.
+// keys a row may not see (causal, window) stay out of the max and get P = 0; both passes read
+// only the vectors that hold visible keys. s is left as it was.
 void softmax_rows(const AttentionParams& p, const RowBlock& rb, const float* s, int64_t ld,
                   int64_t j0, int64_t nk, float* row_max, float* row_sum, float* acc,
                   uint16_t* pt) {
@@ -355,10 +375,11 @@ void softmax_rows(const AttentionParams& p, const RowBlock& rb, const float* s, 
   for (int64_t r = 0; r < rb.rows; ++r) {
     int64_t lo, hi;
     visible_keys(p, rb.pos(r), j0, nk, &lo, &hi);
+    const RowVectors vec(lo, hi, nk);
     const float* sr = s + r * ld;
     __m512 mv = _mm512_set1_ps(kNegInf);
-    for (int64_t c = 0; c < nk; c += 16) {
-      const __mmask16 m = key_mask(c, lo, hi);
+    for (int64_t c = vec.first; c < vec.end; c += 16) {
+      const __mmask16 m = RowVectors::lanes(c, lo, hi);
       mv = _mm512_mask_max_ps(mv, m, mv, _mm512_maskz_loadu_ps(m, sr + c));
     }
     const float m_new = std::max(row_max[r], _mm512_reduce_max_ps(mv) * p.scale);
@@ -368,29 +389,34 @@ void softmax_rows(const AttentionParams& p, const RowBlock& rb, const float* s, 
     const __m512 mb = _mm512_set1_ps(m_safe * kLog2e);
     __m512 sum = _mm512_setzero_ps();
     uint16_t* pr = pt + r * ld;
-    for (int64_t c = 0; c < nk; c += 16) {
-      const __mmask16 m = key_mask(c, lo, hi);
-      if (m == 0) {  // no visible key: P = 0 without the exp
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + c), _mm256_setzero_si256());
-        continue;
-      }
+    zero_bf16(pr, 0, vec.first);
+    for (int64_t c = vec.first; c < vec.end; c += 16) {
+      const __mmask16 m = RowVectors::lanes(c, lo, hi);
       const __m512 t = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, sr + c), scale2, mb);
       const __m512 e = _mm512_maskz_mov_ps(m, exp2_16(t));
       sum = _mm512_add_ps(sum, e);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + c), (__m256i)_mm512_cvtneps_pbh(e));
     }
+    zero_bf16(pr, vec.end, vec.all);
     row_sum[r] = alpha * row_sum[r] + _mm512_reduce_add_ps(sum);
     row_max[r] = m_new;
-    if (alpha != 1.0f)
-      for (int64_t d = 0; d < p.D; ++d) acc[r * p.D + d] *= alpha;
+    if (alpha != 1.0f) {
+      const __m512 av = _mm512_set1_ps(alpha);
+      float* ar = acc + r * p.D;
+      for (int64_t d = 0; d < p.D; d += 16) {
+        const __mmask16 m = p.D - d >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (p.D - d)) - 1);
+        _mm512_mask_storeu_ps(ar + d, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, ar + d), av));
+      }
+    }
   }
 }
 
 // The backward's rows without ALiBi (transform_row, exp_row and ds_row of cpu16_tiles.h in one
 // pass over each row): P = exp(scale s - lse) and dS = scale P (dP - delta), written as bf16 to
 // pt and dst (leading dim ld; lanes past nk up to the next 16 are written as 0); the keys a row
-// may not see get 0. s and dp: the raw scores and dO V^T of rows r0 .. r0 + nq - 1 (nq x nk
-// float32, leading dim ld), left as they were; lse and delta: those rows' values.
+// may not see get 0, and only the vectors that hold visible keys are read. s and dp: the raw
+// scores and dO V^T of rows r0 .. r0 + nq - 1 (nq x nk float32, leading dim ld), left as they
+// were; lse and delta: those rows' values.
 void backward_rows(const AttentionParams& p, const float* s, const float* dp, int64_t ld,
                    int64_t nq, int64_t r0, int64_t j0, int64_t nk, const float* lse,
                    const float* delta, uint16_t* pt, uint16_t* dst) {
@@ -398,26 +424,27 @@ void backward_rows(const AttentionParams& p, const float* s, const float* dp, in
   for (int64_t r = 0; r < nq; ++r) {
     int64_t lo, hi;
     visible_keys(p, r0 + r, j0, nk, &lo, &hi);
+    const RowVectors vec(lo, hi, nk);
     // A row with no visible key (lse = -inf) has P = 0: subtract +inf.
     const __m512 m = _mm512_set1_ps(lse[r] == kNegInf ? std::numeric_limits<float>::infinity()
                                                       : lse[r] * kLog2e);
     const __m512 dl = _mm512_set1_ps(delta[r]);
-    for (int64_t c = 0; c < nk; c += 16) {
-      const __mmask16 k = key_mask(c, lo, hi);
-      if (k == 0) {  // no visible key: P = dS = 0 without the exp
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pt + r * ld + c), _mm256_setzero_si256());
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + r * ld + c), _mm256_setzero_si256());
-        continue;
-      }
+    uint16_t* pr = pt + r * ld;
+    uint16_t* dr = dst + r * ld;
+    zero_bf16(pr, 0, vec.first);
+    zero_bf16(dr, 0, vec.first);
+    for (int64_t c = vec.first; c < vec.end; c += 16) {
+      const __mmask16 k = RowVectors::lanes(c, lo, hi);
       const __m512 t = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, s + r * ld + c), scale2, m);
       const __m512 pv = _mm512_maskz_mov_ps(k, exp2_16(t));  // 2^(s scale log2 e - lse log2 e)
       const __m512 ds = _mm512_mul_ps(
           _mm512_mul_ps(scale, pv), _mm512_sub_ps(_mm512_maskz_loadu_ps(k, dp + r * ld + c), dl));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pt + r * ld + c),
-                          (__m256i)_mm512_cvtneps_pbh(pv));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + r * ld + c),
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + c), (__m256i)_mm512_cvtneps_pbh(pv));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dr + c),
                           (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mov_ps(k, ds)));
     }
+    zero_bf16(pr, vec.end, vec.all);
+    zero_bf16(dr, vec.end, vec.all);
   }
 }
 
