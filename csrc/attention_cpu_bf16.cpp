@@ -1,15 +1,17 @@
 // minigpt attention: CPU forward and backward for bfloat16 and float16.
 //
 // Same algorithm as the float32 kernels (csrc/attention_cpu.cpp: FlashAttention-2, Dao 2023,
-// Alg. 1 and 2). The tile products run, for bfloat16 on a CPU with AVX512-BF16 (AMD Zen 4 and
-// later, Intel Cooper Lake and Sapphire Rapids and later), on our own vdpbf16ps register blocks
-// (cpu/bf16_dot_tiles.h; K, V, Q and dO packed once per call into 32-bit pairs, P^T and dS^T
-// paired per tile); elsewhere, and for float16, on ATen's CPU batch-reduce GEMM,
+// Alg. 1 and 2). The tile products run, for bfloat16, on our own AMX tiles on a CPU with AMX-BF16
+// (Intel Sapphire Rapids and later; cpu/amx_tiles.h), else on our own vdpbf16ps register blocks
+// on a CPU with AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake and later;
+// cpu/bf16_dot_tiles.h): both read K, V, Q and dO packed once per call into 32-bit pairs, P^T and
+// dS^T paired per tile. Elsewhere, and for float16, they run on ATen's CPU batch-reduce GEMM,
 // at::native::cpublas::brgemm (16-bit inputs, float32 accumulation, plain row-major operands read
-// in place: oneDNN's 16-bit matmul underneath). Measured on an AMD EPYC (Zen 4, 2 threads, causal,
-// the model's layout, T 1024-4096): our tiles take 0.45-0.7x SDPA's bf16 time where brgemm took
-// 0.72-1.30x, whose per-call cost dominated at 64-256-row tiles. AMX tiles are not used:
-// nothing here could be verified on a CPU with AMX.
+// in place: oneDNN's 16-bit matmul underneath). Measured with 2 threads, causal, the model's
+// layout: on an AMD EPYC (Zen 4, T 1024-4096) the vdpbf16ps blocks take 0.45-0.7x SDPA's bf16
+// time where brgemm took 0.72-1.30x, whose per-call cost dominated at 64-256-row tiles; on an
+// Intel Xeon with AMX (T 512-4096) the AMX tiles take 0.32-0.52x SDPA's forward+backward time
+// and 0.16-0.33x the vdpbf16ps blocks' (docs/kernels.md).
 //
 // Precision: scores, the online softmax (m, l), lse, delta and every accumulator (O~, dK, dV,
 // dQ) are float32. P and dS are rounded to the input dtype before their products, as
@@ -362,7 +364,8 @@ void run_backward(const AttentionParams& p) {
   const T* out = static_cast<const T*>(p.out);
   const T* dout = static_cast<const T*>(p.dout);
   const bool alibi = p.alibi_slopes != nullptr;
-  // The dot-product path (bf16 on AVX512-BF16; cpu/bf16_dot_tiles.h).
+  // The dot-product path (bf16 on AVX512-BF16, its products on AMX tiles where the CPU has
+  // them; cpu/bf16_dot_tiles.h, cpu/amx_tiles.h).
   const bool dp = use_dpbf16<T>(p, true);
   const bool amx = dp && bf16_products() == Products::kAmx;
   const auto store = row_store<T>(dp);  // dK, dV and dQ rows as T
