@@ -112,6 +112,35 @@ def test_opcheck(dtype):
 
 
 @needs_ext
+def test_bf16_kernels_and_onednn_share_threads():
+    """Our bf16 kernels (on AMX tiles where the CPU has them: build_info()["bf16_products"]),
+    oneDNN's bf16 matmul and PyTorch's SDPA (both on AMX there), interleaved on the same threads,
+    each give the same bits every round and ours stays within the rule: our workers configure
+    the tile registers for themselves and release them when they end."""
+    q, k, v = rand_qkv(2, 4, 4, 200, 200, 64, dtype=torch.bfloat16, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    a = torch.randn(300, 256, generator=gen).bfloat16()
+    b = torch.randn(256, 200, generator=gen).bfloat16()
+
+    def ours():
+        out = attention(q, k, v, causal=True, backend="ext")
+        return (out.detach(), *_grads(out, (q, k, v)))
+
+    def theirs():
+        sdpa = torch.nn.functional.scaled_dot_product_attention(
+            q.detach(), k.detach(), v.detach(), is_causal=True)
+        return a @ b, sdpa
+
+    first = ours(), theirs()
+    ref = reference_attention(q, k, v, True, None, None, None)
+    naive = attention(q, k, v, causal=True, backend="naive")
+    check_rule("out", first[0][0], naive.detach(), ref, torch.bfloat16)
+    for _ in range(3):
+        for got, want in zip((*ours(), *theirs()), (*first[0], *first[1])):
+            assert torch.equal(got, want)
+
+
+@needs_ext
 def test_default_backend_and_build_info():
     assert {"bfloat16", "float16"} <= set(_ext.build_info()["dtypes"]["cpu"])
     assert minigpt.attention_backends()["default"] == "ext"

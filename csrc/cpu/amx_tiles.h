@@ -19,7 +19,11 @@
 // (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)); cpu_has_amx_bf16() asks once.
 #pragma once
 
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+// The AMX intrinsics came with GCC 11 and Clang 12; older compilers build the kernels without
+// this path.
+#if defined(__x86_64__) && defined(__linux__) &&                            \
+    ((defined(__clang__) && __clang_major__ >= 12) ||                     \
+     (defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11))
 #define MINIGPT_HAVE_AMX 1
 #include <cpuid.h>
 #include <sys/syscall.h>
@@ -183,8 +187,8 @@ void gemm(int64_t M, int64_t N, int64_t Kp, const uint32_t* a, int64_t lda, cons
 #endif
 
 #else
-// Elsewhere the path is never chosen (cpu_has_amx_bf16() is false); these keep its call sites
-// free of #ifdefs.
+// Elsewhere (or with an older compiler) the path is never chosen (cpu_has_amx_bf16() is false);
+// these keep its call sites free of #ifdefs.
 bool cpu_has_amx_bf16() { return false; }
 namespace amx {
 class Session {
