@@ -255,27 +255,27 @@ def test_ctrl_c_during_profile_ends_quietly():
     assert proc.returncode == 130, (proc.returncode, stderr)
 
 
-def test_a_command_line_freezes_the_collector_at_exit_after_finalizing_garbage(tmp_path):
-    """cli_main's _freeze_at_exit: at exit, gc.freeze() after one collection, so that an object
-    left in a garbage cycle is still finalized (its __del__ writes a file here), and the objects
-    still alive are frozen (the shutdown's collections skip them)."""
+def test_a_command_line_leaves_the_collector_unfrozen_at_exit(tmp_path):
+    """A command line (cli_main) leaves the garbage collector as it found it: at exit nothing
+    is frozen (gc.freeze would keep every live object alive through the shutdown, where
+    extension modules that check for leaks then, such as triton's under a CUDA build of torch,
+    print reports), and an object left in a garbage cycle is still finalized (its __del__
+    writes a file here)."""
     kept = tmp_path / "kept.txt"
     script = f"""
 import atexit, gc, sys
 from pathlib import Path
 from minigpt.analysis.curves import main
-atexit.register(lambda: print("frozen", gc.get_freeze_count()))  # runs after cli_main's
+atexit.register(lambda: print("frozen", gc.get_freeze_count()))  # runs after any of cli_main's
 class Holder:
     def __del__(self):
         Path({str(kept)!r}).write_text("finalized")
 h = Holder(); h.self = h
 del h
-gc.disable()  # the cycle stays garbage until the exit
 sys.exit(main([{str(tmp_path / "no-run")!r}]))
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr  # no metrics.jsonl there
-    frozen = int(proc.stdout.split("frozen")[-1])
-    assert frozen > 10_000, proc.stdout
+    assert int(proc.stdout.split("frozen")[-1]) == 0, proc.stdout
     assert kept.read_text() == "finalized"
