@@ -70,7 +70,16 @@ inline int32_t causal_first_query(const AttentionParams& p, int64_t j, int64_t r
 // MINIGPT_CPU_BF16_PRODUCTS=amx|avx512_bf16|brgemm asks for one (ATen's brgemm is oneDNN's,
 // which uses AMX where the CPU has it); one this CPU lacks falls back to the best it has, with a
 // warning. Read once per process.
-enum class Products { kBrgemm, kDpbf16, kAmx };
+enum class Products { kBrgemm, kDpbf16, kAmx };  // in the order of preference
+
+// The name MINIGPT_CPU_BF16_PRODUCTS and build_info()["bf16_products"] use.
+const char* products_name(Products products) {
+  switch (products) {
+    case Products::kAmx: return "amx";
+    case Products::kDpbf16: return "avx512_bf16";
+    default: return "brgemm";
+  }
+}
 
 Products select_products() {
   const char* env = std::getenv("MINIGPT_CPU_BF16_PRODUCTS");
@@ -78,20 +87,16 @@ Products select_products() {
   const Products best = !dp ? Products::kBrgemm
                             : cpu_has_amx_bf16() ? Products::kAmx : Products::kDpbf16;
   if (env == nullptr || *env == '\0') return best;
-  if (std::strcmp(env, "brgemm") == 0) return Products::kBrgemm;
-  const bool amx = std::strcmp(env, "amx") == 0;
-  TORCH_CHECK(amx || std::strcmp(env, "avx512_bf16") == 0, "MINIGPT_CPU_BF16_PRODUCTS='", env,
-              "' is not one of amx, avx512_bf16, brgemm (unset it for the best this CPU has)");
-  if (amx && best != Products::kAmx) {
-    TORCH_WARN("MINIGPT_CPU_BF16_PRODUCTS=amx: not available here; using ",
-               best == Products::kDpbf16 ? "avx512_bf16" : "brgemm");
+  for (Products asked : {Products::kBrgemm, Products::kDpbf16, Products::kAmx}) {
+    if (std::strcmp(env, products_name(asked)) != 0) continue;
+    if (asked <= best) return asked;  // the AMX path needs AVX512-BF16 as well
+    TORCH_WARN("MINIGPT_CPU_BF16_PRODUCTS=", env, ": not available here; using ",
+               products_name(best));
     return best;
   }
-  if (!amx && !dp) {
-    TORCH_WARN("MINIGPT_CPU_BF16_PRODUCTS=avx512_bf16: not available here; using brgemm");
-    return Products::kBrgemm;
-  }
-  return amx ? Products::kAmx : Products::kDpbf16;
+  TORCH_CHECK(false, "MINIGPT_CPU_BF16_PRODUCTS='", env,
+              "' is not one of amx, avx512_bf16, brgemm (unset it for the best this CPU has)");
+  return best;
 }
 
 Products bf16_products() {
@@ -583,13 +588,7 @@ void run_backward(const AttentionParams& p) {
 
 }  // namespace
 
-const char* attention_cpu16_products() {
-  switch (bf16_products()) {
-    case Products::kAmx: return "amx";
-    case Products::kDpbf16: return "avx512_bf16";
-    default: return "brgemm";
-  }
-}
+const char* attention_cpu16_products() { return products_name(bf16_products()); }
 
 void attention_forward_cpu16(const AttentionParams& p) {
   if (p.dtype == DType::BFloat16)

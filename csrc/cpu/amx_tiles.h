@@ -158,18 +158,10 @@ void gemm(int64_t M, int64_t N, int64_t Kp, const uint32_t* a, int64_t lda, cons
   const dpbf16::RowLimits cols_only{lim.n_end, nullptr, nullptr};
   if (K16 < Kp)
     dpbf16::gemm(M16, N16, Kp - K16, a + K16, lda, b + K16 * ldb, ldb, c, ldc, true, cols_only);
-  if (N16 < N) {
-    // Row limits, where given, count columns from 0: shifted by N16 for this part.
-    std::vector<int32_t> n_end_part;
-    dpbf16::RowLimits part = lim;
-    if (lim.n_end) {
-      n_end_part.resize(M16);
-      for (int64_t r = 0; r < M16; ++r)
-        n_end_part[r] = static_cast<int32_t>(std::max<int64_t>(0, lim.n_end[r] - N16));
-      part.n_end = n_end_part.data();
-    }
-    dpbf16::gemm(M16, N - N16, Kp, a, lda, b + N16, ldb, c + N16, ldc, accumulate, part);
-  }
+  // (The column limits count from column 0, not N16: there they only let a block of rows that
+  // reads none of the last columns compute them anyway, at most 15 a row.)
+  if (N16 < N)
+    dpbf16::gemm(M16, N - N16, Kp, a, lda, b + N16, ldb, c + N16, ldc, accumulate, lim);
   if (M16 < M) {
     const dpbf16::RowLimits rest{lim.n_end ? lim.n_end + M16 : nullptr,
                                  lim.kp_begin ? lim.kp_begin + M16 : nullptr,

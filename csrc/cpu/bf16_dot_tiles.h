@@ -294,12 +294,17 @@ inline __m512 exp2_16(__m512 t) {
 
 constexpr float kLog2e = 1.44269504088896341f;
 
+// The first min(n, 16) of 16 lanes (n >= 0).
+inline __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
+
 // x (n floats) times a, rounded to bf16 (round to nearest even) into out: vectorised
 // static_cast<at::BFloat16>, except that float32 values below the normal range give 0.
 inline void store_bf16(const float* x, int64_t n, float a, uint16_t* out) {
   const __m512 av = _mm512_set1_ps(a);
   for (int64_t c = 0; c < n; c += 16) {
-    const __mmask16 m = n - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - c)) - 1);
+    const __mmask16 m = first_lanes(n - c);
     const __m256bh h = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + c), av));
     _mm256_mask_storeu_epi16(out + c, m, (__m256i)h);
   }
@@ -404,7 +409,7 @@ void softmax_rows(const AttentionParams& p, const RowBlock& rb, const float* s, 
       const __m512 av = _mm512_set1_ps(alpha);
       float* ar = acc + r * p.D;
       for (int64_t d = 0; d < p.D; d += 16) {
-        const __mmask16 m = p.D - d >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (p.D - d)) - 1);
+        const __mmask16 m = first_lanes(p.D - d);
         _mm512_mask_storeu_ps(ar + d, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, ar + d), av));
       }
     }
